@@ -1,0 +1,40 @@
+//! The wire contract shared by the kvmmanager guest agents and the host client.
+//!
+//! Everything that crosses the virtio-serial port is defined here and only
+//! here: the JSON-RPC 2.0 envelope ([`jsonrpc`]), the error codes
+//! ([`error`]), the typed parameters and results of every method
+//! ([`methods`]), content encodings ([`encoding`]) and the one line codec
+//! both peers use ([`codec`]). `PROTOCOL.md` at the top of the repository is
+//! the prose version of this crate; a test keeps the two in step.
+#![deny(missing_docs)]
+
+pub mod codec;
+pub mod encoding;
+pub mod error;
+pub mod jsonrpc;
+pub mod methods;
+
+/// Version of the protocol spoken by this crate, reported by `get_agent_info`.
+///
+/// It is bumped only for breaking changes (see "Versioning" in PROTOCOL.md).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port the agent listens on.
+pub const DEFAULT_CHANNEL_NAME: &str = "org.kvmmanager.agent.0";
+
+/// The resynchronisation byte. It never occurs in UTF-8 text, so it can never
+/// be part of a JSON message; receiving it discards any partial input.
+pub const RESYNC_BYTE: u8 = 0xFF;
+
+/// Largest response line a host must be able to receive, in bytes.
+///
+/// Requests are limited by the agent's `max_message_size_kb`; responses may be
+/// larger (a `file_read` chunk of [`MAX_READ_CHUNK`] bytes in base64 plus the
+/// envelope, or the captured output of a command) but never exceed this.
+pub const MAX_RESPONSE_SIZE: usize = 8 * 1024 * 1024;
+
+/// Most bytes one `file_read` call returns.
+pub const MAX_READ_CHUNK: u64 = 1024 * 1024;
+
+/// Most bytes of stdout, and separately of stderr, kept from one `exec_command`.
+pub const MAX_EXEC_OUTPUT: u64 = 1024 * 1024;
