@@ -24,6 +24,15 @@ pub trait RpcError: std::error::Error {
 /// Builds the error object for `err`: code and `data.kind` from
 /// [`RpcError::kind`], message from the error and its sources.
 pub fn to_error_object(err: &dyn RpcError) -> ErrorObject {
+    let mut obj = ErrorObject::new(err.kind(), chain(err));
+    for (key, value) in err.data() {
+        obj = obj.with_data(key, value);
+    }
+    obj
+}
+
+/// The error and its sources as one line, `outer: inner: innermost`.
+pub fn chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -31,11 +40,7 @@ pub fn to_error_object(err: &dyn RpcError) -> ErrorObject {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
-    let mut obj = ErrorObject::new(err.kind(), message);
-    for (key, value) in err.data() {
-        obj = obj.with_data(key, value);
-    }
-    obj
+    message
 }
 
 /// The cause an operating-system error stands for.

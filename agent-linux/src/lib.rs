@@ -1,11 +1,21 @@
 //! `kvmmanager-agent`, the Linux guest agent.
 //!
-//! The binary (`main.rs`) only parses the command line and builds the
-//! runtime; everything else lives here so that tests, benches and fuzzers
-//! call the same code. See ARCHITECTURE.md for the map.
+//! The binary (`main.rs`) only calls [`cli::main`]; everything else lives
+//! here so that tests, benches and fuzzers call the same code. See
+//! ARCHITECTURE.md for the map: [`transport`] reads the port, [`server`]
+//! runs a connection, [`dispatch`] turns a line into a reply through one
+//! `match`, and the handlers ([`sysinfo`], [`exec`], [`files`], [`power`])
+//! apply the [`policy`] of the [`config`].
 
+pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod logging;
 pub mod policy;
+pub mod power;
+pub mod server;
+pub mod sysinfo;
+pub mod transport;

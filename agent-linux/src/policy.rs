@@ -1,1 +1,2 @@
-//! Placeholder, being written.
+//! TEMPORARY STUB.
+pub const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

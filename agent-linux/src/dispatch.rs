@@ -1,0 +1,637 @@
+//! Request dispatch: from one decoded line to its reply.
+//!
+//! [`Agent::handle_line`] parses a line (single request or batch), runs each
+//! request through [`Agent::call`] — one `match` from method to a typed
+//! handler — and encodes the reply. Handlers know nothing of the transport,
+//! so tests call them directly. Concurrency and time limits are applied
+//! here, in one place:
+//! - `ping`, `sync` and `get_agent_info` are answered at once and never wait
+//!   behind other work;
+//! - every other request takes a slot of `max_concurrent_requests`; when all
+//!   are taken the request is answered `busy` at once;
+//! - every request but `exec_command` is bounded by `request_timeout_seconds`
+//!   (`exec_command` is bounded by its own `timeout_seconds`);
+//! - when the agent stops, requests still running are cancelled and
+//!   answered `shutting_down`.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use agent_common::error::{ErrorKind, ErrorObject};
+use agent_common::jsonrpc::{parse_message, Entry, Id, Incoming, Request, Response};
+use agent_common::methods::{
+    AgentInfo, DiskUsageParams, Empty, ExecParams, FileReadParams, FileWriteParams, Method,
+    PingResult, PowerParams, PowerResult, SyncParams, SyncResult,
+};
+use bytes::BytesMut;
+use futures::future::join_all;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::config::Config;
+use crate::error::{to_error_object, RpcError};
+use crate::files::FileService;
+use crate::power::PowerAction;
+use crate::{exec, sysinfo};
+
+/// Name reported by `get_agent_info`.
+pub const AGENT_NAME: &str = "kvmmanager-agent";
+
+/// The agent's shared state: configuration, services and limits.
+pub struct Agent {
+    config: Arc<Config>,
+    files: FileService,
+    slots: Arc<Semaphore>,
+    /// Cancelled when in-flight requests must stop (end of the shutdown grace).
+    abort: CancellationToken,
+}
+
+/// A connection's identity, for state that belongs to one host connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionId(pub u64);
+
+/// An encoded reply line and what to do once it has been written.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The reply, one JSON line with its `\n`.
+    pub line: BytesMut,
+    /// A power action to start after the line is flushed.
+    pub after: Option<PowerAction>,
+}
+
+/// The outcome of one method call before encoding.
+struct Outcome {
+    result: Result<Box<RawValue>, ErrorObject>,
+    after: Option<PowerAction>,
+}
+
+impl Outcome {
+    fn ok<T: Serialize>(value: &T) -> Outcome {
+        Outcome {
+            result: serde_json::value::to_raw_value(value).map_err(|e| {
+                ErrorObject::new(
+                    ErrorKind::InternalError,
+                    format!("could not encode the result: {e}"),
+                )
+            }),
+            after: None,
+        }
+    }
+
+    fn err(e: ErrorObject) -> Outcome {
+        Outcome {
+            result: Err(e),
+            after: None,
+        }
+    }
+
+    fn from<T: Serialize, E: RpcError>(r: Result<T, E>) -> Outcome {
+        match r {
+            Ok(v) => Outcome::ok(&v),
+            Err(e) => Outcome::err(to_error_object(&e)),
+        }
+    }
+}
+
+/// Why a blocking task failed to produce an answer.
+#[derive(Debug, thiserror::Error)]
+#[error("the worker thread failed")]
+struct JoinError(#[source] tokio::task::JoinError);
+
+impl RpcError for JoinError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::InternalError
+    }
+}
+
+impl Agent {
+    /// Builds the agent from a validated configuration.
+    pub fn new(config: Config) -> Arc<Agent> {
+        let config = Arc::new(config);
+        Arc::new(Agent {
+            files: FileService::new(config.clone()),
+            slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            abort: CancellationToken::new(),
+            config,
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Cancels every request still running (they are answered `shutting_down`)
+    /// and discards staged uploads.
+    pub fn abort_all(&self) {
+        self.abort.cancel();
+        self.files.abort_all();
+    }
+
+    /// Forgets what belongs to a closed connection (its staged uploads).
+    pub fn end_session(&self, session: SessionId) {
+        self.files.end_session(session.0);
+    }
+
+    /// The reply to a line that exceeded `max_message_size_kb`.
+    pub fn oversized_reply(&self) -> Outgoing {
+        let kb = self.config.max_message_size / 1024;
+        let resp = Response::error(
+            Id::null(),
+            ErrorObject::new(
+                ErrorKind::MessageTooLarge,
+                format!(
+                    "request line longer than max_message_size_kb ({kb} KiB) was discarded; \
+                     send large files in chunks"
+                ),
+            )
+            .with_data("limit", self.config.max_message_size as u64),
+        );
+        warn!(
+            limit = self.config.max_message_size,
+            "discarded an oversized request line"
+        );
+        encode(&resp, None)
+    }
+
+    /// Handles one request line; `None` when nothing is owed (notifications).
+    pub async fn handle_line(
+        self: &Arc<Self>,
+        session: SessionId,
+        line: &[u8],
+    ) -> Option<Outgoing> {
+        match parse_message(line) {
+            Incoming::Single(entry) => {
+                let (resp, after) = self.handle_entry(session, entry).await?;
+                Some(encode(&resp, after))
+            }
+            Incoming::Batch(entries) => {
+                let replies =
+                    join_all(entries.into_iter().map(|e| self.handle_entry(session, e))).await;
+                let mut after = None;
+                let resps: Vec<Response> = replies
+                    .into_iter()
+                    .flatten()
+                    .map(|(r, a)| {
+                        after = after.or(a);
+                        r
+                    })
+                    .collect();
+                if resps.is_empty() {
+                    None
+                } else {
+                    Some(encode(&resps, after))
+                }
+            }
+        }
+    }
+
+    async fn handle_entry(
+        self: &Arc<Self>,
+        session: SessionId,
+        entry: Entry,
+    ) -> Option<(Response, Option<PowerAction>)> {
+        let req = match entry {
+            Ok(req) => req,
+            Err(resp) => return Some((resp, None)),
+        };
+        let span = info_span!("request", method = %req.method, id = %req.id.as_ref().map_or("-".into(), |i| i.to_string()));
+        let id = req.id.clone();
+        let outcome = self.call(session, &req).instrument(span).await;
+        // Notifications are carried out but never answered.
+        let id = id?;
+        Some((
+            Response {
+                id,
+                outcome: outcome.result,
+            },
+            outcome.after,
+        ))
+    }
+
+    async fn call(self: &Arc<Self>, session: SessionId, req: &Request) -> Outcome {
+        let Some(method) = Method::from_name(&req.method) else {
+            return Outcome::err(ErrorObject::new(
+                ErrorKind::MethodNotFound,
+                format!(
+                    "no method {:?}; get_agent_info lists the methods this agent serves",
+                    req.method
+                ),
+            ));
+        };
+        // Cheap methods: answered at once, never queued.
+        match method {
+            Method::Ping => {
+                return self
+                    .typed(req, |_: Empty| async { Ok::<_, Never>(ping()) })
+                    .await
+            }
+            Method::Sync => {
+                return self
+                    .typed(req, |p: SyncParams| async move {
+                        Ok::<_, Never>(SyncResult { nonce: p.nonce })
+                    })
+                    .await
+            }
+            Method::GetAgentInfo => {
+                return self
+                    .typed(req, |_: Empty| async { Ok::<_, Never>(self.agent_info()) })
+                    .await
+            }
+            _ => {}
+        }
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            return Outcome::err(
+                ErrorObject::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} requests are already running (max_concurrent_requests); retry later",
+                        self.config.max_concurrent_requests
+                    ),
+                )
+                .with_data("limit", self.config.max_concurrent_requests as u64),
+            );
+        };
+        let started = Instant::now();
+        let work = self.run(session, method, req);
+        let outcome = if method == Method::ExecCommand {
+            // Bounded by the command's own time limit inside exec.
+            tokio::select! {
+                biased;
+                () = self.abort.cancelled() => Outcome::err(shutting_down()),
+                o = work => o,
+            }
+        } else {
+            let limit = self.config.request_timeout;
+            tokio::select! {
+                biased;
+                () = self.abort.cancelled() => Outcome::err(shutting_down()),
+                o = tokio::time::timeout(limit, work) => o.unwrap_or_else(|_| Outcome::err(
+                    ErrorObject::new(
+                        ErrorKind::Timeout,
+                        format!("{method} did not finish within request_timeout_seconds ({} s)", limit.as_secs()),
+                    )
+                    .with_data("limit", limit.as_secs()),
+                )),
+            }
+        };
+        log_outcome(method, &outcome, started);
+        outcome
+    }
+
+    async fn run(self: &Arc<Self>, session: SessionId, method: Method, req: &Request) -> Outcome {
+        match method {
+            Method::Ping | Method::Sync | Method::GetAgentInfo => {
+                unreachable!("answered before taking a slot")
+            }
+            Method::GetSystemInfo => {
+                self.typed(req, |_: Empty| blocking(sysinfo::system_info))
+                    .await
+            }
+            Method::GetNetworkInfo => {
+                self.typed(req, |_: Empty| blocking(sysinfo::network_info))
+                    .await
+            }
+            Method::GetDiskUsage => {
+                self.typed(req, |p: DiskUsageParams| {
+                    blocking(move || sysinfo::disk_usage(p.include_virtual))
+                })
+                .await
+            }
+            Method::ExecCommand => {
+                self.typed(req, |p: ExecParams| exec::exec_command(&self.config, p))
+                    .await
+            }
+            Method::FileRead => {
+                self.typed(req, |p: FileReadParams| self.files.read(p))
+                    .await
+            }
+            Method::FileWrite => {
+                self.typed(req, |p: FileWriteParams| self.files.write(session.0, p))
+                    .await
+            }
+            Method::Shutdown | Method::Reboot => match req.params::<PowerParams>() {
+                Ok(p) => {
+                    let action = if method == Method::Shutdown {
+                        PowerAction::Shutdown {
+                            delay_seconds: p.delay_seconds,
+                        }
+                    } else {
+                        PowerAction::Reboot {
+                            delay_seconds: p.delay_seconds,
+                        }
+                    };
+                    let mut o = Outcome::ok(&PowerResult { accepted: true });
+                    o.after = Some(action);
+                    o
+                }
+                Err(e) => Outcome::err(e),
+            },
+        }
+    }
+
+    /// Decodes the params into `P`, runs `f`, and encodes its result.
+    async fn typed<P, T, E, F, Fut>(&self, req: &Request, f: F) -> Outcome
+    where
+        P: serde::de::DeserializeOwned,
+        T: Serialize,
+        E: RpcError,
+        F: FnOnce(P) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        match req.params::<P>() {
+            Ok(p) => Outcome::from(f(p).await),
+            Err(e) => Outcome::err(e),
+        }
+    }
+
+    fn agent_info(&self) -> AgentInfo {
+        AgentInfo {
+            name: AGENT_NAME.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: agent_common::PROTOCOL_VERSION,
+            platform: "linux".into(),
+            methods: Method::ALL.iter().map(|m| m.as_str().to_owned()).collect(),
+            limits: self.config.limits(),
+        }
+    }
+}
+
+/// Never fails; the uninhabited error type keeps [`Agent::typed`] generic.
+#[derive(Debug, thiserror::Error)]
+enum Never {}
+
+impl RpcError for Never {
+    fn kind(&self) -> ErrorKind {
+        match *self {}
+    }
+}
+
+fn ping() -> PingResult {
+    PingResult {
+        pong: true,
+        timestamp: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    }
+}
+
+fn shutting_down() -> ErrorObject {
+    ErrorObject::new(
+        ErrorKind::ShuttingDown,
+        "the agent is stopping; the request was cancelled (retry once it is back)",
+    )
+}
+
+async fn blocking<T, E, F>(f: F) -> Result<T, BlockingError<E>>
+where
+    T: Send + 'static,
+    E: RpcError + Send + 'static,
+    F: FnOnce() -> Result<T, E> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(BlockingError::Inner),
+        Err(e) => Err(BlockingError::Join(JoinError(e))),
+    }
+}
+
+/// A blocking task's error, or the failure of its thread.
+#[derive(Debug, thiserror::Error)]
+enum BlockingError<E: RpcError> {
+    #[error(transparent)]
+    Inner(E),
+    #[error(transparent)]
+    Join(JoinError),
+}
+
+impl<E: RpcError> RpcError for BlockingError<E> {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            BlockingError::Inner(e) => e.kind(),
+            BlockingError::Join(e) => e.kind(),
+        }
+    }
+    fn data(&self) -> Vec<(&'static str, serde_json::Value)> {
+        match self {
+            BlockingError::Inner(e) => e.data(),
+            BlockingError::Join(_) => Vec::new(),
+        }
+    }
+}
+
+/// Methods that change the guest are logged at info with their outcome.
+fn log_outcome(method: Method, outcome: &Outcome, started: Instant) {
+    let changes_guest = matches!(
+        method,
+        Method::ExecCommand | Method::FileWrite | Method::Shutdown | Method::Reboot
+    );
+    let ms = started.elapsed().as_millis() as u64;
+    match (&outcome.result, changes_guest) {
+        (Ok(raw), true) => {
+            // Log the small fields of the result, not file or output contents.
+            let summary = summarize(raw.get());
+            info!(%method, duration_ms = ms, result = %summary, "done");
+        }
+        (Err(e), true) => info!(%method, duration_ms = ms, error = %e, "failed"),
+        (Ok(_), false) => debug!(%method, duration_ms = ms, "done"),
+        (Err(e), false) => debug!(%method, duration_ms = ms, error = %e, "failed"),
+    }
+}
+
+fn summarize(result: &str) -> String {
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(result) {
+        Ok(map) => map
+            .into_iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "stdout" | "stderr" | "content"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(_) => String::new(),
+    }
+}
+
+/// Encodes a reply line. A reply larger than the protocol allows is replaced
+/// by a `too_large` error, so the host never receives a line it must drop.
+fn encode<T: Serialize + ?Sized>(value: &T, after: Option<PowerAction>) -> Outgoing {
+    let mut line = BytesMut::new();
+    let fallback = |line: &mut BytesMut, why: String| {
+        line.clear();
+        let resp = Response::error(Id::null(), ErrorObject::new(ErrorKind::InternalError, why));
+        // Invariant: a small error response always serialises.
+        let _ = agent_common::codec::encode_line(&resp, line);
+    };
+    match agent_common::codec::encode_line(value, &mut line) {
+        Ok(()) if line.len() <= agent_common::MAX_RESPONSE_SIZE => {}
+        Ok(()) => {
+            line.clear();
+            let e = ErrorObject::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "the reply would exceed {} bytes; ask for less (a smaller length, or output_encoding base64)",
+                    agent_common::MAX_RESPONSE_SIZE
+                ),
+            );
+            let resp = Response::error(Id::null(), e);
+            if agent_common::codec::encode_line(&resp, &mut line).is_err() {
+                fallback(&mut line, "could not encode the reply".into());
+            }
+        }
+        Err(e) => fallback(&mut line, format!("could not encode the reply: {e}")),
+    }
+    Outgoing { line, after }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn agent() -> Arc<Agent> {
+        Agent::new(Config::default())
+    }
+
+    async fn reply(agent: &Arc<Agent>, line: &str) -> Option<Value> {
+        let out = agent.handle_line(SessionId(1), line.as_bytes()).await?;
+        assert_eq!(out.line.last(), Some(&b'\n'));
+        Some(serde_json::from_slice(&out.line).unwrap())
+    }
+
+    #[tokio::test]
+    async fn ping_and_sync_and_info() {
+        let a = agent();
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"ping","id":1}"#)
+            .await
+            .unwrap();
+        assert_eq!(r["result"]["pong"], true);
+        assert_eq!(r["id"], 1);
+        let r = reply(
+            &a,
+            r#"{"jsonrpc":"2.0","method":"sync","params":{"nonce":99},"id":"s"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["result"]["nonce"], 99);
+        assert_eq!(r["id"], "s");
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"get_agent_info","id":2}"#)
+            .await
+            .unwrap();
+        assert_eq!(
+            r["result"]["protocol_version"],
+            agent_common::PROTOCOL_VERSION
+        );
+        assert_eq!(
+            r["result"]["methods"].as_array().unwrap().len(),
+            Method::ALL.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn error_codes() {
+        let a = agent();
+        let cases: &[(&str, i64)] = &[
+            ("nonsense", -32700),
+            ("[]", -32600),
+            (r#"{"jsonrpc":"2.0","method":"nope","id":1}"#, -32601),
+            (
+                r#"{"jsonrpc":"2.0","method":"ping","params":{"x":1},"id":1}"#,
+                -32602,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"sync","params":{"nonce":-1},"id":1}"#,
+                -32602,
+            ),
+            (r#"{"jsonrpc":"2.0","method":"sync","id":1}"#, -32602),
+            (
+                r#"{"jsonrpc":"2.0","method":"shutdown","params":{"delay_seconds":"x"},"id":1}"#,
+                -32602,
+            ),
+        ];
+        for (line, code) in cases {
+            let r = reply(&a, line).await.unwrap();
+            assert_eq!(r["error"]["code"], *code, "{line}");
+            assert!(r["error"]["data"]["kind"].is_string());
+        }
+    }
+
+    #[tokio::test]
+    async fn notifications_get_no_reply_and_batches_get_arrays() {
+        let a = agent();
+        assert!(reply(&a, r#"{"jsonrpc":"2.0","method":"ping"}"#)
+            .await
+            .is_none());
+        assert!(reply(&a, r#"[{"jsonrpc":"2.0","method":"ping"}]"#)
+            .await
+            .is_none());
+        let r = reply(
+            &a,
+            r#"[{"jsonrpc":"2.0","method":"ping","id":1},{"jsonrpc":"2.0","method":"ping"},{"jsonrpc":"2.0","method":"x","id":"b"},5]"#,
+        )
+        .await
+        .unwrap();
+        let arr = r.as_array().unwrap();
+        assert_eq!(arr.len(), 3);
+        assert_eq!(arr[0]["id"], 1);
+        assert_eq!(arr[1]["error"]["code"], -32601);
+        assert_eq!(arr[2]["error"]["code"], -32600);
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_first_and_carries_the_action() {
+        let a = agent();
+        let out = a
+            .handle_line(
+                SessionId(1),
+                br#"{"jsonrpc":"2.0","method":"reboot","params":{"delay_seconds":3},"id":1}"#,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.after, Some(PowerAction::Reboot { delay_seconds: 3 }));
+        let v: Value = serde_json::from_slice(&out.line).unwrap();
+        assert_eq!(v["result"]["accepted"], true);
+    }
+
+    #[tokio::test]
+    async fn busy_when_all_slots_are_taken_but_ping_still_answers() {
+        let a = Agent::new(Config {
+            max_concurrent_requests: 1,
+            ..Config::default()
+        });
+        let _held = a.slots.clone().try_acquire_owned().unwrap();
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"get_system_info","id":1}"#)
+            .await
+            .unwrap();
+        assert_eq!(r["error"]["data"]["kind"], "busy");
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"ping","id":2}"#)
+            .await
+            .unwrap();
+        assert_eq!(r["result"]["pong"], true);
+    }
+
+    #[tokio::test]
+    async fn abort_answers_shutting_down() {
+        let a = agent();
+        a.abort.cancel();
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"get_system_info","id":1}"#)
+            .await
+            .unwrap();
+        assert_eq!(r["error"]["data"]["kind"], "shutting_down");
+    }
+
+    #[test]
+    fn oversized_replies_become_errors() {
+        let big = "x".repeat(agent_common::MAX_RESPONSE_SIZE + 1);
+        let out = encode(&serde_json::json!({ "s": big }), None);
+        let v: Value = serde_json::from_slice(&out.line).unwrap();
+        assert_eq!(v["error"]["data"]["kind"], "too_large");
+    }
+
+    #[test]
+    fn summary_omits_contents() {
+        let s = summarize(r#"{"exit_code":0,"stdout":"secret","timed_out":false}"#);
+        assert!(s.contains("exit_code=0"));
+        assert!(!s.contains("secret"));
+    }
+}

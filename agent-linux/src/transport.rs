@@ -1,0 +1,333 @@
+//! Transports: the virtio-serial port (the product) and a Unix socket
+//! listener (local use and tests).
+//!
+//! A virtio-serial port reports end-of-file and `POLLHUP` at once, again
+//! and again, while no host holds its socket. The agent must neither spin
+//! nor sleep-poll then. It waits for `SIGIO` instead: with `O_ASYNC` and
+//! `F_SETOWN` set, the kernel sends it on every change of the host's state.
+//! `O_ASYNC` is enabled before the agent checks whether a host is attached,
+//! so a host attaching between the check and the wait is never missed; it is
+//! disabled while a host is attached, so transfers cost no signals. While a
+//! host is attached the port is driven by epoll through tokio's `AsyncFd`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::dispatch::Agent;
+use crate::server::{serve, OnEof};
+
+/// Where sysfs lists virtio-serial ports.
+const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
+
+/// Transport failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The `SIGIO` handler could not be installed.
+    #[error("could not install the SIGIO handler")]
+    Signal(#[source] io::Error),
+    /// The Unix socket could not be created.
+    #[error("could not listen on {path}")]
+    Listen {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A path exists where the socket should go and is not a socket.
+    #[error("{path} exists and is not a socket; remove it or choose another path")]
+    NotASocket {
+        /// The path.
+        path: String,
+    },
+}
+
+/// Finds the port device whose sysfs name is `name` (e.g. `/dev/vport0p1`).
+pub fn find_port(name: &str) -> Option<PathBuf> {
+    find_port_in(Path::new(SYSFS_PORTS), Path::new("/dev"), name)
+}
+
+fn find_port_in(sysfs: &Path, dev: &Path, name: &str) -> Option<PathBuf> {
+    let mut entries: Vec<_> = std::fs::read_dir(sysfs).ok()?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    entries.into_iter().find_map(|e| {
+        let port_name = std::fs::read_to_string(e.path().join("name")).ok()?;
+        (port_name.trim_end() == name).then(|| dev.join(e.file_name()))
+    })
+}
+
+/// True when a host holds the other end of the port (no `POLLHUP`).
+fn host_attached(file: &File) -> io::Result<bool> {
+    let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO)?;
+    let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+    Ok(!revents.contains(PollFlags::POLLHUP))
+}
+
+/// `fcntl(fd, cmd, arg)` with an integer argument.
+fn fcntl_int(file: &File, cmd: libc::c_int, arg: libc::c_int) -> io::Result<libc::c_int> {
+    // SAFETY: `file` keeps the descriptor open for the call, and the commands
+    // used here (F_GETFL, F_SETFL, F_SETOWN) take an integer argument and
+    // touch no memory of ours.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, arg) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn set_async(file: &File, on: bool) -> io::Result<()> {
+    let flags = fcntl_int(file, libc::F_GETFL, 0)?;
+    let flags = if on {
+        flags | libc::O_ASYNC
+    } else {
+        flags & !libc::O_ASYNC
+    };
+    fcntl_int(file, libc::F_SETFL, flags)?;
+    Ok(())
+}
+
+fn open_port(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    fcntl_int(&file, libc::F_SETOWN, nix::unistd::getpid().as_raw())?;
+    Ok(file)
+}
+
+/// Serves the virtio-serial port (the given device, or the one named
+/// `channel_name` in sysfs) until `stop` is cancelled.
+pub async fn serve_port(
+    agent: Arc<Agent>,
+    device: Option<PathBuf>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) -> Result<(), TransportError> {
+    // Installed before any O_ASYNC is set: SIGIO's default action kills.
+    let mut sigio = signal(SignalKind::io()).map_err(TransportError::Signal)?;
+    let retry = agent.config().connection_retry;
+    let name = agent.config().channel_name.clone();
+    let mut warned = false;
+    while !stop.is_cancelled() {
+        let path = device.clone().or_else(|| find_port(&name));
+        let opened = match &path {
+            Some(p) => open_port(p).map(|f| (p.clone(), f)),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no virtio-serial port named {name} in {SYSFS_PORTS}"),
+            )),
+        };
+        let (path, file) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                if !warned {
+                    warn!(error = %e, retry_seconds = retry.as_secs(), "port not available; will retry (add the channel to the VM: kvmmanager-ctl channel-xml)");
+                    warned = true;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => continue,
+                    () = stop.cancelled() => break,
+                }
+            }
+        };
+        warned = false;
+        info!(port = %path.display(), "serving the virtio-serial port");
+        if let Err(e) = serve_open_port(&agent, &file, &mut sigio, &stop, &tracker).await {
+            warn!(port = %path.display(), error = %e, "port failed; reopening");
+            tokio::select! {
+                () = tokio::time::sleep(retry) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve_open_port(
+    agent: &Arc<Agent>,
+    file: &File,
+    sigio: &mut tokio::signal::unix::Signal,
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+) -> io::Result<()> {
+    loop {
+        set_async(file, true)?;
+        if !host_attached(file)? {
+            debug!("no host attached; waiting for SIGIO");
+            tokio::select! {
+                _ = sigio.recv() => continue,
+                () = stop.cancelled() => return Ok(()),
+            }
+        }
+        set_async(file, false)?;
+        info!("host attached");
+        let stream = PortStream::new(file.try_clone()?)?;
+        let (reader, writer) = tokio::io::split(stream);
+        let session = tracker.spawn(serve(
+            agent.clone(),
+            reader,
+            writer,
+            OnEof::Drop,
+            stop.clone(),
+        ));
+        // The session owns the port while it runs; a panic in it is a bug
+        // already reported by the runtime.
+        let _ = session.await;
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        info!("host detached");
+    }
+}
+
+/// The port as a tokio stream. End of file means the host went away.
+struct PortStream {
+    fd: AsyncFd<File>,
+}
+
+impl PortStream {
+    fn new(file: File) -> io::Result<PortStream> {
+        // SAFETY: `File` owns its descriptor, which stays open and refers to
+        // the same file description until the `AsyncFd` (and the `File` in
+        // it) is dropped.
+        let fd = unsafe { AsyncFd::register(file) }.map_err(io::Error::from)?;
+        Ok(PortStream { fd })
+    }
+}
+
+impl AsyncRead for PortStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|inner| inner.get_ref().read(unfilled)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PortStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            match guard.try_io(|inner| inner.get_ref().write(buf)) {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Serves clients on a Unix socket at `path` until `stop` is cancelled.
+/// A stale socket file is replaced; the socket is made owner-only (0600).
+pub async fn serve_unix(
+    agent: Arc<Agent>,
+    path: PathBuf,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) -> Result<(), TransportError> {
+    let listen_err = |source| TransportError::Listen {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&path).map_err(listen_err)?,
+        Ok(_) => {
+            return Err(TransportError::NotASocket {
+                path: path.display().to_string(),
+            })
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(&path).map_err(listen_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    info!(socket = %path.display(), "listening on a Unix socket");
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    debug!("client connected");
+                    let (reader, writer) = stream.into_split();
+                    tracker.spawn(serve(agent.clone(), reader, writer, OnEof::Drain, stop.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_found_by_sysfs_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path().join("sys");
+        for (port, name) in [
+            ("vport0p1", "org.qemu.guest_agent.0"),
+            ("vport0p2", "org.kvmmanager.agent.0"),
+        ] {
+            std::fs::create_dir_all(sys.join(port)).unwrap();
+            std::fs::write(sys.join(port).join("name"), format!("{name}\n")).unwrap();
+        }
+        assert_eq!(
+            find_port_in(&sys, Path::new("/dev"), "org.kvmmanager.agent.0"),
+            Some(PathBuf::from("/dev/vport0p2"))
+        );
+        assert_eq!(
+            find_port_in(&sys, Path::new("/dev"), "org.kvmmanager.agent"),
+            None
+        );
+        assert_eq!(
+            find_port_in(&dir.path().join("none"), Path::new("/dev"), "x"),
+            None
+        );
+    }
+}
