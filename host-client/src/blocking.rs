@@ -1,0 +1,259 @@
+//! A synchronous facade over [`crate::Client`], for callers without tokio.
+//!
+//! [`Client`] owns a current-thread runtime and runs each call to completion
+//! on it. Do not use it from inside an async runtime (it would block it).
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), host_client::ClientError> {
+//! let client = host_client::blocking::Client::connect("/tmp/vm.sock")?;
+//! println!("{}", client.system_info()?.hostname);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::Path;
+
+use agent_common::methods::{
+    AgentInfo, DiskUsage, ExecParams, ExecResult, FileReadParams, FileReadResult, FileWriteParams,
+    FileWriteResult, NetworkInfo, PingResult, PowerResult, Rpc, SystemInfo,
+};
+
+use crate::{ClientError, ClientOptions, Progress, PushOptions, TransferSummary};
+
+/// A blocking client: [`crate::Client`] plus its own runtime.
+///
+/// ```no_run
+/// # fn demo() -> Result<(), host_client::ClientError> {
+/// use host_client::blocking::Client;
+/// let client = Client::connect("/tmp/vm.sock")?;
+/// assert!(client.ping()?.pong);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Client {
+    rt: tokio::runtime::Runtime,
+    inner: crate::Client,
+}
+
+impl Client {
+    /// Connects and syncs with default options.
+    ///
+    /// ```no_run
+    /// let c = host_client::blocking::Client::connect("/tmp/vm.sock");
+    /// ```
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Client::connect_with(path, ClientOptions::default())
+    }
+
+    /// Connects and syncs with `opts`.
+    ///
+    /// ```no_run
+    /// use host_client::{blocking::Client, ClientOptions};
+    /// let c = Client::connect_with("/tmp/vm.sock", ClientOptions::default());
+    /// ```
+    pub fn connect_with(
+        path: impl AsRef<Path>,
+        opts: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ClientError::Io)?;
+        let inner = rt.block_on(crate::Client::connect_with(path, opts))?;
+        Ok(Client { rt, inner })
+    }
+
+    /// The async client inside, e.g. to spawn work on [`Client::runtime`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// let path = c.as_async().path();
+    /// ```
+    pub fn as_async(&self) -> &crate::Client {
+        &self.inner
+    }
+
+    /// The runtime the calls run on.
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// let pong = c.runtime().block_on(c.as_async().ping());
+    /// ```
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+
+    /// See [`crate::Client::call`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// use agent_common::methods::{Empty, PingRpc};
+    /// let pong = c.call::<PingRpc>(&Empty {});
+    /// ```
+    pub fn call<M: Rpc>(&self, params: &M::Params) -> Result<M::Result, ClientError> {
+        self.rt.block_on(self.inner.call::<M>(params))
+    }
+
+    /// See [`crate::Client::call_raw`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// let v = c.call_raw("ping", serde_json::json!({}));
+    /// ```
+    pub fn call_raw(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.rt.block_on(self.inner.call_raw(method, params))
+    }
+
+    /// See [`crate::Client::ping`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// c.ping()?;
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn ping(&self) -> Result<PingResult, ClientError> {
+        self.rt.block_on(self.inner.ping())
+    }
+
+    /// See [`crate::Client::agent_info`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// println!("{}", c.agent_info()?.version);
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn agent_info(&self) -> Result<AgentInfo, ClientError> {
+        self.rt.block_on(self.inner.agent_info())
+    }
+
+    /// See [`crate::Client::system_info`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// println!("{}", c.system_info()?.hostname);
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn system_info(&self) -> Result<SystemInfo, ClientError> {
+        self.rt.block_on(self.inner.system_info())
+    }
+
+    /// See [`crate::Client::network_info`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// let n = c.network_info()?.interfaces.len();
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn network_info(&self) -> Result<NetworkInfo, ClientError> {
+        self.rt.block_on(self.inner.network_info())
+    }
+
+    /// See [`crate::Client::disk_usage`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// let n = c.disk_usage(false)?.filesystems.len();
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn disk_usage(&self, include_virtual: bool) -> Result<DiskUsage, ClientError> {
+        self.rt.block_on(self.inner.disk_usage(include_virtual))
+    }
+
+    /// See [`crate::Client::exec`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// use agent_common::methods::ExecParams;
+    /// let r = c.exec(&ExecParams { command: "true".into(), ..Default::default() })?;
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn exec(&self, params: &ExecParams) -> Result<ExecResult, ClientError> {
+        self.rt.block_on(self.inner.exec(params))
+    }
+
+    /// See [`crate::Client::read_chunk`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// use agent_common::methods::FileReadParams;
+    /// let r = c.read_chunk(&FileReadParams { path: "/etc/hostname".into(), ..Default::default() })?;
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn read_chunk(&self, params: &FileReadParams) -> Result<FileReadResult, ClientError> {
+        self.rt.block_on(self.inner.read_chunk(params))
+    }
+
+    /// See [`crate::Client::write_chunk`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// use agent_common::methods::FileWriteParams;
+    /// c.write_chunk(&FileWriteParams { path: "/tmp/kvmmanager/a".into(), content: "hi".into(), ..Default::default() })?;
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn write_chunk(&self, params: &FileWriteParams) -> Result<FileWriteResult, ClientError> {
+        self.rt.block_on(self.inner.write_chunk(params))
+    }
+
+    /// See [`crate::Client::pull`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// c.pull("/var/log/syslog", "syslog", |_| {})?;
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn pull(
+        &self,
+        guest_path: &str,
+        local_path: impl AsRef<Path>,
+        progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        self.rt
+            .block_on(self.inner.pull(guest_path, local_path, progress))
+    }
+
+    /// See [`crate::Client::push`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// c.push("a.bin", "/tmp/kvmmanager/a.bin", Default::default(), |_| {})?;
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn push(
+        &self,
+        local_path: impl AsRef<Path>,
+        guest_path: &str,
+        options: PushOptions,
+        progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        self.rt
+            .block_on(self.inner.push(local_path, guest_path, options, progress))
+    }
+
+    /// See [`crate::Client::shutdown`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// c.shutdown(0)?;
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn shutdown(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
+        self.rt.block_on(self.inner.shutdown(delay_seconds))
+    }
+
+    /// See [`crate::Client::reboot`].
+    ///
+    /// ```no_run
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock").unwrap();
+    /// c.reboot(0)?;
+    /// # Ok::<(), host_client::ClientError>(())
+    /// ```
+    pub fn reboot(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
+        self.rt.block_on(self.inner.reboot(delay_seconds))
+    }
+}

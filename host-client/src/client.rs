@@ -1,0 +1,1073 @@
+//! The async client: one connection, many calls in flight, sync and reconnect.
+//!
+//! # How a connection works
+//! - [`Client`] keeps at most one connection to the channel socket. A reader
+//!   task decodes reply lines and hands each to the call waiting for its id
+//!   (a oneshot channel per call); writers take turns on the write half.
+//! - Before the first call on a connection, and again after any call timed
+//!   out, the client writes the resync byte 0xFF and a `sync` request with a
+//!   fresh random nonce, and drops every line until the reply carrying that
+//!   nonce. Stale replies meant for an earlier client, half lines and replies
+//!   with other nonces are never taken as answers.
+//! - Ids are `u64`, starting at a random value for every client and never
+//!   reused, so a late reply to a call that timed out finds no taker and is
+//!   dropped.
+//! - When the reader sees the end of the stream (VM rebooted, agent
+//!   restarted, QEMU gone), every pending call fails with
+//!   [`ClientError::ConnectionLost`] and the next call reconnects and syncs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
+use std::time::Duration;
+
+use agent_common::codec::{encode_line, Frame, JsonLinesCodec};
+use agent_common::error::ErrorObject;
+use agent_common::jsonrpc::{parse_response, Id, OutgoingRequest, Response};
+use agent_common::methods::{
+    AgentInfo, DiskUsage, DiskUsageParams, Empty, ExecCommandRpc, ExecParams, ExecResult,
+    FileReadParams, FileReadResult, FileReadRpc, FileWriteParams, FileWriteResult, FileWriteRpc,
+    GetAgentInfoRpc, GetDiskUsageRpc, GetNetworkInfoRpc, GetSystemInfoRpc, Limits, NetworkInfo,
+    PingResult, PingRpc, PowerParams, PowerResult, RebootRpc, Rpc, ShutdownRpc, SyncParams,
+    SyncResult, SystemInfo,
+};
+use agent_common::{MAX_RESPONSE_SIZE, RESYNC_BYTE};
+use bytes::BytesMut;
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{oneshot, Mutex as AsyncMutex};
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
+
+use crate::error::ClientError;
+
+/// Settings of a [`Client`].
+///
+/// ```
+/// use std::time::Duration;
+/// use host_client::ClientOptions;
+///
+/// let opts = ClientOptions {
+///     call_timeout: Duration::from_secs(60),
+///     ..ClientOptions::default()
+/// };
+/// assert_eq!(opts.max_in_flight_chunks, 4);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Time limit of one call, unless the call gives its own. Default 30 s.
+    pub call_timeout: Duration,
+    /// Time limit of opening the socket. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Time limit of the `sync` handshake. A channel socket accepts
+    /// connections even when no agent runs in the guest, so this is where a
+    /// missing agent shows. Default 10 s.
+    pub sync_timeout: Duration,
+    /// Chunk requests kept in flight by [`Client::push`] and
+    /// [`Client::pull`]. Default 4.
+    pub max_in_flight_chunks: usize,
+    /// Reconnect on the next call after the connection was lost. Default true.
+    pub reconnect: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions {
+            call_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            sync_timeout: Duration::from_secs(10),
+            max_in_flight_chunks: 4,
+            reconnect: true,
+        }
+    }
+}
+
+/// A client of one guest agent, reached through its channel's Unix socket.
+///
+/// Cheap to clone (clones share the connection) and usable from many tasks
+/// at once: calls are multiplexed by id on the one connection.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), host_client::ClientError> {
+/// use host_client::Client;
+///
+/// let client = Client::connect("/run/kvmmanager/vm1.sock").await?;
+/// let info = client.system_info().await?;
+/// println!("{} runs {}", info.hostname, info.kernel_release);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("path", &self.inner.path)
+            .field("options", &self.inner.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    opts: ClientOptions,
+    /// The current connection. Held while connecting or syncing, so that new
+    /// calls wait for a ready connection.
+    conn: AsyncMutex<Option<Arc<Conn>>>,
+    /// Set once a connection was lost and `reconnect` is off.
+    closed: AtomicBool,
+    next_id: AtomicU64,
+    limits: StdMutex<Option<Limits>>,
+}
+
+/// One connection: the write half, the reader task and the pending calls.
+struct Conn {
+    writer: AsyncMutex<Writer>,
+    shared: Arc<Shared>,
+    reader: JoinHandle<()>,
+    needs_resync: AtomicBool,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+struct Writer {
+    half: OwnedWriteHalf,
+    /// True while a line is being written; still true if that write was
+    /// cancelled half-way, so the next write starts with the resync byte.
+    dirty: bool,
+}
+
+/// State shared between the callers and the reader task.
+#[derive(Default)]
+struct Shared {
+    state: StdMutex<ConnState>,
+}
+
+type SyncWaiter = oneshot::Sender<Result<(), ErrorObject>>;
+
+#[derive(Default)]
+struct ConnState {
+    pending: HashMap<u64, oneshot::Sender<Response>>,
+    /// The sync in progress: (request id, nonce, waiter).
+    sync: Option<(u64, u64, SyncWaiter)>,
+    dead: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ConnState> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (every critical section is a single insert/remove), so recover.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dispatch(&self, line: &[u8]) {
+        let resp = match parse_response(line) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("dropping a line that is not a response: {e}");
+                return;
+            }
+        };
+        let mut st = self.lock();
+        if let Some((sync_id, nonce, _)) = &st.sync {
+            let (sync_id, nonce) = (*sync_id, *nonce);
+            match &resp.outcome {
+                Ok(raw) => {
+                    if serde_json::from_str::<SyncResult>(raw.get()).is_ok_and(|r| r.nonce == nonce)
+                    {
+                        if let Some((_, _, tx)) = st.sync.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                        return;
+                    }
+                }
+                Err(e) if resp.id.as_u64() == Some(sync_id) => {
+                    let e = e.clone();
+                    if let Some((_, _, tx)) = st.sync.take() {
+                        let _ = tx.send(Err(e));
+                    }
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some(tx) = resp.id.as_u64().and_then(|id| st.pending.remove(&id)) {
+            let _ = tx.send(resp);
+        } else {
+            tracing::debug!(id = %resp.id, "dropping a reply with an unknown id");
+        }
+    }
+
+    /// Marks the connection dead and fails every pending call.
+    fn close(&self) {
+        let mut st = self.lock();
+        st.dead = true;
+        st.pending.clear();
+        st.sync = None;
+    }
+}
+
+async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>) {
+    let mut frames = FramedRead::new(read, JsonLinesCodec::new(MAX_RESPONSE_SIZE));
+    while let Some(frame) = frames.next().await {
+        match frame {
+            Ok(Frame::Line(line)) => shared.dispatch(&line),
+            Ok(Frame::Oversized) => {
+                tracing::warn!("dropping a reply longer than {MAX_RESPONSE_SIZE} bytes");
+            }
+            Err(e) => {
+                tracing::debug!("reading from the agent failed: {e}");
+                break;
+            }
+        }
+    }
+    tracing::debug!("agent connection closed");
+    shared.close();
+}
+
+impl Conn {
+    fn is_dead(&self) -> bool {
+        self.shared.lock().dead
+    }
+
+    /// Writes `line`, preceded by the resync byte if asked or if an earlier
+    /// write was cut short.
+    async fn send(&self, line: &[u8], resync: bool) -> Result<(), ClientError> {
+        let mut w = self.writer.lock().await;
+        let result = async {
+            if resync || w.dirty {
+                w.dirty = true;
+                w.half.write_all(&[RESYNC_BYTE]).await?;
+            }
+            w.dirty = true;
+            w.half.write_all(line).await?;
+            w.dirty = false;
+            Ok::<(), std::io::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                drop(w);
+                self.shared.close();
+                Err(match e.kind() {
+                    std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted => ClientError::ConnectionLost,
+                    _ => ClientError::Io(e),
+                })
+            }
+        }
+    }
+}
+
+/// Removes a pending call's entry when the call ends in any way (including
+/// being cancelled), so its late reply finds no taker.
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().pending.remove(&self.id);
+    }
+}
+
+/// A random `u64` from the standard library's randomly seeded hasher.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn encode_request<P: Serialize>(
+    method: &str,
+    params: &P,
+    id: u64,
+) -> Result<BytesMut, ClientError> {
+    let id = Id::number(id);
+    let mut buf = BytesMut::new();
+    encode_line(&OutgoingRequest::new(method, params, &id), &mut buf).map_err(|e| match e {
+        agent_common::codec::CodecError::Serialize(source) => ClientError::Encode {
+            method: method.to_owned(),
+            source,
+        },
+        agent_common::codec::CodecError::Io(e) => ClientError::Io(e),
+    })?;
+    Ok(buf)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(method: &str, raw: &RawValue) -> Result<T, ClientError> {
+    serde_json::from_str(raw.get()).map_err(|source| ClientError::BadResult {
+        method: method.to_owned(),
+        source,
+    })
+}
+
+impl Client {
+    /// Connects to the agent behind the channel socket at `path` and syncs,
+    /// with the default [`ClientOptions`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), host_client::ClientError> {
+    /// let client = host_client::Client::connect("/tmp/vm.sock").await?;
+    /// client.ping().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Client::connect_with(path, ClientOptions::default()).await
+    }
+
+    /// Connects with the given options and syncs.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), host_client::ClientError> {
+    /// use host_client::{Client, ClientOptions};
+    /// let opts = ClientOptions { max_in_flight_chunks: 8, ..Default::default() };
+    /// let client = Client::connect_with("/tmp/vm.sock", opts).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_with(
+        path: impl AsRef<Path>,
+        opts: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let client = Client::lazy(path, opts);
+        client.ready().await?;
+        Ok(client)
+    }
+
+    /// A client that connects on its first call instead of now.
+    ///
+    /// ```
+    /// use host_client::{Client, ClientOptions};
+    /// let client = Client::lazy("/tmp/vm.sock", ClientOptions::default());
+    /// assert_eq!(client.path(), std::path::Path::new("/tmp/vm.sock"));
+    /// ```
+    pub fn lazy(path: impl AsRef<Path>, opts: ClientOptions) -> Client {
+        // Ids start at a random point below 2^52 (exact in a double, for
+        // peers that parse numbers as floats) so that replies meant for an
+        // earlier client on the same channel are unlikely to match ours.
+        let start = (random_u64() >> 12) | 1;
+        Client {
+            inner: Arc::new(Inner {
+                path: path.as_ref().to_path_buf(),
+                opts,
+                conn: AsyncMutex::new(None),
+                closed: AtomicBool::new(false),
+                next_id: AtomicU64::new(start),
+                limits: StdMutex::new(None),
+            }),
+        }
+    }
+
+    /// The socket path this client connects to.
+    ///
+    /// ```
+    /// # use host_client::{Client, ClientOptions};
+    /// let c = Client::lazy("/tmp/a.sock", ClientOptions::default());
+    /// assert!(c.path().ends_with("a.sock"));
+    /// ```
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The options in force.
+    ///
+    /// ```
+    /// # use host_client::{Client, ClientOptions};
+    /// let c = Client::lazy("/tmp/a.sock", ClientOptions::default());
+    /// assert_eq!(c.options().max_in_flight_chunks, 4);
+    /// ```
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.opts
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Returns a connection that is synced, connecting or resyncing first if
+    /// needed.
+    async fn ready(&self) -> Result<Arc<Conn>, ClientError> {
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if !conn.is_dead() {
+                if !conn.needs_resync.swap(false, Ordering::AcqRel) {
+                    return Ok(conn.clone());
+                }
+                let conn = conn.clone();
+                tracing::debug!("resynchronising after a timeout");
+                match self.sync(&conn).await {
+                    Ok(()) => return Ok(conn),
+                    Err(e) => {
+                        *slot = None;
+                        return Err(e);
+                    }
+                }
+            }
+            *slot = None;
+            if !self.inner.opts.reconnect {
+                self.inner.closed.store(true, Ordering::Release);
+            }
+        }
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(ClientError::ConnectionLost);
+        }
+        let conn = self.open().await?;
+        self.sync(&conn).await?;
+        *self.limits_slot() = None;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn open(&self) -> Result<Arc<Conn>, ClientError> {
+        let path = &self.inner.path;
+        let after = self.inner.opts.connect_timeout;
+        let stream = match tokio::time::timeout(after, UnixStream::connect(path)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return Err(ClientError::Connect {
+                    path: path.clone(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(ClientError::ConnectTimeout {
+                    path: path.clone(),
+                    after,
+                })
+            }
+        };
+        tracing::debug!(path = %path.display(), "connected");
+        let (read, write) = stream.into_split();
+        let shared = Arc::new(Shared::default());
+        let reader = tokio::spawn(read_loop(read, shared.clone()));
+        Ok(Arc::new(Conn {
+            writer: AsyncMutex::new(Writer {
+                half: write,
+                dirty: false,
+            }),
+            shared,
+            reader,
+            needs_resync: AtomicBool::new(false),
+        }))
+    }
+
+    /// 0xFF + `sync` with a fresh nonce; waits for the reply with that nonce.
+    async fn sync(&self, conn: &Conn) -> Result<(), ClientError> {
+        let nonce = random_u64();
+        let id = self.next_id();
+        let line = encode_request(SYNC, &SyncParams { nonce }, id)?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = conn.shared.lock();
+            if st.dead {
+                return Err(ClientError::ConnectionLost);
+            }
+            st.sync = Some((id, nonce, tx));
+        }
+        let after = self.inner.opts.sync_timeout;
+        let outcome = tokio::time::timeout(after, async {
+            conn.send(&line, true).await?;
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(ClientError::Agent {
+                    method: SYNC.to_owned(),
+                    error,
+                }),
+                Err(_) => Err(ClientError::ConnectionLost),
+            }
+        })
+        .await;
+        match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                conn.shared.lock().sync = None;
+                Err(ClientError::Timeout {
+                    method: SYNC.to_owned(),
+                    after,
+                })
+            }
+        }
+    }
+
+    async fn request<P: Serialize>(
+        &self,
+        method: &str,
+        params: &P,
+        after: Duration,
+    ) -> Result<Box<RawValue>, ClientError> {
+        let conn = self.ready().await?;
+        let id = self.next_id();
+        let line = encode_request(method, params, id)?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = conn.shared.lock();
+            if st.dead {
+                return Err(ClientError::ConnectionLost);
+            }
+            st.pending.insert(id, tx);
+        }
+        let _guard = PendingGuard {
+            shared: &conn.shared,
+            id,
+        };
+        let outcome = tokio::time::timeout(after, async {
+            conn.send(&line, false).await?;
+            rx.await.map_err(|_| ClientError::ConnectionLost)
+        })
+        .await;
+        match outcome {
+            Ok(Ok(resp)) => resp.outcome.map_err(|error| ClientError::Agent {
+                method: method.to_owned(),
+                error,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                conn.needs_resync.store(true, Ordering::Release);
+                Err(ClientError::Timeout {
+                    method: method.to_owned(),
+                    after,
+                })
+            }
+        }
+    }
+
+    /// Calls method `M` with its typed params and the default time limit.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use agent_common::methods::{DiskUsageParams, GetDiskUsageRpc};
+    /// let usage = client
+    ///     .call::<GetDiskUsageRpc>(&DiskUsageParams { include_virtual: false })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn call<M: Rpc>(&self, params: &M::Params) -> Result<M::Result, ClientError> {
+        self.call_with_timeout::<M>(params, self.inner.opts.call_timeout)
+            .await
+    }
+
+    /// Calls method `M` with its own time limit.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use std::time::Duration;
+    /// use agent_common::methods::{Empty, PingRpc};
+    /// client.call_with_timeout::<PingRpc>(&Empty {}, Duration::from_secs(2)).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn call_with_timeout<M: Rpc>(
+        &self,
+        params: &M::Params,
+        timeout: Duration,
+    ) -> Result<M::Result, ClientError> {
+        let name = M::METHOD.as_str();
+        let raw = self.request(name, params, timeout).await?;
+        decode(name, &raw)
+    }
+
+    /// Calls any method by name with JSON params and returns the JSON result.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// let r = client.call_raw("ping", serde_json::json!({})).await?;
+    /// assert_eq!(r["pong"], true);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.call_raw_with_timeout(method, params, self.inner.opts.call_timeout)
+            .await
+    }
+
+    /// [`Client::call_raw`] with its own time limit.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use std::time::Duration;
+    /// client.call_raw_with_timeout("ping", serde_json::json!({}), Duration::from_secs(1)).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn call_raw_with_timeout(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, ClientError> {
+        let raw = self.request(method, &params, timeout).await?;
+        decode(method, &raw)
+    }
+
+    /// `ping`: checks the agent answers.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// assert!(client.ping().await?.pong);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn ping(&self) -> Result<PingResult, ClientError> {
+        self.call::<PingRpc>(&Empty {}).await
+    }
+
+    /// `get_agent_info`: version, protocol, methods and limits. The limits
+    /// are remembered for sizing transfers (until the next reconnect).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// let info = client.agent_info().await?;
+    /// println!("agent {} speaks protocol {}", info.version, info.protocol_version);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn agent_info(&self) -> Result<AgentInfo, ClientError> {
+        let info = self.call::<GetAgentInfoRpc>(&Empty {}).await?;
+        *self.limits_slot() = Some(info.limits.clone());
+        Ok(info)
+    }
+
+    fn limits_slot(&self) -> MutexGuard<'_, Option<Limits>> {
+        // Only ever replaced whole, so a poisoned lock holds a valid value.
+        self.inner.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The agent's limits, from `get_agent_info` (asked once per connection).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// let limits = client.limits().await?;
+    /// println!("requests up to {} bytes", limits.max_message_size);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn limits(&self) -> Result<Limits, ClientError> {
+        if let Some(l) = self.limits_slot().clone() {
+            return Ok(l);
+        }
+        Ok(self.agent_info().await?.limits)
+    }
+
+    /// `get_system_info`: OS, kernel, hostname, CPUs, memory, uptime.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// println!("{}", client.system_info().await?.hostname);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn system_info(&self) -> Result<SystemInfo, ClientError> {
+        self.call::<GetSystemInfoRpc>(&Empty {}).await
+    }
+
+    /// `get_network_info`: interfaces, addresses and counters.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// for i in client.network_info().await?.interfaces {
+    ///     println!("{}", i.name);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn network_info(&self) -> Result<NetworkInfo, ClientError> {
+        self.call::<GetNetworkInfoRpc>(&Empty {}).await
+    }
+
+    /// `get_disk_usage`; `include_virtual` also lists proc, sysfs, tmpfs...
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// for fs in client.disk_usage(false).await?.filesystems {
+    ///     println!("{} {}", fs.mount_point, fs.used_bytes);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn disk_usage(&self, include_virtual: bool) -> Result<DiskUsage, ClientError> {
+        self.call::<GetDiskUsageRpc>(&DiskUsageParams { include_virtual })
+            .await
+    }
+
+    /// `exec_command`: runs a command to completion. The call's time limit
+    /// is stretched to cover the command's own `timeout_seconds`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use agent_common::methods::ExecParams;
+    /// let r = client
+    ///     .exec(&ExecParams { command: "uname".into(), args: vec!["-a".into()], ..Default::default() })
+    ///     .await?;
+    /// print!("{}", r.stdout);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn exec(&self, params: &ExecParams) -> Result<ExecResult, ClientError> {
+        let base = self.inner.opts.call_timeout;
+        let timeout = match params.timeout_seconds {
+            Some(s) => base.max(Duration::from_secs(s.saturating_add(10))),
+            None => base,
+        };
+        self.call_with_timeout::<ExecCommandRpc>(params, timeout)
+            .await
+    }
+
+    /// `file_read`: one chunk of a guest file. See [`Client::pull`] for whole files.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use agent_common::methods::FileReadParams;
+    /// let r = client
+    ///     .read_chunk(&FileReadParams { path: "/etc/hostname".into(), ..Default::default() })
+    ///     .await?;
+    /// print!("{}", r.content);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn read_chunk(&self, params: &FileReadParams) -> Result<FileReadResult, ClientError> {
+        self.call::<FileReadRpc>(params).await
+    }
+
+    /// `file_write`: one chunk (or a whole small file). See [`Client::push`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use agent_common::methods::FileWriteParams;
+    /// client
+    ///     .write_chunk(&FileWriteParams {
+    ///         path: "/tmp/kvmmanager/hello".into(),
+    ///         content: "hello\n".into(),
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn write_chunk(
+        &self,
+        params: &FileWriteParams,
+    ) -> Result<FileWriteResult, ClientError> {
+        self.call::<FileWriteRpc>(params).await
+    }
+
+    /// `shutdown`: powers the guest off `delay_seconds` after the reply.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// client.shutdown(0).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn shutdown(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
+        self.call::<ShutdownRpc>(&PowerParams { delay_seconds })
+            .await
+    }
+
+    /// `reboot`: reboots the guest `delay_seconds` after the reply.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// client.reboot(0).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn reboot(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
+        self.call::<RebootRpc>(&PowerParams { delay_seconds }).await
+    }
+}
+
+/// The wire name of `sync` (used internally only).
+const SYNC: &str = agent_common::methods::Method::Sync.as_str();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{self, reply, serve, FakeConn};
+    use agent_common::error::{ErrorKind, ErrorObject};
+    use serde_json::{json, Value};
+    use std::sync::atomic::AtomicUsize;
+
+    fn opts() -> ClientOptions {
+        ClientOptions {
+            call_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            sync_timeout: Duration::from_secs(2),
+            ..ClientOptions::default()
+        }
+    }
+
+    fn echo_agent() -> fake::Handler {
+        fake::handler(|method, params| async move {
+            match method.as_str() {
+                "ping" => Ok(json!({"pong": true, "timestamp": 42})),
+                "echo" => Ok(params),
+                "fail" => Err(ErrorObject::new(ErrorKind::PolicyDenied, "not allowed")),
+                _ => Err(ErrorObject::new(
+                    ErrorKind::MethodNotFound,
+                    "no such method",
+                )),
+            }
+        })
+    }
+
+    #[test]
+    fn client_is_send_sync_and_clone() {
+        fn check<T: Send + Sync + Clone + 'static>() {}
+        check::<Client>();
+    }
+
+    #[tokio::test]
+    async fn sync_drops_stale_partial_and_wrong_nonce_lines() {
+        let resyncs = Arc::new(AtomicUsize::new(0));
+        let seen = resyncs.clone();
+        let agent = fake::spawn(move |mut c: FakeConn, _| {
+            let seen = seen.clone();
+            async move {
+                // Output meant for an earlier client: the tail of a line and
+                // a stale sync reply, before the new client says anything.
+                c.send_raw(b"\"timestamp\":1},\"id\":7}\n").await;
+                c.send_raw(br#"{"jsonrpc":"2.0","result":{"nonce":1},"id":1}"#)
+                    .await;
+                c.send_raw(b"\n").await;
+                let (id, nonce) = c.expect_sync().await;
+                seen.store(c.resync_bytes, Ordering::SeqCst);
+                let sid = id.as_u64().unwrap();
+                // Replies carrying the ids the client will use next.
+                for later in sid + 1..sid + 4 {
+                    reply(&c, Id::number(later), json!({"pong": true, "timestamp": 1})).await;
+                }
+                // The right id with the wrong nonce, and garbage.
+                reply(&c, id.clone(), json!({"nonce": nonce.wrapping_add(1)})).await;
+                c.send_raw(b"{\"jsonrpc\":\"2.0\",\"result\":{\"nonce\":\n")
+                    .await;
+                c.send_raw(b"not json at all\n").await;
+                reply(&c, id, json!({"nonce": nonce})).await;
+                serve(c, echo_agent()).await;
+            }
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(client.ping().await.unwrap().timestamp, 42);
+        }
+        assert_eq!(resyncs.load(Ordering::SeqCst), 1, "0xFF precedes the sync");
+    }
+
+    #[tokio::test]
+    async fn replies_out_of_order_reach_their_callers() {
+        let agent = fake::spawn(|mut c: FakeConn, _| async move {
+            let (id, nonce) = c.expect_sync().await;
+            reply(&c, id, json!({ "nonce": nonce })).await;
+            let mut held = Vec::new();
+            for _ in 0..5 {
+                let req = c.next_request().await.unwrap();
+                held.push((req.id.clone().unwrap(), req.params::<Value>().unwrap()));
+            }
+            // All five are in flight at once; answer them backwards.
+            for (id, params) in held.into_iter().rev() {
+                reply(&c, id, params).await;
+            }
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        let calls = (0..5).map(|i| {
+            let c = client.clone();
+            async move { c.call_raw("echo", json!({ "n": i })).await.map(|v| (i, v)) }
+        });
+        for r in futures::future::join_all(calls).await {
+            let (i, v) = r.unwrap();
+            assert_eq!(v, json!({ "n": i }));
+        }
+    }
+
+    #[tokio::test]
+    async fn timeout_resyncs_and_a_late_reply_is_never_taken_for_another() {
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let resync_bytes = Arc::new(AtomicUsize::new(0));
+        let (s, r) = (syncs.clone(), resync_bytes.clone());
+        let agent = fake::spawn(move |mut c: FakeConn, _| {
+            let (s, r) = (s.clone(), r.clone());
+            async move {
+                let (id, nonce) = c.expect_sync().await;
+                s.fetch_add(1, Ordering::SeqCst);
+                reply(&c, id, json!({ "nonce": nonce })).await;
+                let slow = c.next_request().await.unwrap();
+                assert_eq!(slow.method, "slow");
+                let slow_id = slow.id.unwrap();
+                // The client gives up and resyncs on its next call.
+                let (id, nonce) = c.expect_sync().await;
+                s.fetch_add(1, Ordering::SeqCst);
+                r.store(c.resync_bytes, Ordering::SeqCst);
+                reply(&c, slow_id.clone(), json!({ "n": "late" })).await;
+                reply(&c, id, json!({ "nonce": nonce })).await;
+                let echo = c.next_request().await.unwrap();
+                reply(&c, slow_id, json!({ "n": "late" })).await;
+                let params = echo.params::<Value>().unwrap();
+                reply(&c, echo.id.unwrap(), params).await;
+                serve(c, echo_agent()).await;
+            }
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        let e = client
+            .call_raw_with_timeout("slow", json!({}), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Timeout { method, .. } if method == "slow"),
+            "{e:?}"
+        );
+        assert_eq!(
+            client.call_raw("echo", json!({"n": 1})).await.unwrap(),
+            json!({"n": 1})
+        );
+        assert_eq!(
+            client.call_raw("echo", json!({"n": 2})).await.unwrap(),
+            json!({"n": 2})
+        );
+        assert_eq!(syncs.load(Ordering::SeqCst), 2);
+        assert_eq!(resync_bytes.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            agent.connections.load(Ordering::SeqCst),
+            1,
+            "resynced in place"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_lost_fails_pending_calls_and_the_next_call_reconnects() {
+        let agent = fake::spawn(|mut c: FakeConn, n| async move {
+            if n == 0 {
+                let (id, nonce) = c.expect_sync().await;
+                reply(&c, id, json!({ "nonce": nonce })).await;
+                // Take the call, then vanish (the VM rebooted).
+                let _ = c.next_request().await;
+                return;
+            }
+            serve(c, echo_agent()).await;
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        let e = client.ping().await.unwrap_err();
+        assert!(matches!(e, ClientError::ConnectionLost), "{e:?}");
+        assert_eq!(client.ping().await.unwrap().timestamp, 42);
+        assert_eq!(agent.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn no_reconnect_when_disabled() {
+        let agent = fake::spawn(|mut c: FakeConn, _| async move {
+            let (id, nonce) = c.expect_sync().await;
+            reply(&c, id, json!({ "nonce": nonce })).await;
+        });
+        let o = ClientOptions {
+            reconnect: false,
+            ..opts()
+        };
+        let client = Client::connect_with(&agent.path, o).await.unwrap();
+        assert!(client.ping().await.is_err());
+        assert!(matches!(
+            client.ping().await,
+            Err(ClientError::ConnectionLost)
+        ));
+        assert_eq!(agent.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_silent_channel_is_a_sync_timeout() {
+        let agent = fake::spawn(|mut c: FakeConn, _| async move {
+            // QEMU accepts the connection but no agent answers.
+            while c.next_request().await.is_some() {}
+        });
+        let o = ClientOptions {
+            sync_timeout: Duration::from_millis(100),
+            ..opts()
+        };
+        let e = Client::connect_with(&agent.path, o).await.unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Timeout { method, .. } if method == "sync"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_is_a_connect_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nothing.sock");
+        let e = Client::connect_with(&path, opts()).await.unwrap_err();
+        match e {
+            ClientError::Connect { path: p, source } => {
+                assert_eq!(p, path);
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn agent_errors_carry_their_kind_and_bad_results_are_reported() {
+        let agent = fake::spawn(|c: FakeConn, _| serve(c, echo_agent()));
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        let e = client.call_raw("fail", json!({})).await.unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorKind::PolicyDenied));
+        assert!(e.to_string().contains("not allowed"), "{e}");
+        // `echo` returns {} which is not a SystemInfo.
+        let e = client
+            .call_raw("echo", json!({}))
+            .await
+            .and_then(|v| {
+                serde_json::from_value::<SystemInfo>(v).map_err(|source| ClientError::BadResult {
+                    method: "echo".into(),
+                    source,
+                })
+            })
+            .unwrap_err();
+        assert!(matches!(e, ClientError::BadResult { .. }));
+    }
+
+    #[tokio::test]
+    async fn many_tasks_share_one_connection() {
+        let agent = fake::spawn(|c: FakeConn, _| serve(c, echo_agent()));
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let c = client.clone();
+                tokio::spawn(async move { c.call_raw("echo", json!({ "i": i })).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().unwrap(), json!({ "i": i }));
+        }
+        assert_eq!(agent.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn random_values_differ() {
+        let a: std::collections::HashSet<u64> = (0..100).map(|_| random_u64()).collect();
+        assert_eq!(a.len(), 100);
+    }
+}

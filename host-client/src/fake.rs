@@ -1,0 +1,158 @@
+//! An in-process fake agent on a real Unix socket, for unit tests. Each test
+//! scripts it, including misbehaviour (stale lines, wrong nonces, late or
+//! missing replies, dropped connections).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use agent_common::codec::{encode_line, Frame, JsonLinesCodec};
+use agent_common::error::ErrorObject;
+use agent_common::jsonrpc::{parse_message, Id, Incoming, Request, Response};
+use agent_common::RESYNC_BYTE;
+use bytes::BytesMut;
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixListener;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::codec::Decoder;
+
+pub(crate) struct FakeAgent {
+    _dir: tempfile::TempDir,
+    pub(crate) path: PathBuf,
+    pub(crate) connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves each accepted connection with `f(conn, index)`.
+pub(crate) fn spawn<F, Fut>(f: F) -> FakeAgent
+where
+    F: Fn(FakeConn, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let (read, write) = stream.into_split();
+            let conn = FakeConn {
+                read,
+                buf: BytesMut::new(),
+                codec: JsonLinesCodec::new(1 << 20),
+                writer: Arc::new(Mutex::new(write)),
+                resync_bytes: 0,
+            };
+            tokio::spawn(f(conn, n));
+        }
+    });
+    FakeAgent {
+        _dir: dir,
+        path,
+        connections,
+        task,
+    }
+}
+
+pub(crate) struct FakeConn {
+    read: OwnedReadHalf,
+    buf: BytesMut,
+    codec: JsonLinesCodec,
+    pub(crate) writer: Arc<Mutex<OwnedWriteHalf>>,
+    /// 0xFF bytes received so far.
+    pub(crate) resync_bytes: usize,
+}
+
+impl FakeConn {
+    /// The next well-formed request, or `None` at end of stream.
+    pub(crate) async fn next_request(&mut self) -> Option<Request> {
+        loop {
+            while let Some(frame) = self.codec.decode(&mut self.buf).unwrap() {
+                if let Frame::Line(line) = frame {
+                    if let Incoming::Single(Ok(req)) = parse_message(&line) {
+                        return Some(req);
+                    }
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self.read.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.resync_bytes += chunk[..n].iter().filter(|&&b| b == RESYNC_BYTE).count();
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads the next request, which must be `sync`; returns its id and nonce.
+    pub(crate) async fn expect_sync(&mut self) -> (Id, u64) {
+        let req = self.next_request().await.expect("a sync request");
+        assert_eq!(req.method, "sync");
+        let p: Value = req.params().unwrap();
+        (req.id.unwrap(), p["nonce"].as_u64().unwrap())
+    }
+
+    pub(crate) async fn send_raw(&self, bytes: &[u8]) {
+        let _ = self.writer.lock().await.write_all(bytes).await;
+    }
+}
+
+pub(crate) async fn send_response(writer: &Mutex<OwnedWriteHalf>, resp: &Response) {
+    let mut buf = BytesMut::new();
+    encode_line(resp, &mut buf).unwrap();
+    let _ = writer.lock().await.write_all(&buf).await;
+}
+
+pub(crate) async fn reply(conn: &FakeConn, id: Id, result: Value) {
+    send_response(&conn.writer, &Response::ok(id, &result)).await;
+}
+
+pub(crate) type Handler =
+    Arc<dyn Fn(String, Value) -> BoxFuture<'static, Result<Value, ErrorObject>> + Send + Sync>;
+
+/// Makes a [`Handler`] from an async closure.
+pub(crate) fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(String, Value) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, ErrorObject>> + Send + 'static,
+{
+    Arc::new(move |m, p| Box::pin(f(m, p)))
+}
+
+/// A well-behaved agent loop: answers `sync` at once and every other
+/// request from its own task (so replies may overtake each other).
+pub(crate) async fn serve(mut conn: FakeConn, h: Handler) {
+    while let Some(req) = conn.next_request().await {
+        let Some(id) = req.id.clone() else { continue };
+        let params: Value = req.params().unwrap_or(Value::Null);
+        if req.method == "sync" {
+            reply(&conn, id, params).await;
+            continue;
+        }
+        let writer = conn.writer.clone();
+        let h = h.clone();
+        tokio::spawn(async move {
+            let resp = match h(req.method, params).await {
+                Ok(v) => Response::ok(id, &v),
+                Err(e) => Response::error(id, e),
+            };
+            send_response(&writer, &resp).await;
+        });
+    }
+}

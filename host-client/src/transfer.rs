@@ -1,0 +1,534 @@
+//! Whole-file transfers in chunks, several chunk requests in flight.
+//!
+//! Nothing here holds a whole file in memory: at most
+//! [`ClientOptions::max_in_flight_chunks`](crate::ClientOptions) chunks (plus
+//! one read ahead) are buffered at a time.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agent_common::encoding::Encoding;
+use agent_common::methods::{FileReadParams, FileWriteParams, Limits, WriteMode};
+use agent_common::{MAX_READ_CHUNK, MAX_RESPONSE_SIZE};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::client::{random_u64, Client};
+use crate::error::ClientError;
+
+/// Progress of a transfer, passed to the progress callback after each chunk.
+///
+/// ```
+/// let p = host_client::Progress { done: 50, total: Some(200) };
+/// assert_eq!(p.fraction(), Some(0.25));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes transferred (acknowledged by the agent, for a push).
+    pub done: u64,
+    /// Total size, when known (not for a push from a pipe).
+    pub total: Option<u64>,
+}
+
+impl Progress {
+    /// `done / total`, when the total is known and not zero.
+    ///
+    /// ```
+    /// let p = host_client::Progress { done: 1, total: None };
+    /// assert_eq!(p.fraction(), None);
+    /// ```
+    pub fn fraction(&self) -> Option<f64> {
+        match self.total {
+            Some(t) if t > 0 => Some(self.done as f64 / t as f64),
+            _ => None,
+        }
+    }
+}
+
+/// What a finished transfer moved, and how long it took.
+///
+/// ```
+/// use std::time::Duration;
+/// let s = host_client::TransferSummary { bytes: 1 << 20, duration: Duration::from_secs(2) };
+/// assert_eq!(s.mib_per_s(), 0.5);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TransferSummary {
+    /// Bytes transferred.
+    pub bytes: u64,
+    /// Wall-clock time of the transfer.
+    pub duration: Duration,
+}
+
+impl TransferSummary {
+    /// Throughput in MiB/s (0 for an instant transfer).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let s = host_client::TransferSummary { bytes: 10, duration: Duration::ZERO };
+    /// assert_eq!(s.mib_per_s(), 0.0);
+    /// ```
+    pub fn mib_per_s(&self) -> f64 {
+        let secs = self.duration.as_secs_f64();
+        if secs > 0.0 {
+            self.bytes as f64 / (1024.0 * 1024.0) / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// How [`Client::push`] writes the guest file.
+///
+/// ```
+/// use agent_common::methods::WriteMode;
+/// let o = host_client::PushOptions { mode: WriteMode::CreateNew, permissions: Some(0o600) };
+/// assert_eq!(host_client::PushOptions::default().mode, WriteMode::Truncate);
+/// # let _ = o;
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushOptions {
+    /// Replace (atomically), append, or create only if missing.
+    pub mode: WriteMode,
+    /// Permission bits of a new file; the agent's default (0644) if `None`.
+    pub permissions: Option<u32>,
+}
+
+/// Room kept in a request line for the envelope, the upload id and numbers.
+const WRITE_ENVELOPE: usize = 512 + 256;
+/// Room kept in a response line for the envelope.
+const READ_ENVELOPE: usize = 1024;
+
+/// Largest raw chunk a `file_write` to `path` may carry under `limits`.
+pub(crate) fn write_chunk_size(limits: &Limits, path: &str) -> Result<usize, ClientError> {
+    let max = usize::try_from(limits.max_message_size).unwrap_or(usize::MAX);
+    let budget = max.saturating_sub(WRITE_ENVELOPE + path.len().saturating_mul(6));
+    let chunk = Encoding::Base64.max_raw_for(budget).min(4 * 1024 * 1024);
+    if chunk == 0 {
+        return Err(ClientError::Protocol(format!(
+            "the agent's max_message_size ({max} bytes) leaves no room for file data"
+        )));
+    }
+    Ok(chunk)
+}
+
+/// Largest raw chunk one `file_read` may ask for under `limits`.
+pub(crate) fn read_chunk_size(limits: &Limits) -> u64 {
+    let response = limits.max_response_size.min(MAX_RESPONSE_SIZE as u64);
+    let by_response = Encoding::Base64.max_raw_for(
+        usize::try_from(response)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(READ_ENVELOPE),
+    ) as u64;
+    limits
+        .max_read_chunk
+        .min(MAX_READ_CHUNK)
+        .min(by_response)
+        .max(1)
+}
+
+/// Reads until `buf` holds `want` bytes or the reader ends.
+async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, want: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; want];
+    let mut filled = 0;
+    while filled < want {
+        let n = reader.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+impl Client {
+    /// Reads `len` bytes at `offset` of a guest file (fewer only at its end),
+    /// checking that the file keeps size `expected`. Returns the bytes and
+    /// the size the agent reported.
+    async fn read_range(
+        &self,
+        path: &str,
+        offset: u64,
+        len: u64,
+        mut expected: Option<u64>,
+    ) -> Result<(Vec<u8>, u64), ClientError> {
+        let mut data = Vec::new();
+        loop {
+            let pos = offset + data.len() as u64;
+            let r = self
+                .read_chunk(&FileReadParams {
+                    path: path.to_owned(),
+                    offset: pos,
+                    length: Some(len - data.len() as u64),
+                    encoding: Encoding::Base64,
+                })
+                .await?;
+            match expected {
+                Some(size) if size != r.size => {
+                    return Err(ClientError::FileChanged {
+                        path: path.to_owned(),
+                        expected: size,
+                        actual: r.size,
+                    })
+                }
+                _ => expected = Some(r.size),
+            }
+            let bytes = r.encoding.decode(&r.content).map_err(|e| {
+                ClientError::Protocol(format!("file_read content of {path} does not decode: {e}"))
+            })?;
+            if bytes.len() as u64 != r.bytes_read || r.offset != pos {
+                return Err(ClientError::Protocol(format!(
+                    "file_read of {path} at {pos} returned {} bytes at offset {} but claims {}",
+                    bytes.len(),
+                    r.offset,
+                    r.bytes_read
+                )));
+            }
+            data.extend_from_slice(&bytes);
+            let size = r.size;
+            let want = len.min(size.saturating_sub(offset));
+            if data.len() as u64 >= want {
+                data.truncate(want as usize);
+                return Ok((data, size));
+            }
+            if r.eof || bytes.is_empty() {
+                // The file ended before the size it reported: it shrank.
+                return Err(ClientError::FileChanged {
+                    path: path.to_owned(),
+                    expected: size,
+                    actual: offset + data.len() as u64,
+                });
+            }
+        }
+    }
+
+    /// Streams a guest file into `writer`, in order, with several chunk
+    /// requests in flight. Fails with [`ClientError::FileChanged`] if the
+    /// file changes size meanwhile. Errors writing to `writer` are reported
+    /// as [`ClientError::LocalFile`] naming `local_name`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// let mut out = tokio::io::stdout();
+    /// client.read_to("/var/log/syslog", &mut out, "stdout".as_ref(), |_| {}).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn read_to<W: AsyncWrite + Unpin>(
+        &self,
+        guest_path: &str,
+        writer: &mut W,
+        local_name: &Path,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        let start = Instant::now();
+        let local_err = |source| ClientError::LocalFile {
+            path: local_name.to_path_buf(),
+            source,
+        };
+        let chunk = read_chunk_size(&self.limits().await?);
+        let (first, size) = self.read_range(guest_path, 0, chunk, None).await?;
+        writer.write_all(&first).await.map_err(local_err)?;
+        let mut done = first.len() as u64;
+        progress(Progress {
+            done,
+            total: Some(size),
+        });
+        let n = self.options().max_in_flight_chunks.max(1);
+        let offsets = (1..).map(|i| i * chunk).take_while(|&o| o < size);
+        let mut chunks = futures::stream::iter(offsets)
+            .map(|off| self.read_range(guest_path, off, chunk.min(size - off), Some(size)))
+            .buffered(n);
+        while let Some(r) = chunks.next().await {
+            let (data, _) = r?;
+            writer.write_all(&data).await.map_err(local_err)?;
+            done += data.len() as u64;
+            progress(Progress {
+                done,
+                total: Some(size),
+            });
+        }
+        writer.flush().await.map_err(local_err)?;
+        Ok(TransferSummary {
+            bytes: done,
+            duration: start.elapsed(),
+        })
+    }
+
+    /// Copies a guest file to `local_path`, through a temp file in the same
+    /// directory renamed into place at the end (so a failed pull leaves no
+    /// torn file). If `local_path` is a directory, the guest file's name is
+    /// appended.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// let s = client.pull("/var/log/syslog", "syslog.txt", |p| {
+    ///     eprint!("\r{} bytes", p.done);
+    /// }).await?;
+    /// println!("{:.1} MiB/s", s.mib_per_s());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn pull(
+        &self,
+        guest_path: &str,
+        local_path: impl AsRef<Path>,
+        progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        let mut local = local_path.as_ref().to_path_buf();
+        if local.is_dir() {
+            if let Some(name) = Path::new(guest_path).file_name() {
+                local.push(name);
+            }
+        }
+        let local_err = |source| ClientError::LocalFile {
+            path: local.clone(),
+            source,
+        };
+        let dir = match local.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = local
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(&format!(".{:08x}.part", random_u64() as u32))
+            .tempfile_in(&dir)
+            .map_err(local_err)?;
+        let std_file = temp.as_file().try_clone().map_err(local_err)?;
+        let mut file = tokio::io::BufWriter::new(tokio::fs::File::from_std(std_file));
+        let summary = self
+            .read_to(guest_path, &mut file, &local, progress)
+            .await?;
+        file.flush().await.map_err(local_err)?;
+        drop(file);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let perms = std::fs::Permissions::from_mode(0o644);
+            temp.as_file().set_permissions(perms).map_err(local_err)?;
+        }
+        temp.persist(&local).map_err(|e| local_err(e.error))?;
+        Ok(summary)
+    }
+
+    /// Copies a local file to `guest_path`, in chunks sized from the agent's
+    /// `max_message_size`, several in flight; the last chunk commits the
+    /// upload (an atomic rename on the guest for `truncate`).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use host_client::PushOptions;
+    /// client.push("disk.img", "/tmp/kvmmanager/disk.img", PushOptions::default(), |_| {}).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn push(
+        &self,
+        local_path: impl AsRef<Path>,
+        guest_path: &str,
+        options: PushOptions,
+        progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        let local = local_path.as_ref();
+        let local_err = |source| ClientError::LocalFile {
+            path: local.to_path_buf(),
+            source,
+        };
+        let file = tokio::fs::File::open(local).await.map_err(local_err)?;
+        let size = file.metadata().await.map_err(local_err)?.len();
+        let mut reader = tokio::io::BufReader::new(file);
+        self.push_from(
+            &mut reader,
+            local,
+            Some(size),
+            guest_path,
+            options,
+            progress,
+        )
+        .await
+    }
+
+    /// Copies everything `reader` yields to `guest_path` (like
+    /// [`Client::push`], for pipes). `total` is only used for progress;
+    /// `local_name` names the source in errors.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use host_client::PushOptions;
+    /// let mut stdin = tokio::io::stdin();
+    /// client
+    ///     .push_from(&mut stdin, "stdin".as_ref(), None, "/tmp/kvmmanager/x", PushOptions::default(), |_| {})
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn push_from<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+        local_name: &Path,
+        total: Option<u64>,
+        guest_path: &str,
+        options: PushOptions,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        let start = Instant::now();
+        let local_err = |source| ClientError::LocalFile {
+            path: local_name.to_path_buf(),
+            source,
+        };
+        let chunk = write_chunk_size(&self.limits().await?, guest_path)?;
+        let params = |content: &[u8], upload_id: Option<String>, offset: Option<u64>, more| {
+            FileWriteParams {
+                path: guest_path.to_owned(),
+                content: Encoding::Base64.encode_lossy(content),
+                encoding: Encoding::Base64,
+                mode: options.mode,
+                permissions: if upload_id.is_none() {
+                    options.permissions
+                } else {
+                    None
+                },
+                offset,
+                upload_id,
+                more,
+            }
+        };
+        let check = |len: usize, written: u64| {
+            if written == len as u64 {
+                Ok(())
+            } else {
+                Err(ClientError::Protocol(format!(
+                    "file_write to {guest_path} wrote {written} of {len} bytes"
+                )))
+            }
+        };
+
+        let first = read_full(reader, chunk).await.map_err(local_err)?;
+        let mut next = read_full(reader, chunk).await.map_err(local_err)?;
+        if next.is_empty() {
+            // Fits in one call.
+            let r = self.write_chunk(&params(&first, None, None, false)).await?;
+            check(first.len(), r.bytes_written)?;
+            let done = first.len() as u64;
+            progress(Progress { done, total });
+            return Ok(TransferSummary {
+                bytes: done,
+                duration: start.elapsed(),
+            });
+        }
+
+        let r = self.write_chunk(&params(&first, None, None, true)).await?;
+        check(first.len(), r.bytes_written)?;
+        let upload_id = r.upload_id.ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "file_write to {guest_path} with more=true returned no upload_id"
+            ))
+        })?;
+        let mut done = first.len() as u64;
+        let mut offset = done;
+        progress(Progress { done, total });
+
+        let max_in_flight = self.options().max_in_flight_chunks.max(1);
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            let current = next;
+            next = read_full(reader, chunk).await.map_err(local_err)?;
+            if next.is_empty() {
+                // `current` is the last chunk: it commits, after every
+                // middle chunk is acknowledged.
+                while let Some(r) = in_flight.next().await {
+                    done += r?;
+                    progress(Progress { done, total });
+                }
+                let p = params(&current, Some(upload_id.clone()), Some(offset), false);
+                let r = self.write_chunk(&p).await?;
+                check(current.len(), r.bytes_written)?;
+                if !r.committed {
+                    return Err(ClientError::Protocol(format!(
+                        "the last file_write to {guest_path} did not commit the upload"
+                    )));
+                }
+                done += current.len() as u64;
+                progress(Progress { done, total });
+                return Ok(TransferSummary {
+                    bytes: done,
+                    duration: start.elapsed(),
+                });
+            }
+            while in_flight.len() >= max_in_flight {
+                if let Some(r) = in_flight.next().await {
+                    done += r?;
+                    progress(Progress { done, total });
+                }
+            }
+            let p = params(&current, Some(upload_id.clone()), Some(offset), true);
+            offset += current.len() as u64;
+            let len = current.len();
+            in_flight.push(async move {
+                let r = self.write_chunk(&p).await?;
+                check(len, r.bytes_written)?;
+                Ok::<u64, ClientError>(len as u64)
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(msg: u64, resp: u64, read: u64) -> Limits {
+        Limits {
+            max_message_size: msg,
+            max_response_size: resp,
+            max_read_chunk: read,
+            max_file_size: 1 << 30,
+            max_exec_output: 1 << 20,
+            max_command_timeout_seconds: 300,
+            request_timeout_seconds: 30,
+            max_concurrent_requests: 10,
+        }
+    }
+
+    #[test]
+    fn write_chunks_fit_the_message_limit() {
+        for (msg, path) in [
+            (65536u64, "/tmp/a"),
+            (4096, "/tmp/kvmmanager/long/name"),
+            (2000, "/x"),
+        ] {
+            let l = limits(msg, 8 << 20, 1 << 20);
+            let chunk = write_chunk_size(&l, path).unwrap();
+            let p = FileWriteParams {
+                path: path.into(),
+                content: Encoding::Base64.encode_lossy(&vec![0xffu8; chunk]),
+                encoding: Encoding::Base64,
+                upload_id: Some("u".repeat(64)),
+                offset: Some(u64::MAX),
+                more: true,
+                ..Default::default()
+            };
+            let id = agent_common::jsonrpc::Id::number(u64::MAX);
+            let req = agent_common::jsonrpc::OutgoingRequest::new("file_write", &p, &id);
+            let line = serde_json::to_string(&req).unwrap();
+            assert!(line.len() < msg as usize, "{msg}: {} bytes", line.len());
+            assert!(
+                msg < 4096 || chunk as u64 > msg / 2,
+                "chunk {chunk} is wastefully small for {msg}"
+            );
+        }
+        assert!(write_chunk_size(&limits(100, 1 << 20, 1 << 20), "/x").is_err());
+    }
+
+    #[test]
+    fn read_chunks_respect_every_limit() {
+        assert_eq!(read_chunk_size(&limits(65536, 8 << 20, 1 << 20)), 1 << 20);
+        assert_eq!(read_chunk_size(&limits(65536, 8 << 20, 1000)), 1000);
+        let small = read_chunk_size(&limits(65536, 64 * 1024, 1 << 20));
+        assert!(Encoding::Base64.encoded_len(small as usize) + READ_ENVELOPE <= 64 * 1024);
+    }
+}
