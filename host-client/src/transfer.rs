@@ -532,3 +532,350 @@ mod tests {
         assert!(Encoding::Base64.encoded_len(small as usize) + READ_ENVELOPE <= 64 * 1024);
     }
 }
+
+#[cfg(test)]
+mod fake_fs_tests {
+    use super::*;
+    use crate::fake::{self, FakeConn};
+    use crate::ClientOptions;
+    use agent_common::error::{ErrorKind, ErrorObject};
+    use agent_common::methods::{AgentInfo, FileReadResult, FileWriteResult};
+    use serde_json::Value;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    /// An agent keeping files in memory, with replies delayed by varying
+    /// amounts so that chunk replies overtake each other.
+    #[derive(Default)]
+    struct Fs {
+        files: HashMap<String, Vec<u8>>,
+        /// upload id -> (path, staged bytes, bytes received)
+        uploads: HashMap<String, (String, Vec<u8>, usize)>,
+        in_flight: usize,
+        max_in_flight: usize,
+        /// Middle chunks of an upload in flight when its commit arrived.
+        commit_overlaps: usize,
+        commits: usize,
+        writes: Vec<(bool, bool)>, // (has upload_id, more)
+        reads: usize,
+        /// Reads after which the file reports a bigger size.
+        grow_after_reads: Option<usize>,
+        /// Most bytes one read returns (short reads on purpose).
+        short_read: u64,
+    }
+
+    const MAX_MESSAGE: u64 = 4096;
+    const MAX_READ: u64 = 1000;
+
+    fn limits() -> Limits {
+        Limits {
+            max_message_size: MAX_MESSAGE,
+            max_response_size: 8 << 20,
+            max_read_chunk: MAX_READ,
+            max_file_size: 1 << 30,
+            max_exec_output: 1 << 20,
+            max_command_timeout_seconds: 300,
+            request_timeout_seconds: 30,
+            max_concurrent_requests: 16,
+        }
+    }
+
+    fn handle(fs: &Mutex<Fs>, method: &str, params: Value) -> Result<Value, ErrorObject> {
+        let mut fs = fs.lock().unwrap();
+        match method {
+            "get_agent_info" => Ok(serde_json::to_value(AgentInfo {
+                name: "fake".into(),
+                version: "0".into(),
+                protocol_version: 1,
+                platform: "linux".into(),
+                methods: vec![],
+                limits: limits(),
+            })
+            .unwrap()),
+            "file_read" => {
+                let p: FileReadParams = serde_json::from_value(params).unwrap();
+                fs.reads += 1;
+                let grown = fs.grow_after_reads.is_some_and(|n| fs.reads > n);
+                let data = fs
+                    .files
+                    .get(&p.path)
+                    .ok_or_else(|| ErrorObject::new(ErrorKind::NotFound, "no such file"))?;
+                let size = data.len() as u64 + u64::from(grown);
+                let len = p
+                    .length
+                    .unwrap_or(MAX_READ)
+                    .min(MAX_READ)
+                    .min(fs.short_read);
+                let start = p.offset.min(data.len() as u64) as usize;
+                let end = (start + len as usize).min(data.len());
+                let bytes = &data[start..end];
+                Ok(serde_json::to_value(FileReadResult {
+                    content: p.encoding.encode_lossy(bytes),
+                    encoding: p.encoding,
+                    offset: p.offset,
+                    bytes_read: bytes.len() as u64,
+                    eof: end as u64 >= size,
+                    size,
+                })
+                .unwrap())
+            }
+            "file_write" => {
+                let p: FileWriteParams = serde_json::from_value(params).unwrap();
+                let bytes = p.encoding.decode(&p.content).unwrap();
+                fs.writes.push((p.upload_id.is_some(), p.more));
+                let (upload_id, committed, size) = match (&p.upload_id, p.more) {
+                    (None, false) => {
+                        let n = bytes.len();
+                        fs.files.insert(p.path.clone(), bytes.clone());
+                        (None, true, n)
+                    }
+                    (None, true) => {
+                        let id = format!("up{}", fs.uploads.len());
+                        let n = bytes.len();
+                        fs.uploads
+                            .insert(id.clone(), (p.path.clone(), bytes.clone(), n));
+                        (Some(id), false, n)
+                    }
+                    (Some(id), more) => {
+                        let off = p.offset.unwrap() as usize;
+                        let (path, staged, got) = fs.uploads.get_mut(id).unwrap();
+                        if staged.len() < off + bytes.len() {
+                            staged.resize(off + bytes.len(), 0);
+                        }
+                        staged[off..off + bytes.len()].copy_from_slice(&bytes);
+                        *got += bytes.len();
+                        let (path, n) = (path.clone(), staged.len());
+                        if more {
+                            (Some(id.clone()), false, n)
+                        } else {
+                            // This request counts itself as in flight.
+                            if fs.in_flight > 1 {
+                                fs.commit_overlaps += 1;
+                            }
+                            let (_, staged, got) = fs.uploads.remove(id).unwrap();
+                            assert_eq!(got, staged.len(), "holes in the upload");
+                            fs.commits += 1;
+                            fs.files.insert(path, staged);
+                            (None, true, n)
+                        }
+                    }
+                };
+                Ok(serde_json::to_value(FileWriteResult {
+                    bytes_written: bytes.len() as u64,
+                    size: size as u64,
+                    upload_id,
+                    committed,
+                })
+                .unwrap())
+            }
+            _ => Err(ErrorObject::new(ErrorKind::MethodNotFound, "no")),
+        }
+    }
+
+    fn fs_agent(fs: Arc<Mutex<Fs>>) -> fake::FakeAgent {
+        fake::spawn(move |c: FakeConn, _| {
+            let fs = fs.clone();
+            let h = fake::handler(move |method, params| {
+                let fs = fs.clone();
+                async move {
+                    let delay = {
+                        let mut f = fs.lock().unwrap();
+                        f.in_flight += 1;
+                        f.max_in_flight = f.max_in_flight.max(f.in_flight);
+                        (params["offset"].as_u64().unwrap_or(0) / 7 % 4) * 3
+                    };
+                    tokio::time::sleep(Duration::from_millis(delay + 1)).await;
+                    let r = handle(&fs, &method, params);
+                    fs.lock().unwrap().in_flight -= 1;
+                    r
+                }
+            });
+            fake::serve(c, h)
+        })
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        let mut x: u32 = 0x1234_5678;
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn opts() -> ClientOptions {
+        ClientOptions {
+            call_timeout: Duration::from_secs(5),
+            ..ClientOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn push_then_pull_round_trips_with_chunks_in_flight() {
+        let fs = Arc::new(Mutex::new(Fs {
+            short_read: u64::MAX,
+            ..Fs::default()
+        }));
+        let agent = fs_agent(fs.clone());
+        let client = crate::Client::connect_with(&agent.path, opts())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.bin");
+        let content = data(100_003);
+        std::fs::write(&src, &content).unwrap();
+
+        let mut last = None;
+        let s = client
+            .push(&src, "/tmp/kvmmanager/big", PushOptions::default(), |p| {
+                last = Some(p)
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.bytes, content.len() as u64);
+        assert_eq!(
+            last,
+            Some(Progress {
+                done: content.len() as u64,
+                total: Some(content.len() as u64)
+            })
+        );
+        {
+            let f = fs.lock().unwrap();
+            assert_eq!(f.files["/tmp/kvmmanager/big"], content);
+            assert!(f.max_in_flight > 1, "chunks went one at a time");
+            assert_eq!(f.commits, 1);
+            assert_eq!(f.commit_overlaps, 0, "the commit overlapped other chunks");
+            assert_eq!(f.writes.first(), Some(&(false, true)));
+            assert_eq!(f.writes.last(), Some(&(true, false)));
+            assert!(f.writes.len() > 30);
+        }
+
+        fs.lock().unwrap().max_in_flight = 0;
+        let dst = dir.path().join("dst.bin");
+        let s = client
+            .pull("/tmp/kvmmanager/big", &dst, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(s.bytes, content.len() as u64);
+        assert_eq!(std::fs::read(&dst).unwrap(), content);
+        assert!(fs.lock().unwrap().max_in_flight > 1);
+        // No temp files left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[tokio::test]
+    async fn short_reads_are_continued_and_pull_into_a_directory_keeps_the_name() {
+        let content = data(5_500);
+        let mut fs = Fs {
+            short_read: 333,
+            ..Fs::default()
+        };
+        fs.files.insert("/var/log/app.log".into(), content.clone());
+        let agent = fs_agent(Arc::new(Mutex::new(fs)));
+        let client = crate::Client::connect_with(&agent.path, opts())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        client
+            .pull("/var/log/app.log", dir.path(), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(dir.path().join("app.log")).unwrap(), content);
+    }
+
+    #[tokio::test]
+    async fn small_and_empty_files_take_one_call() {
+        let fs = Arc::new(Mutex::new(Fs {
+            short_read: u64::MAX,
+            ..Fs::default()
+        }));
+        let agent = fs_agent(fs.clone());
+        let client = crate::Client::connect_with(&agent.path, opts())
+            .await
+            .unwrap();
+        for content in [data(0), data(10), data(2000)] {
+            fs.lock().unwrap().writes.clear();
+            let mut reader = &content[..];
+            client
+                .push_from(
+                    &mut reader,
+                    Path::new("pipe"),
+                    None,
+                    "/tmp/kvmmanager/s",
+                    PushOptions::default(),
+                    |_| {},
+                )
+                .await
+                .unwrap();
+            let f = fs.lock().unwrap();
+            assert_eq!(f.writes, vec![(false, false)]);
+            assert_eq!(f.files["/tmp/kvmmanager/s"], content);
+        }
+        // And an empty file pulls back empty.
+        let dir = tempfile::tempdir().unwrap();
+        fs.lock().unwrap().files.insert("/e".into(), Vec::new());
+        let s = client
+            .pull("/e", dir.path().join("e"), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(s.bytes, 0);
+        assert_eq!(std::fs::read(dir.path().join("e")).unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn pull_fails_if_the_file_changes_size_and_leaves_nothing() {
+        let mut fs = Fs {
+            short_read: u64::MAX,
+            grow_after_reads: Some(2),
+            ..Fs::default()
+        };
+        fs.files.insert("/var/log/busy".into(), data(20_000));
+        let agent = fs_agent(Arc::new(Mutex::new(fs)));
+        let client = crate::Client::connect_with(&agent.path, opts())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let e = client
+            .pull("/var/log/busy", dir.path().join("busy"), |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::FileChanged {
+                    expected: 20_000,
+                    actual: 20_001,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn missing_guest_file_and_missing_local_file_are_reported() {
+        let agent = fs_agent(Arc::new(Mutex::new(Fs::default())));
+        let client = crate::Client::connect_with(&agent.path, opts())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let e = client
+            .pull("/nope", dir.path().join("x"), |_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorKind::NotFound));
+        let e = client
+            .push(
+                dir.path().join("absent"),
+                "/tmp/x",
+                PushOptions::default(),
+                |_| {},
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::LocalFile { .. }), "{e:?}");
+    }
+}
