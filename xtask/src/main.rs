@@ -1,1 +1,131 @@
-fn main() {}
+//! `cargo xtask`: everything beyond `cargo build`/`cargo test`.
+//!
+//! Run `cargo xtask help` for the tasks. Each task installs what it needs
+//! (Debian packages as root, Rust targets, cargo tools) or, when it cannot,
+//! prints the exact command to run and fails.
+
+mod demo;
+mod deps;
+mod dist;
+mod guest;
+mod pipeline;
+mod probe;
+mod suite;
+mod util;
+mod vm;
+
+use std::process::ExitCode;
+
+use util::{bail, Result};
+
+const HELP: &str = "\
+cargo xtask <task> [options]
+
+Tasks:
+  deps                 install everything the tasks below need (apt packages as
+                       root, rustup targets, cargo-deb, cargo-generate-rpm)
+  guest-image          build the test guest under target/guest/ (Debian cloud
+                       kernel, busybox, the static agent, /init)
+      --with-qemu-ga   also include Debian's qemu-ga (for benchmarks)
+  boot                 boot the guest under QEMU, ping the agent through the raw
+                       port, and leave it running (prints socket, pid)
+      --with-qemu-ga   also run Debian's qemu-ga on org.qemu.guest_agent.0
+  vm-test              boot the guest and run the integration suite through
+                       kvmmanager-ctl, under QEMU then libvirt
+      --qemu-only | --libvirt-only
+  dist                 release build (static musl) and .deb/.rpm in target/dist/
+      --check          also inspect both packages and install the .deb into a
+                       scratch root
+  demo                 boot the demo guest and tour kvmmanager-ctl against it
+      --keep           leave the VM running and print how to reach it
+  test                 everything CI runs: fmt, clippy, unit tests, Windows
+                       check, packages, real-VM tests (QEMU and libvirt)
+  help                 this text
+
+Environment: CI=true makes a missing prerequisite a failure, never a skip;
+XTASK_KEEP_LOGS=1 keeps the VM console logs.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Splits `args` into the task name and its flags, refusing unknown flags.
+fn flags<'a>(args: &'a [String], allowed: &[&str]) -> Result<Vec<&'a str>> {
+    let mut out = Vec::new();
+    for a in args {
+        if !allowed.contains(&a.as_str()) {
+            bail!("unknown option {a:?} (allowed: {allowed:?}); see `cargo xtask help`");
+        }
+        out.push(a.as_str());
+    }
+    Ok(out)
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let Some((task, rest)) = args.split_first() else {
+        print!("{HELP}");
+        return Ok(());
+    };
+    match task.as_str() {
+        "deps" => {
+            flags(rest, &[])?;
+            deps::deps()
+        }
+        "guest-image" => {
+            let f = flags(rest, &["--with-qemu-ga"])?;
+            guest::build(guest::GuestOptions {
+                with_qemu_ga: f.contains(&"--with-qemu-ga"),
+            })
+            .map(|_| ())
+        }
+        "boot" => {
+            let f = flags(rest, &["--with-qemu-ga"])?;
+            demo::boot_only(f.contains(&"--with-qemu-ga"))
+        }
+        "vm-test" => {
+            let f = flags(rest, &["--qemu-only", "--libvirt-only"])?;
+            suite::vm_test(suite::VmTestOptions {
+                qemu: !f.contains(&"--libvirt-only"),
+                libvirt: !f.contains(&"--qemu-only"),
+            })
+        }
+        "dist" => {
+            let f = flags(rest, &["--check"])?;
+            dist::dist(f.contains(&"--check"))
+        }
+        "demo" => {
+            let f = flags(rest, &["--keep"])?;
+            demo::demo(f.contains(&"--keep"))
+        }
+        "test" => {
+            flags(rest, &[])?;
+            pipeline::test()
+        }
+        "help" | "-h" | "--help" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => bail!("unknown task {other:?}; see `cargo xtask help`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_refuses_unknown_options() {
+        let args = vec!["--keep".to_owned()];
+        assert_eq!(flags(&args, &["--keep"]).unwrap(), vec!["--keep"]);
+        assert!(flags(&args, &["--check"]).is_err());
+        assert!(run(&["no-such-task".to_owned()]).is_err());
+    }
+}
