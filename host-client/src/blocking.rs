@@ -257,3 +257,33 @@ impl Client {
         self.rt.block_on(self.inner.reboot(delay_seconds))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake;
+    use serde_json::json;
+
+    #[test]
+    fn blocking_client_works_without_a_runtime_of_its_own() {
+        // The fake agent runs on a runtime in another thread.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let agent = rt.block_on(async {
+            fake::spawn(|c, _| {
+                fake::serve(
+                    c,
+                    fake::handler(|_, _| async { Ok(json!({"pong": true, "timestamp": 7})) }),
+                )
+            })
+        });
+        let client = Client::connect(&agent.path).unwrap();
+        assert_eq!(client.ping().unwrap().timestamp, 7);
+        assert_eq!(client.call_raw("ping", json!({})).unwrap()["timestamp"], 7);
+        drop(client);
+        rt.block_on(async { drop(agent) });
+    }
+}

@@ -273,6 +273,16 @@ impl Conn {
     }
 }
 
+/// How one attempt at a call ended.
+enum Attempt {
+    /// Answered, or failed after the request was sent.
+    Done(Result<Box<RawValue>, ClientError>),
+    /// Failed before the whole request was written.
+    NotSent(ClientError),
+    /// The deadline passed.
+    TimedOut,
+}
+
 /// Removes a pending call's entry when the call ends in any way (including
 /// being cancelled), so its late reply finds no taker.
 struct PendingGuard<'a> {
@@ -411,6 +421,12 @@ impl Client {
     /// needed.
     async fn ready(&self) -> Result<Arc<Conn>, ClientError> {
         let mut slot = self.inner.conn.lock().await;
+        if slot.is_some() {
+            // Let the reader task see an end of stream that is already
+            // there (on a current-thread runtime it does not run between
+            // calls), so a dead connection is replaced before use.
+            tokio::task::yield_now().await;
+        }
         if let Some(conn) = slot.as_ref() {
             if !conn.is_dead() {
                 if !conn.needs_resync.swap(false, Ordering::AcqRel) {
@@ -518,14 +534,49 @@ impl Client {
         params: &P,
         after: Duration,
     ) -> Result<Box<RawValue>, ClientError> {
-        let conn = self.ready().await?;
+        let deadline = tokio::time::Instant::now() + after;
+        let mut retried = false;
+        loop {
+            let conn = self.ready().await?;
+            match self.request_on(&conn, method, params, deadline).await {
+                Attempt::Done(r) => return r,
+                // The request never fully reached the agent (the connection
+                // had died unnoticed, e.g. while a blocking client was idle),
+                // so it cannot have run: retry it once on a new connection.
+                Attempt::NotSent(e) if retried || !self.inner.opts.reconnect => return Err(e),
+                Attempt::NotSent(e) => {
+                    tracing::debug!("{method} not sent ({e}); reconnecting");
+                    retried = true;
+                }
+                Attempt::TimedOut => {
+                    conn.needs_resync.store(true, Ordering::Release);
+                    return Err(ClientError::Timeout {
+                        method: method.to_owned(),
+                        after,
+                    });
+                }
+            }
+        }
+    }
+
+    /// One attempt at a call on `conn`.
+    async fn request_on<P: Serialize>(
+        &self,
+        conn: &Conn,
+        method: &str,
+        params: &P,
+        deadline: tokio::time::Instant,
+    ) -> Attempt {
         let id = self.next_id();
-        let line = encode_request(method, params, id)?;
+        let line = match encode_request(method, params, id) {
+            Ok(l) => l,
+            Err(e) => return Attempt::Done(Err(e)),
+        };
         let (tx, rx) = oneshot::channel();
         {
             let mut st = conn.shared.lock();
             if st.dead {
-                return Err(ClientError::ConnectionLost);
+                return Attempt::NotSent(ClientError::ConnectionLost);
             }
             st.pending.insert(id, tx);
         }
@@ -533,24 +584,18 @@ impl Client {
             shared: &conn.shared,
             id,
         };
-        let outcome = tokio::time::timeout(after, async {
-            conn.send(&line, false).await?;
-            rx.await.map_err(|_| ClientError::ConnectionLost)
-        })
-        .await;
-        match outcome {
-            Ok(Ok(resp)) => resp.outcome.map_err(|error| ClientError::Agent {
+        match tokio::time::timeout_at(deadline, conn.send(&line, false)).await {
+            Err(_) => return Attempt::TimedOut,
+            Ok(Err(e)) => return Attempt::NotSent(e),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Attempt::TimedOut,
+            Ok(Err(_)) => Attempt::Done(Err(ClientError::ConnectionLost)),
+            Ok(Ok(resp)) => Attempt::Done(resp.outcome.map_err(|error| ClientError::Agent {
                 method: method.to_owned(),
                 error,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                conn.needs_resync.store(true, Ordering::Release);
-                Err(ClientError::Timeout {
-                    method: method.to_owned(),
-                    after,
-                })
-            }
+            })),
         }
     }
 
@@ -974,6 +1019,24 @@ mod tests {
         let client = Client::connect_with(&agent.path, opts()).await.unwrap();
         let e = client.ping().await.unwrap_err();
         assert!(matches!(e, ClientError::ConnectionLost), "{e:?}");
+        assert_eq!(client.ping().await.unwrap().timestamp, 42);
+        assert_eq!(agent.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_that_died_is_replaced_without_an_error() {
+        let agent = fake::spawn(|mut c: FakeConn, n| async move {
+            if n == 0 {
+                let (id, nonce) = c.expect_sync().await;
+                reply(&c, id, json!({ "nonce": nonce })).await;
+                return; // The agent restarts while the client is idle.
+            }
+            serve(c, echo_agent()).await;
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        // Let the close happen first (the outcome is the same either way:
+        // the reader notices it, or the write fails and is retried).
+        tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(client.ping().await.unwrap().timestamp, 42);
         assert_eq!(agent.connections.load(Ordering::SeqCst), 2);
     }

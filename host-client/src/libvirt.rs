@@ -81,9 +81,11 @@ pub fn channel_socket(domain: &str) -> Result<PathBuf, LibvirtError> {
             };
         }
         Ok(out) => String::from_utf8_lossy(&out.stderr)
-            .trim()
-            .trim_start_matches("error: ")
-            .replace('\n', " "),
+            .lines()
+            .map(|l| l.trim().trim_start_matches("error: "))
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(": "),
         Err(e) => format!("cannot run virsh: {e}"),
     };
     find_in_target_dir(Path::new(CHANNEL_TARGET_DIR), domain).ok_or(LibvirtError::Virsh {

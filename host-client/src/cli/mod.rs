@@ -368,6 +368,8 @@ impl CliError {
                     ErrorKind::TooLarge => "raise security.max_file_size_mb in the guest's /etc/kvmmanager-agent/config.json".to_owned(),
                     ErrorKind::Busy => "retry later, or raise max_concurrent_requests in the guest's config".to_owned(),
                     ErrorKind::AlreadyExists => "use --mode truncate to replace it".to_owned(),
+                    ErrorKind::NotSupported => "this agent build or guest platform does not serve it; see `kvmmanager-ctl info`".to_owned(),
+                    ErrorKind::ShuttingDown => "the agent is stopping; retry once the guest is back".to_owned(),
                     ErrorKind::InvalidParams => "see `kvmmanager-ctl info` and PROTOCOL.md for the method's params".to_owned(),
                     _ => return None,
                 },
