@@ -205,6 +205,9 @@ impl Shared {
         }
         if let Some(tx) = resp.id.as_u64().and_then(|id| st.pending.remove(&id)) {
             let _ = tx.send(resp);
+        } else if let (true, Err(e)) = (resp.id.is_null(), &resp.outcome) {
+            // E.g. message_too_large or parse_error: not addressable to a call.
+            tracing::warn!("the agent reported an error for no call: {e}");
         } else {
             tracing::debug!(id = %resp.id, "dropping a reply with an unknown id");
         }
@@ -572,6 +575,17 @@ impl Client {
             Ok(l) => l,
             Err(e) => return Attempt::Done(Err(e)),
         };
+        // The agent would refuse a longer line with an error it cannot
+        // address to this call (`"id": null`); refuse it here instead.
+        let limit = self.limits_slot().as_ref().map(|l| l.max_message_size);
+        let size = line.len().saturating_sub(1);
+        if let Some(limit) = limit.filter(|&l| size as u64 > l) {
+            return Attempt::Done(Err(ClientError::RequestTooLarge {
+                method: method.to_owned(),
+                size,
+                limit,
+            }));
+        }
         let (tx, rx) = oneshot::channel();
         {
             let mut st = conn.shared.lock();

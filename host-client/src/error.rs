@@ -65,6 +65,17 @@ pub enum ClientError {
         /// The agent's error object (code, message, `data.kind`).
         error: ErrorObject,
     },
+    /// The request is longer than the agent accepts (its
+    /// `limits.max_message_size`); it was not sent.
+    #[error("the {method} request is {size} bytes, more than the agent accepts ({limit} bytes)")]
+    RequestTooLarge {
+        /// The method.
+        method: String,
+        /// Length of the request line.
+        size: usize,
+        /// The agent's `max_message_size`.
+        limit: u64,
+    },
     /// The agent broke the protocol (a result of the wrong shape, a chunk of
     /// the wrong size, ...).
     #[error("protocol violation: {0}")]

@@ -317,7 +317,10 @@ impl Client {
 
     /// Copies a local file to `guest_path`, in chunks sized from the agent's
     /// `max_message_size`, several in flight; the last chunk commits the
-    /// upload (an atomic rename on the guest for `truncate`).
+    /// upload (an atomic rename on the guest for `truncate` and
+    /// `create_new`). With [`WriteMode::Append`] the chunks are appended one
+    /// after the other instead (not atomic: the protocol cannot stage an
+    /// append).
     ///
     /// ```no_run
     /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
@@ -419,6 +422,29 @@ impl Client {
                 bytes: done,
                 duration: start.elapsed(),
             });
+        }
+
+        if options.mode == WriteMode::Append {
+            // An append cannot be chunked as an upload: send each chunk as
+            // an append of its own, one after the other.
+            let mut current = first;
+            let mut done = 0;
+            loop {
+                let r = self
+                    .write_chunk(&params(&current, None, None, false))
+                    .await?;
+                check(current.len(), r.bytes_written)?;
+                done += current.len() as u64;
+                progress(Progress { done, total });
+                if next.is_empty() {
+                    return Ok(TransferSummary {
+                        bytes: done,
+                        duration: start.elapsed(),
+                    });
+                }
+                current = next;
+                next = read_full(reader, chunk).await.map_err(local_err)?;
+            }
         }
 
         let r = self.write_chunk(&params(&first, None, None, true)).await?;
@@ -624,10 +650,21 @@ mod fake_fs_tests {
                 let bytes = p.encoding.decode(&p.content).unwrap();
                 fs.writes.push((p.upload_id.is_some(), p.more));
                 let (upload_id, committed, size) = match (&p.upload_id, p.more) {
+                    (None, false) if p.mode == WriteMode::Append => {
+                        let file = fs.files.entry(p.path.clone()).or_default();
+                        file.extend_from_slice(&bytes);
+                        (None, true, file.len())
+                    }
                     (None, false) => {
                         let n = bytes.len();
                         fs.files.insert(p.path.clone(), bytes.clone());
                         (None, true, n)
+                    }
+                    (None, true) if p.mode == WriteMode::Append => {
+                        return Err(ErrorObject::new(
+                            ErrorKind::InvalidParams,
+                            "append cannot be chunked",
+                        ))
                     }
                     (None, true) => {
                         let id = format!("up{}", fs.uploads.len());
@@ -822,6 +859,71 @@ mod fake_fs_tests {
             .unwrap();
         assert_eq!(s.bytes, 0);
         assert_eq!(std::fs::read(dir.path().join("e")).unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn append_sends_its_chunks_one_by_one_in_order() {
+        let fs = Arc::new(Mutex::new(Fs::default()));
+        fs.lock()
+            .unwrap()
+            .files
+            .insert("/tmp/kvmmanager/log".into(), b"abc".to_vec());
+        let agent = fs_agent(fs.clone());
+        let client = crate::Client::connect_with(&agent.path, opts())
+            .await
+            .unwrap();
+        let content = data(10_000);
+        let mut reader = &content[..];
+        let o = PushOptions {
+            mode: WriteMode::Append,
+            permissions: None,
+        };
+        let s = client
+            .push_from(
+                &mut reader,
+                Path::new("pipe"),
+                None,
+                "/tmp/kvmmanager/log",
+                o,
+                |_| {},
+            )
+            .await
+            .unwrap();
+        assert_eq!(s.bytes, 10_000);
+        let f = fs.lock().unwrap();
+        assert!(f.writes.len() > 2);
+        assert!(f.writes.iter().all(|w| *w == (false, false)));
+        assert_eq!(f.files["/tmp/kvmmanager/log"][..3], *b"abc");
+        assert_eq!(f.files["/tmp/kvmmanager/log"][3..], content[..]);
+    }
+
+    #[tokio::test]
+    async fn requests_over_the_agents_limit_are_refused_before_sending() {
+        let fs = Arc::new(Mutex::new(Fs::default()));
+        let agent = fs_agent(fs.clone());
+        let client = crate::Client::connect_with(&agent.path, opts())
+            .await
+            .unwrap();
+        client.limits().await.unwrap();
+        let big = "x".repeat(MAX_MESSAGE as usize);
+        let e = client
+            .call_raw(
+                "file_write",
+                serde_json::json!({"path": "/tmp/a", "content": big}),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::RequestTooLarge {
+                    limit: MAX_MESSAGE,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(fs.lock().unwrap().writes.is_empty());
     }
 
     #[tokio::test]

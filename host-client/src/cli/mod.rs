@@ -322,7 +322,9 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Client(e) => match e {
-                ClientError::Agent { .. } | ClientError::FileChanged { .. } => EXIT_AGENT,
+                ClientError::Agent { .. }
+                | ClientError::FileChanged { .. }
+                | ClientError::RequestTooLarge { .. } => EXIT_AGENT,
                 ClientError::Connect { .. }
                 | ClientError::ConnectTimeout { .. }
                 | ClientError::ConnectionLost
@@ -373,6 +375,9 @@ impl CliError {
                     ErrorKind::InvalidParams => "see `kvmmanager-ctl info` and PROTOCOL.md for the method's params".to_owned(),
                     _ => return None,
                 },
+                ClientError::RequestTooLarge { .. } => {
+                    "send less (e.g. files with `push`), or raise max_message_size_kb in the guest's config".to_owned()
+                }
                 ClientError::FileChanged { .. } => {
                     "the file is being written in the guest; retry when it is stable".to_owned()
                 }
@@ -689,6 +694,9 @@ async fn exec(client: &Client, args: ExecArgs, json: bool) -> Result<i32, CliErr
                     source,
                 })
             })?;
+            // Learn the agent's request limit, so that too much stdin is
+            // refused with a clear error.
+            client.limits().await?;
             Some(Encoding::Base64.encode_lossy(&data))
         }
     };
