@@ -103,7 +103,11 @@ fn codec_benches(c: &mut Criterion) {
         b.iter(|| Encoding::Base64.encode(black_box(&raw)));
     });
     group.bench_function("decode_1MiB", |b| {
-        b.iter(|| Encoding::Base64.decode(black_box(&text)).expect("valid base64"));
+        b.iter(|| {
+            Encoding::Base64
+                .decode(black_box(&text))
+                .expect("valid base64")
+        });
     });
     group.finish();
 
