@@ -208,7 +208,7 @@ pub enum Command {
     Read {
         /// Absolute path in the guest.
         path: String,
-        /// Local destination.
+        /// Local destination (- for stdout).
         #[arg(short, long, value_name = "FILE")]
         output: PathBuf,
     },
@@ -577,19 +577,8 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             }
         }
         Command::Exec(args) => return exec(&client, args, json).await,
-        Command::Cat { path } => {
-            let mut stdout = tokio::io::stdout();
-            client
-                .read_to(&path, &mut stdout, Path::new("stdout"), |_| {})
-                .await
-                .map_err(|e| match e {
-                    ClientError::LocalFile { source, .. } => CliError::Local {
-                        what: "cannot write to stdout".into(),
-                        source,
-                    },
-                    e => e.into(),
-                })?;
-        }
+        Command::Read { path, output } if output.as_os_str() == "-" => cat(&client, &path).await?,
+        Command::Cat { path } => cat(&client, &path).await?,
         Command::Read { path, output }
         | Command::Pull {
             guest: path,
@@ -655,6 +644,21 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::ChannelXml | Command::Completions { .. } => {}
     }
     Ok(EXIT_OK)
+}
+
+async fn cat(client: &Client, path: &str) -> Result<(), CliError> {
+    let mut stdout = tokio::io::stdout();
+    client
+        .read_to(path, &mut stdout, Path::new("stdout"), |_| {})
+        .await
+        .map_err(|e| match e {
+            ClientError::LocalFile { source, .. } => CliError::Local {
+                what: "cannot write to stdout".into(),
+                source,
+            },
+            e => e.into(),
+        })?;
+    Ok(())
 }
 
 fn push_options(w: &WriteArgs) -> PushOptions {
