@@ -1056,6 +1056,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_write_cut_short_by_a_timeout_is_discarded_by_the_next_resync() {
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let go_rx = Arc::new(tokio::sync::Mutex::new(Some(go_rx)));
+        let first_after = Arc::new(StdMutex::new(String::new()));
+        let seen = first_after.clone();
+        let agent = fake::spawn(move |mut c: FakeConn, _| {
+            let (go_rx, seen) = (go_rx.clone(), seen.clone());
+            async move {
+                let (id, nonce) = c.expect_sync().await;
+                reply(&c, id, json!({ "nonce": nonce })).await;
+                // Stop reading until the client has given up on a request
+                // too big for the socket buffers.
+                if let Some(rx) = go_rx.lock().await.take() {
+                    let _ = rx.await;
+                }
+                let req = c.next_request().await.unwrap();
+                *seen.lock().unwrap() = req.method.clone();
+                let params: Value = req.params().unwrap();
+                reply(&c, req.id.unwrap(), params).await;
+                serve(c, echo_agent()).await;
+            }
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        let huge = "x".repeat(16 << 20);
+        let e = client
+            .call_raw_with_timeout("echo", json!({ "x": huge }), Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
+        go_tx.send(()).unwrap();
+        assert_eq!(client.ping().await.unwrap().timestamp, 42);
+        // The half-written line was dropped by the agent's codec: the next
+        // thing it read was the resync.
+        assert_eq!(*first_after.lock().unwrap(), "sync");
+        assert_eq!(agent.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn no_reconnect_when_disabled() {
         let agent = fake::spawn(|mut c: FakeConn, _| async move {
             let (id, nonce) = c.expect_sync().await;
