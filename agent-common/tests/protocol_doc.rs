@@ -564,3 +564,59 @@ fn the_tracer_sees_nested_fields_and_enum_values() {
     assert!(trace::<Empty>().fields.is_empty());
     assert_eq!(error_codes_in("| -32004 | x -320041 a-32001"), vec![-32004]);
 }
+
+#[test]
+fn every_reply_example_in_the_document_is_a_valid_reply() {
+    // Replies in ```json blocks and `< ` lines of the worked session: each
+    // parses as a response (or a batch of them), and error examples carry a
+    // known code with the matching data.kind.
+    let doc = doc();
+    let mut candidates: Vec<&str> = json_example_lines(&doc);
+    candidates.extend(doc.lines().filter_map(|l| l.strip_prefix("< ")));
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for line in candidates {
+        if !line.contains("\"jsonrpc\"") {
+            continue; // e.g. the config file example
+        }
+        let is_request = matches!(
+            parse_message(line.as_bytes()),
+            Incoming::Single(Ok(_)) | Incoming::Batch(_)
+        ) && line.contains("\"method\"");
+        if is_request {
+            continue;
+        }
+        let items: Vec<String> = if line.starts_with('[') {
+            match serde_json::from_str::<Vec<serde_json::Value>>(line) {
+                Ok(items) => items.iter().map(|v| v.to_string()).collect(),
+                Err(e) => {
+                    problems.push(format!("batch reply is not JSON ({e}): {line}"));
+                    continue;
+                }
+            }
+        } else {
+            vec![line.to_owned()]
+        };
+        for item in items {
+            checked += 1;
+            match parse_response(item.as_bytes()) {
+                Err(e) => problems.push(format!("not a valid reply ({e}): {item}")),
+                Ok(resp) => {
+                    if let Err(err) = resp.outcome {
+                        let by_code = ErrorKind::from_code(err.code);
+                        let by_kind = err
+                            .data
+                            .as_ref()
+                            .and_then(|d| d.get("kind"))
+                            .and_then(|k| serde_json::from_value::<ErrorKind>(k.clone()).ok());
+                        if by_code.is_none() || by_code != by_kind {
+                            problems.push(format!("error code and data.kind disagree: {item}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} reply examples found");
+    assert_no_problems(problems);
+}
