@@ -83,6 +83,14 @@ Exit status:
   out, 255 if kvmmanager-ctl itself failed.";
 
 /// Command-line arguments of `kvmmanager-ctl`.
+///
+/// ```
+/// use clap::Parser;
+/// use host_client::cli::{Cli, Command};
+///
+/// let cli = Cli::try_parse_from(["kvmmanager-ctl", "--domain", "vm1", "df", "--all"]).unwrap();
+/// assert!(matches!(cli.command, Command::Df { all: true }));
+/// ```
 #[derive(Debug, Parser)]
 #[command(
     name = "kvmmanager-ctl",
@@ -108,6 +116,9 @@ pub struct Cli {
     /// Print results as JSON, for scripts.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Log what the client does on stderr (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// Time limit of each call, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
@@ -439,7 +450,22 @@ pub fn main() -> i32 {
 }
 
 /// Runs a parsed command line and returns the exit status.
+///
+/// ```
+/// use clap::Parser;
+/// let cli = host_client::cli::Cli::try_parse_from(["kvmmanager-ctl", "channel-xml"]).unwrap();
+/// assert_eq!(host_client::cli::run(cli), 0);
+/// ```
 pub fn run(cli: Cli) -> i32 {
+    if cli.verbose > 0 {
+        let level = if cli.verbose > 1 { "trace" } else { "debug" };
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
+                "host_client={level}"
+            )))
+            .try_init();
+    }
     let is_exec = matches!(cli.command, Command::Exec(_));
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
