@@ -271,6 +271,27 @@ fn configure_qemu_conf() -> Result<()> {
     Ok(())
 }
 
+/// libvirtd resolves its built-in default QEMU user (`libvirt-qemu` on
+/// Debian) before it reads qemu.conf, and refuses to start the QEMU driver if
+/// that user does not exist. The libvirt-daemon-system package creates it;
+/// without that package (no systemd here), create the same system user.
+fn ensure_qemu_user() -> Result<()> {
+    if succeeds(Command::new("getent").args(["passwd", "libvirt-qemu"])) {
+        return Ok(());
+    }
+    eprintln!("libvirt: creating the system user libvirt-qemu (libvirtd needs it to exist)");
+    crate::util::run(Command::new("useradd").args([
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--home-dir",
+        "/var/lib/libvirt",
+        "--shell",
+        "/usr/sbin/nologin",
+        "libvirt-qemu",
+    ]))
+}
+
 impl Libvirt {
     /// Starts virtlogd and libvirtd unless they run already, and waits until
     /// `virsh` answers.
@@ -284,6 +305,16 @@ impl Libvirt {
             }
         }
         configure_qemu_conf()?;
+        ensure_qemu_user()?;
+        // Folders a package's service setup would normally create.
+        for d in [
+            "/var/log/libvirt/qemu",
+            "/var/lib/libvirt/qemu/channel/target",
+            "/var/cache/libvirt/qemu",
+            "/run/libvirt",
+        ] {
+            fs::create_dir_all(d)?;
+        }
         let mut lv = Libvirt {
             started: Vec::new(),
         };
@@ -415,7 +446,8 @@ impl Domain {
             dir,
         };
         crate::util::run(virsh().args(["start", name]))?;
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let started = Instant::now();
+        let deadline = started + BOOT_TIMEOUT;
         while count_markers(&dom.console) < 1 {
             if Instant::now() >= deadline {
                 bail!(
@@ -431,6 +463,10 @@ impl Domain {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        eprintln!(
+            "libvirt: domain {name} booted in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         std::thread::sleep(Duration::from_millis(1500));
         Ok(dom)
     }
