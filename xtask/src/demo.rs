@@ -19,11 +19,13 @@ fn print_keep(vm: QemuVm) {
     println!("The guest keeps running (QEMU pid {pid}).");
     println!("  agent socket:  {}", socket.display());
     println!("  console log:   {}", console.display());
-    println!("Ping it by hand (0xFF resynchronises the stream, then one JSON-RPC line):");
-    println!(
-        "  printf '\\xff{{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":1}}\\n' | socat -t 2 - UNIX-CONNECT:{}",
-        socket.display()
-    );
+    println!("Ping it by hand (0xFF resynchronises the stream, then one JSON-RPC line;");
+    println!("shut-none keeps socat from half-closing, which QEMU takes for a disconnect):");
+    println!("  {}", crate::probe::socat_line(&socket));
+    match crate::probe::socat_ping(&socket) {
+        Ok(reply) => print!("  -> {reply}"),
+        Err(e) => println!("  (tried it: {e})"),
+    }
     println!("Or with the CLI:");
     println!(
         "  target/debug/kvmmanager-ctl --socket {} sysinfo",

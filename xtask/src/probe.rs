@@ -109,6 +109,37 @@ pub(crate) fn wait_ping(socket: &Path, timeout: Duration) -> Result<Value> {
     }
 }
 
+/// The manual ping line the docs show, for this socket.
+///
+/// `shut-none`: socat must not half-close the socket when its stdin ends,
+/// since QEMU's socket chardev takes that for a disconnect and the reply
+/// then waits for the next client.
+pub(crate) fn socat_line(socket: &Path) -> String {
+    format!(
+        r#"printf '\xff{{"jsonrpc":"2.0","method":"ping","id":1}}\n' | socat -t 2 - UNIX-CONNECT:{},shut-none"#,
+        socket.display()
+    )
+}
+
+/// Runs [`socat_line`] through `sh` and returns what socat printed.
+pub(crate) fn socat_ping(socket: &Path) -> Result<String> {
+    let out = crate::util::output_with_timeout(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(socat_line(socket)),
+        Duration::from_secs(20),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !text.contains(r#""pong":true"#) {
+        bail!(
+            "the socat line printed {text:?} (exit {}; stderr {:?})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +182,14 @@ mod tests {
         assert_eq!(v["result"]["timestamp"], 7);
         t.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn socat_line_is_the_documented_one() {
+        assert_eq!(
+            socat_line(Path::new("/run/a.sock")),
+            r#"printf '\xff{"jsonrpc":"2.0","method":"ping","id":1}\n' | socat -t 2 - UNIX-CONNECT:/run/a.sock,shut-none"#
+        );
     }
 
     #[test]

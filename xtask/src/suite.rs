@@ -350,6 +350,9 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
     t.check("raw-probe-ping", || {
         probe::wait_ping(&vm.socket, Duration::from_secs(30)).map(|_| ())
     });
+    t.check("socat-manual-ping", || {
+        crate::probe::socat_ping(&vm.socket).map(|_| ())
+    });
     basic_checks(t, &ctl, "")?;
     t.check("sysinfo", || {
         let v = ctl.json(&["sysinfo"])?;
