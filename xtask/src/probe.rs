@@ -111,12 +111,15 @@ pub(crate) fn wait_ping(socket: &Path, timeout: Duration) -> Result<Value> {
 
 /// The manual ping line the docs show, for this socket.
 ///
+/// `\377` (octal) rather than `\xff`: POSIX printf, as in dash (Debian's
+/// `sh`), knows no hex escapes and would send the four characters `\xff`.
+///
 /// `shut-none`: socat must not half-close the socket when its stdin ends,
 /// since QEMU's socket chardev takes that for a disconnect and the reply
 /// then waits for the next client.
 pub(crate) fn socat_line(socket: &Path) -> String {
     format!(
-        r#"printf '\xff{{"jsonrpc":"2.0","method":"ping","id":1}}\n' | socat -t 2 - UNIX-CONNECT:{},shut-none"#,
+        r#"printf '\377{{"jsonrpc":"2.0","method":"ping","id":1}}\n' | socat -t 2 - UNIX-CONNECT:{},shut-none"#,
         socket.display()
     )
 }
@@ -188,7 +191,7 @@ mod tests {
     fn socat_line_is_the_documented_one() {
         assert_eq!(
             socat_line(Path::new("/run/a.sock")),
-            r#"printf '\xff{"jsonrpc":"2.0","method":"ping","id":1}\n' | socat -t 2 - UNIX-CONNECT:/run/a.sock,shut-none"#
+            r#"printf '\377{"jsonrpc":"2.0","method":"ping","id":1}\n' | socat -t 2 - UNIX-CONNECT:/run/a.sock,shut-none"#
         );
     }
 

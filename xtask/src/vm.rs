@@ -401,6 +401,9 @@ pub(crate) fn domain_xml(name: &str, image: &GuestImage, console: &Path) -> Stri
     <initrd>{initrd}</initrd>
     <cmdline>{CMDLINE} kvmm_ports={AGENT_PORT}</cmdline>
   </os>
+  <features>
+    <acpi/>
+  </features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
@@ -533,6 +536,8 @@ mod tests {
         };
         let xml = domain_xml("kvmm-t", &image, Path::new("/tmp/c.log"));
         assert!(xml.contains("<domain type='qemu'>"));
+        // Without ACPI a guest poweroff only halts and the domain keeps running.
+        assert!(xml.contains("<acpi/>"));
         assert!(xml.contains("<target type='virtio' name='org.kvmmanager.agent.0'/>"));
         assert!(xml.contains("<initrd>/k/a&amp;b.gz</initrd>"));
         assert!(xml.contains("<log file='/tmp/c.log' append='off'/>"));
