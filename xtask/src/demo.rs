@@ -54,7 +54,7 @@ pub(crate) fn boot_only(with_qemu_ga: bool) -> Result<()> {
     if let Some(qga) = &vm.qga_socket {
         println!("qemu-ga socket: {}", qga.display());
         println!(
-            "  echo '{{\"execute\":\"guest-ping\"}}' | socat -t 2 - UNIX-CONNECT:{}",
+            "  echo '{{\"execute\":\"guest-ping\"}}' | socat -t 2 - UNIX-CONNECT:{},shut-none",
             qga.display()
         );
     }

@@ -547,15 +547,21 @@ fn add_qemu_ga(rootfs: &Path) -> Result<()> {
     let dir = guest_dir().join("qemu-ga");
     let deb = apt_download("qemu-guest-agent", &dir.join("debs"))?;
     let unpacked = dir.join("root");
-    if !unpacked.join("usr/bin/qemu-ga").is_file() {
+    // Debian ships it as /usr/sbin/qemu-ga; accept /usr/bin too.
+    let find = || {
+        ["usr/sbin/qemu-ga", "usr/bin/qemu-ga"]
+            .iter()
+            .map(|p| unpacked.join(p))
+            .find(|p| p.is_file())
+    };
+    if find().is_none() {
         run(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
     }
-    let bin = unpacked.join("usr/bin/qemu-ga");
+    let bin = find().ok_or_else(|| format!("no qemu-ga in {}", deb.display()))?;
     copy_exec(&bin, &rootfs.join("usr/bin/qemu-ga"))?;
     for lib in ldd_libs(&bin)? {
         copy_lib(&lib, rootfs)?;
     }
-    // The loader's usual path must exist for a dynamically linked binary.
     Ok(())
 }
 

@@ -265,6 +265,20 @@ fn scratch(name: &str) -> Result<PathBuf> {
     Ok(d)
 }
 
+/// Removes this run's scratch folders (checks that fail early leave theirs).
+fn remove_scratch() {
+    let prefix = format!("kvmm-xtask-{}-", std::process::id());
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix)
+                && std::env::var_os("XTASK_KEEP_LOGS").is_none()
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// The checks every target gets (QEMU and libvirt).
 fn basic_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) -> Result<()> {
     let n = |s: &str| format!("{prefix}{s}");
@@ -638,6 +652,7 @@ pub(crate) fn vm_test(opts: VmTestOptions) -> Result<()> {
     if opts.libvirt {
         libvirt_suite(&mut t, &image, &ctl)?;
     }
+    remove_scratch();
     t.finish()
 }
 
