@@ -219,6 +219,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn missing_apt_reports_only_absent_packages() {
+        // dpkg itself is installed wherever this task can run at all.
+        let pkgs = ["dpkg", "kvmmanager-no-such-package"];
+        assert_eq!(
+            missing_apt(&pkgs),
+            vec!["kvmmanager-no-such-package".to_owned()]
+        );
+    }
+
+    #[test]
     fn every_group_needs_something() {
         for g in Group::ALL {
             let n = g.apt_packages().len() + g.rust_targets().len() + g.cargo_tools().len();

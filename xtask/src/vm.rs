@@ -304,6 +304,14 @@ impl Libvirt {
                 bail!("{bin} is not installed (cargo xtask deps)");
             }
         }
+        // A libvirtd that already answers (a host's own, systemd-managed one)
+        // is used as it is: its configuration is left alone.
+        if succeeds(virsh().arg("version")) {
+            eprintln!("libvirt: using the running libvirtd");
+            return Ok(Libvirt {
+                started: Vec::new(),
+            });
+        }
         configure_qemu_conf()?;
         ensure_qemu_user()?;
         // Folders a package's service setup would normally create.
