@@ -30,6 +30,8 @@ pub(crate) enum Group {
     Dist,
     /// The Windows target for `cargo check -p agent-windows`.
     Windows,
+    /// rustfmt and clippy (a minimal rustup profile lacks them).
+    Lint,
 }
 
 impl Group {
@@ -40,6 +42,7 @@ impl Group {
         Group::Libvirt,
         Group::Dist,
         Group::Windows,
+        Group::Lint,
     ];
 
     fn apt_packages(self) -> &'static [&'static str] {
@@ -54,7 +57,15 @@ impl Group {
                 "libvirt-clients",
             ],
             Group::Dist => &["rpm", "busybox-static", "binutils"],
-            Group::Windows => &[],
+            Group::Windows | Group::Lint => &[],
+        }
+    }
+
+    fn rust_components(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            // (component, cargo subcommand that proves it is there)
+            Group::Lint => &[("rustfmt", "fmt"), ("clippy", "clippy")],
+            _ => &[],
         }
     }
 
@@ -83,11 +94,14 @@ pub(crate) fn ensure(groups: &[Group]) -> Result<()> {
     let mut apt: BTreeSet<&str> = BTreeSet::new();
     let mut targets: BTreeSet<&str> = BTreeSet::new();
     let mut tools: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let mut components: BTreeSet<(&str, &str)> = BTreeSet::new();
     for g in groups {
         apt.extend(g.apt_packages());
         targets.extend(g.rust_targets());
         tools.extend(g.cargo_tools());
+        components.extend(g.rust_components());
     }
+    ensure_components(&components.into_iter().collect::<Vec<_>>())?;
     ensure_apt(&apt.into_iter().collect::<Vec<_>>())?;
     ensure_targets(&targets.into_iter().collect::<Vec<_>>())?;
     ensure_cargo_tools(&tools.into_iter().collect::<Vec<_>>())?;
@@ -187,6 +201,20 @@ fn ensure_targets(targets: &[&str]) -> Result<()> {
     Ok(())
 }
 
+fn ensure_components(components: &[(&str, &str)]) -> Result<()> {
+    for (component, subcommand) in components {
+        if succeeds(crate::util::cargo().args([subcommand, "--version"])) {
+            continue;
+        }
+        if !have_command("rustup") {
+            bail!("cargo {subcommand} is missing and rustup is not installed; install the {component} component");
+        }
+        eprintln!("deps: adding Rust component {component}");
+        run(Command::new("rustup").args(["component", "add", component]))?;
+    }
+    Ok(())
+}
+
 fn ensure_cargo_tools(tools: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = tools
         .iter()
@@ -231,7 +259,10 @@ mod tests {
     #[test]
     fn every_group_needs_something() {
         for g in Group::ALL {
-            let n = g.apt_packages().len() + g.rust_targets().len() + g.cargo_tools().len();
+            let n = g.apt_packages().len()
+                + g.rust_targets().len()
+                + g.cargo_tools().len()
+                + g.rust_components().len();
             assert!(n > 0, "{g:?} is empty");
         }
     }
