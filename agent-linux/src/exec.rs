@@ -556,6 +556,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pidfd_sees_the_exit_without_reaping() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id().unwrap()).unwrap();
+        let fd = pidfd_open(pid).unwrap();
+        // SAFETY: `PidFd` owns the descriptor for the life of the `AsyncFd`.
+        let afd =
+            unsafe { AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE) }
+                .unwrap();
+        assert_eq!(exited(Some(&afd), &mut child).await.unwrap(), None);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(stat.rsplit_once(") ").unwrap().1.starts_with('Z'), "{stat}");
+        assert!(child.wait().await.unwrap().success());
+    }
+
+    #[tokio::test]
     async fn output_exit_code_and_signal() {
         let r = run_ok(sh("echo out; echo err >&2; exit 3")).await;
         assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("out\n", "err\n"));

@@ -286,6 +286,7 @@ impl Staged {
     /// fsyncs the data and renames it into place.
     fn commit(&mut self, mode: WriteMode, path: &str) -> Result<(), FileError> {
         self.file.sync_all().map_err(io_err("write", path))?;
+        let mut linked = false;
         let renamed = if mode == WriteMode::CreateNew {
             match sys::renameat2(
                 self.dir.as_fd(),
@@ -295,6 +296,7 @@ impl Staged {
             ) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     // No RENAME_NOREPLACE on this filesystem: link fails if the name exists.
+                    linked = true;
                     sys::linkat(self.dir.as_fd(), &self.tmp_name, &self.final_name)
                 }
                 other => other,
@@ -311,11 +313,11 @@ impl Staged {
             }
             Err(e) => return Err(io_err("rename into place", path)(e)),
         }
-        // After a link, the staging name still exists and Drop removes it;
-        // after a rename it is gone.
-        self.live = sys::lstatat(self.dir.as_fd(), &self.tmp_name)
-            .map(|st| st.is_some())
-            .unwrap_or(true);
+        // After a rename the staging name is gone; after the link fallback
+        // it remains and Drop removes it.
+        if !linked {
+            self.live = false;
+        }
         sync_dir(&self.dir);
         Ok(())
     }
@@ -1570,6 +1572,16 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Busy);
         e.svc.end_session(1);
         no_staging(&e.root);
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let svc = FileService::new(Arc::new(Config::default()));
+        assert_send(&svc.read(rp("/tmp/x")));
+        assert_send(&svc.write(1, wp("/tmp/x", "")));
+        let config = Config::default();
+        assert_send(&crate::exec::exec_command(&config, Default::default()));
     }
 
     #[test]

@@ -527,8 +527,9 @@ pub(crate) mod sys {
 enum OpenedRoot {
     /// A directory: resolve beneath this descriptor.
     Dir(OwnedFd),
-    /// Anything else (normally a regular file): only the exact path is allowed.
-    File,
+    /// Anything else (normally a regular file): only the exact path is
+    /// allowed. Holds what the root resolved to.
+    File(libc::stat),
     /// The root does not exist.
     Missing,
 }
@@ -543,7 +544,7 @@ fn open_root(root: &str, path: &str) -> Result<OpenedRoot, PolicyError> {
             if sys::is_dir(&st) {
                 Ok(OpenedRoot::Dir(fd))
             } else {
-                Ok(OpenedRoot::File)
+                Ok(OpenedRoot::File(st))
             }
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(OpenedRoot::Missing),
@@ -636,21 +637,30 @@ impl PathPolicy {
                 path: path.to_owned(),
                 root: root.to_owned(),
             }),
-            OpenedRoot::File => {
+            OpenedRoot::File(st1) => {
                 if !rest.is_empty() {
                     return Err(PolicyError::OutsideRoots {
                         path: path.to_owned(),
                         key: READ_KEY,
                     });
                 }
-                // A file root is admin-trusted: ordinary resolution, and
-                // O_NONBLOCK keeps a FIFO from hanging the open.
+                // A file root is admin-trusted: ordinary resolution. Still,
+                // never open a device or FIFO (checked on the O_PATH probe).
+                let not_regular = || PolicyError::NotRegularFile {
+                    path: path.to_owned(),
+                };
+                if !sys::is_regular(&st1) {
+                    return Err(not_regular());
+                }
                 let fd = sys::open_plain(root, READ_FLAGS).map_err(io_err)?;
-                let st = sys::fstat(fd.as_fd()).map_err(io_err)?;
-                if !sys::is_regular(&st) {
-                    return Err(PolicyError::NotRegularFile {
+                let st2 = sys::fstat(fd.as_fd()).map_err(io_err)?;
+                if (st1.st_dev, st1.st_ino) != (st2.st_dev, st2.st_ino) {
+                    return Err(PolicyError::Changed {
                         path: path.to_owned(),
                     });
+                }
+                if !sys::is_regular(&st2) {
+                    return Err(not_regular());
                 }
                 Ok(File::from(fd))
             }
@@ -729,8 +739,8 @@ impl PathPolicy {
                 path: path.to_owned(),
                 root: root.to_owned(),
             }),
-            OpenedRoot::File if rest.is_empty() => file_root(),
-            OpenedRoot::File => Err(PolicyError::OutsideRoots {
+            OpenedRoot::File(_) if rest.is_empty() => file_root(),
+            OpenedRoot::File(_) => Err(PolicyError::OutsideRoots {
                 path: path.to_owned(),
                 key: WRITE_KEY,
             }),
@@ -1073,6 +1083,19 @@ mod tests {
             let e = policy.open_read(&path).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::PolicyDenied, "{path}: {e}");
         }
+    }
+
+    #[test]
+    fn devices_are_never_opened_for_reading() {
+        let policy = PathPolicy::new(&[PathBuf::from("/dev")]);
+        for path in ["/dev/null", "/dev/zero", "/dev"] {
+            let e = policy.open_read(path).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::NotARegularFile, "{path}: {e}");
+        }
+        // Neither through a file root naming a device.
+        let policy = PathPolicy::new(&[PathBuf::from("/dev/null")]);
+        let e = policy.open_read("/dev/null").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotARegularFile);
     }
 
     #[test]
