@@ -1,16 +1,40 @@
-//! TEMPORARY STUB (replaced by the helper's version at merge).
+//! The agent's configuration file.
+//!
+//! The file is JSON. It is parsed into a raw struct whose fields are all
+//! optional and which rejects unknown keys (also inside `security`), then
+//! validated into [`Config`] with defaults filled in. A missing key (or
+//! `null`) takes its default. An unknown key or a bad value is refused with
+//! the key's dotted name (`security.max_file_size_mb`) and the reason; the
+//! agent does not start with an invalid config.
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::policy::{normalize_path, PathSyntaxError};
+
+/// Where the agent looks for its config unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvmmanager-agent/config.json";
+
+/// How much the agent logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {
+    /// Only failures of what the host asked for.
     Error,
+    /// Also abnormal but handled situations.
     Warn,
+    /// Also rare state changes (host connected, config loaded).
     Info,
+    /// Developer detail.
     Debug,
+    /// Everything.
     Trace,
 }
+
 impl LogLevel {
+    /// The lower-case name used in the config and by `tracing` filters.
     pub fn as_str(self) -> &'static str {
         match self {
             LogLevel::Error => "error",
@@ -20,61 +44,444 @@ impl LogLevel {
             LogLevel::Trace => "trace",
         }
     }
+
+    /// The level named `name` (lower case), if any.
+    pub fn from_name(name: &str) -> Option<LogLevel> {
+        [
+            LogLevel::Error,
+            LogLevel::Warn,
+            LogLevel::Info,
+            LogLevel::Debug,
+            LogLevel::Trace,
+        ]
+        .into_iter()
+        .find(|l| l.as_str() == name)
+    }
 }
+
+/// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// Key `log_level`, default `info`.
     pub log_level: LogLevel,
+    /// Key `log_file` (absolute), default none: log to stderr only.
     pub log_file: Option<PathBuf>,
+    /// Key `channel_name`: the virtio-serial port name, default
+    /// `org.kvmmanager.agent.0`.
     pub channel_name: String,
+    /// Key `max_message_size_kb` (1..=16384, default 64), in bytes here.
     pub max_message_size: usize,
+    /// Key `connection_retry_seconds` (1..=3600, default 5).
     pub connection_retry: Duration,
+    /// Key `request_timeout_seconds` (1..=86400, default 30).
     pub request_timeout: Duration,
+    /// Key `max_concurrent_requests` (1..=1024, default 10).
     pub max_concurrent_requests: usize,
+    /// Key `security`.
     pub security: SecurityConfig,
 }
+
+/// The `security` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecurityConfig {
+    /// Key `allowed_read_paths`: roots `file_read` may read under.
     pub allowed_read_paths: Vec<PathBuf>,
+    /// Key `allowed_write_paths`: roots `file_write` may write under.
     pub allowed_write_paths: Vec<PathBuf>,
+    /// Key `command_whitelist`: bare names or absolute paths; `None` allows any command.
     pub command_whitelist: Option<Vec<String>>,
+    /// Key `max_file_size_mb` (1..=1048576, default 10), in bytes here.
     pub max_file_size: u64,
+    /// Key `max_command_timeout_seconds` (1..=86400, default 300).
     pub max_command_timeout: Duration,
 }
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            log_level: LogLevel::Info,
-            log_file: None,
-            channel_name: "org.kvmmanager.agent.0".into(),
-            max_message_size: 65536,
-            connection_retry: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(30),
-            max_concurrent_requests: 10,
-            security: SecurityConfig {
-                allowed_read_paths: vec!["/tmp".into()],
-                allowed_write_paths: vec!["/tmp/kvmmanager".into()],
-                command_whitelist: None,
-                max_file_size: 10 << 20,
-                max_command_timeout: Duration::from_secs(300),
-            },
+
+impl Default for SecurityConfig {
+    fn default() -> SecurityConfig {
+        SecurityConfig {
+            allowed_read_paths: ["/tmp", "/var/log", "/etc/hostname", "/etc/os-release"]
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+            allowed_write_paths: vec![PathBuf::from("/tmp/kvmmanager")],
+            command_whitelist: None,
+            max_file_size: 10 * 1024 * 1024,
+            max_command_timeout: Duration::from_secs(300),
         }
     }
 }
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ConfigError {
-    #[error("bad {0}")]
-    Bad(String),
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            log_level: LogLevel::Info,
+            log_file: None,
+            channel_name: agent_common::DEFAULT_CHANNEL_NAME.to_owned(),
+            max_message_size: 64 * 1024,
+            connection_retry: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 10,
+            security: SecurityConfig::default(),
+        }
+    }
 }
+
+/// Why a config was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        reason: String,
+    },
+    /// The error is in this file.
+    #[error("config file {path}: {error}")]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it.
+        error: Box<ConfigError>,
+    },
+    /// The text is not valid JSON.
+    #[error("config is not valid JSON at line {line} column {column}: {message}")]
+    Syntax {
+        /// Line of the error (1-based).
+        line: usize,
+        /// Column of the error (1-based).
+        column: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// The top level is not a JSON object.
+    #[error("config must be a JSON object")]
+    NotAnObject,
+    /// A key the agent does not know (dotted for nested keys).
+    #[error("unknown config key {key:?}")]
+    UnknownKey {
+        /// The key, e.g. `security.max_file_size`.
+        key: String,
+    },
+    /// A key has an invalid value.
+    #[error("invalid value for config key {key}: {reason}")]
+    InvalidValue {
+        /// The dotted key.
+        key: &'static str,
+        /// Why the value is refused.
+        reason: String,
+    },
+}
+
+/// The file as written: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    log_level: Option<String>,
+    log_file: Option<String>,
+    channel_name: Option<String>,
+    max_message_size_kb: Option<u64>,
+    connection_retry_seconds: Option<u64>,
+    request_timeout_seconds: Option<u64>,
+    max_concurrent_requests: Option<u64>,
+    security: Option<RawSecurity>,
+}
+
+/// The `security` section as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    allowed_read_paths: Option<Vec<String>>,
+    allowed_write_paths: Option<Vec<String>>,
+    command_whitelist: Option<Vec<String>>,
+    max_file_size_mb: Option<u64>,
+    max_command_timeout_seconds: Option<u64>,
+}
+
+const TOP_KEYS: &[&str] = &[
+    "log_level",
+    "log_file",
+    "channel_name",
+    "max_message_size_kb",
+    "connection_retry_seconds",
+    "request_timeout_seconds",
+    "max_concurrent_requests",
+    "security",
+];
+
+const SECURITY_KEYS: &[&str] = &[
+    "security.allowed_read_paths",
+    "security.allowed_write_paths",
+    "security.command_whitelist",
+    "security.max_file_size_mb",
+    "security.max_command_timeout_seconds",
+];
+
+/// Finds the key (of `known`, dotted with `prefix`) that makes `object` fail
+/// to deserialize as `T`, by deserializing one key at a time.
+fn diagnose<T: serde::de::DeserializeOwned>(
+    object: &Map<String, Value>,
+    prefix: &str,
+    known: &'static [&'static str],
+) -> Option<ConfigError> {
+    for (key, value) in object {
+        let dotted = format!("{prefix}{key}");
+        let Some(static_key) = known.iter().copied().find(|k| *k == dotted) else {
+            return Some(ConfigError::UnknownKey { key: dotted });
+        };
+        if static_key == "security" {
+            // Diagnosed separately, with dotted keys.
+            continue;
+        }
+        let mut single = Map::new();
+        single.insert(key.clone(), value.clone());
+        if let Err(e) = serde_json::from_value::<T>(Value::Object(single)) {
+            return Some(ConfigError::InvalidValue {
+                key: static_key,
+                reason: e.to_string(),
+            });
+        }
+    }
+    None
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    })?;
+    let Value::Object(top) = &value else {
+        return Err(ConfigError::NotAnObject);
+    };
+    if let Some(e) = diagnose::<RawConfig>(top, "", TOP_KEYS) {
+        return Err(e);
+    }
+    match top.get("security") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(sec)) => {
+            if let Some(e) = diagnose::<RawSecurity>(sec, "security.", SECURITY_KEYS) {
+                return Err(e);
+            }
+        }
+        Some(_) => {
+            return Err(ConfigError::InvalidValue {
+                key: "security",
+                reason: "must be an object".into(),
+            })
+        }
+    }
+    // Every key was checked above; this only fails on something diagnose
+    // cannot attribute to one key.
+    serde_json::from_value(value).map_err(|e| ConfigError::Syntax {
+        line: 0,
+        column: 0,
+        message: e.to_string(),
+    })
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::InvalidValue {
+        key,
+        reason: reason.into(),
+    }
+}
+
+fn ranged(
+    key: &'static str,
+    value: Option<u64>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    let v = value.unwrap_or(default);
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(invalid(
+            key,
+            format!("{v} is out of range {}..={}", range.start(), range.end()),
+        ))
+    }
+}
+
+fn path_reason(e: PathSyntaxError) -> &'static str {
+    match e {
+        PathSyntaxError::Empty => "a path is empty",
+        PathSyntaxError::Nul => "a path contains a NUL byte",
+        PathSyntaxError::NotAbsolute => "paths must be absolute",
+        PathSyntaxError::DotDot => "paths must not contain '..' components",
+    }
+}
+
+fn path_list(
+    key: &'static str,
+    value: Option<Vec<String>>,
+    default: &[PathBuf],
+) -> Result<Vec<PathBuf>, ConfigError> {
+    let Some(list) = value else {
+        return Ok(default.to_vec());
+    };
+    let mut out: Vec<PathBuf> = Vec::with_capacity(list.len());
+    for entry in &list {
+        let norm = normalize_path(entry)
+            .map_err(|e| invalid(key, format!("{entry:?}: {}", path_reason(e))))?;
+        let norm = PathBuf::from(norm);
+        if !out.contains(&norm) {
+            out.push(norm);
+        }
+    }
+    Ok(out)
+}
+
 impl Config {
+    /// Parses and validates the config text.
     pub fn from_json(text: &str) -> Result<Config, ConfigError> {
-        let _ = text;
-        Ok(Config::default())
+        Config::validate(parse_raw(text)?)
     }
+
+    /// Reads, parses and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Bad(e.to_string()))
-            .and_then(|t| Config::from_json(&t))
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Config::from_json(&text).map_err(|e| ConfigError::InFile {
+            path: path.to_owned(),
+            error: Box::new(e),
+        })
     }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let log_level = match raw.log_level {
+            None => d.log_level,
+            Some(name) => LogLevel::from_name(&name).ok_or_else(|| {
+                invalid(
+                    "log_level",
+                    format!("{name:?} is not one of error, warn, info, debug, trace"),
+                )
+            })?,
+        };
+        let log_file = match raw.log_file {
+            None => None,
+            Some(p) => Some(PathBuf::from(normalize_path(&p).map_err(|e| {
+                invalid("log_file", format!("{p:?}: {}", path_reason(e)))
+            })?)),
+        };
+        if log_file.as_deref() == Some(Path::new("/")) {
+            return Err(invalid("log_file", "must name a file, not /"));
+        }
+        let channel_name = raw.channel_name.unwrap_or(d.channel_name);
+        if channel_name.is_empty()
+            || channel_name.contains(['/', '\0'])
+            || channel_name == "."
+            || channel_name == ".."
+        {
+            return Err(invalid(
+                "channel_name",
+                format!("{channel_name:?} must be a non-empty port name without '/'"),
+            ));
+        }
+        let max_message_size_kb = ranged(
+            "max_message_size_kb",
+            raw.max_message_size_kb,
+            64,
+            1..=16384,
+        )?;
+        let connection_retry = ranged(
+            "connection_retry_seconds",
+            raw.connection_retry_seconds,
+            5,
+            1..=3600,
+        )?;
+        let request_timeout = ranged(
+            "request_timeout_seconds",
+            raw.request_timeout_seconds,
+            30,
+            1..=86400,
+        )?;
+        let max_concurrent_requests = ranged(
+            "max_concurrent_requests",
+            raw.max_concurrent_requests,
+            10,
+            1..=1024,
+        )?;
+
+        let s = raw.security.unwrap_or_default();
+        let ds = d.security;
+        let allowed_read_paths = path_list(
+            "security.allowed_read_paths",
+            s.allowed_read_paths,
+            &ds.allowed_read_paths,
+        )?;
+        let allowed_write_paths = path_list(
+            "security.allowed_write_paths",
+            s.allowed_write_paths,
+            &ds.allowed_write_paths,
+        )?;
+        let command_whitelist = match s.command_whitelist {
+            None => None,
+            Some(list) => {
+                let key = "security.command_whitelist";
+                let mut out: Vec<String> = Vec::with_capacity(list.len());
+                for entry in list {
+                    let entry = if entry.starts_with('/') {
+                        normalize_path(&entry)
+                            .map_err(|e| invalid(key, format!("{entry:?}: {}", path_reason(e))))?
+                    } else if entry.is_empty() {
+                        return Err(invalid(key, "an entry is empty"));
+                    } else if entry.contains('/') {
+                        return Err(invalid(
+                            key,
+                            format!("{entry:?} must be a bare name or an absolute path"),
+                        ));
+                    } else if entry.contains('\0') || entry == "." || entry == ".." {
+                        return Err(invalid(key, format!("{entry:?} is not a program name")));
+                    } else {
+                        entry
+                    };
+                    if !out.contains(&entry) {
+                        out.push(entry);
+                    }
+                }
+                Some(out)
+            }
+        };
+        let max_file_size_mb = ranged(
+            "security.max_file_size_mb",
+            s.max_file_size_mb,
+            10,
+            1..=1_048_576,
+        )?;
+        let max_command_timeout = ranged(
+            "security.max_command_timeout_seconds",
+            s.max_command_timeout_seconds,
+            300,
+            1..=86400,
+        )?;
+
+        Ok(Config {
+            log_level,
+            log_file,
+            channel_name,
+            // At most 16384 KiB: fits any usize.
+            max_message_size: (max_message_size_kb * 1024) as usize,
+            connection_retry: Duration::from_secs(connection_retry),
+            request_timeout: Duration::from_secs(request_timeout),
+            // At most 1024.
+            max_concurrent_requests: max_concurrent_requests as usize,
+            security: SecurityConfig {
+                allowed_read_paths,
+                allowed_write_paths,
+                command_whitelist,
+                max_file_size: max_file_size_mb * 1024 * 1024,
+                max_command_timeout: Duration::from_secs(max_command_timeout),
+            },
+        })
+    }
+
+    /// The limits in force, as reported by `get_agent_info`.
     pub fn limits(&self) -> agent_common::methods::Limits {
         agent_common::methods::Limits {
             max_message_size: self.max_message_size as u64,
@@ -84,7 +491,284 @@ impl Config {
             max_exec_output: agent_common::MAX_EXEC_OUTPUT,
             max_command_timeout_seconds: self.security.max_command_timeout.as_secs(),
             request_timeout_seconds: self.request_timeout.as_secs(),
-            max_concurrent_requests: self.max_concurrent_requests as u32,
+            // At most 1024 (validated).
+            max_concurrent_requests: self.max_concurrent_requests.min(u32::MAX as usize) as u32,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_object_gives_the_defaults() {
+        let c = Config::from_json("{}").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.log_level, LogLevel::Info);
+        assert_eq!(c.log_file, None);
+        assert_eq!(c.channel_name, "org.kvmmanager.agent.0");
+        assert_eq!(c.max_message_size, 65536);
+        assert_eq!(c.connection_retry, Duration::from_secs(5));
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_concurrent_requests, 10);
+        assert_eq!(
+            c.security.allowed_read_paths,
+            ["/tmp", "/var/log", "/etc/hostname", "/etc/os-release"]
+                .map(PathBuf::from)
+                .to_vec()
+        );
+        assert_eq!(
+            c.security.allowed_write_paths,
+            vec![PathBuf::from("/tmp/kvmmanager")]
+        );
+        assert_eq!(c.security.command_whitelist, None);
+        assert_eq!(c.security.max_file_size, 10 * 1024 * 1024);
+        assert_eq!(c.security.max_command_timeout, Duration::from_secs(300));
+        assert_eq!(Config::from_json(r#"{"security":{}}"#).unwrap(), c);
+        assert_eq!(
+            Config::from_json(r#"{"security":null,"log_file":null}"#).unwrap(),
+            c
+        );
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = Config::from_json(
+            r#"{
+                "log_level": "trace",
+                "log_file": "/var/log//agent.log/",
+                "channel_name": "org.example.x",
+                "max_message_size_kb": 16384,
+                "connection_retry_seconds": 1,
+                "request_timeout_seconds": 86400,
+                "max_concurrent_requests": 1024,
+                "security": {
+                    "allowed_read_paths": ["/", "/var/./log/"],
+                    "allowed_write_paths": [],
+                    "command_whitelist": ["ls", "/usr//bin/cat", "ls"],
+                    "max_file_size_mb": 1048576,
+                    "max_command_timeout_seconds": 1
+                }
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.log_level, LogLevel::Trace);
+        assert_eq!(c.log_file, Some(PathBuf::from("/var/log/agent.log")));
+        assert_eq!(c.channel_name, "org.example.x");
+        assert_eq!(c.max_message_size, 16 * 1024 * 1024);
+        assert_eq!(c.connection_retry, Duration::from_secs(1));
+        assert_eq!(c.request_timeout, Duration::from_secs(86400));
+        assert_eq!(c.max_concurrent_requests, 1024);
+        assert_eq!(
+            c.security.allowed_read_paths,
+            vec![PathBuf::from("/"), PathBuf::from("/var/log")]
+        );
+        assert!(c.security.allowed_write_paths.is_empty());
+        assert_eq!(
+            c.security.command_whitelist,
+            Some(vec!["ls".to_owned(), "/usr/bin/cat".to_owned()])
+        );
+        assert_eq!(c.security.max_file_size, 1 << 40);
+        assert_eq!(c.security.max_command_timeout, Duration::from_secs(1));
+        let l = c.limits();
+        assert_eq!(l.max_message_size, 16 * 1024 * 1024);
+        assert_eq!(l.max_file_size, 1 << 40);
+        assert_eq!(l.max_command_timeout_seconds, 1);
+        assert_eq!(l.request_timeout_seconds, 86400);
+        assert_eq!(l.max_concurrent_requests, 1024);
+        assert_eq!(l.max_read_chunk, agent_common::MAX_READ_CHUNK);
+        assert_eq!(l.max_exec_output, agent_common::MAX_EXEC_OUTPUT);
+        assert_eq!(l.max_response_size, agent_common::MAX_RESPONSE_SIZE as u64);
+    }
+
+    #[test]
+    fn log_levels_round_trip() {
+        for name in ["error", "warn", "info", "debug", "trace"] {
+            let c = Config::from_json(&format!(r#"{{"log_level":"{name}"}}"#)).unwrap();
+            assert_eq!(c.log_level.as_str(), name);
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"log_level":"verbose"}"#, "log_level"),
+            (r#"{"log_level":"INFO"}"#, "log_level"),
+            (r#"{"log_level":3}"#, "log_level"),
+            (r#"{"log_file":"agent.log"}"#, "log_file"),
+            (r#"{"log_file":""}"#, "log_file"),
+            (r#"{"log_file":"/"}"#, "log_file"),
+            (r#"{"log_file":"/var/log/../x"}"#, "log_file"),
+            (r#"{"channel_name":""}"#, "channel_name"),
+            (r#"{"channel_name":"a/b"}"#, "channel_name"),
+            (r#"{"channel_name":".."}"#, "channel_name"),
+            (r#"{"channel_name":5}"#, "channel_name"),
+            (r#"{"max_message_size_kb":0}"#, "max_message_size_kb"),
+            (r#"{"max_message_size_kb":16385}"#, "max_message_size_kb"),
+            (r#"{"max_message_size_kb":-1}"#, "max_message_size_kb"),
+            (r#"{"max_message_size_kb":1.5}"#, "max_message_size_kb"),
+            (r#"{"max_message_size_kb":"64"}"#, "max_message_size_kb"),
+            (
+                r#"{"connection_retry_seconds":0}"#,
+                "connection_retry_seconds",
+            ),
+            (
+                r#"{"connection_retry_seconds":3601}"#,
+                "connection_retry_seconds",
+            ),
+            (
+                r#"{"request_timeout_seconds":0}"#,
+                "request_timeout_seconds",
+            ),
+            (
+                r#"{"request_timeout_seconds":86401}"#,
+                "request_timeout_seconds",
+            ),
+            (
+                r#"{"max_concurrent_requests":0}"#,
+                "max_concurrent_requests",
+            ),
+            (
+                r#"{"max_concurrent_requests":1025}"#,
+                "max_concurrent_requests",
+            ),
+            (r#"{"security":[]}"#, "security"),
+            (
+                r#"{"security":{"allowed_read_paths":"/tmp"}}"#,
+                "security.allowed_read_paths",
+            ),
+            (
+                r#"{"security":{"allowed_read_paths":["tmp"]}}"#,
+                "security.allowed_read_paths",
+            ),
+            (
+                r#"{"security":{"allowed_read_paths":[""]}}"#,
+                "security.allowed_read_paths",
+            ),
+            (
+                r#"{"security":{"allowed_read_paths":["/tmp/../etc"]}}"#,
+                "security.allowed_read_paths",
+            ),
+            (
+                r#"{"security":{"allowed_read_paths":[null]}}"#,
+                "security.allowed_read_paths",
+            ),
+            (
+                r#"{"security":{"allowed_write_paths":["./x"]}}"#,
+                "security.allowed_write_paths",
+            ),
+            (
+                r#"{"security":{"allowed_write_paths":["/a/.."]}}"#,
+                "security.allowed_write_paths",
+            ),
+            (
+                r#"{"security":{"command_whitelist":[""]}}"#,
+                "security.command_whitelist",
+            ),
+            (
+                r#"{"security":{"command_whitelist":["bin/ls"]}}"#,
+                "security.command_whitelist",
+            ),
+            (
+                r#"{"security":{"command_whitelist":["./ls"]}}"#,
+                "security.command_whitelist",
+            ),
+            (
+                r#"{"security":{"command_whitelist":[".."]}}"#,
+                "security.command_whitelist",
+            ),
+            (
+                r#"{"security":{"command_whitelist":["/bin/../sh"]}}"#,
+                "security.command_whitelist",
+            ),
+            (
+                r#"{"security":{"command_whitelist":"ls"}}"#,
+                "security.command_whitelist",
+            ),
+            (
+                r#"{"security":{"max_file_size_mb":0}}"#,
+                "security.max_file_size_mb",
+            ),
+            (
+                r#"{"security":{"max_file_size_mb":1048577}}"#,
+                "security.max_file_size_mb",
+            ),
+            (
+                r#"{"security":{"max_command_timeout_seconds":0}}"#,
+                "security.max_command_timeout_seconds",
+            ),
+            (
+                r#"{"security":{"max_command_timeout_seconds":86401}}"#,
+                "security.max_command_timeout_seconds",
+            ),
+        ];
+        for (text, key) in cases {
+            match Config::from_json(text) {
+                Err(ConfigError::InvalidValue { key: k, reason }) => {
+                    assert_eq!(k, *key, "{text}");
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_dotted_name() {
+        let cases = [
+            (r#"{"log_levle":"info"}"#, "log_levle"),
+            (r#"{"max_file_size_mb":10}"#, "max_file_size_mb"),
+            (
+                r#"{"security":{"max_file_size":10}}"#,
+                "security.max_file_size",
+            ),
+            (
+                r#"{"security":{"allowed_read_paths":[],"x":1}}"#,
+                "security.x",
+            ),
+        ];
+        for (text, key) in cases {
+            assert_eq!(
+                Config::from_json(text),
+                Err(ConfigError::UnknownKey {
+                    key: key.to_owned()
+                }),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_json_is_a_syntax_error() {
+        for text in ["", "{", r#"{"log_level":}"#, "{} x", r#"{"a":1,}"#] {
+            match Config::from_json(text) {
+                Err(ConfigError::Syntax { line, .. }) => assert!(line >= 1, "{text}"),
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+        for text in ["[]", "null", "1", r#""x""#] {
+            assert_eq!(
+                Config::from_json(text),
+                Err(ConfigError::NotAnObject),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        match Config::load(&path) {
+            Err(ConfigError::Read { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&path, r#"{"log_level":"loud"}"#).unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert!(e.to_string().contains(path.to_str().unwrap()), "{e}");
+        assert!(e.to_string().contains("log_level"), "{e}");
+        std::fs::write(&path, r#"{"log_level":"debug"}"#).unwrap();
+        assert_eq!(Config::load(&path).unwrap().log_level, LogLevel::Debug);
     }
 }

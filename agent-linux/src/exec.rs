@@ -1,17 +1,862 @@
-//! TEMPORARY STUB.
-use crate::config::Config;
+//! `exec_command`: run a program to completion and return its output.
+//!
+//! This is the only module that spawns processes. The program is resolved by
+//! [`CommandPolicy`] (bare names in [`SAFE_PATH`] only, optional whitelist)
+//! and started directly, never through a shell, in a new process group, with
+//! a minimal environment (`PATH`, `HOME`, `LANG`) plus the request's `env`.
+//!
+//! Lifetime of the process group:
+//! - on timeout the whole group gets SIGKILL and `timed_out` is true;
+//! - when the main process exits, descendants still holding stdout/stderr
+//!   get [`EXIT_GRACE`] to finish, then the group gets SIGKILL: when
+//!   `exec_command` returns, nothing of the command's process group is left
+//!   (use `systemd-run` or `setsid` to start long-lived services);
+//! - when the request future is dropped (cancelled, agent stopping) a guard
+//!   kills the group.
+//!
+//! The group is signalled while the main process is still unreaped (its exit
+//! is observed through a pidfd without reaping it), so the group id cannot
+//! have been reused by an unrelated process. Processes that left the group
+//! (`setsid`) are out of reach; if they keep the output pipes open, output
+//! collection stops [`DRAIN_AFTER_KILL`] after the kill.
+//!
+//! Limits: `timeout_seconds` defaults to `request_timeout_seconds` (capped at
+//! `max_command_timeout_seconds`); a larger value is refused as
+//! `policy_denied` naming the limit, 0 as `invalid_params`.
+//!
+//! Environment rules: keys starting with `LD_`, `GCONV_PATH`, keys that are
+//! empty or contain `=` or NUL, and values with NUL are refused always. With
+//! a `command_whitelist` in force, variables that make a whitelisted program
+//! run other code (see [`RESTRICTED_ENV`], `BASH_FUNC_*`) are refused too,
+//! since otherwise a whitelisted script would be a way around the whitelist.
+//! This list cannot be complete: whitelist only programs that do not take
+//! code from their environment.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_common::encoding::DecodeError;
 use agent_common::error::ErrorKind;
-use agent_common::methods::*;
+use agent_common::methods::{ExecParams, ExecResult};
+use agent_common::MAX_EXEC_OUTPUT;
+use serde_json::Value;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+
+use crate::config::Config;
+use crate::error::{io_error_kind, RpcError};
+use crate::policy::{CommandPolicy, PolicyError, SAFE_PATH};
+
+/// How long descendants may keep the output pipes open after the main
+/// process exits.
+pub const EXIT_GRACE: Duration = Duration::from_millis(100);
+
+/// How long output is still read after the process group was killed.
+pub const DRAIN_AFTER_KILL: Duration = Duration::from_secs(1);
+
+/// Variables refused when a command whitelist is in force (besides `LD_*`,
+/// `GCONV_PATH` and `BASH_FUNC_*`).
+pub const RESTRICTED_ENV: &[&str] = &[
+    "PATH",
+    "BASH_ENV",
+    "ENV",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "IFS",
+    "GLIBC_TUNABLES",
+    "LOCPATH",
+    "NLSPATH",
+    "HOSTALIASES",
+    "RESOLV_HOST_CONF",
+    "MALLOC_TRACE",
+    "PYTHONPATH",
+    "PYTHONSTARTUP",
+    "PYTHONHOME",
+    "PERL5LIB",
+    "PERL5OPT",
+    "PERLLIB",
+    "RUBYLIB",
+    "RUBYOPT",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+];
+
+/// Why a command could not be run.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error("stub")]
-    Stub,
+    /// The command policy refused or could not resolve the command.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// An environment variable is refused.
+    #[error("environment variable {key:?} refused: {reason}")]
+    EnvRefused {
+        /// The variable name (lossy if it holds NUL).
+        key: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// `timeout_seconds` exceeds `security.max_command_timeout_seconds`.
+    #[error("timeout_seconds {requested} exceeds the limit of {limit} seconds (security.max_command_timeout_seconds)")]
+    TimeoutTooLong {
+        /// Requested seconds.
+        requested: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The params are invalid (zero timeout, relative or non-directory cwd).
+    #[error("invalid exec_command request: {reason}")]
+    InvalidRequest {
+        /// Why.
+        reason: String,
+    },
+    /// The working directory cannot be used.
+    #[error("cannot use working directory {cwd}")]
+    Cwd {
+        /// The directory.
+        cwd: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `stdin` is not valid in `stdin_encoding`.
+    #[error("cannot decode stdin")]
+    Decode(#[source] DecodeError),
+    /// The program could not be started.
+    #[error("cannot start {command}")]
+    Spawn {
+        /// The command as requested.
+        command: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Waiting for the program failed.
+    #[error("cannot wait for {command}")]
+    Wait {
+        /// The command as requested.
+        command: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A blocking task failed.
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What happened.
+        reason: String,
+    },
 }
-impl crate::error::RpcError for ExecError {
+
+impl RpcError for ExecError {
     fn kind(&self) -> ErrorKind {
-        ErrorKind::NotSupported
+        match self {
+            ExecError::Policy(e) => e.kind(),
+            ExecError::EnvRefused { .. } | ExecError::TimeoutTooLong { .. } => {
+                ErrorKind::PolicyDenied
+            }
+            ExecError::InvalidRequest { .. } => ErrorKind::InvalidParams,
+            ExecError::Cwd { source, .. } => io_error_kind(source),
+            ExecError::Decode(_) => ErrorKind::InvalidEncoding,
+            ExecError::Spawn { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOENT) => ErrorKind::NotFound,
+                _ => ErrorKind::SpawnFailed,
+            },
+            ExecError::Wait { .. } => ErrorKind::IoError,
+            ExecError::Internal { .. } => ErrorKind::InternalError,
+        }
+    }
+
+    fn data(&self) -> Vec<(&'static str, Value)> {
+        match self {
+            ExecError::Policy(e) => e.data(),
+            ExecError::EnvRefused { key, .. } => vec![("env", key.as_str().into())],
+            ExecError::TimeoutTooLong { limit, .. } => vec![("limit", (*limit).into())],
+            ExecError::Cwd { cwd, .. } => vec![("cwd", cwd.as_str().into())],
+            ExecError::Spawn { command, .. } | ExecError::Wait { command, .. } => {
+                vec![("command", command.as_str().into())]
+            }
+            ExecError::InvalidRequest { .. }
+            | ExecError::Decode(_)
+            | ExecError::Internal { .. } => Vec::new(),
+        }
     }
 }
-pub async fn exec_command(_c: &Config, _p: ExecParams) -> Result<ExecResult, ExecError> {
-    Err(ExecError::Stub)
+
+/// Checks the request's environment variables.
+fn check_env(params: &ExecParams, restricted: bool) -> Result<(), ExecError> {
+    for (key, value) in &params.env {
+        let refuse = |reason| {
+            Err(ExecError::EnvRefused {
+                key: key.replace('\0', "\\0"),
+                reason,
+            })
+        };
+        if key.is_empty() {
+            return refuse("the name is empty");
+        }
+        if key.contains(['=', '\0']) {
+            return refuse("the name contains '=' or a NUL byte");
+        }
+        if value.contains('\0') {
+            return refuse("the value contains a NUL byte");
+        }
+        if key.starts_with("LD_") || key == "GCONV_PATH" {
+            return refuse("dynamic loader variables are not allowed");
+        }
+        if restricted && (RESTRICTED_ENV.contains(&key.as_str()) || key.starts_with("BASH_FUNC_")) {
+            return refuse("not allowed while security.command_whitelist is set");
+        }
+    }
+    Ok(())
+}
+
+/// The environment every command starts with.
+fn base_env() -> [(&'static str, String); 3] {
+    let home = std::env::var("HOME")
+        .ok()
+        .filter(|h| h.starts_with('/'))
+        .unwrap_or_else(|| "/root".to_owned());
+    [
+        ("PATH", SAFE_PATH.to_owned()),
+        ("HOME", home),
+        ("LANG", "C.UTF-8".to_owned()),
+    ]
+}
+
+/// The time limit for `params`.
+fn time_limit(config: &Config, params: &ExecParams) -> Result<Duration, ExecError> {
+    let max = config.security.max_command_timeout;
+    match params.timeout_seconds {
+        None => Ok(config.request_timeout.min(max)),
+        Some(0) => Err(ExecError::InvalidRequest {
+            reason: "timeout_seconds must be at least 1".into(),
+        }),
+        Some(t) if t > max.as_secs() => Err(ExecError::TimeoutTooLong {
+            requested: t,
+            limit: max.as_secs(),
+        }),
+        Some(t) => Ok(Duration::from_secs(t)),
+    }
+}
+
+/// Checks the working directory (default `/`).
+fn check_cwd(cwd: Option<&str>) -> Result<PathBuf, ExecError> {
+    let cwd = cwd.unwrap_or("/");
+    if !cwd.starts_with('/') || cwd.contains('\0') {
+        return Err(ExecError::InvalidRequest {
+            reason: format!("cwd {cwd:?} must be an absolute path"),
+        });
+    }
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => Ok(PathBuf::from(cwd)),
+        Ok(_) => Err(ExecError::InvalidRequest {
+            reason: format!("cwd {cwd:?} is not a directory"),
+        }),
+        Err(source) => Err(ExecError::Cwd {
+            cwd: cwd.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Kills the process group on drop unless disarmed.
+struct GroupGuard {
+    pgid: Option<nix::unistd::Pid>,
+}
+
+impl GroupGuard {
+    fn kill(&self) {
+        if let Some(pgid) = self.pgid {
+            // ESRCH (nobody left) is fine.
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// After the main process is reaped the group id may be reused: stop.
+    fn disarm(&mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `pidfd_open(pid, 0)`: a descriptor that becomes readable when `pid` exits.
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // A descriptor is int-sized.
+    let fd = ret as libc::c_int;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A wrapper so `AsyncFd` can hold an `OwnedFd`.
+struct PidFd(OwnedFd);
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Waits for the main process to exit. With a pidfd the process is left
+/// unreaped (`None`); without one it is reaped and its status returned.
+async fn exited(
+    pidfd: Option<&AsyncFd<PidFd>>,
+    child: &mut Child,
+) -> io::Result<Option<ExitStatus>> {
+    match pidfd {
+        Some(fd) => {
+            let _ready = fd.readable().await?;
+            Ok(None)
+        }
+        None => child.wait().await.map(Some),
+    }
+}
+
+/// Output kept from one pipe.
+#[derive(Default)]
+struct Capture {
+    data: Vec<u8>,
+    truncated: bool,
+}
+
+/// Reads `reader` to the end, keeping at most `limit` bytes.
+async fn capture<R: AsyncRead + Unpin>(reader: Option<R>, cap: &mut Capture, limit: usize) {
+    let Some(mut reader) = reader else { return };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => {
+                let room = limit.saturating_sub(cap.data.len());
+                cap.data.extend_from_slice(&buf[..n.min(room)]);
+                if n > room {
+                    cap.truncated = true;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes `data` to the child's stdin, then closes it.
+async fn feed(stdin: Option<ChildStdin>, data: &[u8]) {
+    if let Some(mut stdin) = stdin {
+        // The child may exit without reading: EPIPE is not an error here.
+        let _ = stdin.write_all(data).await;
+        let _ = stdin.shutdown().await;
+    }
+}
+
+/// Runs `params` under `config`'s command policy and limits.
+pub async fn exec_command(config: &Config, params: ExecParams) -> Result<ExecResult, ExecError> {
+    let policy = CommandPolicy::new(config.security.command_whitelist.as_deref());
+    check_env(&params, policy.is_restricted())?;
+    let limit = time_limit(config, &params)?;
+    let stdin_data = match &params.stdin {
+        None => Vec::new(),
+        Some(s) => params.stdin_encoding.decode(s).map_err(ExecError::Decode)?,
+    };
+    let command = params.command.clone();
+    let cwd = params.cwd.clone();
+    let (program, argv0, cwd) = tokio::task::spawn_blocking(move || {
+        let (program, argv0) = policy.resolve(&command)?;
+        let cwd = check_cwd(cwd.as_deref())?;
+        Ok::<_, ExecError>((program, argv0, cwd))
+    })
+    .await
+    .map_err(|e| ExecError::Internal {
+        reason: e.to_string(),
+    })??;
+    run(program, argv0, cwd, limit, stdin_data, params).await
+}
+
+async fn run(
+    program: PathBuf,
+    argv0: String,
+    cwd: PathBuf,
+    limit: Duration,
+    stdin_data: Vec<u8>,
+    params: ExecParams,
+) -> Result<ExecResult, ExecError> {
+    let mut cmd = Command::new(&program);
+    cmd.arg0(&argv0)
+        .args(&params.args)
+        .env_clear()
+        .envs(base_env())
+        .envs(&params.env)
+        .current_dir(&cwd)
+        .stdin(if stdin_data.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::from_std(start + limit);
+    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        command: params.command.clone(),
+        source,
+    })?;
+    // Declared after `child`, so dropped before it: the group is killed
+    // while the main process is still unreaped.
+    let mut group = GroupGuard {
+        pgid: child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(nix::unistd::Pid::from_raw),
+    };
+    let pidfd = match group.pgid.map(|p| pidfd_open(p.as_raw())) {
+        Some(Ok(fd)) => {
+            // SAFETY: `PidFd` owns the descriptor, so it stays open and the
+            // same for the whole life of the `AsyncFd`, and `as_raw_fd`
+            // always returns it.
+            unsafe { AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE) }
+                .ok()
+        }
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "no pidfd; the group is killed after reaping");
+            None
+        }
+        None => None,
+    };
+    tracing::debug!(command = %params.command, pid = ?group.pgid, "command started");
+
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let stdin = child.stdin.take();
+    let max = MAX_EXEC_OUTPUT as usize;
+    let mut out = Capture::default();
+    let mut err = Capture::default();
+    let mut timed_out = false;
+
+    let early_status = {
+        let io = async {
+            tokio::join!(
+                capture(stdout, &mut out, max),
+                capture(stderr, &mut err, max),
+                feed(stdin, &stdin_data)
+            )
+        };
+        tokio::pin!(io);
+        let mut io_done = false;
+
+        // Until the main process exits or time runs out.
+        let early_status = loop {
+            tokio::select! {
+                _ = &mut io, if !io_done => io_done = true,
+                r = exited(pidfd.as_ref(), &mut child) => {
+                    break r.map_err(|source| ExecError::Wait {
+                        command: params.command.clone(),
+                        source,
+                    })?;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    timed_out = true;
+                    group.kill();
+                    break None;
+                }
+            }
+        };
+        if !timed_out && !io_done {
+            // Descendants may still hold the pipes: a short grace.
+            let grace = (tokio::time::Instant::now() + EXIT_GRACE).min(deadline);
+            io_done = tokio::time::timeout_at(grace, &mut io).await.is_ok();
+        }
+        // Nothing of the group outlives the call. With a pidfd the main
+        // process is not reaped yet, so the group id is still ours.
+        group.kill();
+        if !io_done
+            && tokio::time::timeout(DRAIN_AFTER_KILL, &mut io)
+                .await
+                .is_err()
+        {
+            tracing::warn!(command = %params.command, "output pipes held open by processes outside the group; output cut");
+        }
+        early_status
+    };
+    let status = match early_status {
+        Some(status) => status,
+        None => child.wait().await.map_err(|source| ExecError::Wait {
+            command: params.command.clone(),
+            source,
+        })?,
+    };
+    group.disarm();
+    let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::debug!(command = %params.command, ?status, timed_out, duration_ms, "command finished");
+    let encoding = params.output_encoding;
+    Ok(ExecResult {
+        exit_code: status.code(),
+        signal: status.signal(),
+        stdout: encoding.encode_lossy(&out.data),
+        stderr: encoding.encode_lossy(&err.data),
+        encoding,
+        stdout_truncated: out.truncated,
+        stderr_truncated: err.truncated,
+        timed_out,
+        duration_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::encoding::Encoding;
+    use std::collections::BTreeMap;
+
+    fn sh(script: &str) -> ExecParams {
+        ExecParams {
+            command: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        }
+    }
+
+    async fn run_ok(params: ExecParams) -> ExecResult {
+        exec_command(&Config::default(), params).await.unwrap()
+    }
+
+    /// True once `pid` is gone (or a zombie nobody reaps yet).
+    fn dead(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        }
+    }
+
+    fn wait_dead(pid: i32) -> bool {
+        for _ in 0..100 {
+            if dead(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn pidfd_sees_the_exit_without_reaping() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id().unwrap()).unwrap();
+        let fd = pidfd_open(pid).unwrap();
+        // SAFETY: `PidFd` owns the descriptor for the life of the `AsyncFd`.
+        let afd =
+            unsafe { AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE) }
+                .unwrap();
+        assert_eq!(exited(Some(&afd), &mut child).await.unwrap(), None);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(stat.rsplit_once(") ").unwrap().1.starts_with('Z'), "{stat}");
+        assert!(child.wait().await.unwrap().success());
+    }
+
+    #[tokio::test]
+    async fn output_exit_code_and_signal() {
+        let r = run_ok(sh("echo out; echo err >&2; exit 3")).await;
+        assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("out\n", "err\n"));
+        assert_eq!((r.exit_code, r.signal, r.timed_out), (Some(3), None, false));
+        assert_eq!(r.encoding, Encoding::Utf8);
+        let r = run_ok(sh("kill -TERM $$")).await;
+        assert_eq!((r.exit_code, r.signal), (None, Some(libc::SIGTERM)));
+        let r = run_ok(ExecParams {
+            command: "echo".into(),
+            args: vec!["a b".into(), "$HOME".into()],
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(r.stdout, "a b $HOME\n", "no shell in between");
+    }
+
+    #[tokio::test]
+    async fn stdin_env_and_cwd() {
+        let r = run_ok(ExecParams {
+            command: "cat".into(),
+            stdin: Some("aGVsbG8=".into()),
+            stdin_encoding: Encoding::Base64,
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(r.stdout, "hello");
+        let big = "x".repeat(300_000);
+        let r = run_ok(ExecParams {
+            stdin: Some(big),
+            ..sh("wc -c")
+        })
+        .await;
+        assert_eq!(r.stdout.trim(), "300000");
+        // No stdin: empty and closed.
+        let r = run_ok(sh("cat; echo end")).await;
+        assert_eq!(r.stdout, "end\n");
+        let r = run_ok(ExecParams {
+            env: BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]),
+            ..sh("echo $FOO $PATH $LANG")
+        })
+        .await;
+        assert_eq!(r.stdout, format!("bar {SAFE_PATH} C.UTF-8\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().canonicalize().unwrap();
+        let r = run_ok(ExecParams {
+            cwd: Some(d.to_str().unwrap().to_owned()),
+            ..sh("pwd")
+        })
+        .await;
+        assert_eq!(r.stdout.trim(), d.to_str().unwrap());
+        assert_eq!(run_ok(sh("pwd")).await.stdout, "/\n");
+    }
+
+    #[tokio::test]
+    async fn request_path_does_not_change_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("true");
+        std::fs::write(&fake, "#!/bin/sh\nexit 42\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let r = run_ok(ExecParams {
+            command: "true".into(),
+            env: BTreeMap::from([("PATH".to_owned(), dir.path().to_str().unwrap().to_owned())]),
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(r.exit_code, Some(0));
+    }
+
+    #[tokio::test]
+    async fn refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, [0u8, 1, 2, 3, 4, 5, 6, 7]).unwrap();
+        std::fs::set_permissions(&junk, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let env = |k: &str, v: &str| ExecParams {
+            env: BTreeMap::from([(k.to_owned(), v.to_owned())]),
+            ..sh("true")
+        };
+        let cases: Vec<(ExecParams, ErrorKind)> = vec![
+            (env("LD_PRELOAD", "/tmp/x.so"), ErrorKind::PolicyDenied),
+            (env("LD_LIBRARY_PATH", "/tmp"), ErrorKind::PolicyDenied),
+            (env("GCONV_PATH", "/tmp"), ErrorKind::PolicyDenied),
+            (env("A=B", "c"), ErrorKind::PolicyDenied),
+            (env("A\0", "c"), ErrorKind::PolicyDenied),
+            (env("", "c"), ErrorKind::PolicyDenied),
+            (env("A", "c\0d"), ErrorKind::PolicyDenied),
+            (
+                ExecParams {
+                    timeout_seconds: Some(301),
+                    ..sh("true")
+                },
+                ErrorKind::PolicyDenied,
+            ),
+            (
+                ExecParams {
+                    timeout_seconds: Some(0),
+                    ..sh("true")
+                },
+                ErrorKind::InvalidParams,
+            ),
+            (
+                ExecParams {
+                    cwd: Some("tmp".into()),
+                    ..sh("true")
+                },
+                ErrorKind::InvalidParams,
+            ),
+            (
+                ExecParams {
+                    cwd: Some(junk.to_str().unwrap().into()),
+                    ..sh("true")
+                },
+                ErrorKind::InvalidParams,
+            ),
+            (
+                ExecParams {
+                    cwd: Some("/no/such/dir".into()),
+                    ..sh("true")
+                },
+                ErrorKind::NotFound,
+            ),
+            (
+                ExecParams {
+                    stdin: Some("!!".into()),
+                    stdin_encoding: Encoding::Base64,
+                    ..sh("true")
+                },
+                ErrorKind::InvalidEncoding,
+            ),
+            (
+                ExecParams {
+                    command: "./sh".into(),
+                    ..Default::default()
+                },
+                ErrorKind::PolicyDenied,
+            ),
+            (
+                ExecParams {
+                    command: "no-such-command-kvm".into(),
+                    ..Default::default()
+                },
+                ErrorKind::NotFound,
+            ),
+            (
+                ExecParams {
+                    command: junk.to_str().unwrap().into(),
+                    ..Default::default()
+                },
+                ErrorKind::SpawnFailed,
+            ),
+        ];
+        for (params, kind) in cases {
+            let label = format!("{params:?}");
+            let e = exec_command(&Config::default(), params).await.unwrap_err();
+            assert_eq!(e.kind(), kind, "{label}: {e}");
+        }
+        let e = exec_command(
+            &Config::default(),
+            ExecParams {
+                timeout_seconds: Some(301),
+                ..sh("true")
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("max_command_timeout_seconds"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn whitelist_applies_and_restricts_env() {
+        let mut config = Config::default();
+        config.security.command_whitelist = Some(vec!["echo".into()]);
+        let r = exec_command(
+            &config,
+            ExecParams {
+                command: "echo".into(),
+                args: vec!["hi".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.stdout, "hi\n");
+        let e = exec_command(&config, sh("true")).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PolicyDenied);
+        for key in ["PATH", "BASH_ENV", "BASH_FUNC_echo%%", "PYTHONPATH"] {
+            let e = exec_command(
+                &config,
+                ExecParams {
+                    command: "echo".into(),
+                    env: BTreeMap::from([(key.to_owned(), "x".to_owned())]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::PolicyDenied, "{key}");
+        }
+    }
+
+    #[tokio::test]
+    async fn large_output_is_truncated_and_binary_output_base64() {
+        let r = run_ok(ExecParams {
+            output_encoding: Encoding::Base64,
+            ..sh("head -c 2000000 /dev/zero; echo small >&2")
+        })
+        .await;
+        assert!(r.stdout_truncated && !r.stderr_truncated);
+        let out = Encoding::Base64.decode(&r.stdout).unwrap();
+        assert_eq!(out.len() as u64, MAX_EXEC_OUTPUT);
+        assert!(out.iter().all(|b| *b == 0));
+        assert_eq!(Encoding::Base64.decode(&r.stderr).unwrap(), b"small\n");
+        assert_eq!(r.exit_code, Some(0));
+        let r = run_ok(ExecParams {
+            output_encoding: Encoding::Base64,
+            ..sh(r"printf '\377\000'")
+        })
+        .await;
+        assert_eq!(r.stdout, "/wA=");
+        let r = run_ok(sh(r"printf 'a\377b'")).await;
+        assert_eq!(r.stdout, "a\u{fffd}b");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let r = run_ok(ExecParams {
+            timeout_seconds: Some(1),
+            ..sh("sleep 100 & echo $!; sleep 100")
+        })
+        .await;
+        assert!(r.timed_out);
+        assert_eq!(r.signal, Some(libc::SIGKILL));
+        let pid: i32 = r.stdout.trim().parse().unwrap();
+        assert!(wait_dead(pid), "background sleep {pid} survived");
+    }
+
+    #[tokio::test]
+    async fn descendants_holding_the_pipes_do_not_hang_the_call() {
+        let r = run_ok(sh("sleep 100 & echo $!; echo done >&2")).await;
+        assert_eq!((r.exit_code, r.timed_out), (Some(0), false));
+        assert_eq!(r.stderr, "done\n");
+        let pid: i32 = r.stdout.trim().parse().unwrap();
+        assert!(wait_dead(pid), "background sleep {pid} survived");
+        // A background process with its own output is killed as well.
+        let r = run_ok(sh("sleep 100 >/dev/null 2>&1 & echo $!")).await;
+        let pid: i32 = r.stdout.trim().parse().unwrap();
+        assert!(wait_dead(pid), "background sleep {pid} survived");
+    }
+
+    #[tokio::test]
+    async fn child_closing_stdout_early() {
+        let r = run_ok(sh("exec >&-; sleep 0.2; echo late >&2; exit 4")).await;
+        assert_eq!(
+            (r.exit_code, r.stdout.as_str(), r.stderr.as_str()),
+            (Some(4), "", "late\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_future_kills_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 100 & echo $! > {}; wait", pidfile.display());
+        let config = Config::default();
+        let mut fut = Box::pin(exec_command(&config, sh(&script)));
+        // Poll the request until the background pid is known, then drop it.
+        for _ in 0..250 {
+            tokio::select! {
+                _ = &mut fut => panic!("command finished"),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n')) {
+                break;
+            }
+        }
+        drop(fut);
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            wait_dead(pid),
+            "background sleep {pid} survived the dropped request"
+        );
+    }
 }

@@ -1,34 +1,1610 @@
-//! TEMPORARY STUB.
-use crate::config::Config;
+//! `file_read` and `file_write`.
+//!
+//! Every path goes through [`PathPolicy`] first (see `policy.rs` for how
+//! paths are resolved); all blocking I/O runs in `spawn_blocking`.
+//!
+//! # Writes
+//!
+//! - `truncate` and `create_new` never write into an existing file: the data
+//!   goes to a staging file `.<name>.kvmtmp-<random>` created (`O_EXCL`) in
+//!   the target's directory, is fsynced, then renamed over the name
+//!   (`create_new`: `renameat2(RENAME_NOREPLACE)`, falling back to
+//!   `link`+`unlink` where the filesystem lacks it). Readers see the old or
+//!   the new file, never a mix; a failure (disk full included) removes the
+//!   staging file and leaves the target untouched. Replacing an existing
+//!   regular file keeps its permission bits (minus setuid, setgid and
+//!   sticky) and, when the agent runs as root, its owner and group; the
+//!   request's `permissions` apply to new files only. A final component that
+//!   is a symbolic link is replaced itself (never written through), unless it
+//!   resolves, inside the root, to something other than a regular file.
+//! - `append` opens the file beneath the root with `O_APPEND|O_NOFOLLOW`
+//!   (creating it with `permissions` if missing) and is not atomic: a
+//!   concurrent reader may see part of the data. On a write error the file is
+//!   truncated back to its old length (or removed if this call created it).
+//!   Files with more than one hard link are refused.
+//! - Chunked uploads stage into the same kind of staging file; the call with
+//!   `more: false` commits (fsync + rename). The commit waits for chunk
+//!   writes already in progress, so the host must send it only after every
+//!   other chunk of the upload has been acknowledged; a chunk that arrives
+//!   after the commit gets `not_found`. Any failed chunk aborts the whole
+//!   upload. Uploads belong to the session (host connection) that started
+//!   them; [`FileService::end_session`] and [`FileService::abort_all`] delete
+//!   their staging files. At most [`MAX_UPLOADS`] uploads are open at once.
+//!   A staging file left by a killed agent keeps the name
+//!   `.<name>.kvmtmp-<32 hex digits>` and may be deleted by hand.
+//! - `file_write` never creates directories; [`ensure_write_roots`] creates
+//!   missing write roots (mode 0755) once at startup.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use agent_common::encoding::{DecodeError, Encoding};
 use agent_common::error::ErrorKind;
-use agent_common::methods::*;
-use std::sync::Arc;
+use agent_common::methods::{
+    FileReadParams, FileReadResult, FileWriteParams, FileWriteResult, WriteMode,
+};
+use agent_common::MAX_READ_CHUNK;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::error::{io_error_kind, RpcError};
+use crate::policy::{check_regular_single, normalize_path, sys, PathPolicy, PolicyError};
+
+/// Most chunked uploads open at once (all sessions together).
+pub const MAX_UPLOADS: usize = 16;
+
+/// Permission bits `file_write` accepts: no group/other write, no
+/// setuid/setgid/sticky.
+pub const ALLOWED_PERMISSIONS: u32 = 0o755;
+
+/// Permission bits of a new file when the request gives none.
+pub const DEFAULT_PERMISSIONS: u32 = 0o644;
+
+/// Mode of the write roots [`ensure_write_roots`] creates.
+pub const WRITE_ROOT_MODE: u32 = 0o755;
+
+/// Why a file request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("stub")]
-    Stub,
+    /// The path policy refused or could not resolve the path.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// `content` is not valid in its declared encoding.
+    #[error("cannot decode content")]
+    Decode(#[source] DecodeError),
+    /// The bytes read are not UTF-8.
+    #[error("{path} is not valid UTF-8 at byte {at}; use encoding base64")]
+    NotUtf8 {
+        /// The path as requested.
+        path: String,
+        /// File offset of the first invalid byte.
+        at: u64,
+    },
+    /// The file (or the file it would become) exceeds `max_file_size_mb`.
+    #[error("{path} would be {size} bytes, more than the limit of {limit} bytes (security.max_file_size_mb)")]
+    TooLarge {
+        /// The path as requested.
+        path: String,
+        /// The size in bytes.
+        size: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// `permissions` has bits outside 0o755.
+    #[error("permissions {mode:#o} refused: only bits within 0o755 are allowed (no group/other write, setuid, setgid or sticky)")]
+    BadPermissions {
+        /// The requested mode.
+        mode: u32,
+    },
+    /// The params contradict each other.
+    #[error("invalid file_write request: {reason}")]
+    InvalidRequest {
+        /// Why.
+        reason: String,
+    },
+    /// `create_new` found the name taken.
+    #[error("{path} already exists")]
+    AlreadyExists {
+        /// The path as requested.
+        path: String,
+    },
+    /// The target is a directory, FIFO, device or socket.
+    #[error("{path} is not a regular file")]
+    NotRegularFile {
+        /// The path as requested.
+        path: String,
+    },
+    /// `append` does not follow a symbolic link at the final component.
+    #[error("{path} is a symbolic link; append does not follow symbolic links")]
+    Symlink {
+        /// The path as requested.
+        path: String,
+    },
+    /// No open upload of that id in this session.
+    #[error("unknown upload {id:?} (never started, already committed or aborted, or started by another session)")]
+    UnknownUpload {
+        /// The id.
+        id: String,
+    },
+    /// Too many uploads are open.
+    #[error("too many uploads in progress (at most {limit}); retry later")]
+    TooManyUploads {
+        /// The limit.
+        limit: usize,
+    },
+    /// An operating-system error.
+    #[error("cannot {op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path as requested.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A blocking task failed (panicked or was cancelled).
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What happened.
+        reason: String,
+    },
 }
-impl crate::error::RpcError for FileError {
+
+impl RpcError for FileError {
     fn kind(&self) -> ErrorKind {
-        ErrorKind::NotSupported
+        match self {
+            FileError::Policy(e) => e.kind(),
+            FileError::Decode(_) | FileError::NotUtf8 { .. } => ErrorKind::InvalidEncoding,
+            FileError::TooLarge { .. } => ErrorKind::TooLarge,
+            FileError::BadPermissions { .. } | FileError::InvalidRequest { .. } => {
+                ErrorKind::InvalidParams
+            }
+            FileError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            FileError::NotRegularFile { .. } => ErrorKind::NotARegularFile,
+            FileError::Symlink { .. } => ErrorKind::PolicyDenied,
+            FileError::UnknownUpload { .. } => ErrorKind::NotFound,
+            FileError::TooManyUploads { .. } => ErrorKind::Busy,
+            FileError::Io { source, .. } => io_error_kind(source),
+            FileError::Internal { .. } => ErrorKind::InternalError,
+        }
+    }
+
+    fn data(&self) -> Vec<(&'static str, Value)> {
+        match self {
+            FileError::Policy(e) => e.data(),
+            FileError::NotUtf8 { path, at } => {
+                vec![("path", path.as_str().into()), ("offset", (*at).into())]
+            }
+            FileError::TooLarge { path, size, limit } => vec![
+                ("path", path.as_str().into()),
+                ("size", (*size).into()),
+                ("limit", (*limit).into()),
+            ],
+            FileError::AlreadyExists { path }
+            | FileError::NotRegularFile { path }
+            | FileError::Symlink { path }
+            | FileError::Io { path, .. } => vec![("path", path.as_str().into())],
+            FileError::UnknownUpload { id } => vec![("upload_id", id.as_str().into())],
+            FileError::TooManyUploads { limit } => vec![("limit", (*limit).into())],
+            FileError::BadPermissions { mode } => vec![("permissions", (*mode).into())],
+            FileError::Decode(_)
+            | FileError::InvalidRequest { .. }
+            | FileError::Internal { .. } => Vec::new(),
+        }
     }
 }
+
+fn io_err<'a>(op: &'static str, path: &'a str) -> impl FnOnce(io::Error) -> FileError + 'a {
+    move |source| FileError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+async fn blocking<T, F>(f: F) -> Result<T, FileError>
+where
+    F: FnOnce() -> Result<T, FileError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FileError::Internal {
+            reason: e.to_string(),
+        })?
+}
+
+/// A staging file in the target's directory, deleted on drop unless renamed into place.
+struct Staged {
+    dir: OwnedFd,
+    tmp_name: OsString,
+    final_name: OsString,
+    file: File,
+    live: bool,
+}
+
+impl Staged {
+    /// Creates `.<name>.kvmtmp-<random>` in `dir` with exactly `perms` (and `owner`).
+    fn create(
+        dir: OwnedFd,
+        final_name: OsString,
+        perms: u32,
+        owner: Option<(u32, u32)>,
+        path: &str,
+    ) -> Result<Staged, FileError> {
+        // Keep the staging name within NAME_MAX (255): a prefix of the name will do.
+        let bytes = final_name.as_bytes();
+        let prefix = &bytes[..bytes.len().min(200)];
+        let mut attempts = 0;
+        let (fd, tmp_name) = loop {
+            let suffix = sys::random_hex(16).map_err(io_err("create a staging file for", path))?;
+            let mut tmp = Vec::with_capacity(prefix.len() + 48);
+            tmp.push(b'.');
+            tmp.extend_from_slice(prefix);
+            tmp.extend_from_slice(b".kvmtmp-");
+            tmp.extend_from_slice(suffix.as_bytes());
+            let tmp = OsString::from(OsStr::from_bytes(&tmp));
+            match sys::openat2(
+                dir.as_fd(),
+                &tmp,
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
+                perms,
+                sys::BENEATH,
+            ) {
+                Ok(fd) => break (fd, tmp),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && attempts < 3 => attempts += 1,
+                Err(e) => return Err(io_err("create a staging file for", path)(e)),
+            }
+        };
+        let staged = Staged {
+            dir,
+            tmp_name,
+            final_name,
+            file: File::from(fd),
+            live: true,
+        };
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&staged.file, Some(uid), Some(gid))
+                .map_err(io_err("set the owner of", path))?;
+        }
+        // Exactly `perms`, whatever the umask.
+        staged
+            .file
+            .set_permissions(std::fs::Permissions::from_mode(perms))
+            .map_err(io_err("set the permissions of", path))?;
+        Ok(staged)
+    }
+
+    /// fsyncs the data and renames it into place.
+    fn commit(&mut self, mode: WriteMode, path: &str) -> Result<(), FileError> {
+        self.file.sync_all().map_err(io_err("write", path))?;
+        let mut linked = false;
+        let renamed = if mode == WriteMode::CreateNew {
+            match sys::renameat2(
+                self.dir.as_fd(),
+                &self.tmp_name,
+                &self.final_name,
+                libc::RENAME_NOREPLACE,
+            ) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // No RENAME_NOREPLACE on this filesystem: link fails if the name exists.
+                    linked = true;
+                    sys::linkat(self.dir.as_fd(), &self.tmp_name, &self.final_name)
+                }
+                other => other,
+            }
+        } else {
+            sys::renameat2(self.dir.as_fd(), &self.tmp_name, &self.final_name, 0)
+        };
+        match renamed {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && mode == WriteMode::CreateNew => {
+                return Err(FileError::AlreadyExists {
+                    path: path.to_owned(),
+                })
+            }
+            Err(e) => return Err(io_err("rename into place", path)(e)),
+        }
+        // After a rename the staging name is gone; after the link fallback
+        // it remains and Drop removes it.
+        if !linked {
+            self.live = false;
+        }
+        sync_dir(&self.dir);
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.live {
+            if let Err(e) = sys::unlinkat(self.dir.as_fd(), &self.tmp_name) {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    tracing::warn!(name = ?self.tmp_name, error = %e, "cannot remove staging file");
+                }
+            }
+        }
+    }
+}
+
+/// Best-effort fsync of a directory (an `O_PATH` descriptor cannot be fsynced itself).
+fn sync_dir(dir: &OwnedFd) {
+    if let Ok(fd) = sys::openat2(
+        dir.as_fd(),
+        OsStr::new("."),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+        sys::BENEATH,
+    ) {
+        let _ = File::from(fd).sync_all();
+    }
+}
+
+/// What replacing the target must preserve.
+struct TargetInfo {
+    perms: u32,
+    owner: Option<(u32, u32)>,
+}
+
+/// Looks at the existing target of a replacing write.
+fn inspect_target(
+    dir: &OwnedFd,
+    name: &OsStr,
+    path: &str,
+    mode: WriteMode,
+    requested: u32,
+) -> Result<TargetInfo, FileError> {
+    let new = TargetInfo {
+        perms: requested,
+        owner: None,
+    };
+    let Some(st) = sys::lstatat(dir.as_fd(), name).map_err(io_err("inspect", path))? else {
+        return Ok(new);
+    };
+    if mode == WriteMode::CreateNew {
+        return Err(FileError::AlreadyExists {
+            path: path.to_owned(),
+        });
+    }
+    if sys::is_regular(&st) {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        return Ok(TargetInfo {
+            perms: st.st_mode & 0o777,
+            owner: root.then_some((st.st_uid, st.st_gid)),
+        });
+    }
+    if sys::is_symlink(&st) {
+        // The link itself is replaced; refuse only if it points, inside the
+        // root, at something that is not a regular file.
+        if let Ok(fd) = sys::openat2(dir.as_fd(), name, libc::O_PATH, 0, sys::BENEATH) {
+            let target = sys::fstat(fd.as_fd()).map_err(io_err("inspect", path))?;
+            if !sys::is_regular(&target) {
+                return Err(FileError::NotRegularFile {
+                    path: path.to_owned(),
+                });
+            }
+        }
+        return Ok(new);
+    }
+    Err(FileError::NotRegularFile {
+        path: path.to_owned(),
+    })
+}
+
+/// An open chunked upload.
+struct Upload {
+    session: u64,
+    /// Normalised path the upload will be committed to.
+    path: String,
+    mode: WriteMode,
+    /// `None` once committed; chunk writers hold the read lock, the commit the write lock.
+    staged: RwLock<Option<Staged>>,
+}
+
+type Uploads = Arc<Mutex<HashMap<String, Arc<Upload>>>>;
+
+/// Serves `file_read` and `file_write`.
 pub struct FileService {
-    _c: Arc<Config>,
+    config: Arc<Config>,
+    read_policy: Arc<PathPolicy>,
+    write_policy: Arc<PathPolicy>,
+    uploads: Uploads,
 }
+
 impl FileService {
+    /// A service enforcing `config.security`.
     pub fn new(config: Arc<Config>) -> FileService {
-        FileService { _c: config }
+        let read_policy = Arc::new(PathPolicy::new(&config.security.allowed_read_paths));
+        let write_policy = Arc::new(PathPolicy::new(&config.security.allowed_write_paths));
+        FileService {
+            config,
+            read_policy,
+            write_policy,
+            uploads: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
-    pub async fn read(&self, _p: FileReadParams) -> Result<FileReadResult, FileError> {
-        Err(FileError::Stub)
+
+    /// Number of uploads open (all sessions).
+    pub fn open_uploads(&self) -> usize {
+        lock(&self.uploads).len()
     }
-    pub async fn write(&self, _s: u64, _p: FileWriteParams) -> Result<FileWriteResult, FileError> {
-        Err(FileError::Stub)
+
+    /// `file_read`.
+    pub async fn read(&self, params: FileReadParams) -> Result<FileReadResult, FileError> {
+        let policy = Arc::clone(&self.read_policy);
+        let limit = self.config.security.max_file_size;
+        blocking(move || read_blocking(&policy, &params, limit)).await
     }
-    pub fn end_session(&self, _s: u64) {}
-    pub fn abort_all(&self) {}
+
+    /// `file_write` on behalf of `session` (the host connection).
+    pub async fn write(
+        &self,
+        session: u64,
+        params: FileWriteParams,
+    ) -> Result<FileWriteResult, FileError> {
+        let perms = match params.permissions {
+            None => DEFAULT_PERMISSIONS,
+            Some(mode) if mode & !ALLOWED_PERMISSIONS == 0 => mode,
+            Some(mode) => return Err(FileError::BadPermissions { mode }),
+        };
+        let data = params
+            .encoding
+            .decode(&params.content)
+            .map_err(FileError::Decode)?;
+        let limit = self.config.security.max_file_size;
+        if let Some(id) = params.upload_id.clone() {
+            return self.write_chunk(session, id, params, data).await;
+        }
+        if params.offset.is_some_and(|o| o != 0) {
+            return Err(FileError::InvalidRequest {
+                reason: "offset is only allowed with upload_id".into(),
+            });
+        }
+        let len = data.len() as u64;
+        if len > limit {
+            return Err(FileError::TooLarge {
+                path: params.path,
+                size: len,
+                limit,
+            });
+        }
+        let policy = Arc::clone(&self.write_policy);
+        match (params.mode, params.more) {
+            (WriteMode::Append, true) => Err(FileError::InvalidRequest {
+                reason: "chunked uploads (more: true) need mode truncate or create_new".into(),
+            }),
+            (WriteMode::Append, false) => {
+                blocking(move || append_blocking(&policy, &params.path, &data, perms, limit)).await
+            }
+            (mode, false) => {
+                blocking(move || {
+                    let (dir, name) = policy.open_parent_for_write(&params.path)?;
+                    let target = inspect_target(&dir, &name, &params.path, mode, perms)?;
+                    let mut staged =
+                        Staged::create(dir, name, target.perms, target.owner, &params.path)?;
+                    staged
+                        .file
+                        .write_all(&data)
+                        .map_err(io_err("write", &params.path))?;
+                    staged.commit(mode, &params.path)?;
+                    Ok(FileWriteResult {
+                        bytes_written: len,
+                        size: len,
+                        upload_id: None,
+                        committed: true,
+                    })
+                })
+                .await
+            }
+            (mode, true) => self.start_upload(session, params, mode, perms, data).await,
+        }
+    }
+
+    async fn start_upload(
+        &self,
+        session: u64,
+        params: FileWriteParams,
+        mode: WriteMode,
+        perms: u32,
+        data: Vec<u8>,
+    ) -> Result<FileWriteResult, FileError> {
+        if lock(&self.uploads).len() >= MAX_UPLOADS {
+            return Err(FileError::TooManyUploads { limit: MAX_UPLOADS });
+        }
+        let norm = normalize_path(&params.path).ok();
+        let policy = Arc::clone(&self.write_policy);
+        let path = params.path.clone();
+        let staged = blocking(move || {
+            let (dir, name) = policy.open_parent_for_write(&path)?;
+            let target = inspect_target(&dir, &name, &path, mode, perms)?;
+            let staged = Staged::create(dir, name, target.perms, target.owner, &path)?;
+            staged
+                .file
+                .write_all_at(&data, 0)
+                .map_err(io_err("write", &path))?;
+            Ok(staged)
+        })
+        .await?;
+        let size = staged
+            .file
+            .metadata()
+            .map_err(io_err("write", &params.path))?
+            .len();
+        let id = sys::random_hex(16).map_err(io_err("start an upload for", &params.path))?;
+        let upload = Arc::new(Upload {
+            session,
+            // open_parent_for_write accepted the path, so it normalises.
+            path: norm.unwrap_or_else(|| params.path.clone()),
+            mode,
+            staged: RwLock::new(Some(staged)),
+        });
+        {
+            let mut map = lock(&self.uploads);
+            if map.len() >= MAX_UPLOADS {
+                drop(map);
+                // Dropping the upload deletes its staging file.
+                drop(upload);
+                return Err(FileError::TooManyUploads { limit: MAX_UPLOADS });
+            }
+            map.insert(id.clone(), upload);
+        }
+        tracing::debug!(upload_id = %id, path = %params.path, "upload started");
+        Ok(FileWriteResult {
+            bytes_written: size,
+            size,
+            upload_id: Some(id),
+            committed: false,
+        })
+    }
+
+    async fn write_chunk(
+        &self,
+        session: u64,
+        id: String,
+        params: FileWriteParams,
+        data: Vec<u8>,
+    ) -> Result<FileWriteResult, FileError> {
+        let upload = lock(&self.uploads)
+            .get(&id)
+            .filter(|u| u.session == session)
+            .cloned()
+            .ok_or_else(|| FileError::UnknownUpload { id: id.clone() })?;
+        let result = self.write_chunk_inner(&upload, &id, params, data).await;
+        if result.is_err() {
+            // Any failed chunk aborts the upload; the staging file goes with the last reference.
+            self.remove_if_same(&id, &upload);
+        }
+        result
+    }
+
+    async fn write_chunk_inner(
+        &self,
+        upload: &Arc<Upload>,
+        id: &str,
+        params: FileWriteParams,
+        data: Vec<u8>,
+    ) -> Result<FileWriteResult, FileError> {
+        if normalize_path(&params.path).ok().as_deref() != Some(upload.path.as_str()) {
+            return Err(FileError::InvalidRequest {
+                reason: format!(
+                    "path {:?} differs from the upload's path {:?}",
+                    params.path, upload.path
+                ),
+            });
+        }
+        let offset = params.offset.ok_or_else(|| FileError::InvalidRequest {
+            reason: "offset is required with upload_id".into(),
+        })?;
+        let len = data.len() as u64;
+        let limit = self.config.security.max_file_size;
+        let end = offset.saturating_add(len);
+        if end > limit {
+            return Err(FileError::TooLarge {
+                path: params.path,
+                size: end,
+                limit,
+            });
+        }
+        let commit = !params.more;
+        if commit && !self.remove_if_same(id, upload) {
+            return Err(FileError::UnknownUpload { id: id.to_owned() });
+        }
+        let upload = Arc::clone(upload);
+        let id = id.to_owned();
+        let path = params.path;
+        blocking(move || {
+            let unknown = || FileError::UnknownUpload { id: id.clone() };
+            if commit {
+                let mut guard = upload.staged.write().unwrap_or_else(|e| e.into_inner());
+                let staged = guard.as_mut().ok_or_else(unknown)?;
+                staged
+                    .file
+                    .write_all_at(&data, offset)
+                    .map_err(io_err("write", &path))?;
+                let size = staged
+                    .file
+                    .metadata()
+                    .map_err(io_err("write", &path))?
+                    .len();
+                staged.commit(upload.mode, &path)?;
+                // Committed: nothing more may be written to it.
+                *guard = None;
+                tracing::debug!(upload_id = %id, %path, size, "upload committed");
+                Ok(FileWriteResult {
+                    bytes_written: len,
+                    size,
+                    upload_id: None,
+                    committed: true,
+                })
+            } else {
+                let guard = upload.staged.read().unwrap_or_else(|e| e.into_inner());
+                let staged = guard.as_ref().ok_or_else(unknown)?;
+                staged
+                    .file
+                    .write_all_at(&data, offset)
+                    .map_err(io_err("write", &path))?;
+                let size = staged
+                    .file
+                    .metadata()
+                    .map_err(io_err("write", &path))?
+                    .len();
+                Ok(FileWriteResult {
+                    bytes_written: len,
+                    size,
+                    upload_id: Some(id),
+                    committed: false,
+                })
+            }
+        })
+        .await
+    }
+
+    /// Removes upload `id` if it is still `upload`; true if this call removed it.
+    fn remove_if_same(&self, id: &str, upload: &Arc<Upload>) -> bool {
+        let mut map = lock(&self.uploads);
+        match map.get(id) {
+            Some(u) if Arc::ptr_eq(u, upload) => {
+                map.remove(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Aborts `session`'s uploads and deletes their staging files.
+    pub fn end_session(&self, session: u64) {
+        let removed: Vec<Arc<Upload>> = {
+            let mut map = lock(&self.uploads);
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, u)| u.session == session)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| map.remove(id)).collect()
+        };
+        if !removed.is_empty() {
+            tracing::debug!(
+                session,
+                count = removed.len(),
+                "aborting uploads of ended session"
+            );
+        }
+        // Dropped here, outside the lock: each deletes its staging file
+        // (or the last chunk writer still holding it does).
+        drop(removed);
+    }
+
+    /// Aborts every upload (agent shutdown).
+    pub fn abort_all(&self) {
+        let removed: Vec<Arc<Upload>> = lock(&self.uploads).drain().map(|(_, u)| u).collect();
+        drop(removed);
+    }
 }
-pub fn ensure_write_roots(_c: &Config) -> Vec<String> {
-    vec![]
+
+impl Drop for FileService {
+    fn drop(&mut self) {
+        self.abort_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The map stays consistent even if a holder panicked: every update is one call.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_blocking(
+    policy: &PathPolicy,
+    params: &FileReadParams,
+    limit: u64,
+) -> Result<FileReadResult, FileError> {
+    let path = params.path.as_str();
+    let file = policy.open_read(path)?;
+    let size = file.metadata().map_err(io_err("read", path))?.len();
+    if size > limit {
+        return Err(FileError::TooLarge {
+            path: path.to_owned(),
+            size,
+            limit,
+        });
+    }
+    let length = params.length.unwrap_or(MAX_READ_CHUNK).min(MAX_READ_CHUNK);
+    let offset = params.offset;
+    let want = size.saturating_sub(offset).min(length);
+    // `want` is at most MAX_READ_CHUNK (1 MiB).
+    let mut buf = vec![0u8; want as usize];
+    let mut filled = 0usize;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break, // The file shrank.
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("read", path)(e)),
+        }
+    }
+    buf.truncate(filled);
+    let content = match params.encoding {
+        Encoding::Base64 => Encoding::Base64.encode_lossy(&buf),
+        Encoding::Utf8 => match std::str::from_utf8(&buf) {
+            Ok(s) => s.to_owned(),
+            // The chunk ends inside a character the file completes: return
+            // the whole characters only; bytes_read says how many.
+            Err(e) if e.error_len().is_none() && offset + (filled as u64) < size => {
+                buf.truncate(e.valid_up_to());
+                // Valid up to here by construction.
+                String::from_utf8_lossy(&buf).into_owned()
+            }
+            Err(e) => {
+                return Err(FileError::NotUtf8 {
+                    path: path.to_owned(),
+                    at: offset + e.valid_up_to() as u64,
+                })
+            }
+        },
+    };
+    let bytes_read = buf.len() as u64;
+    Ok(FileReadResult {
+        content,
+        encoding: params.encoding,
+        offset,
+        bytes_read,
+        eof: offset.saturating_add(bytes_read) >= size,
+        size,
+    })
+}
+
+fn append_blocking(
+    policy: &PathPolicy,
+    path: &str,
+    data: &[u8],
+    perms: u32,
+    limit: u64,
+) -> Result<FileWriteResult, FileError> {
+    let (dir, name) = policy.open_parent_for_write(path)?;
+    let not_regular = || FileError::NotRegularFile {
+        path: path.to_owned(),
+    };
+    if let Some(st) = sys::lstatat(dir.as_fd(), &name).map_err(io_err("inspect", path))? {
+        if sys::is_symlink(&st) {
+            return Err(FileError::Symlink {
+                path: path.to_owned(),
+            });
+        }
+        if !sys::is_regular(&st) {
+            return Err(not_regular());
+        }
+    }
+    // O_NONBLOCK: a FIFO swapped in never blocks the open.
+    let flags =
+        libc::O_WRONLY | libc::O_APPEND | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let open = |extra| sys::openat2(dir.as_fd(), &name, flags | extra, perms, sys::BENEATH);
+    let map_open = |e: io::Error| match e.raw_os_error() {
+        Some(libc::ELOOP) => FileError::Symlink {
+            path: path.to_owned(),
+        },
+        Some(libc::ENXIO) => not_regular(),
+        _ => io_err("open", path)(e),
+    };
+    let (fd, created) = match open(libc::O_CREAT | libc::O_EXCL) {
+        Ok(fd) => (fd, true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => (open(0).map_err(map_open)?, false),
+        Err(e) => return Err(map_open(e)),
+    };
+    let mut file = File::from(fd);
+    let remove_created = |file: &File| {
+        if created {
+            // Only if the name still is this file.
+            if let (Ok(Some(st)), Ok(own)) =
+                (sys::lstatat(dir.as_fd(), &name), sys::fstat(file.as_fd()))
+            {
+                if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino) {
+                    let _ = sys::unlinkat(dir.as_fd(), &name);
+                }
+            }
+        }
+    };
+    let st = sys::fstat(file.as_fd()).map_err(io_err("inspect", path))?;
+    check_regular_single(&st, path)?;
+    if created {
+        if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(perms)) {
+            remove_created(&file);
+            return Err(io_err("set the permissions of", path)(e));
+        }
+    }
+    let old_len = st.st_size as u64;
+    let new_len = old_len.saturating_add(data.len() as u64);
+    if new_len > limit {
+        return Err(FileError::TooLarge {
+            path: path.to_owned(),
+            size: new_len,
+            limit,
+        });
+    }
+    if let Err(e) = file.write_all(data).and_then(|()| file.sync_data()) {
+        if created {
+            remove_created(&file);
+        } else if let Err(t) = file.set_len(old_len) {
+            tracing::warn!(%path, error = %t, "cannot undo a partial append");
+        }
+        return Err(io_err("append to", path)(e));
+    }
+    let size = file.metadata().map_err(io_err("append to", path))?.len();
+    Ok(FileWriteResult {
+        bytes_written: data.len() as u64,
+        size,
+        upload_id: None,
+        committed: true,
+    })
+}
+
+/// Creates the missing `allowed_write_paths` directories (mode 0755, with
+/// missing parents) at startup. Returns one warning per root that could not
+/// be created or looks unsafe (not a directory, or owned by another user).
+/// Every missing entry is created as a directory: to allow writing a single
+/// file, list a file that exists.
+pub fn ensure_write_roots(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    for root in &config.security.allowed_write_paths {
+        match std::fs::symlink_metadata(root) {
+            Ok(meta) => {
+                if meta.uid() != euid && meta.uid() != 0 {
+                    warnings.push(format!(
+                        "allowed write path {} is owned by uid {}, who can tamper with files the host writes there",
+                        root.display(),
+                        meta.uid()
+                    ));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let made = std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(WRITE_ROOT_MODE)
+                    .create(root);
+                // Exactly WRITE_ROOT_MODE for the root itself, whatever the umask.
+                let made = made.and_then(|()| {
+                    std::fs::set_permissions(root, std::fs::Permissions::from_mode(WRITE_ROOT_MODE))
+                });
+                match made {
+                    Ok(()) => tracing::info!(root = %root.display(), "created allowed write path"),
+                    Err(e) => warnings.push(format!(
+                        "cannot create allowed write path {}: {e}",
+                        root.display()
+                    )),
+                }
+            }
+            Err(e) => warnings.push(format!(
+                "cannot inspect allowed write path {}: {e}",
+                root.display()
+            )),
+        }
+    }
+    warnings
+}
+
+/// Lists the staging files in `dir` (files named `.<name>.kvmtmp-<hex>`).
+pub fn staging_files(dir: &Path) -> io::Result<Vec<OsString>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let b = name.as_bytes();
+        if b.starts_with(b".") && b.windows(8).any(|w| w == b".kvmtmp-") {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    struct Env {
+        _dir: tempfile::TempDir,
+        root: String,
+        outside: String,
+        svc: FileService,
+    }
+
+    fn env_with(max_file_size: u64) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap().to_owned();
+        let root = format!("{base}/root");
+        let outside = format!("{base}/outside");
+        std::fs::create_dir_all(format!("{root}/sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let mut config = Config::default();
+        config.security.allowed_read_paths = vec![PathBuf::from(&root)];
+        config.security.allowed_write_paths = vec![PathBuf::from(&root)];
+        config.security.max_file_size = max_file_size;
+        Env {
+            _dir: dir,
+            root,
+            outside,
+            svc: FileService::new(Arc::new(config)),
+        }
+    }
+
+    fn env() -> Env {
+        env_with(1 << 20)
+    }
+
+    fn wp(path: &str, content: &str) -> FileWriteParams {
+        FileWriteParams {
+            path: path.to_owned(),
+            content: content.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn rp(path: &str) -> FileReadParams {
+        FileReadParams {
+            path: path.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn mode_of(path: &str) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn no_staging(dir: &str) {
+        assert_eq!(
+            staging_files(Path::new(dir)).unwrap(),
+            Vec::<OsString>::new()
+        );
+    }
+
+    #[tokio::test]
+    async fn read_ranges_and_eof() {
+        let e = env();
+        let p = format!("{}/f.txt", e.root);
+        std::fs::write(&p, "hello world").unwrap();
+        let cases: &[(u64, Option<u64>, &str, bool)] = &[
+            (0, None, "hello world", true),
+            (0, Some(5), "hello", false),
+            (6, Some(5), "world", true),
+            (6, Some(100), "world", true),
+            (11, None, "", true),
+            (50, None, "", true),
+            (3, Some(0), "", false),
+        ];
+        for (offset, length, want, eof) in cases {
+            let r = e
+                .svc
+                .read(FileReadParams {
+                    offset: *offset,
+                    length: *length,
+                    ..rp(&p)
+                })
+                .await
+                .unwrap();
+            assert_eq!(r.content, *want, "{offset} {length:?}");
+            assert_eq!(r.bytes_read, want.len() as u64);
+            assert_eq!(r.eof, *eof, "{offset} {length:?}");
+            assert_eq!(r.size, 11);
+            assert_eq!(r.offset, *offset);
+        }
+    }
+
+    #[tokio::test]
+    async fn read_utf8_boundaries_and_base64() {
+        let e = env();
+        let p = format!("{}/u.txt", e.root);
+        std::fs::write(&p, "a\u{e9}b").unwrap(); // 61 c3 a9 62
+        let r = e
+            .svc
+            .read(FileReadParams {
+                length: Some(2),
+                ..rp(&p)
+            })
+            .await
+            .unwrap();
+        assert_eq!((r.content.as_str(), r.bytes_read, r.eof), ("a", 1, false));
+        let r = e
+            .svc
+            .read(FileReadParams {
+                offset: 1,
+                length: Some(2),
+                ..rp(&p)
+            })
+            .await
+            .unwrap();
+        assert_eq!((r.content.as_str(), r.bytes_read), ("\u{e9}", 2));
+        // Starting inside a character is invalid UTF-8.
+        let err = e
+            .svc
+            .read(FileReadParams {
+                offset: 2,
+                ..rp(&p)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
+        let bin = format!("{}/bin", e.root);
+        std::fs::write(&bin, [0u8, 0xff, 0xfe, b'x']).unwrap();
+        let err = e.svc.read(rp(&bin)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
+        assert!(err.to_string().contains("use encoding base64"), "{err}");
+        let r = e
+            .svc
+            .read(FileReadParams {
+                encoding: Encoding::Base64,
+                ..rp(&bin)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            Encoding::Base64.decode(&r.content).unwrap(),
+            [0u8, 0xff, 0xfe, b'x']
+        );
+        assert_eq!(r.encoding, Encoding::Base64);
+        // A truncated character at the end of the file is invalid too.
+        let cut = format!("{}/cut", e.root);
+        std::fs::write(&cut, [b'a', 0xc3]).unwrap();
+        let err = e.svc.read(rp(&cut)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
+    }
+
+    #[tokio::test]
+    async fn read_refusals() {
+        let e = env_with(10);
+        let big = format!("{}/big", e.root);
+        std::fs::write(&big, "0123456789A").unwrap();
+        let err = e.svc.read(rp(&big)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        let obj = crate::error::to_error_object(&err);
+        let data = obj.data.unwrap();
+        assert_eq!(
+            (data["size"].as_u64(), data["limit"].as_u64()),
+            (Some(11), Some(10))
+        );
+        let fifo = format!("{}/fifo", e.root);
+        nix::unistd::mkfifo(
+            fifo.as_str(),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        for (path, kind) in [
+            (fifo, ErrorKind::NotARegularFile),
+            (format!("{}/sub", e.root), ErrorKind::NotARegularFile),
+            (format!("{}/x", e.outside), ErrorKind::PolicyDenied),
+            (format!("{}/nope", e.root), ErrorKind::NotFound),
+        ] {
+            let err = e.svc.read(rp(&path)).await.unwrap_err();
+            assert_eq!(err.kind(), kind, "{path}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn truncate_replaces_atomically_and_keeps_permissions() {
+        let e = env();
+        let p = format!("{}/f", e.root);
+        let r = e.svc.write(1, wp(&p, "first")).await.unwrap();
+        assert_eq!((r.bytes_written, r.size, r.committed), (5, 5, true));
+        assert_eq!(r.upload_id, None);
+        assert_eq!(mode_of(&p), DEFAULT_PERMISSIONS);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ino = std::fs::metadata(&p).unwrap().ino();
+        let r = e
+            .svc
+            .write(
+                1,
+                FileWriteParams {
+                    permissions: Some(0o755),
+                    ..wp(&p, "second!")
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.size, 7);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "second!");
+        assert_eq!(mode_of(&p), 0o600, "existing permissions are kept");
+        assert_ne!(
+            std::fs::metadata(&p).unwrap().ino(),
+            ino,
+            "replaced, not rewritten"
+        );
+        // New file with explicit permissions, whatever the umask.
+        let q = format!("{}/g", e.root);
+        e.svc
+            .write(
+                1,
+                FileWriteParams {
+                    permissions: Some(0o700),
+                    ..wp(&q, "x")
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(mode_of(&q), 0o700);
+        no_staging(&e.root);
+    }
+
+    #[tokio::test]
+    async fn replacing_a_symlink_replaces_the_link_not_its_target() {
+        let e = env();
+        let secret = format!("{}/secret", e.outside);
+        std::fs::write(&secret, "SECRET").unwrap();
+        let link = format!("{}/link", e.root);
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        e.svc.write(1, wp(&link, "mine")).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "SECRET");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "mine");
+        // A hard link to an outside file is replaced too, never written through.
+        let hl = format!("{}/hard", e.root);
+        std::fs::hard_link(&secret, &hl).unwrap();
+        e.svc.write(1, wp(&hl, "mine")).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "SECRET");
+    }
+
+    #[tokio::test]
+    async fn write_refusals() {
+        let e = env_with(8);
+        let fifo = format!("{}/fifo", e.root);
+        nix::unistd::mkfifo(
+            fifo.as_str(),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("sub", format!("{}/dirlink", e.root)).unwrap();
+        std::os::unix::fs::symlink(&e.outside, format!("{}/outlink", e.root)).unwrap();
+        let f = format!("{}/f", e.root);
+        std::fs::write(&f, "old").unwrap();
+        let cases: Vec<(FileWriteParams, ErrorKind)> = vec![
+            (
+                wp(&format!("{}/sub", e.root), "x"),
+                ErrorKind::NotARegularFile,
+            ),
+            (wp(&fifo, "x"), ErrorKind::NotARegularFile),
+            (
+                wp(&format!("{}/dirlink", e.root), "x"),
+                ErrorKind::NotARegularFile,
+            ),
+            (
+                wp(&format!("{}/outlink/x", e.root), "x"),
+                ErrorKind::PolicyDenied,
+            ),
+            (
+                wp(&format!("{}/x", e.outside), "x"),
+                ErrorKind::PolicyDenied,
+            ),
+            (
+                wp(&format!("{}/../outside/x", e.root), "x"),
+                ErrorKind::PolicyDenied,
+            ),
+            (wp(&format!("{}/nodir/x", e.root), "x"), ErrorKind::NotFound),
+            (wp(&f, "123456789"), ErrorKind::TooLarge),
+            (
+                FileWriteParams {
+                    permissions: Some(0o664),
+                    ..wp(&f, "x")
+                },
+                ErrorKind::InvalidParams,
+            ),
+            (
+                FileWriteParams {
+                    permissions: Some(0o4755),
+                    ..wp(&f, "x")
+                },
+                ErrorKind::InvalidParams,
+            ),
+            (
+                FileWriteParams {
+                    permissions: Some(0o1644),
+                    ..wp(&f, "x")
+                },
+                ErrorKind::InvalidParams,
+            ),
+            (
+                FileWriteParams {
+                    encoding: Encoding::Base64,
+                    ..wp(&f, "not base64!")
+                },
+                ErrorKind::InvalidEncoding,
+            ),
+            (
+                FileWriteParams {
+                    offset: Some(3),
+                    ..wp(&f, "x")
+                },
+                ErrorKind::InvalidParams,
+            ),
+            (
+                FileWriteParams {
+                    mode: WriteMode::CreateNew,
+                    ..wp(&f, "x")
+                },
+                ErrorKind::AlreadyExists,
+            ),
+            (
+                FileWriteParams {
+                    mode: WriteMode::Append,
+                    more: true,
+                    ..wp(&f, "x")
+                },
+                ErrorKind::InvalidParams,
+            ),
+            (
+                FileWriteParams {
+                    mode: WriteMode::Append,
+                    ..wp(&f, "123456")
+                },
+                ErrorKind::TooLarge,
+            ),
+            (
+                FileWriteParams {
+                    mode: WriteMode::Append,
+                    ..wp(&fifo, "x")
+                },
+                ErrorKind::NotARegularFile,
+            ),
+            (
+                FileWriteParams {
+                    mode: WriteMode::Append,
+                    ..wp(&format!("{}/dirlink", e.root), "x")
+                },
+                ErrorKind::PolicyDenied,
+            ),
+            (
+                FileWriteParams {
+                    upload_id: Some("nope".into()),
+                    offset: Some(0),
+                    ..wp(&f, "x")
+                },
+                ErrorKind::NotFound,
+            ),
+        ];
+        for (params, kind) in cases {
+            let label = format!("{params:?}");
+            let err = e.svc.write(1, params).await.unwrap_err();
+            assert_eq!(err.kind(), kind, "{label}: {err}");
+        }
+        // Nothing was written anywhere.
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "old");
+        assert!(!Path::new(&format!("{}/x", e.outside)).exists());
+        no_staging(&e.root);
+    }
+
+    #[tokio::test]
+    async fn create_new_creates_once() {
+        let e = env();
+        let p = format!("{}/new", e.root);
+        let params = FileWriteParams {
+            mode: WriteMode::CreateNew,
+            ..wp(&p, "one")
+        };
+        e.svc.write(1, params.clone()).await.unwrap();
+        let err = e.svc.write(1, params).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "one");
+        // A dangling symlink also makes the name taken.
+        let dl = format!("{}/dangling", e.root);
+        std::os::unix::fs::symlink("nowhere", &dl).unwrap();
+        let err = e
+            .svc
+            .write(
+                1,
+                FileWriteParams {
+                    mode: WriteMode::CreateNew,
+                    ..wp(&dl, "x")
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        no_staging(&e.root);
+    }
+
+    #[tokio::test]
+    async fn append_creates_then_appends_and_refuses_hard_links() {
+        let e = env();
+        let p = format!("{}/log", e.root);
+        let ap = |c: &str| FileWriteParams {
+            mode: WriteMode::Append,
+            permissions: Some(0o600),
+            ..wp(&p, c)
+        };
+        let r = e.svc.write(1, ap("ab")).await.unwrap();
+        assert_eq!((r.size, r.committed), (2, true));
+        assert_eq!(mode_of(&p), 0o600);
+        let r = e.svc.write(1, ap("cd")).await.unwrap();
+        assert_eq!((r.bytes_written, r.size), (2, 4));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "abcd");
+        let secret = format!("{}/secret", e.outside);
+        std::fs::write(&secret, "S").unwrap();
+        let hl = format!("{}/hard", e.root);
+        std::fs::hard_link(&secret, &hl).unwrap();
+        let err = e
+            .svc
+            .write(
+                1,
+                FileWriteParams {
+                    mode: WriteMode::Append,
+                    ..wp(&hl, "x")
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PolicyDenied);
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), "S");
+        // And reading through the hard link is refused as well.
+        let err = e.svc.read(rp(&hl)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PolicyDenied);
+    }
+
+    fn chunk(path: &str, id: &str, offset: u64, data: &[u8], more: bool) -> FileWriteParams {
+        FileWriteParams {
+            path: path.to_owned(),
+            content: Encoding::Base64.encode_lossy(data),
+            encoding: Encoding::Base64,
+            offset: Some(offset),
+            upload_id: Some(id.to_owned()),
+            more,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn chunked_upload_out_of_order_commits_byte_equal() {
+        let e = env();
+        let p = format!("{}/up.bin", e.root);
+        std::fs::write(&p, "old").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let parts: Vec<&[u8]> = data.chunks(16_384).collect();
+        let first = e
+            .svc
+            .write(
+                7,
+                FileWriteParams {
+                    content: Encoding::Base64.encode_lossy(parts[0]),
+                    encoding: Encoding::Base64,
+                    more: true,
+                    ..wp(&p, "")
+                },
+            )
+            .await
+            .unwrap();
+        assert!(!first.committed);
+        let id = first.upload_id.unwrap();
+        assert_eq!(id.len(), 32);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "old",
+            "not yet visible"
+        );
+        assert_eq!(staging_files(Path::new(&e.root)).unwrap().len(), 1);
+        // The middle chunks concurrently and in reverse order.
+        let middle = parts.len() - 1;
+        let futs = (1..middle).rev().map(|i| {
+            let params = chunk(&p, &id, (i * 16_384) as u64, parts[i], true);
+            e.svc.write(7, params)
+        });
+        for r in futures::future::join_all(futs).await {
+            let r = r.unwrap();
+            assert_eq!(
+                (r.committed, r.upload_id.as_deref()),
+                (false, Some(id.as_str()))
+            );
+        }
+        let last = e
+            .svc
+            .write(
+                7,
+                chunk(&p, &id, (middle * 16_384) as u64, parts[middle], false),
+            )
+            .await
+            .unwrap();
+        assert!(last.committed);
+        assert_eq!(last.size, data.len() as u64);
+        assert_eq!(std::fs::read(&p).unwrap(), data);
+        assert_eq!(mode_of(&p), 0o640);
+        assert_eq!(e.svc.open_uploads(), 0);
+        no_staging(&e.root);
+        // The id is gone once committed.
+        let err = e
+            .svc
+            .write(7, chunk(&p, &id, 0, b"x", false))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+    }
+
+    async fn start(e: &Env, session: u64, p: &str, mode: WriteMode) -> String {
+        e.svc
+            .write(
+                session,
+                FileWriteParams {
+                    mode,
+                    more: true,
+                    ..wp(p, "abc")
+                },
+            )
+            .await
+            .unwrap()
+            .upload_id
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn uploads_belong_to_their_session_and_end_with_it() {
+        let e = env();
+        let p = format!("{}/s", e.root);
+        let id = start(&e, 1, &p, WriteMode::Truncate).await;
+        let err = e
+            .svc
+            .write(2, chunk(&p, &id, 3, b"x", false))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        // Still open for its own session.
+        assert_eq!(e.svc.open_uploads(), 1);
+        e.svc.end_session(2);
+        assert_eq!(staging_files(Path::new(&e.root)).unwrap().len(), 1);
+        e.svc.end_session(1);
+        assert_eq!(e.svc.open_uploads(), 0);
+        no_staging(&e.root);
+        assert!(!Path::new(&p).exists());
+        let err = e
+            .svc
+            .write(1, chunk(&p, &id, 3, b"x", false))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        // abort_all ends every session's uploads.
+        start(&e, 3, &p, WriteMode::Truncate).await;
+        start(&e, 4, &format!("{p}2"), WriteMode::Truncate).await;
+        e.svc.abort_all();
+        assert_eq!(e.svc.open_uploads(), 0);
+        no_staging(&e.root);
+    }
+
+    #[tokio::test]
+    async fn failed_chunks_abort_the_upload() {
+        let e = env_with(10);
+        let p = format!("{}/a", e.root);
+        for bad in [
+            chunk(&p, "", 8, b"xyz", true),                         // too large
+            chunk(&format!("{}/other", e.root), "", 3, b"x", true), // other path
+            FileWriteParams {
+                offset: None,
+                ..chunk(&p, "", 3, b"x", true)
+            },
+        ] {
+            let id = start(&e, 1, &p, WriteMode::Truncate).await;
+            let err = e
+                .svc
+                .write(
+                    1,
+                    FileWriteParams {
+                        upload_id: Some(id.clone()),
+                        ..bad
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert_ne!(err.kind(), ErrorKind::NotFound, "{err}");
+            assert_eq!(e.svc.open_uploads(), 0);
+            no_staging(&e.root);
+        }
+        assert!(!Path::new(&p).exists());
+    }
+
+    #[tokio::test]
+    async fn create_new_upload_refuses_an_existing_name_at_commit() {
+        let e = env();
+        let p = format!("{}/cn", e.root);
+        let id = start(&e, 1, &p, WriteMode::CreateNew).await;
+        std::fs::write(&p, "raced").unwrap();
+        let err = e
+            .svc
+            .write(1, chunk(&p, &id, 3, b"d", false))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "raced");
+        no_staging(&e.root);
+        // Refused up front when the name already exists.
+        let err = e
+            .svc
+            .write(
+                1,
+                FileWriteParams {
+                    mode: WriteMode::CreateNew,
+                    more: true,
+                    ..wp(&p, "abc")
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    }
+
+    #[tokio::test]
+    async fn too_many_uploads_is_busy() {
+        let e = env();
+        for i in 0..MAX_UPLOADS {
+            start(&e, 1, &format!("{}/u{i}", e.root), WriteMode::Truncate).await;
+        }
+        let err = e
+            .svc
+            .write(
+                1,
+                FileWriteParams {
+                    more: true,
+                    ..wp(&format!("{}/one-more", e.root), "x")
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Busy);
+        e.svc.end_session(1);
+        no_staging(&e.root);
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let svc = FileService::new(Arc::new(Config::default()));
+        assert_send(&svc.read(rp("/tmp/x")));
+        assert_send(&svc.write(1, wp("/tmp/x", "")));
+        let config = Config::default();
+        assert_send(&crate::exec::exec_command(&config, Default::default()));
+    }
+
+    #[test]
+    fn ensure_write_roots_creates_missing_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a/b");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let blocked = file.join("sub");
+        let mut config = Config::default();
+        config.security.allowed_write_paths = vec![a.clone(), blocked];
+        let warnings = ensure_write_roots(&config);
+        assert!(a.is_dir());
+        assert_eq!(mode_of(a.to_str().unwrap()), WRITE_ROOT_MODE);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("file/sub"), "{warnings:?}");
+        assert!(ensure_write_roots(&Config {
+            security: crate::config::SecurityConfig {
+                allowed_write_paths: vec![a],
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .is_empty());
+    }
 }
