@@ -75,10 +75,8 @@ impl Decoder for JsonLinesCodec {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         loop {
-            let pos = buf[self.scanned..]
-                .iter()
-                .position(|&b| b == b'\n' || b == RESYNC_BYTE)
-                .map(|p| p + self.scanned);
+            let pos =
+                memchr::memchr2(b'\n', RESYNC_BYTE, &buf[self.scanned..]).map(|p| p + self.scanned);
             match pos {
                 Some(i) if buf[i] == RESYNC_BYTE => {
                     let _ = buf.split_to(i + 1);
@@ -184,7 +182,8 @@ mod tests {
 
     #[test]
     fn every_split_point_gives_the_same_frames() {
-        let input: &[u8] = b"{\"x\":1}\n\xff{\"partial\n{\"y\":\"\xc3\xa9\"}\r\n\xffgarbage\xff{\"z\":3}\n";
+        let input: &[u8] =
+            b"{\"x\":1}\n\xff{\"partial\n{\"y\":\"\xc3\xa9\"}\r\n\xffgarbage\xff{\"z\":3}\n";
         let expected = vec![
             line("{\"x\":1}"),
             line("{\"y\":\"\u{e9}\"}"),
@@ -245,7 +244,10 @@ mod tests {
     #[test]
     fn partial_line_at_eof_is_dropped() {
         let mut c = JsonLinesCodec::new(100);
-        assert_eq!(decode_all(&mut c, &[b"{\"a\":1}\n{\"b\""]), vec![line("{\"a\":1}")]);
+        assert_eq!(
+            decode_all(&mut c, &[b"{\"a\":1}\n{\"b\""]),
+            vec![line("{\"a\":1}")]
+        );
     }
 
     #[test]

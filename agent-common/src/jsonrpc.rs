@@ -388,7 +388,14 @@ mod tests {
 
     #[test]
     fn ids_are_echoed_exactly() {
-        for id in [r#""abc""#, "1.50", "-7", "1e3", "18446744073709551615999", "null"] {
+        for id in [
+            r#""abc""#,
+            "1.50",
+            "-7",
+            "1e3",
+            "18446744073709551615999",
+            "null",
+        ] {
             let line = format!(r#"{{"jsonrpc":"2.0","method":"ping","id":{id}}}"#);
             let r = single(&line).unwrap();
             let resp = Response::ok(r.id.unwrap(), &serde_json::json!({}));
@@ -414,10 +421,26 @@ mod tests {
             (r#"{"method":"ping","id":"a"}"#, "\"a\"", -32600),
             (r#"{"jsonrpc":"2.0","method":5,"id":4}"#, "4", -32600),
             (r#"{"jsonrpc":"2.0","id":4}"#, "4", -32600),
-            (r#"{"jsonrpc":"2.0","method":"ping","id":{}}"#, "null", -32600),
-            (r#"{"jsonrpc":"2.0","method":"ping","id":true}"#, "null", -32600),
-            (r#"{"jsonrpc":"2.0","method":"ping","params":3,"id":9}"#, "9", -32600),
-            (r#"{"jsonrpc":"2.0","jsonrpc":"2.0","method":"ping","id":9}"#, "null", -32600),
+            (
+                r#"{"jsonrpc":"2.0","method":"ping","id":{}}"#,
+                "null",
+                -32600,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"ping","id":true}"#,
+                "null",
+                -32600,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"ping","params":3,"id":9}"#,
+                "9",
+                -32600,
+            ),
+            (
+                r#"{"jsonrpc":"2.0","jsonrpc":"2.0","method":"ping","id":9}"#,
+                "null",
+                -32600,
+            ),
         ];
         for (line, id, code) in cases {
             assert_eq!(err_of(single(line)), (id.to_string(), *code), "{line}");
@@ -450,7 +473,7 @@ mod tests {
         );
         // The envelope skips over params without recursing; decoding them
         // into typed params then fails cleanly.
-        let r = single(&line).ok().expect("the envelope is valid");
+        let r = single(&line).expect("the envelope is valid");
         assert_eq!(r.params::<serde_json::Value>().unwrap_err().code, -32602);
     }
 

@@ -39,7 +39,7 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_common::encoding::DecodeError;
+use agent_common::encoding::{DecodeError, Encoding};
 use agent_common::error::ErrorKind;
 use agent_common::methods::{ExecParams, ExecResult};
 use agent_common::MAX_EXEC_OUTPUT;
@@ -504,17 +504,46 @@ async fn run(
     let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::debug!(command = %params.command, ?status, timed_out, duration_ms, "command finished");
     let encoding = params.output_encoding;
+    let (stdout, stdout_cut) = encode_output(encoding, &out.data);
+    let (stderr, stderr_cut) = encode_output(encoding, &err.data);
     Ok(ExecResult {
         exit_code: status.code(),
         signal: status.signal(),
-        stdout: encoding.encode_lossy(&out.data),
-        stderr: encoding.encode_lossy(&err.data),
+        stdout,
+        stderr,
         encoding,
-        stdout_truncated: out.truncated,
-        stderr_truncated: err.truncated,
+        stdout_truncated: out.truncated || stdout_cut,
+        stderr_truncated: err.truncated || stderr_cut,
         timed_out,
         duration_ms,
     })
+}
+
+/// Bytes of JSON text each of stdout and stderr may take in a reply, so that
+/// the whole reply stays within [`agent_common::MAX_RESPONSE_SIZE`].
+const OUTPUT_JSON_BUDGET: usize = (agent_common::MAX_RESPONSE_SIZE - 64 * 1024) / 2;
+
+/// Encodes captured output. In UTF-8, control characters grow up to six
+/// times once JSON-escaped (`\u0001`); text whose escaped form would exceed
+/// [`OUTPUT_JSON_BUDGET`] is cut at a character boundary (second value true).
+fn encode_output(encoding: Encoding, data: &[u8]) -> (String, bool) {
+    let mut text = encoding.encode_lossy(data);
+    if encoding == Encoding::Base64 {
+        return (text, false);
+    }
+    let mut escaped = 0usize;
+    for (i, c) in text.char_indices() {
+        escaped += match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if escaped > OUTPUT_JSON_BUDGET {
+            text.truncate(i);
+            return (text, true);
+        }
+    }
+    (text, false)
 }
 
 #[cfg(test)]
@@ -529,6 +558,20 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn escaped_output_is_bounded_to_fit_the_reply() {
+        let nasty = vec![1u8; 1024 * 1024];
+        let (text, cut) = encode_output(Encoding::Utf8, &nasty);
+        assert!(cut);
+        assert!(serde_json::to_string(&text).unwrap().len() <= OUTPUT_JSON_BUDGET + 2);
+        let plain = vec![b'a'; 1024 * 1024];
+        let (text, cut) = encode_output(Encoding::Utf8, &plain);
+        assert!(!cut);
+        assert_eq!(text.len(), plain.len());
+        let (_, cut) = encode_output(Encoding::Base64, &nasty);
+        assert!(!cut);
     }
 
     async fn run_ok(params: ExecParams) -> ExecResult {

@@ -757,7 +757,11 @@ fn read_blocking(
             Ok(s) => s.to_owned(),
             // The chunk ends inside a character the file completes: return
             // the whole characters only; bytes_read says how many.
-            Err(e) if e.error_len().is_none() && offset + (filled as u64) < size => {
+            Err(e)
+                if e.error_len().is_none()
+                    && e.valid_up_to() > 0
+                    && offset + (filled as u64) < size =>
+            {
                 buf.truncate(e.valid_up_to());
                 // Valid up to here by construction.
                 String::from_utf8_lossy(&buf).into_owned()
