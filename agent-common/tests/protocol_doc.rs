@@ -620,3 +620,27 @@ fn every_reply_example_in_the_document_is_a_valid_reply() {
     assert!(checked >= 20, "only {checked} reply examples found");
     assert_no_problems(problems);
 }
+
+#[test]
+fn worked_session_replies_to_malformed_lines_are_what_the_codec_answers() {
+    // A line of the worked session that agent-common refuses by itself
+    // (invalid JSON, not a request) must be followed by exactly the reply
+    // agent-common produces, error message included.
+    let doc = doc();
+    let text = section(&doc, "## Worked session").expect("a worked session");
+    let replies: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("< ")).collect();
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("> ")) {
+        let line = line.strip_prefix(r"\xff").unwrap_or(line);
+        if let Incoming::Single(Err(resp)) = parse_message(line.as_bytes()) {
+            checked += 1;
+            let want = serde_json::to_string(&resp).expect("a response serialises");
+            if !replies.contains(&want.as_str()) {
+                problems.push(format!("the reply to {line} should be {want}"));
+            }
+        }
+    }
+    assert!(checked >= 1, "the worked session shows no malformed line");
+    assert_no_problems(problems);
+}
