@@ -154,7 +154,7 @@ impl Agent {
             limit = self.config.max_message_size,
             "discarded an oversized request line"
         );
-        encode(&resp, None)
+        encode(&resp, Id::null(), None)
     }
 
     /// Handles one request line; `None` when nothing is owed (notifications).
@@ -166,7 +166,8 @@ impl Agent {
         match parse_message(line) {
             Incoming::Single(entry) => {
                 let (resp, after) = self.handle_entry(session, entry).await?;
-                Some(encode(&resp, after))
+                let id = resp.id.clone();
+                Some(encode(&resp, id, after))
             }
             Incoming::Batch(entries) => {
                 let replies =
@@ -183,7 +184,7 @@ impl Agent {
                 if resps.is_empty() {
                     None
                 } else {
-                    Some(encode(&resps, after))
+                    Some(encode(&resps, Id::null(), after))
                 }
             }
         }
@@ -201,8 +202,15 @@ impl Agent {
         let span = info_span!("request", method = %req.method, id = %req.id.as_ref().map_or("-".into(), |i| i.to_string()));
         let id = req.id.clone();
         let outcome = self.call(session, &req).instrument(span).await;
-        // Notifications are carried out but never answered.
-        let id = id?;
+        // Notifications are carried out but never answered; a power action
+        // asked for by a notification starts at once.
+        let Some(id) = id else {
+            if let Some(action) = outcome.after {
+                info!(?action, "power action requested by a notification");
+                tokio::spawn(action.run());
+            }
+            return None;
+        };
         Some((
             Response {
                 id,
@@ -454,8 +462,9 @@ fn summarize(result: &str) -> String {
 }
 
 /// Encodes a reply line. A reply larger than the protocol allows is replaced
-/// by a `too_large` error, so the host never receives a line it must drop.
-fn encode<T: Serialize + ?Sized>(value: &T, after: Option<PowerAction>) -> Outgoing {
+/// by a `too_large` error for `id` (null for a batch), so the host never
+/// receives a line it must drop.
+fn encode<T: Serialize + ?Sized>(value: &T, id: Id, after: Option<PowerAction>) -> Outgoing {
     let mut line = BytesMut::new();
     let fallback = |line: &mut BytesMut, why: String| {
         line.clear();
@@ -474,7 +483,7 @@ fn encode<T: Serialize + ?Sized>(value: &T, after: Option<PowerAction>) -> Outgo
                     agent_common::MAX_RESPONSE_SIZE
                 ),
             );
-            let resp = Response::error(Id::null(), e);
+            let resp = Response::error(id, e);
             if agent_common::codec::encode_line(&resp, &mut line).is_err() {
                 fallback(&mut line, "could not encode the reply".into());
             }
@@ -623,9 +632,10 @@ mod tests {
     #[test]
     fn oversized_replies_become_errors() {
         let big = "x".repeat(agent_common::MAX_RESPONSE_SIZE + 1);
-        let out = encode(&serde_json::json!({ "s": big }), None);
+        let out = encode(&serde_json::json!({ "s": big }), Id::number(4), None);
         let v: Value = serde_json::from_slice(&out.line).unwrap();
         assert_eq!(v["error"]["data"]["kind"], "too_large");
+        assert_eq!(v["id"], 4);
     }
 
     #[test]

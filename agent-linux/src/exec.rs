@@ -367,6 +367,11 @@ async fn feed(stdin: Option<ChildStdin>, data: &[u8]) {
 pub async fn exec_command(config: &Config, params: ExecParams) -> Result<ExecResult, ExecError> {
     let policy = CommandPolicy::new(config.security.command_whitelist.as_deref());
     check_env(&params, policy.is_restricted())?;
+    if let Some(i) = params.args.iter().position(|a| a.contains('\0')) {
+        return Err(ExecError::InvalidRequest {
+            reason: format!("args[{i}] contains a NUL byte, which no argument can hold"),
+        });
+    }
     let limit = time_limit(config, &params)?;
     let stdin_data = match &params.stdin {
         None => Vec::new(),
