@@ -4,6 +4,7 @@
 //! (Debian packages as root, Rust targets, cargo tools) or, when it cannot,
 //! prints the exact command to run and fails.
 
+mod bench;
 mod demo;
 mod deps;
 mod dist;
@@ -40,6 +41,8 @@ Tasks:
       --keep           leave the VM running and print how to reach it
   test                 everything CI runs: fmt, clippy, unit tests, Windows
                        check, packages, real-VM tests (QEMU and libvirt)
+  bench                boot one guest with our agent and Debian's qemu-ga and
+                       measure both side by side (table + target/bench/bench.json)
   help                 this text
 
 Environment: CI=true makes a missing prerequisite a failure, never a skip;
@@ -108,6 +111,16 @@ fn run(args: &[String]) -> Result<()> {
         "test" => {
             flags(rest, &[])?;
             pipeline::test()
+        }
+        "bench" => {
+            // `--fanout-client DIR` is internal: the fan-out client process.
+            if let [flag, dir] = rest {
+                if flag == "--fanout-client" {
+                    return bench::bench(Some(dir));
+                }
+            }
+            flags(rest, &[])?;
+            bench::bench(None)
         }
         "help" | "-h" | "--help" => {
             print!("{HELP}");
