@@ -3,3 +3,5 @@
 //! under `fuzz/regressions/` in the ordinary test suite.
 
 pub mod checks;
+
+pub mod agent;
