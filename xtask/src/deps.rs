@@ -32,6 +32,10 @@ pub(crate) enum Group {
     Windows,
     /// rustfmt and clippy (a minimal rustup profile lacks them).
     Lint,
+    /// `cargo deny` for the dependency review.
+    Review,
+    /// `cargo fuzz` (it runs on the nightly toolchain the machines carry).
+    Fuzz,
 }
 
 impl Group {
@@ -43,6 +47,8 @@ impl Group {
         Group::Dist,
         Group::Windows,
         Group::Lint,
+        Group::Review,
+        Group::Fuzz,
     ];
 
     fn apt_packages(self) -> &'static [&'static str] {
@@ -57,7 +63,7 @@ impl Group {
                 "libvirt-clients",
             ],
             Group::Dist => &["rpm", "busybox-static", "binutils"],
-            Group::Windows | Group::Lint => &[],
+            Group::Windows | Group::Lint | Group::Review | Group::Fuzz => &[],
         }
     }
 
@@ -84,6 +90,8 @@ impl Group {
                 ("cargo-deb", "cargo-deb"),
                 ("cargo-generate-rpm", "cargo-generate-rpm"),
             ],
+            Group::Review => &[("cargo-deny", "cargo-deny")],
+            Group::Fuzz => &[("cargo-fuzz", "cargo-fuzz")],
             _ => &[],
         }
     }

@@ -1,4 +1,4 @@
-//! `cargo xtask fuzz [SECONDS]`: runs every cargo-fuzz target in `fuzz/` for
+//! `cargo xtask fuzz [--seconds N]`: runs every cargo-fuzz target in `fuzz/` for
 //! a fixed time each and fails if any of them finds a crash.
 //!
 //! Needs a nightly toolchain (libFuzzer instrumentation); installs

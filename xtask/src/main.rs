@@ -8,9 +8,11 @@ mod bench;
 mod demo;
 mod deps;
 mod dist;
+mod fuzz;
 mod guest;
 mod pipeline;
 mod probe;
+mod soak;
 mod suite;
 mod util;
 mod vm;
@@ -43,6 +45,10 @@ Tasks:
                        check, packages, real-VM tests (QEMU and libvirt)
   bench                boot one guest with our agent and Debian's qemu-ga and
                        measure both side by side (table + target/bench/bench.json)
+  fuzz                 run every cargo-fuzz target in fuzz/ (nightly)
+      --seconds N      per target (default 300; the test command uses 30)
+  soak                 leak soak at full size: 1,000,000 pings, 10,000 each of
+                       write/read/exec, 1,000 connections; RSS and fds checked
   help                 this text
 
 Environment: CI=true makes a missing prerequisite a failure, never a skip;
@@ -111,6 +117,20 @@ fn run(args: &[String]) -> Result<()> {
         "test" => {
             flags(rest, &[])?;
             pipeline::test()
+        }
+        "fuzz" => {
+            let seconds = match rest {
+                [] => 300,
+                [flag, n] if flag == "--seconds" => n
+                    .parse()
+                    .map_err(|_| format!("--seconds takes a number, not {n:?}"))?,
+                _ => bail!("usage: cargo xtask fuzz [--seconds N]"),
+            };
+            Ok(fuzz::run(seconds)?)
+        }
+        "soak" => {
+            flags(rest, &[])?;
+            soak::soak()
         }
         "bench" => {
             // `--fanout-client DIR` is internal: the fan-out client process.

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: everything CI runs, in order, with a timed summary.
 //!
-//! deps → fmt → clippy → unit/integration tests → Windows check → packages
+//! deps → fmt → clippy → dependency review → unit/integration tests → fuzz
+//! targets (30 s each) → Windows check → packages
 //! (+ package test) → real-VM tests (QEMU, libvirt). Every stage runs even
 //! after a failure (so one run shows every problem), except that the VM
 //! stage needs the packages' build to have worked; the exit status is
@@ -11,6 +12,10 @@ use std::time::{Duration, Instant};
 use crate::deps::{self, WINDOWS_TARGET};
 use crate::suite::{vm_test, VmTestOptions};
 use crate::util::{bail, cargo, heading, is_ci, run, Result};
+
+/// Seconds each fuzz target runs in the test command (`cargo xtask fuzz
+/// --seconds N` for longer runs).
+const FUZZ_SECONDS: u64 = 30;
 
 /// One stage's outcome.
 struct Stage {
@@ -53,9 +58,15 @@ pub(crate) fn test() -> Result<()> {
             "warnings",
         ]))
     });
+    stage("deny", &mut || {
+        // Licences, banned and duplicate crates, sources; advisories need the
+        // network's advisory database and are not checked here.
+        run(cargo().args(["deny", "check", "licenses", "bans", "sources"]))
+    });
     stage("unit-tests", &mut || {
         run(cargo().args(["test", "--workspace"]))
     });
+    stage("fuzz", &mut || Ok(crate::fuzz::run(FUZZ_SECONDS)?));
     stage("windows-check", &mut || {
         if !deps::has_target(WINDOWS_TARGET) {
             if is_ci() {
