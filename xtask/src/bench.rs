@@ -296,7 +296,7 @@ fn switch_delta(a: &BTreeMap<u32, u64>, b: &BTreeMap<u32, u64>) -> f64 {
 }
 
 async fn measure(vm: &Vm, out_dir: &Path, figures: &mut Vec<Figure>) -> Result<()> {
-    let c = Client::connect_with(&vm.ours, client_options())
+    let mut c = Client::connect_with(&vm.ours, client_options())
         .await
         .map_err(err("connect to our agent"))?;
     let mut q = Qga::connect(&vm.qga)?;
@@ -443,6 +443,7 @@ async fn measure(vm: &Vm, out_dir: &Path, figures: &mut Vec<Figure>) -> Result<(
         theirs.push(mibs(FILE_SIZE, t));
         sh(&c, "rm -f /tmp/bench-w").await?;
     }
+    let theirs_write = theirs.clone();
     figures.push(Figure::new(
         "write 32 MiB into guest (MiB/s)",
         Spread::of(&ours),
@@ -455,19 +456,7 @@ async fn measure(vm: &Vm, out_dir: &Path, figures: &mut Vec<Figure>) -> Result<(
     heading("bench: ping during a 32 MiB read");
     let mut p99s = Vec::new();
     for _ in 0..3 {
-        let c2 = c.clone();
-        let l2 = local.clone();
-        let pull = tokio::spawn(async move { c2.pull(GUEST_FILE, &l2, |_| {}).await });
-        let mut lat = Vec::new();
-        while !pull.is_finished() {
-            let t = Instant::now();
-            c.ping().await.map_err(err("ping"))?;
-            lat.push(ms(t));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        pull.await.map_err(err("join"))?.map_err(err("pull"))?;
-        p99s.push(Spread::of(&lat).p99);
-        eprintln!("bench: {} pings during the pull", lat.len());
+        p99s.push(pull_with_pings(&c, &local).await?);
     }
     let p99 = Spread::of(&p99s);
     figures.push(Figure::new(
@@ -499,11 +488,68 @@ async fn measure(vm: &Vm, out_dir: &Path, figures: &mut Vec<Figure>) -> Result<(
         move |_| ours_peak <= 8.0,
     ));
 
+    // The same pull with other chunk windows (ClientOptions::max_in_flight_chunks).
+    for window in [1usize, 2, 8] {
+        heading(&format!("bench: read 32 MiB, {window} chunk(s) in flight"));
+        // One host connection per port at a time: replace the client.
+        c = Client::lazy(
+            &vm.ours,
+            ClientOptions {
+                max_in_flight_chunks: window,
+                ..client_options()
+            },
+        );
+        let cw = &c;
+        let (mut rates, mut p99s) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let t = Instant::now();
+            let p99 = pull_with_pings(cw, &local).await?;
+            rates.push(mibs(FILE_SIZE, t));
+            p99s.push(p99);
+        }
+        let p99 = Spread::of(&p99s);
+        figures.push(
+            Figure::new(
+                &format!("  read with {window} chunk(s) in flight (MiB/s)"),
+                Spread::of(&rates),
+                Some(best),
+                "(experiment)",
+                |_| true,
+            )
+            .with_note(format!("ping p99 {:.0} ms", p99.median)),
+        );
+    }
+    c = Client::lazy(&vm.ours, client_options());
+
+    // Fixed cost of a tiny push (connection already open).
+    let tiny = out_dir.join("tiny.bin");
+    fs::write(&tiny, [7u8; 1024])?;
+    let mut ours = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        c.push(
+            &tiny,
+            "/tmp/kvmmanager/tiny",
+            PushOptions::default(),
+            |_| {},
+        )
+        .await
+        .map_err(err("push"))?;
+        ours.push(ms(t));
+    }
+    let _ = fs::remove_file(&tiny);
+    figures.push(Figure::new(
+        "push 1 KiB, connection open (ms)",
+        Spread::of(&ours),
+        None,
+        "(report)",
+        |_| true,
+    ));
+
     // Wake-ups with no host attached.
-    heading("bench: wake-ups with no host attached (2 x 10 s)");
+    heading("bench: wake-ups with no host attached (3 x 10 s)");
     let (mut ours_w, mut theirs_w) = (Vec::new(), Vec::new());
-    let mut c = c;
-    for _ in 0..2 {
+    for _ in 0..3 {
         // Calibration: the same reads around a close and reopen, no wait.
         let (o, t) = wake_window(&mut c, &mut q, vm, our_pid, qga_pid, 0).await?;
         let (o10, t10) = wake_window(&mut c, &mut q, vm, our_pid, qga_pid, 10).await?;
@@ -518,6 +564,62 @@ async fn measure(vm: &Vm, out_dir: &Path, figures: &mut Vec<Figure>) -> Result<(
         "0",
         move |_| ours_wake.median < 0.5,
     ));
+    // Experiment: the same push with larger request lines. The agent is
+    // restarted by /init's loop with max_message_size_kb raised; a detached
+    // (setsid) helper kills it after this exec has answered.
+    heading("bench: write 32 MiB with max_message_size_kb = 1024");
+    // The exec never answers: the agent is killed under it (by design of
+    // this experiment); its error is expected and ignored.
+    let _ = c
+        .call_raw_with_timeout(
+            "exec_command",
+            json!({"command": "sh", "args": ["-c", format!(
+                "sed 's/\"max_message_size_kb\": 64/\"max_message_size_kb\": 1024/' /etc/kvmmanager-agent/config.json > /tmp/bench-config.json && cp /tmp/bench-config.json /etc/kvmmanager-agent/config.json && kill {our_pid}"
+            )]}),
+            Duration::from_secs(3),
+        )
+        .await;
+    drop(c);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let c = Client::connect_with(&vm.ours, client_options())
+        .await
+        .map_err(err("reconnect after the agent restart"))?;
+    let limits = c.limits().await.map_err(err("limits"))?;
+    if limits.max_message_size < 1024 * 1024 {
+        bail!("agent restarted without the larger max_message_size: {limits:?}");
+    }
+    let new_pid: u32 = sh(&c, "pidof kvmmanager-agent")
+        .await?
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or("no pid of kvmmanager-agent")?;
+    let mut ours = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        c.push(
+            &local,
+            "/tmp/kvmmanager/bench-w",
+            PushOptions::default(),
+            |_| {},
+        )
+        .await
+        .map_err(err("push"))?;
+        ours.push(mibs(FILE_SIZE, t));
+        sh(&c, "rm -f /tmp/kvmmanager/bench-w").await?;
+    }
+    let hwm = status_kb(&sh(&c, &status(new_pid)).await?, "VmHWM").unwrap_or(0.0) / 1024.0;
+    figures.push(
+        Figure::new(
+            "  write, max_message_size_kb 1024 (MiB/s)",
+            Spread::of(&ours),
+            Some(Spread::of(&theirs_write)),
+            "(experiment)",
+            |_| true,
+        )
+        .with_note(format!("agent peak RSS {hwm:.1} MB")),
+    );
+
     figures.push(Figure::new(
         "raw port ceiling (MiB/s)",
         raw_spread,
@@ -527,6 +629,23 @@ async fn measure(vm: &Vm, out_dir: &Path, figures: &mut Vec<Figure>) -> Result<(
     ));
     let _ = fs::remove_file(&local);
     Ok(())
+}
+
+/// Pulls the test file while pinging on the same connection; ping p99 (ms).
+async fn pull_with_pings(c: &Client, local: &Path) -> Result<f64> {
+    let c2 = c.clone();
+    let l2 = local.to_path_buf();
+    let pull = tokio::spawn(async move { c2.pull(GUEST_FILE, &l2, |_| {}).await });
+    let mut lat = Vec::new();
+    while !pull.is_finished() {
+        let t = Instant::now();
+        c.ping().await.map_err(err("ping"))?;
+        lat.push(ms(t));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pull.await.map_err(err("join"))?.map_err(err("pull"))?;
+    eprintln!("bench: {} pings during the pull", lat.len());
+    Ok(Spread::of(&lat).p99)
 }
 
 /// Context switches of both agents over `secs` with both host sockets closed.
