@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use tracing_subscriber::fmt::writer::MakeWriterExt;
-use tracing_subscriber::EnvFilter;
 
 use crate::config::LogLevel;
 
@@ -23,12 +22,19 @@ pub enum LoggingError {
     },
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
+/// Installs the global subscriber at `level`.
 pub fn init(level: LogLevel, log_file: Option<&Path>) -> Result<(), LoggingError> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.as_str()));
+    // A plain level, not an EnvFilter: its regex engine would add most of a
+    // megabyte to the static guest binary.
+    let max = match level {
+        LogLevel::Error => tracing::Level::ERROR,
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Trace => tracing::Level::TRACE,
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(max)
         .with_target(false);
     match log_file {
         Some(path) => {
