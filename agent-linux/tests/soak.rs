@@ -11,7 +11,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 
-use common::AgentProcess;
+use common::{status_kb, AgentProcess};
 use serde_json::json;
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -19,14 +19,6 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn status_kb(pid: i32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
 fn fd_count(pid: i32) -> usize {
@@ -99,12 +91,12 @@ fn memory_and_descriptors_stay_flat() {
     round(&agent, pings / 4, ops / 4, cycles / 4);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let fds_before = fd_count(pid);
-    let rss_before = status_kb(pid, "VmRSS");
+    let rss_before = status_kb(&pid.to_string(), "VmRSS");
     round(&agent, pings, ops, cycles);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let fds_after = fd_count(pid);
-    let rss_after = status_kb(pid, "VmRSS");
-    let hwm = status_kb(pid, "VmHWM");
+    let rss_after = status_kb(&pid.to_string(), "VmRSS");
+    let hwm = status_kb(&pid.to_string(), "VmHWM");
     println!(
         "soak: {pings} pings, {ops} each of write/read/exec, {cycles} connections: \
          RSS {rss_before} kB -> {rss_after} kB (peak {hwm} kB), fds {fds_before} -> {fds_after}"

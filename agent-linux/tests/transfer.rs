@@ -8,19 +8,11 @@ mod common;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use common::AgentProcess;
+use common::{status_kb, AgentProcess};
 use host_client::{Client, PushOptions};
 use serde_json::json;
 
 const SIZE: u64 = 100 * 1024 * 1024;
-
-fn status_kb(pid: &str, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
 
 /// Writes `size` pseudo-random bytes (xorshift; incompressible enough).
 fn random_file(path: &Path, size: u64) {

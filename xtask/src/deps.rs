@@ -53,7 +53,7 @@ impl Group {
 
     fn apt_packages(self) -> &'static [&'static str] {
         match self {
-            Group::Guest => &["busybox-static", "cpio"],
+            Group::Guest => &["busybox-static", "cpio", "binutils"],
             // qemu-ga's shared libraries, copied from the host into the guest.
             Group::QemuGa => &["libglib2.0-0", "libnuma1", "liburing2", "libudev1"],
             Group::Qemu => &["qemu-system-x86", "socat"],

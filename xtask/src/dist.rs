@@ -80,8 +80,9 @@ fn check_metadata() -> Result<()> {
     Ok(())
 }
 
-/// The release agent binary (static musl, stripped).
-fn build_release() -> Result<PathBuf> {
+/// The release agent binary (static musl, stripped), as packaged and as
+/// put into the guest image.
+pub(crate) fn build_release() -> Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",

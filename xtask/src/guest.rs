@@ -318,20 +318,8 @@ struct AgentBuild {
 /// Builds the agent: static musl if possible, else glibc plus its libraries.
 fn build_agent() -> Result<AgentBuild> {
     if deps::has_target(MUSL_TARGET) {
-        run(cargo().args([
-            "build",
-            "--release",
-            "--target",
-            MUSL_TARGET,
-            "-p",
-            "agent-linux",
-            "--bin",
-            "kvmmanager-agent",
-        ]))?;
         return Ok(AgentBuild {
-            binary: target_dir()
-                .join(MUSL_TARGET)
-                .join("release/kvmmanager-agent"),
+            binary: crate::dist::build_release()?,
             libs: Vec::new(),
         });
     }

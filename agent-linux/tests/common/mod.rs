@@ -169,3 +169,12 @@ pub fn error_kind(reply: &Value) -> String {
         .unwrap_or_else(|| panic!("expected an error reply, got {reply}"))
         .to_owned()
 }
+
+/// A `kB` field (`VmRSS`, `VmHWM`) of `/proc/<pid>/status`; `pid` may be `self`.
+pub fn status_kb(pid: &str, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
