@@ -481,18 +481,30 @@ pub(crate) mod sys {
     }
 
     /// Fills `buf` from the kernel's random source.
+    ///
+    /// `GRND_INSECURE` (Linux 5.6+, which openat2 needs anyway): the bytes
+    /// name staging files (created `O_EXCL`) and uploads (bound to their
+    /// connection), so they must be unique, not secret, and a freshly booted
+    /// guest must not wait for its entropy pool (a blocking `getrandom`
+    /// made the first write after boot take a second under TCG).
     pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
         let mut filled = 0;
+        let mut flags = libc::GRND_INSECURE;
         while filled < buf.len() {
             let rest = &mut buf[filled..];
             // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
-            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), flags) };
             if n < 0 {
                 let err = io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // A kernel without GRND_INSECURE: the blocking default.
+                    Some(libc::EINVAL) if flags != 0 => {
+                        flags = 0;
+                        continue;
+                    }
+                    _ => return Err(err),
                 }
-                return Err(err);
             }
             // `n` is non-negative and at most `rest.len()`.
             filled += n as usize;
