@@ -466,30 +466,30 @@ fn summarize(result: &str) -> String {
 /// receives a line it must drop.
 fn encode<T: Serialize + ?Sized>(value: &T, id: Id, after: Option<PowerAction>) -> Outgoing {
     let mut line = BytesMut::new();
-    let fallback = |line: &mut BytesMut, why: String| {
-        line.clear();
-        let resp = Response::error(Id::null(), ErrorObject::new(ErrorKind::InternalError, why));
-        // Invariant: a small error response always serialises.
-        let _ = agent_common::codec::encode_line(&resp, line);
-    };
-    match agent_common::codec::encode_line(value, &mut line) {
-        Ok(()) if line.len() <= agent_common::MAX_RESPONSE_SIZE => {}
-        Ok(()) => {
-            line.clear();
-            let e = ErrorObject::new(
+    let replacement = match agent_common::codec::encode_line(value, &mut line) {
+        Ok(()) if line.len() <= agent_common::MAX_RESPONSE_SIZE => return Outgoing { line, after },
+        Ok(()) => Response::error(
+            id,
+            ErrorObject::new(
                 ErrorKind::TooLarge,
                 format!(
                     "the reply would exceed {} bytes; ask for less (a smaller length, or output_encoding base64)",
                     agent_common::MAX_RESPONSE_SIZE
                 ),
-            );
-            let resp = Response::error(id, e);
-            if agent_common::codec::encode_line(&resp, &mut line).is_err() {
-                fallback(&mut line, "could not encode the reply".into());
-            }
-        }
-        Err(e) => fallback(&mut line, format!("could not encode the reply: {e}")),
-    }
+            ),
+        ),
+        Err(e) => Response::error(
+            Id::null(),
+            ErrorObject::new(
+                ErrorKind::InternalError,
+                format!("could not encode the reply: {e}"),
+            ),
+        ),
+    };
+    line.clear();
+    // Invariant: a small error reply (a raw id and a short message) always
+    // serialises.
+    let _ = agent_common::codec::encode_line(&replacement, &mut line);
     Outgoing { line, after }
 }
 

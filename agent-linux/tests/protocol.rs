@@ -70,13 +70,8 @@ fn json_rpc_errors_and_batches() {
     c.send_raw(b"{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":\"abc\"}\n");
     assert_eq!(c.recv()["id"], "abc");
     c.send_raw(b"{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":1.50}\n");
-    let mut line = String::new();
     // Ids are echoed byte for byte: read the raw line.
-    {
-        use std::io::BufRead;
-        let mut r = std::io::BufReader::new(c.stream.try_clone().unwrap());
-        r.read_line(&mut line).unwrap();
-    }
+    let line = c.recv_line();
     assert!(line.contains("\"id\":1.50"), "{line}");
 }
 

@@ -138,10 +138,16 @@ impl Conn {
         self.send_raw(&line);
     }
 
-    pub fn recv(&mut self) -> Value {
+    /// The next reply line, raw.
+    pub fn recv_line(&mut self) -> String {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).expect("read a reply");
         assert!(n > 0, "the agent closed the connection");
+        line
+    }
+
+    pub fn recv(&mut self) -> Value {
+        let line = self.recv_line();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
     }
 
