@@ -9,9 +9,16 @@
 //! - empty lines and a trailing `\r` are ignored, so `socat` and `nc` work;
 //! - a partial line left at end of stream is dropped.
 //!
+//! A line may announce an attachment: raw bytes that follow its newline (see
+//! "Attachments" in PROTOCOL.md). The codec does not read JSON, so the reader
+//! that parsed the line tells it: after [`JsonLinesCodec::expect_attachment`]
+//! the next frame is [`Frame::Attachment`] with exactly that many bytes, and
+//! after [`JsonLinesCodec::skip_attachment`] that many bytes are discarded
+//! unseen. Inside an attachment every byte is data, the resync byte too.
+//!
 //! Encoding writes compact JSON (which never contains a raw newline) and `\n`.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -24,6 +31,22 @@ pub enum Frame {
     Line(BytesMut),
     /// A line exceeded the maximum length; it is being discarded.
     Oversized,
+    /// The raw bytes announced by [`JsonLinesCodec::expect_attachment`].
+    Attachment(BytesMut),
+}
+
+/// What the codec does with the bytes after the last line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// They are lines.
+    No,
+    /// The next this many bytes are an attachment, returned whole.
+    Take(usize),
+    /// The next this many bytes are an attachment nobody wants: dropped.
+    Skip(u64),
+    /// An attachment was abandoned: where its bytes end is unknown, so
+    /// everything is dropped up to and including the next resync byte.
+    UntilResync,
 }
 
 /// Errors from reading or writing a stream of lines.
@@ -45,6 +68,8 @@ pub struct JsonLinesCodec {
     scanned: usize,
     /// True while dropping the rest of an oversized line.
     discarding: bool,
+    /// An attachment being received or skipped.
+    raw: Raw,
 }
 
 impl JsonLinesCodec {
@@ -54,6 +79,7 @@ impl JsonLinesCodec {
             max_len,
             scanned: 0,
             discarding: false,
+            raw: Raw::No,
         }
     }
 
@@ -66,6 +92,40 @@ impl JsonLinesCodec {
     pub fn reset(&mut self) {
         self.scanned = 0;
         self.discarding = false;
+        self.raw = Raw::No;
+    }
+
+    /// The next `len` bytes are an attachment: the next frame is
+    /// [`Frame::Attachment`] holding exactly them. Call it right after the
+    /// [`Frame::Line`] that announced them; the caller bounds `len`.
+    pub fn expect_attachment(&mut self, len: usize) {
+        self.raw = Raw::Take(len);
+    }
+
+    /// The next `len` bytes are an attachment to drop (one that exceeds a
+    /// limit, or that belongs to a line that could not be used). They are
+    /// discarded as they arrive and never buffered.
+    pub fn skip_attachment(&mut self, len: u64) {
+        if len > 0 {
+            self.raw = Raw::Skip(len);
+        }
+    }
+
+    /// Gives up on the attachment being received (its sender stopped
+    /// half-way): what follows cannot be told apart from its data, so the
+    /// input is dropped up to and including the next resync byte, which a
+    /// host sends before it syncs again. The caller also clears its read
+    /// buffer: bytes already buffered may hold a resync byte of the data.
+    pub fn abandon_attachment(&mut self) {
+        self.scanned = 0;
+        self.discarding = false;
+        self.raw = Raw::UntilResync;
+    }
+
+    /// True while an attachment is being received or skipped (or input is
+    /// being dropped after an abandoned one).
+    pub fn in_attachment(&self) -> bool {
+        self.raw != Raw::No
     }
 }
 
@@ -74,6 +134,38 @@ impl Decoder for JsonLinesCodec {
     type Error = CodecError;
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        match self.raw {
+            Raw::No => {}
+            Raw::Take(len) if buf.len() >= len => {
+                self.raw = Raw::No;
+                return Ok(Some(Frame::Attachment(buf.split_to(len))));
+            }
+            Raw::Take(len) => {
+                // Room for the whole attachment, so it is read in one buffer.
+                buf.reserve(len - buf.len());
+                return Ok(None);
+            }
+            Raw::Skip(left) => {
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                buf.advance(n);
+                let left = left - n as u64;
+                if left > 0 {
+                    self.raw = Raw::Skip(left);
+                    return Ok(None);
+                }
+                self.raw = Raw::No;
+            }
+            Raw::UntilResync => match memchr::memchr(RESYNC_BYTE, buf) {
+                Some(i) => {
+                    buf.advance(i + 1);
+                    self.raw = Raw::No;
+                }
+                None => {
+                    buf.clear();
+                    return Ok(None);
+                }
+            },
+        }
         loop {
             let pos =
                 memchr::memchr2(b'\n', RESYNC_BYTE, &buf[self.scanned..]).map(|p| p + self.scanned);
@@ -239,6 +331,108 @@ mod tests {
         let mut c = JsonLinesCodec::new(4);
         let frames = decode_all(&mut c, &[b"aaaaaaaaaa", b"\xff[1]\n"]);
         assert_eq!(frames, vec![Frame::Oversized, line("[1]")]);
+    }
+
+    /// Decodes `input` split at `cuts`, announcing an attachment of `len`
+    /// (taken or skipped) after the first line.
+    fn decode_with_attachment(input: &[u8], cuts: &[usize], len: usize, take: bool) -> Vec<Frame> {
+        let mut c = JsonLinesCodec::new(64);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for &cut in cuts {
+            pieces.push(&input[at..cut]);
+            at = cut;
+        }
+        pieces.push(&input[at..]);
+        for piece in pieces {
+            buf.extend_from_slice(piece);
+            while let Some(f) = c.decode(&mut buf).unwrap() {
+                if out.is_empty() {
+                    if take {
+                        c.expect_attachment(len);
+                    } else {
+                        c.skip_attachment(len as u64);
+                    }
+                }
+                out.push(f);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attachments_are_raw_bytes_at_every_split_point() {
+        // The attachment holds newlines, resync bytes and half a line.
+        let data: &[u8] = b"\xff\n{\"x\":\n\xff\xfe\r\n";
+        let mut input = b"{\"h\":1}\n".to_vec();
+        input.extend_from_slice(data);
+        input.extend_from_slice(b"{\"next\":2}\n");
+        for i in 0..=input.len() {
+            for j in i..=input.len() {
+                let got = decode_with_attachment(&input, &[i, j], data.len(), true);
+                assert_eq!(
+                    got,
+                    vec![
+                        line("{\"h\":1}"),
+                        Frame::Attachment(BytesMut::from(data)),
+                        line("{\"next\":2}"),
+                    ],
+                    "split at {i},{j}"
+                );
+                let got = decode_with_attachment(&input, &[i, j], data.len(), false);
+                assert_eq!(
+                    got,
+                    vec![line("{\"h\":1}"), line("{\"next\":2}")],
+                    "skip, split at {i},{j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn empty_and_truncated_attachments() {
+        let got = decode_with_attachment(b"[1]\n[2]\n", &[], 0, true);
+        assert_eq!(
+            got,
+            vec![line("[1]"), Frame::Attachment(BytesMut::new()), line("[2]")]
+        );
+        // Cut short by the end of the stream: dropped, and the codec is
+        // back to lines for the next connection.
+        let mut c = JsonLinesCodec::new(64);
+        let mut buf = BytesMut::from(&b"abc"[..]);
+        c.expect_attachment(10);
+        assert_eq!(c.decode_eof(&mut buf).unwrap(), None);
+        assert!(!c.in_attachment());
+        buf.extend_from_slice(b"[3]\n");
+        assert_eq!(c.decode(&mut buf).unwrap(), Some(line("[3]")));
+    }
+
+    #[test]
+    fn an_abandoned_attachment_drops_input_up_to_the_resync_byte() {
+        let mut c = JsonLinesCodec::new(64);
+        let mut buf = BytesMut::from(&b"half of the dat"[..]);
+        c.expect_attachment(100);
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        buf.clear();
+        c.abandon_attachment();
+        buf.extend_from_slice(b"a\n[\"looks like a line\"]\n");
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        assert!(buf.is_empty());
+        buf.extend_from_slice(b"more\xff[1]\n");
+        assert_eq!(c.decode(&mut buf).unwrap(), Some(line("[1]")));
+        assert!(!c.in_attachment());
+    }
+
+    #[test]
+    fn a_skipped_attachment_is_never_buffered() {
+        let mut c = JsonLinesCodec::new(8);
+        c.skip_attachment(1 << 40);
+        let mut buf = BytesMut::from(&[7u8; 4096][..]);
+        assert_eq!(c.decode(&mut buf).unwrap(), None);
+        assert!(buf.is_empty());
+        assert!(c.in_attachment());
     }
 
     #[test]

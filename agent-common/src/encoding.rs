@@ -12,6 +12,10 @@ pub enum Encoding {
     Utf8,
     /// The bytes are carried as standard base64 with padding (RFC 4648 §4).
     Base64,
+    /// The bytes are not in a JSON string at all: they travel raw, as the
+    /// message's attachment (see "Attachments" in PROTOCOL.md), and the
+    /// string member is empty. Only `file_read` and `file_write` use it.
+    Attachment,
 }
 
 /// Why content could not be decoded.
@@ -20,23 +24,37 @@ pub enum DecodeError {
     /// The string is not valid base64.
     #[error("content is not valid base64")]
     Base64(#[source] base64::DecodeError),
+    /// Attachment content is not in a string.
+    #[error("content with encoding attachment travels after the message line, not in a string")]
+    NotInline,
 }
 
 impl Encoding {
+    /// True for the encodings that put the bytes in a JSON string.
+    pub fn is_inline(self) -> bool {
+        self != Encoding::Attachment
+    }
+
     /// Encodes `bytes`. With [`Encoding::Utf8`], `None` means the bytes are
-    /// not valid UTF-8 (use base64 instead).
+    /// not valid UTF-8 (use base64 instead); with [`Encoding::Attachment`]
+    /// always `None` (the bytes are not carried in a string).
     pub fn encode(self, bytes: &[u8]) -> Option<String> {
         match self {
             Encoding::Utf8 => std::str::from_utf8(bytes).ok().map(str::to_owned),
             Encoding::Base64 => Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            Encoding::Attachment => None,
         }
     }
 
-    /// Encodes `bytes`, replacing invalid UTF-8 with U+FFFD in [`Encoding::Utf8`].
+    /// Encodes `bytes`, replacing invalid UTF-8 with U+FFFD in
+    /// [`Encoding::Utf8`]. [`Encoding::Attachment`] is not an inline
+    /// encoding; it falls back to base64 so that no bytes are lost.
     pub fn encode_lossy(self, bytes: &[u8]) -> String {
         match self {
             Encoding::Utf8 => String::from_utf8_lossy(bytes).into_owned(),
-            Encoding::Base64 => base64::engine::general_purpose::STANDARD.encode(bytes),
+            Encoding::Base64 | Encoding::Attachment => {
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            }
         }
     }
 
@@ -47,22 +65,27 @@ impl Encoding {
             Encoding::Base64 => base64::engine::general_purpose::STANDARD
                 .decode(content)
                 .map_err(DecodeError::Base64),
+            Encoding::Attachment => Err(DecodeError::NotInline),
         }
     }
 
-    /// Number of bytes `len` raw bytes take once encoded (upper bound for UTF-8).
+    /// Number of bytes `len` raw bytes take once encoded (upper bound for
+    /// UTF-8; 0 for an attachment, which adds nothing to the line).
     pub fn encoded_len(self, len: usize) -> usize {
         match self {
             Encoding::Utf8 => len.saturating_mul(6), // worst case: every byte escaped as \u00XX
             Encoding::Base64 => len.div_ceil(3).saturating_mul(4),
+            Encoding::Attachment => 0,
         }
     }
 
-    /// Largest raw chunk whose encoding fits in `budget` bytes.
+    /// Largest raw chunk whose encoding fits in `budget` bytes of a line
+    /// (for an attachment the line is not the limit: the whole budget).
     pub fn max_raw_for(self, budget: usize) -> usize {
         match self {
             Encoding::Utf8 => budget / 6,
             Encoding::Base64 => budget / 4 * 3,
+            Encoding::Attachment => budget,
         }
     }
 }

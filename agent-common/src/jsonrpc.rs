@@ -92,6 +92,9 @@ pub struct Request {
     pub method: String,
     /// The raw `params` member, if present.
     pub params: Option<Box<RawValue>>,
+    /// The `attachment` member: the number of raw bytes that follow the
+    /// line (see "Attachments" in PROTOCOL.md). Never set inside a batch.
+    pub attachment: Option<u64>,
 }
 
 impl Request {
@@ -132,6 +135,9 @@ pub struct OutgoingRequest<'a, P: Serialize> {
     /// Request id; `None` sends a notification.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<&'a Id>,
+    /// Length of the raw bytes sent right after the line, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<u64>,
 }
 
 impl<'a, P: Serialize> OutgoingRequest<'a, P> {
@@ -142,7 +148,14 @@ impl<'a, P: Serialize> OutgoingRequest<'a, P> {
             method,
             params,
             id: Some(id),
+            attachment: None,
         }
+    }
+
+    /// Announces `len` raw bytes sent right after the line.
+    pub fn with_attachment(mut self, len: u64) -> Self {
+        self.attachment = Some(len);
+        self
     }
 }
 
@@ -153,6 +166,9 @@ pub struct Response {
     pub id: Id,
     /// The raw result, or the error.
     pub outcome: Result<Box<RawValue>, ErrorObject>,
+    /// The `attachment` member: the number of raw bytes that follow the
+    /// line (only with a result).
+    pub attachment: Option<u64>,
 }
 
 impl Response {
@@ -164,7 +180,11 @@ impl Response {
                 format!("could not encode the result: {e}"),
             )
         });
-        Response { id, outcome }
+        Response {
+            id,
+            outcome,
+            attachment: None,
+        }
     }
 
     /// An error reply.
@@ -172,6 +192,7 @@ impl Response {
         Response {
             id,
             outcome: Err(error),
+            attachment: None,
         }
     }
 
@@ -197,13 +218,16 @@ pub enum ResponseError {
 
 impl Serialize for Response {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(3))?;
+        let mut map = s.serialize_map(Some(3 + usize::from(self.attachment.is_some())))?;
         map.serialize_entry("jsonrpc", JSONRPC_VERSION)?;
         match &self.outcome {
             Ok(result) => map.serialize_entry("result", result)?,
             Err(error) => map.serialize_entry("error", error)?,
         }
         map.serialize_entry("id", &self.id)?;
+        if let Some(len) = self.attachment {
+            map.serialize_entry("attachment", &len)?;
+        }
         map.end()
     }
 }
@@ -216,6 +240,8 @@ struct RawResponse {
     #[serde(default)]
     error: Option<ErrorObject>,
     id: Id,
+    #[serde(default)]
+    attachment: Option<u64>,
 }
 
 /// Why a line from the agent is not a valid response.
@@ -230,6 +256,9 @@ pub enum ResponseParseError {
     /// Both or neither of `result` and `error` are present.
     #[error("a response must carry exactly one of result and error")]
     Shape,
+    /// An error response announced an attachment.
+    #[error("an error response cannot carry an attachment")]
+    AttachmentOnError,
 }
 
 /// Parses one response line (the host side).
@@ -243,9 +272,13 @@ pub fn parse_response(line: &[u8]) -> Result<Response, ResponseParseError> {
         (None, Some(e)) => Err(e),
         _ => return Err(ResponseParseError::Shape),
     };
+    if outcome.is_err() && raw.attachment.is_some() {
+        return Err(ResponseParseError::AttachmentOnError);
+    }
     Ok(Response {
         id: raw.id,
         outcome,
+        attachment: raw.attachment,
     })
 }
 
@@ -268,6 +301,8 @@ struct RawRequest {
     params: Option<Box<RawValue>>,
     #[serde(default, deserialize_with = "present")]
     id: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    attachment: Option<Box<RawValue>>,
 }
 
 /// One element of an incoming message: a request, or the error reply owed
@@ -283,6 +318,17 @@ pub enum Incoming {
     Batch(Vec<Entry>),
 }
 
+impl Incoming {
+    /// The byte count of the attachment that follows this line, if the line
+    /// is a single well-formed request that announces one.
+    pub fn attachment(&self) -> Option<u64> {
+        match self {
+            Incoming::Single(Ok(req)) => req.attachment,
+            _ => None,
+        }
+    }
+}
+
 /// Parses one incoming line into requests, following JSON-RPC 2.0:
 /// invalid JSON gives a parse error (-32700) with `id: null`; an empty batch
 /// or a malformed request gives an invalid request error (-32600).
@@ -294,7 +340,18 @@ pub fn parse_message(line: &[u8]) -> Incoming {
                 Id::null(),
                 ErrorObject::new(ErrorKind::InvalidRequest, "empty batch"),
             ))),
-            Ok(items) => Incoming::Batch(items.into_iter().map(parse_request).collect()),
+            Ok(items) => Incoming::Batch(
+                items
+                    .into_iter()
+                    .map(|raw| match parse_request(raw) {
+                        Ok(req) if req.attachment.is_some() => Err(invalid(
+                            req.id.unwrap_or_else(Id::null),
+                            "a request inside a batch cannot carry an attachment; send it alone",
+                        )),
+                        entry => entry,
+                    })
+                    .collect(),
+            ),
             Err(e) => Incoming::Single(Err(parse_error(&e))),
         }
     } else {
@@ -356,10 +413,20 @@ fn parse_request(raw: &RawValue) -> Entry {
             return Err(invalid(reply_id(), "params must be an object"));
         }
     }
+    let attachment = match &req.attachment {
+        None => None,
+        Some(raw) => Some(raw.get().parse::<u64>().map_err(|_| {
+            invalid(
+                reply_id(),
+                "attachment must be the byte count of the data after the line (an integer >= 0)",
+            )
+        })?),
+    };
     Ok(Request {
         id,
         method,
         params: req.params,
+        attachment,
     })
 }
 
@@ -377,6 +444,47 @@ mod tests {
     fn err_of(e: Entry) -> (String, i32) {
         let r = e.expect_err("expected an error reply");
         (r.id.as_raw().to_owned(), r.outcome.unwrap_err().code)
+    }
+
+    #[test]
+    fn attachments_are_read_checked_and_refused_in_batches() {
+        let m = parse_message(br#"{"jsonrpc":"2.0","method":"file_write","id":1,"attachment":42}"#);
+        assert_eq!(m.attachment(), Some(42));
+        for bad in ["-1", "1.5", "\"3\"", "null", "18446744073709551616"] {
+            let line = format!(r#"{{"jsonrpc":"2.0","method":"x","id":7,"attachment":{bad}}}"#);
+            let m = parse_message(line.as_bytes());
+            assert_eq!(m.attachment(), None, "{bad}");
+            assert_eq!(
+                err_of(match m {
+                    Incoming::Single(e) => e,
+                    Incoming::Batch(_) => unreachable!(),
+                }),
+                ("7".to_owned(), -32600),
+                "{bad}"
+            );
+        }
+        let m = parse_message(br#"[{"jsonrpc":"2.0","method":"x","id":3,"attachment":1}]"#);
+        assert_eq!(m.attachment(), None);
+        let Incoming::Batch(mut entries) = m else {
+            panic!("expected a batch")
+        };
+        assert_eq!(err_of(entries.remove(0)), ("3".to_owned(), -32600));
+    }
+
+    #[test]
+    fn responses_carry_their_attachment_length() {
+        let mut r = Response::ok(Id::number(5), &serde_json::json!({"eof": true}));
+        r.attachment = Some(3);
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"jsonrpc":"2.0","result":{"eof":true},"id":5,"attachment":3}"#
+        );
+        assert_eq!(parse_response(text.as_bytes()).unwrap().attachment, Some(3));
+        let e = parse_response(
+            br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"m"},"id":5,"attachment":3}"#,
+        );
+        assert!(matches!(e, Err(ResponseParseError::AttachmentOnError)));
     }
 
     #[test]

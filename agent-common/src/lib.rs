@@ -33,6 +33,11 @@ pub const RESYNC_BYTE: u8 = 0xFF;
 /// envelope, or the captured output of a command) but never exceed this.
 pub const MAX_RESPONSE_SIZE: usize = 8 * 1024 * 1024;
 
+/// Largest attachment (raw bytes after a message line) either peer sends:
+/// the data of one `file_read` or `file_write` chunk with
+/// `"encoding": "attachment"`. Reported as `limits.max_attachment_size`.
+pub const MAX_ATTACHMENT_SIZE: u64 = 1024 * 1024;
+
 /// Most bytes one `file_read` call returns.
 pub const MAX_READ_CHUNK: u64 = 1024 * 1024;
 

@@ -155,6 +155,10 @@ pub struct Limits {
     pub request_timeout_seconds: u64,
     /// Requests served at once.
     pub max_concurrent_requests: u32,
+    /// Largest attachment the agent accepts or sends, in bytes; 0 (or
+    /// absent, from agents before attachments) means none: use base64.
+    #[serde(default)]
+    pub max_attachment_size: u64,
 }
 
 /// Result of `get_system_info`.
@@ -370,7 +374,8 @@ pub struct FileReadParams {
     /// Most bytes to return; default and maximum `max_read_chunk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length: Option<u64>,
-    /// Encoding of `content`. Default `utf8`.
+    /// Encoding of `content`. Default `utf8`. With `attachment` the bytes
+    /// come as the reply's attachment and `content` is empty.
     #[serde(default)]
     pub encoding: Encoding,
 }
@@ -378,7 +383,7 @@ pub struct FileReadParams {
 /// Result of `file_read`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileReadResult {
-    /// The bytes read, encoded.
+    /// The bytes read, encoded (empty with `encoding: attachment`).
     pub content: String,
     /// Encoding of `content`.
     pub encoding: Encoding,
@@ -417,7 +422,9 @@ pub enum WriteMode {
 pub struct FileWriteParams {
     /// Absolute path, inside `allowed_write_paths`.
     pub path: String,
-    /// The bytes, encoded.
+    /// The bytes, encoded; empty (or absent) with `encoding: attachment`,
+    /// where the bytes are the request's attachment.
+    #[serde(default)]
     pub content: String,
     /// Encoding of `content`. Default `utf8`.
     #[serde(default)]

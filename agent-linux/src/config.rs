@@ -493,6 +493,7 @@ impl Config {
             request_timeout_seconds: self.request_timeout.as_secs(),
             // At most 1024 (validated).
             max_concurrent_requests: self.max_concurrent_requests.min(u32::MAX as usize) as u32,
+            max_attachment_size: agent_common::MAX_ATTACHMENT_SIZE,
         }
     }
 }

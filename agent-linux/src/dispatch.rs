@@ -15,15 +15,16 @@
 //!   answered `shutting_down`.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use agent_common::encoding::Encoding;
 use agent_common::error::{ErrorKind, ErrorObject};
 use agent_common::jsonrpc::{parse_message, Entry, Id, Incoming, Request, Response};
 use agent_common::methods::{
     AgentInfo, DiskUsageParams, Empty, ExecParams, FileReadParams, FileWriteParams, Method,
     PingResult, PowerParams, PowerResult, SyncParams, SyncResult,
 };
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -58,6 +59,8 @@ pub struct SessionId(pub u64);
 pub struct Outgoing {
     /// The reply, one JSON line with its `\n`.
     pub line: BytesMut,
+    /// The raw bytes the line announces, written right after it.
+    pub attachment: Option<Bytes>,
     /// A power action to start after the line is flushed.
     pub after: Option<PowerAction>,
 }
@@ -65,7 +68,17 @@ pub struct Outgoing {
 /// The outcome of one method call before encoding.
 struct Outcome {
     result: Result<Box<RawValue>, ErrorObject>,
+    attachment: Option<Bytes>,
     after: Option<PowerAction>,
+}
+
+/// What a call receives besides its params.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Context {
+    /// A request on its own line: it may carry and return attachments.
+    Single,
+    /// A request inside a batch: no attachments either way.
+    Batch,
 }
 
 impl Outcome {
@@ -77,6 +90,7 @@ impl Outcome {
                     format!("could not encode the result: {e}"),
                 )
             }),
+            attachment: None,
             after: None,
         }
     }
@@ -84,6 +98,7 @@ impl Outcome {
     fn err(e: ErrorObject) -> Outcome {
         Outcome {
             result: Err(e),
+            attachment: None,
             after: None,
         }
     }
@@ -154,29 +169,91 @@ impl Agent {
             limit = self.config.max_message_size,
             "discarded an oversized request line"
         );
-        encode(&resp, Id::null(), None)
+        encode(&resp, Id::null(), None, None)
     }
 
-    /// Handles one request line; `None` when nothing is owed (notifications).
+    /// The reply to a request whose attachment exceeds
+    /// [`agent_common::MAX_ATTACHMENT_SIZE`] (it is skipped, not read).
+    pub fn attachment_too_large(&self, incoming: &Incoming, len: u64) -> Outgoing {
+        let id = match incoming {
+            Incoming::Single(Ok(req)) => req.id.clone().unwrap_or_else(Id::null),
+            _ => Id::null(),
+        };
+        let limit = agent_common::MAX_ATTACHMENT_SIZE;
+        warn!(len, limit, "discarded an oversized attachment");
+        let resp = Response::error(
+            id.clone(),
+            ErrorObject::new(
+                ErrorKind::MessageTooLarge,
+                format!(
+                    "attachment of {len} bytes is larger than max_attachment_size ({limit}); \
+                     it was discarded: send the data in smaller chunks"
+                ),
+            )
+            .with_data("limit", limit),
+        );
+        encode(&resp, id, None, None)
+    }
+
+    /// The reply to a request whose attachment stopped arriving.
+    pub fn attachment_timeout(&self, incoming: &Incoming, after: Duration) -> Outgoing {
+        let id = match incoming {
+            Incoming::Single(Ok(req)) => req.id.clone().unwrap_or_else(Id::null),
+            _ => Id::null(),
+        };
+        let resp = Response::error(
+            id.clone(),
+            ErrorObject::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the request's attachment did not arrive within {} s and was dropped, with \
+                     the input up to the next resync byte: send 0xFF and sync, then retry",
+                    after.as_secs()
+                ),
+            )
+            .with_data("limit", after.as_secs()),
+        );
+        encode(&resp, id, None, None)
+    }
+
+    /// Handles one request line that carries no attachment; `None` when
+    /// nothing is owed (notifications).
     pub async fn handle_line(
         self: &Arc<Self>,
         session: SessionId,
         line: &[u8],
     ) -> Option<Outgoing> {
-        match parse_message(line) {
+        self.handle(session, parse_message(line), None).await
+    }
+
+    /// Handles one parsed line and the attachment that followed it; `None`
+    /// when nothing is owed (notifications).
+    pub async fn handle(
+        self: &Arc<Self>,
+        session: SessionId,
+        incoming: Incoming,
+        attachment: Option<Bytes>,
+    ) -> Option<Outgoing> {
+        match incoming {
             Incoming::Single(entry) => {
-                let (resp, after) = self.handle_entry(session, entry).await?;
+                let (resp, data, after) = self
+                    .handle_entry(session, entry, Context::Single, attachment)
+                    .await?;
                 let id = resp.id.clone();
-                Some(encode(&resp, id, after))
+                Some(encode(&resp, id, data, after))
             }
             Incoming::Batch(entries) => {
-                let replies =
-                    join_all(entries.into_iter().map(|e| self.handle_entry(session, e))).await;
+                let replies = join_all(
+                    entries
+                        .into_iter()
+                        .map(|e| self.handle_entry(session, e, Context::Batch, None)),
+                )
+                .await;
                 let mut after = None;
                 let resps: Vec<Response> = replies
                     .into_iter()
                     .flatten()
-                    .map(|(r, a)| {
+                    .map(|(r, _, a)| {
                         after = after.or(a);
                         r
                     })
@@ -184,7 +261,7 @@ impl Agent {
                 if resps.is_empty() {
                     None
                 } else {
-                    Some(encode(&resps, Id::null(), after))
+                    Some(encode(&resps, Id::null(), None, after))
                 }
             }
         }
@@ -194,14 +271,19 @@ impl Agent {
         self: &Arc<Self>,
         session: SessionId,
         entry: Entry,
-    ) -> Option<(Response, Option<PowerAction>)> {
+        cx: Context,
+        attachment: Option<Bytes>,
+    ) -> Option<(Response, Option<Bytes>, Option<PowerAction>)> {
         let req = match entry {
             Ok(req) => req,
-            Err(resp) => return Some((resp, None)),
+            Err(resp) => return Some((resp, None, None)),
         };
         let span = info_span!("request", method = %req.method, id = %req.id.as_ref().map_or("-".into(), |i| i.to_string()));
         let id = req.id.clone();
-        let outcome = self.call(session, &req).instrument(span).await;
+        let outcome = self
+            .call(session, &req, cx, attachment)
+            .instrument(span)
+            .await;
         // Notifications are carried out but never answered; a power action
         // asked for by a notification starts at once.
         let Some(id) = id else {
@@ -211,16 +293,37 @@ impl Agent {
             }
             return None;
         };
+        let data = outcome.attachment.filter(|_| outcome.result.is_ok());
         Some((
             Response {
                 id,
                 outcome: outcome.result,
+                attachment: data.as_ref().map(|d| d.len() as u64),
             },
+            data,
             outcome.after,
         ))
     }
 
-    async fn call(self: &Arc<Self>, session: SessionId, req: &Request) -> Outcome {
+    async fn call(
+        self: &Arc<Self>,
+        session: SessionId,
+        req: &Request,
+        cx: Context,
+        attachment: Option<Bytes>,
+    ) -> Outcome {
+        // The framing already took the announced bytes; a length that does
+        // not match what arrived (a caller of `handle_line`) is refused.
+        let attachment = match (req.attachment, attachment) {
+            (None, None) => None,
+            (Some(len), Some(data)) if len == data.len() as u64 => Some(data),
+            _ => {
+                return Outcome::err(ErrorObject::new(
+                    ErrorKind::InvalidRequest,
+                    "the attachment member does not match the bytes received",
+                ))
+            }
+        };
         let Some(method) = Method::from_name(&req.method) else {
             return Outcome::err(ErrorObject::new(
                 ErrorKind::MethodNotFound,
@@ -230,6 +333,12 @@ impl Agent {
                 ),
             ));
         };
+        if attachment.is_some() && method != Method::FileWrite {
+            return Outcome::err(ErrorObject::new(
+                ErrorKind::InvalidParams,
+                format!("{method} takes no attachment (only file_write does); it was discarded"),
+            ));
+        }
         // Cheap methods: answered at once, never queued.
         match method {
             Method::Ping => {
@@ -264,7 +373,7 @@ impl Agent {
             );
         };
         let started = Instant::now();
-        let work = self.run(session, method, req);
+        let work = self.run(session, method, req, cx, attachment);
         let outcome = if method == Method::ExecCommand {
             // Bounded by the command's own time limit inside exec.
             tokio::select! {
@@ -290,7 +399,14 @@ impl Agent {
         outcome
     }
 
-    async fn run(self: &Arc<Self>, session: SessionId, method: Method, req: &Request) -> Outcome {
+    async fn run(
+        self: &Arc<Self>,
+        session: SessionId,
+        method: Method,
+        req: &Request,
+        cx: Context,
+        attachment: Option<Bytes>,
+    ) -> Outcome {
         match method {
             Method::Ping | Method::Sync | Method::GetAgentInfo => {
                 unreachable!("answered before taking a slot")
@@ -310,17 +426,41 @@ impl Agent {
                 .await
             }
             Method::ExecCommand => {
-                self.typed(req, |p: ExecParams| exec::exec_command(&self.config, p))
-                    .await
+                self.typed(req, |p: ExecParams| async move {
+                    if !(p.stdin_encoding.is_inline() && p.output_encoding.is_inline()) {
+                        return Err(CallError::Params(
+                            "exec_command carries stdin and output in strings: \
+                             use encoding utf8 or base64, not attachment"
+                                .into(),
+                        ));
+                    }
+                    exec::exec_command(&self.config, p)
+                        .await
+                        .map_err(CallError::Inner)
+                })
+                .await
             }
-            Method::FileRead => {
-                self.typed(req, |p: FileReadParams| self.files.read(p))
-                    .await
-            }
-            Method::FileWrite => {
-                self.typed(req, |p: FileWriteParams| self.files.write(session.0, p))
-                    .await
-            }
+            Method::FileRead => match req.params::<FileReadParams>() {
+                Ok(p) if p.encoding == Encoding::Attachment && cx == Context::Batch => {
+                    Outcome::err(batch_attachment())
+                }
+                Ok(p) => match self.files.read(p).await {
+                    Ok((result, data)) => {
+                        let mut o = Outcome::ok(&result);
+                        o.attachment = data;
+                        o
+                    }
+                    Err(e) => Outcome::err(to_error_object(&e)),
+                },
+                Err(e) => Outcome::err(e),
+            },
+            Method::FileWrite => match req.params::<FileWriteParams>() {
+                Ok(p) if p.encoding == Encoding::Attachment && cx == Context::Batch => {
+                    Outcome::err(batch_attachment())
+                }
+                Ok(p) => Outcome::from(self.files.write(session.0, p, attachment).await),
+                Err(e) => Outcome::err(e),
+            },
             Method::Shutdown | Method::Reboot => match req.params::<PowerParams>() {
                 Ok(p) => {
                     let action = if method == Method::Shutdown {
@@ -384,6 +524,37 @@ fn ping() -> PingResult {
         timestamp: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+    }
+}
+
+fn batch_attachment() -> ErrorObject {
+    ErrorObject::new(
+        ErrorKind::InvalidParams,
+        "encoding attachment cannot be used inside a batch: send the request on its own line",
+    )
+}
+
+/// A handler's error, or params refused before the handler ran.
+#[derive(Debug, thiserror::Error)]
+enum CallError<E: RpcError> {
+    #[error("{0}")]
+    Params(String),
+    #[error(transparent)]
+    Inner(E),
+}
+
+impl<E: RpcError> RpcError for CallError<E> {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CallError::Params(_) => ErrorKind::InvalidParams,
+            CallError::Inner(e) => e.kind(),
+        }
+    }
+    fn data(&self) -> Vec<(&'static str, serde_json::Value)> {
+        match self {
+            CallError::Params(_) => Vec::new(),
+            CallError::Inner(e) => e.data(),
+        }
     }
 }
 
@@ -464,10 +635,21 @@ fn summarize(result: &str) -> String {
 /// Encodes a reply line. A reply larger than the protocol allows is replaced
 /// by a `too_large` error for `id` (null for a batch), so the host never
 /// receives a line it must drop.
-fn encode<T: Serialize + ?Sized>(value: &T, id: Id, after: Option<PowerAction>) -> Outgoing {
+fn encode<T: Serialize + ?Sized>(
+    value: &T,
+    id: Id,
+    attachment: Option<Bytes>,
+    after: Option<PowerAction>,
+) -> Outgoing {
     let mut line = BytesMut::new();
     let replacement = match agent_common::codec::encode_line(value, &mut line) {
-        Ok(()) if line.len() <= agent_common::MAX_RESPONSE_SIZE => return Outgoing { line, after },
+        Ok(()) if line.len() <= agent_common::MAX_RESPONSE_SIZE => {
+            return Outgoing {
+                line,
+                attachment,
+                after,
+            }
+        }
         Ok(()) => Response::error(
             id,
             ErrorObject::new(
@@ -490,7 +672,11 @@ fn encode<T: Serialize + ?Sized>(value: &T, id: Id, after: Option<PowerAction>) 
     // Invariant: a small error reply (a raw id and a short message) always
     // serialises.
     let _ = agent_common::codec::encode_line(&replacement, &mut line);
-    Outgoing { line, after }
+    Outgoing {
+        line,
+        attachment: None,
+        after,
+    }
 }
 
 #[cfg(test)]
@@ -632,7 +818,7 @@ mod tests {
     #[test]
     fn oversized_replies_become_errors() {
         let big = "x".repeat(agent_common::MAX_RESPONSE_SIZE + 1);
-        let out = encode(&serde_json::json!({ "s": big }), Id::number(4), None);
+        let out = encode(&serde_json::json!({ "s": big }), Id::number(4), None, None);
         let v: Value = serde_json::from_slice(&out.line).unwrap();
         assert_eq!(v["error"]["data"]["kind"], "too_large");
         assert_eq!(v["id"], 4);

@@ -51,6 +51,7 @@ use agent_common::methods::{
     FileReadParams, FileReadResult, FileWriteParams, FileWriteResult, WriteMode,
 };
 use agent_common::MAX_READ_CHUNK;
+use bytes::Bytes;
 use serde_json::Value;
 
 use crate::config::Config;
@@ -438,28 +439,56 @@ impl FileService {
         lock(&self.uploads).len()
     }
 
-    /// `file_read`.
-    pub async fn read(&self, params: FileReadParams) -> Result<FileReadResult, FileError> {
+    /// `file_read`; with `encoding: attachment` the bytes are returned
+    /// beside the result, which then has an empty `content`.
+    pub async fn read(
+        &self,
+        params: FileReadParams,
+    ) -> Result<(FileReadResult, Option<Bytes>), FileError> {
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
         blocking(move || read_blocking(&policy, &params, limit)).await
     }
 
-    /// `file_write` on behalf of `session` (the host connection).
+    /// `file_write` on behalf of `session` (the host connection). With
+    /// `encoding: attachment` the bytes are `attachment`, the raw bytes that
+    /// followed the request line.
     pub async fn write(
         &self,
         session: u64,
         params: FileWriteParams,
+        attachment: Option<Bytes>,
     ) -> Result<FileWriteResult, FileError> {
         let perms = match params.permissions {
             None => DEFAULT_PERMISSIONS,
             Some(mode) if mode & !ALLOWED_PERMISSIONS == 0 => mode,
             Some(mode) => return Err(FileError::BadPermissions { mode }),
         };
-        let data = params
-            .encoding
-            .decode(&params.content)
-            .map_err(FileError::Decode)?;
+        let data = match (params.encoding, attachment) {
+            (Encoding::Attachment, Some(data)) if params.content.is_empty() => data,
+            (Encoding::Attachment, Some(_)) => {
+                return Err(FileError::InvalidRequest {
+                    reason: "with encoding attachment, content must be empty".into(),
+                })
+            }
+            (Encoding::Attachment, None) => {
+                return Err(FileError::InvalidRequest {
+                    reason: "encoding attachment needs the data as the request's attachment \
+                             (the attachment member and the raw bytes after the line)"
+                        .into(),
+                })
+            }
+            (_, Some(_)) => {
+                return Err(FileError::InvalidRequest {
+                    reason: "a request with an attachment must say encoding attachment".into(),
+                })
+            }
+            (encoding, None) => Bytes::from(
+                encoding
+                    .decode(&params.content)
+                    .map_err(FileError::Decode)?,
+            ),
+        };
         let limit = self.config.security.max_file_size;
         if let Some(id) = params.upload_id.clone() {
             return self.write_chunk(session, id, params, data).await;
@@ -515,7 +544,7 @@ impl FileService {
         params: FileWriteParams,
         mode: WriteMode,
         perms: u32,
-        data: Vec<u8>,
+        data: Bytes,
     ) -> Result<FileWriteResult, FileError> {
         if lock(&self.uploads).len() >= MAX_UPLOADS {
             return Err(FileError::TooManyUploads { limit: MAX_UPLOADS });
@@ -571,7 +600,7 @@ impl FileService {
         session: u64,
         id: String,
         params: FileWriteParams,
-        data: Vec<u8>,
+        data: Bytes,
     ) -> Result<FileWriteResult, FileError> {
         let upload = lock(&self.uploads)
             .get(&id)
@@ -591,7 +620,7 @@ impl FileService {
         upload: &Arc<Upload>,
         id: &str,
         params: FileWriteParams,
-        data: Vec<u8>,
+        data: Bytes,
     ) -> Result<FileWriteResult, FileError> {
         if normalize_path(&params.path).ok().as_deref() != Some(upload.path.as_str()) {
             return Err(FileError::InvalidRequest {
@@ -725,7 +754,7 @@ fn read_blocking(
     policy: &PathPolicy,
     params: &FileReadParams,
     limit: u64,
-) -> Result<FileReadResult, FileError> {
+) -> Result<(FileReadResult, Option<Bytes>), FileError> {
     let path = params.path.as_str();
     let file = policy.open_read(path)?;
     let size = file.metadata().map_err(io_err("read", path))?.len();
@@ -752,6 +781,18 @@ fn read_blocking(
     }
     buf.truncate(filled);
     let content = match params.encoding {
+        Encoding::Attachment => {
+            let bytes_read = buf.len() as u64;
+            let result = FileReadResult {
+                content: String::new(),
+                encoding: Encoding::Attachment,
+                offset,
+                bytes_read,
+                eof: offset.saturating_add(bytes_read) >= size,
+                size,
+            };
+            return Ok((result, Some(Bytes::from(buf))));
+        }
         Encoding::Base64 => Encoding::Base64.encode_lossy(&buf),
         Encoding::Utf8 => match std::str::from_utf8(&buf) {
             Ok(s) => s.to_owned(),
@@ -775,14 +816,15 @@ fn read_blocking(
         },
     };
     let bytes_read = buf.len() as u64;
-    Ok(FileReadResult {
+    let result = FileReadResult {
         content,
         encoding: params.encoding,
         offset,
         bytes_read,
         eof: offset.saturating_add(bytes_read) >= size,
         size,
-    })
+    };
+    Ok((result, None))
 }
 
 fn append_blocking(
@@ -929,6 +971,23 @@ pub fn staging_files(dir: &Path) -> io::Result<Vec<OsString>> {
 }
 
 #[cfg(test)]
+impl FileService {
+    /// `read` for content carried in the result.
+    async fn read_inline(&self, params: FileReadParams) -> Result<FileReadResult, FileError> {
+        self.read(params).await.map(|(r, _)| r)
+    }
+
+    /// `write` without an attachment.
+    async fn write_inline(
+        &self,
+        session: u64,
+        params: FileWriteParams,
+    ) -> Result<FileWriteResult, FileError> {
+        self.write(session, params, None).await
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::path::PathBuf;
@@ -1006,7 +1065,7 @@ mod tests {
         for (offset, length, want, eof) in cases {
             let r = e
                 .svc
-                .read(FileReadParams {
+                .read_inline(FileReadParams {
                     offset: *offset,
                     length: *length,
                     ..rp(&p)
@@ -1028,7 +1087,7 @@ mod tests {
         std::fs::write(&p, "a\u{e9}b").unwrap(); // 61 c3 a9 62
         let r = e
             .svc
-            .read(FileReadParams {
+            .read_inline(FileReadParams {
                 length: Some(2),
                 ..rp(&p)
             })
@@ -1037,7 +1096,7 @@ mod tests {
         assert_eq!((r.content.as_str(), r.bytes_read, r.eof), ("a", 1, false));
         let r = e
             .svc
-            .read(FileReadParams {
+            .read_inline(FileReadParams {
                 offset: 1,
                 length: Some(2),
                 ..rp(&p)
@@ -1048,7 +1107,7 @@ mod tests {
         // Starting inside a character is invalid UTF-8.
         let err = e
             .svc
-            .read(FileReadParams {
+            .read_inline(FileReadParams {
                 offset: 2,
                 ..rp(&p)
             })
@@ -1057,12 +1116,12 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
         let bin = format!("{}/bin", e.root);
         std::fs::write(&bin, [0u8, 0xff, 0xfe, b'x']).unwrap();
-        let err = e.svc.read(rp(&bin)).await.unwrap_err();
+        let err = e.svc.read_inline(rp(&bin)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
         assert!(err.to_string().contains("use encoding base64"), "{err}");
         let r = e
             .svc
-            .read(FileReadParams {
+            .read_inline(FileReadParams {
                 encoding: Encoding::Base64,
                 ..rp(&bin)
             })
@@ -1076,7 +1135,7 @@ mod tests {
         // A truncated character at the end of the file is invalid too.
         let cut = format!("{}/cut", e.root);
         std::fs::write(&cut, [b'a', 0xc3]).unwrap();
-        let err = e.svc.read(rp(&cut)).await.unwrap_err();
+        let err = e.svc.read_inline(rp(&cut)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
     }
 
@@ -1085,7 +1144,7 @@ mod tests {
         let e = env_with(10);
         let big = format!("{}/big", e.root);
         std::fs::write(&big, "0123456789A").unwrap();
-        let err = e.svc.read(rp(&big)).await.unwrap_err();
+        let err = e.svc.read_inline(rp(&big)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TooLarge);
         let obj = crate::error::to_error_object(&err);
         let data = obj.data.unwrap();
@@ -1105,7 +1164,7 @@ mod tests {
             (format!("{}/x", e.outside), ErrorKind::PolicyDenied),
             (format!("{}/nope", e.root), ErrorKind::NotFound),
         ] {
-            let err = e.svc.read(rp(&path)).await.unwrap_err();
+            let err = e.svc.read_inline(rp(&path)).await.unwrap_err();
             assert_eq!(err.kind(), kind, "{path}: {err}");
         }
     }
@@ -1114,7 +1173,7 @@ mod tests {
     async fn truncate_replaces_atomically_and_keeps_permissions() {
         let e = env();
         let p = format!("{}/f", e.root);
-        let r = e.svc.write(1, wp(&p, "first")).await.unwrap();
+        let r = e.svc.write_inline(1, wp(&p, "first")).await.unwrap();
         assert_eq!((r.bytes_written, r.size, r.committed), (5, 5, true));
         assert_eq!(r.upload_id, None);
         assert_eq!(mode_of(&p), DEFAULT_PERMISSIONS);
@@ -1122,7 +1181,7 @@ mod tests {
         let ino = std::fs::metadata(&p).unwrap().ino();
         let r = e
             .svc
-            .write(
+            .write_inline(
                 1,
                 FileWriteParams {
                     permissions: Some(0o755),
@@ -1142,7 +1201,7 @@ mod tests {
         // New file with explicit permissions, whatever the umask.
         let q = format!("{}/g", e.root);
         e.svc
-            .write(
+            .write_inline(
                 1,
                 FileWriteParams {
                     permissions: Some(0o700),
@@ -1162,14 +1221,14 @@ mod tests {
         std::fs::write(&secret, "SECRET").unwrap();
         let link = format!("{}/link", e.root);
         std::os::unix::fs::symlink(&secret, &link).unwrap();
-        e.svc.write(1, wp(&link, "mine")).await.unwrap();
+        e.svc.write_inline(1, wp(&link, "mine")).await.unwrap();
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "SECRET");
         assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
         assert_eq!(std::fs::read_to_string(&link).unwrap(), "mine");
         // A hard link to an outside file is replaced too, never written through.
         let hl = format!("{}/hard", e.root);
         std::fs::hard_link(&secret, &hl).unwrap();
-        e.svc.write(1, wp(&hl, "mine")).await.unwrap();
+        e.svc.write_inline(1, wp(&hl, "mine")).await.unwrap();
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "SECRET");
     }
 
@@ -1292,7 +1351,7 @@ mod tests {
         ];
         for (params, kind) in cases {
             let label = format!("{params:?}");
-            let err = e.svc.write(1, params).await.unwrap_err();
+            let err = e.svc.write_inline(1, params).await.unwrap_err();
             assert_eq!(err.kind(), kind, "{label}: {err}");
         }
         // Nothing was written anywhere.
@@ -1309,8 +1368,8 @@ mod tests {
             mode: WriteMode::CreateNew,
             ..wp(&p, "one")
         };
-        e.svc.write(1, params.clone()).await.unwrap();
-        let err = e.svc.write(1, params).await.unwrap_err();
+        e.svc.write_inline(1, params.clone()).await.unwrap();
+        let err = e.svc.write_inline(1, params).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "one");
         // A dangling symlink also makes the name taken.
@@ -1318,7 +1377,7 @@ mod tests {
         std::os::unix::fs::symlink("nowhere", &dl).unwrap();
         let err = e
             .svc
-            .write(
+            .write_inline(
                 1,
                 FileWriteParams {
                     mode: WriteMode::CreateNew,
@@ -1340,10 +1399,10 @@ mod tests {
             permissions: Some(0o600),
             ..wp(&p, c)
         };
-        let r = e.svc.write(1, ap("ab")).await.unwrap();
+        let r = e.svc.write_inline(1, ap("ab")).await.unwrap();
         assert_eq!((r.size, r.committed), (2, true));
         assert_eq!(mode_of(&p), 0o600);
-        let r = e.svc.write(1, ap("cd")).await.unwrap();
+        let r = e.svc.write_inline(1, ap("cd")).await.unwrap();
         assert_eq!((r.bytes_written, r.size), (2, 4));
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "abcd");
         let secret = format!("{}/secret", e.outside);
@@ -1352,7 +1411,7 @@ mod tests {
         std::fs::hard_link(&secret, &hl).unwrap();
         let err = e
             .svc
-            .write(
+            .write_inline(
                 1,
                 FileWriteParams {
                     mode: WriteMode::Append,
@@ -1364,7 +1423,7 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::PolicyDenied);
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), "S");
         // And reading through the hard link is refused as well.
-        let err = e.svc.read(rp(&hl)).await.unwrap_err();
+        let err = e.svc.read_inline(rp(&hl)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::PolicyDenied);
     }
 
@@ -1390,7 +1449,7 @@ mod tests {
         let parts: Vec<&[u8]> = data.chunks(16_384).collect();
         let first = e
             .svc
-            .write(
+            .write_inline(
                 7,
                 FileWriteParams {
                     content: Encoding::Base64.encode_lossy(parts[0]),
@@ -1414,7 +1473,7 @@ mod tests {
         let middle = parts.len() - 1;
         let futs = (1..middle).rev().map(|i| {
             let params = chunk(&p, &id, (i * 16_384) as u64, parts[i], true);
-            e.svc.write(7, params)
+            e.svc.write_inline(7, params)
         });
         for r in futures::future::join_all(futs).await {
             let r = r.unwrap();
@@ -1425,7 +1484,7 @@ mod tests {
         }
         let last = e
             .svc
-            .write(
+            .write_inline(
                 7,
                 chunk(&p, &id, (middle * 16_384) as u64, parts[middle], false),
             )
@@ -1440,7 +1499,7 @@ mod tests {
         // The id is gone once committed.
         let err = e
             .svc
-            .write(7, chunk(&p, &id, 0, b"x", false))
+            .write_inline(7, chunk(&p, &id, 0, b"x", false))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
@@ -1448,7 +1507,7 @@ mod tests {
 
     async fn start(e: &Env, session: u64, p: &str, mode: WriteMode) -> String {
         e.svc
-            .write(
+            .write_inline(
                 session,
                 FileWriteParams {
                     mode,
@@ -1469,7 +1528,7 @@ mod tests {
         let id = start(&e, 1, &p, WriteMode::Truncate).await;
         let err = e
             .svc
-            .write(2, chunk(&p, &id, 3, b"x", false))
+            .write_inline(2, chunk(&p, &id, 3, b"x", false))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
@@ -1483,7 +1542,7 @@ mod tests {
         assert!(!Path::new(&p).exists());
         let err = e
             .svc
-            .write(1, chunk(&p, &id, 3, b"x", false))
+            .write_inline(1, chunk(&p, &id, 3, b"x", false))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
@@ -1510,7 +1569,7 @@ mod tests {
             let id = start(&e, 1, &p, WriteMode::Truncate).await;
             let err = e
                 .svc
-                .write(
+                .write_inline(
                     1,
                     FileWriteParams {
                         upload_id: Some(id.clone()),
@@ -1534,7 +1593,7 @@ mod tests {
         std::fs::write(&p, "raced").unwrap();
         let err = e
             .svc
-            .write(1, chunk(&p, &id, 3, b"d", false))
+            .write_inline(1, chunk(&p, &id, 3, b"d", false))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
@@ -1543,7 +1602,7 @@ mod tests {
         // Refused up front when the name already exists.
         let err = e
             .svc
-            .write(
+            .write_inline(
                 1,
                 FileWriteParams {
                     mode: WriteMode::CreateNew,
@@ -1564,7 +1623,7 @@ mod tests {
         }
         let err = e
             .svc
-            .write(
+            .write_inline(
                 1,
                 FileWriteParams {
                     more: true,
@@ -1583,7 +1642,7 @@ mod tests {
         fn assert_send<T: Send>(_: &T) {}
         let svc = FileService::new(Arc::new(Config::default()));
         assert_send(&svc.read(rp("/tmp/x")));
-        assert_send(&svc.write(1, wp("/tmp/x", "")));
+        assert_send(&svc.write(1, wp("/tmp/x", ""), None));
         let config = Config::default();
         assert_send(&crate::exec::exec_command(&config, Default::default()));
     }

@@ -54,6 +54,8 @@ impl Default for Dispatcher {
                 max_command_timeout_seconds: 300,
                 request_timeout_seconds: 30,
                 max_concurrent_requests: 10,
+                // No attachments yet: the host uses base64.
+                max_attachment_size: 0,
             },
         }
     }
@@ -238,8 +240,17 @@ pub fn serve<R: Read, W: Write>(
                 codec.decode(&mut buf)
             };
             let reply = match frame {
-                Ok(Some(Frame::Line(line))) => dispatcher.handle_line(&line),
+                Ok(Some(Frame::Line(line))) => {
+                    // This agent takes no attachments, but must step over
+                    // one to stay in step with the stream.
+                    if let Some(len) = agent_common::jsonrpc::parse_message(&line).attachment() {
+                        codec.skip_attachment(len);
+                    }
+                    dispatcher.handle_line(&line)
+                }
                 Ok(Some(Frame::Oversized)) => Some(dispatcher.oversized()),
+                // Never returned: attachments are skipped above.
+                Ok(Some(Frame::Attachment(_))) => None,
                 Ok(None) => break,
                 Err(CodecError::Io(e)) => return Err(ServeError::Read(e)),
                 Err(e) => return Err(ServeError::Encode(e)),

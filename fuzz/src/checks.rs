@@ -12,7 +12,10 @@ use agent_common::RESYNC_BYTE;
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-/// Decodes `pieces` one after the other with a fresh codec, then ends the stream.
+/// Decodes `pieces` one after the other with a fresh codec, then ends the
+/// stream. A line starting with `@` announces an attachment as long as the
+/// line, taken; one starting with `!` an attachment as long as the line,
+/// skipped (as a reader that parsed such a line would).
 fn decode_pieces(max: usize, pieces: &[&[u8]]) -> Vec<Frame> {
     let mut codec = JsonLinesCodec::new(max);
     let mut buf = BytesMut::new();
@@ -20,6 +23,13 @@ fn decode_pieces(max: usize, pieces: &[&[u8]]) -> Vec<Frame> {
     for piece in pieces {
         buf.extend_from_slice(piece);
         while let Some(f) = codec.decode(&mut buf).expect("decoding never fails") {
+            if let Frame::Line(l) = &f {
+                match l.first() {
+                    Some(b'@') => codec.expect_attachment(l.len()),
+                    Some(b'!') => codec.skip_attachment(l.len() as u64),
+                    _ => {}
+                }
+            }
             frames.push(f);
         }
     }
@@ -31,15 +41,24 @@ fn decode_pieces(max: usize, pieces: &[&[u8]]) -> Vec<Frame> {
 
 /// Codec target. `data[0]` picks the maximum line length (1..=64), `data[1]`
 /// and `data[2]` two split points; the rest is the input. Checks that frames
-/// are bounded, hold no newline or 0xFF, and do not depend on how the input
-/// was split into reads (whole, at two points, one byte at a time).
+/// are bounded, hold no newline or 0xFF, attachments have the announced
+/// length, and that none of it depends on how the input was split into reads
+/// (whole, at two points, one byte at a time).
 pub fn check_codec(data: &[u8]) {
     let [a, b, c, input @ ..] = data else {
         return;
     };
     let max = 1 + usize::from(*a) % 64;
     let whole = decode_pieces(max, &[input]);
+    let mut announced = None;
     for frame in &whole {
+        if let Frame::Attachment(data) = frame {
+            assert_eq!(Some(data.len()), announced.take(), "attachment length");
+        }
+        announced = match frame {
+            Frame::Line(l) if l.first() == Some(&b'@') => Some(l.len()),
+            _ => None,
+        };
         if let Frame::Line(line) = frame {
             assert!(line.len() <= max, "line of {} > max {max}", line.len());
             assert!(!line.contains(&b'\n'), "newline in a frame");
@@ -73,6 +92,7 @@ fn same_frames(whole: &[Frame], split: &[Frame], input: &[u8], how: &str) {
             .iter()
             .filter_map(|f| match f {
                 Frame::Line(l) => Some(l.to_vec()),
+                Frame::Attachment(a) => Some([b"attachment:".as_slice(), a].concat()),
                 Frame::Oversized => None,
             })
             .collect()

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::time::Duration;
 
 use agent_common::codec::{encode_line, Frame, JsonLinesCodec};
+use agent_common::encoding::Encoding;
 use agent_common::error::ErrorObject;
 use agent_common::jsonrpc::{parse_response, Id, OutgoingRequest, Response};
 use agent_common::methods::{
@@ -32,8 +33,8 @@ use agent_common::methods::{
     PingResult, PingRpc, PowerParams, PowerResult, RebootRpc, Rpc, ShutdownRpc, SyncParams,
     SyncResult, SystemInfo,
 };
-use agent_common::{MAX_RESPONSE_SIZE, RESYNC_BYTE};
-use bytes::BytesMut;
+use agent_common::{MAX_ATTACHMENT_SIZE, MAX_RESPONSE_SIZE, RESYNC_BYTE};
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -130,7 +131,7 @@ struct Inner {
 
 /// One connection: the write half, the reader task and the pending calls.
 struct Conn {
-    writer: AsyncMutex<Writer>,
+    writer: Arc<AsyncMutex<Writer>>,
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
     needs_resync: AtomicBool,
@@ -157,9 +158,17 @@ struct Shared {
 
 type SyncWaiter = oneshot::Sender<Result<(), ErrorObject>>;
 
+/// A reply as the reader task hands it to its caller.
+struct Reply {
+    response: Response,
+    /// The bytes the response announced; `None` if it announced none, or
+    /// more than [`MAX_ATTACHMENT_SIZE`] (then they were skipped).
+    attachment: Option<Bytes>,
+}
+
 #[derive(Default)]
 struct ConnState {
-    pending: HashMap<u64, oneshot::Sender<Response>>,
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
     /// The sync in progress: (request id, nonce, waiter).
     sync: Option<(u64, u64, SyncWaiter)>,
     dead: bool,
@@ -172,14 +181,8 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn dispatch(&self, line: &[u8]) {
-        let resp = match parse_response(line) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!("dropping a line that is not a response: {e}");
-                return;
-            }
-        };
+    /// Hands a response (and its attachment) to the call waiting for it.
+    fn dispatch(&self, resp: Response, attachment: Option<Bytes>) {
         let mut st = self.lock();
         if let Some((sync_id, nonce, _)) = &st.sync {
             let (sync_id, nonce) = (*sync_id, *nonce);
@@ -204,7 +207,10 @@ impl Shared {
             }
         }
         if let Some(tx) = resp.id.as_u64().and_then(|id| st.pending.remove(&id)) {
-            let _ = tx.send(resp);
+            let _ = tx.send(Reply {
+                response: resp,
+                attachment,
+            });
         } else if let (true, Err(e)) = (resp.id.is_null(), &resp.outcome) {
             // E.g. message_too_large or parse_error: not addressable to a call.
             tracing::warn!("the agent reported an error for no call: {e}");
@@ -224,9 +230,44 @@ impl Shared {
 
 async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>) {
     let mut frames = FramedRead::new(read, JsonLinesCodec::new(MAX_RESPONSE_SIZE));
+    // A response waiting for its attachment.
+    let mut awaiting: Option<Response> = None;
     while let Some(frame) = frames.next().await {
         match frame {
-            Ok(Frame::Line(line)) => shared.dispatch(&line),
+            Ok(Frame::Line(line)) => {
+                let resp = match parse_response(&line) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!("dropping a line that is not a response: {e}");
+                        continue;
+                    }
+                };
+                // Until the sync reply, lines may be stale, cut, or bytes of
+                // a stale attachment: an attachment member there is not
+                // trusted (its bytes are read as lines and dropped).
+                let syncing = shared.lock().sync.is_some();
+                match resp.attachment {
+                    None => shared.dispatch(resp, None),
+                    Some(_) if syncing => shared.dispatch(resp, None),
+                    Some(len) if len <= MAX_ATTACHMENT_SIZE => {
+                        // Within the limit, so it fits in usize.
+                        frames.decoder_mut().expect_attachment(len as usize);
+                        awaiting = Some(resp);
+                    }
+                    Some(len) => {
+                        tracing::warn!(
+                            "skipping an attachment of {len} bytes, over {MAX_ATTACHMENT_SIZE}"
+                        );
+                        frames.decoder_mut().skip_attachment(len);
+                        shared.dispatch(resp, None);
+                    }
+                }
+            }
+            Ok(Frame::Attachment(data)) => {
+                if let Some(resp) = awaiting.take() {
+                    shared.dispatch(resp, Some(data.freeze()));
+                }
+            }
             Ok(Frame::Oversized) => {
                 tracing::warn!("dropping a reply longer than {MAX_RESPONSE_SIZE} bytes");
             }
@@ -245,25 +286,38 @@ impl Conn {
         self.shared.lock().dead
     }
 
-    /// Writes `line`, preceded by the resync byte if asked or if an earlier
-    /// write was cut short.
-    async fn send(&self, line: &[u8], resync: bool) -> Result<(), ClientError> {
-        let mut w = self.writer.lock().await;
-        let result = async {
-            if resync || w.dirty {
-                w.dirty = true;
-                w.half.write_all(&[RESYNC_BYTE]).await?;
+    /// Writes `line` and the `attachment` it announces, preceded by the
+    /// resync byte if asked or if an earlier write was cut short.
+    ///
+    /// A line with an attachment is written by a task of its own, which a
+    /// caller giving up (a timeout, a dropped future) does not cut short:
+    /// the resync byte is data inside an attachment, so a cut there could
+    /// not be repaired, and the agent would take what follows as the rest.
+    async fn send(
+        &self,
+        line: &[u8],
+        resync: bool,
+        attachment: Option<&Bytes>,
+    ) -> Result<(), ClientError> {
+        let mut w = self.writer.clone().lock_owned().await;
+        let result = match attachment {
+            None => write_line(&mut w, line, resync).await,
+            Some(data) => {
+                let (line, data) = (line.to_vec(), data.clone());
+                let write = tokio::spawn(async move {
+                    write_line(&mut w, &line, resync).await?;
+                    w.half.write_all(&data).await
+                });
+                write.await.unwrap_or_else(|e| {
+                    Err(std::io::Error::other(format!(
+                        "the writer task failed: {e}"
+                    )))
+                })
             }
-            w.dirty = true;
-            w.half.write_all(line).await?;
-            w.dirty = false;
-            Ok::<(), std::io::Error>(())
-        }
-        .await;
+        };
         match result {
             Ok(()) => Ok(()),
             Err(e) => {
-                drop(w);
                 self.shared.close();
                 Err(match e.kind() {
                     std::io::ErrorKind::BrokenPipe
@@ -276,15 +330,31 @@ impl Conn {
     }
 }
 
+/// Writes the resync byte (if asked, or if an earlier write was cut short)
+/// and `line`.
+async fn write_line(w: &mut Writer, line: &[u8], resync: bool) -> std::io::Result<()> {
+    if resync || w.dirty {
+        w.dirty = true;
+        w.half.write_all(&[RESYNC_BYTE]).await?;
+    }
+    w.dirty = true;
+    w.half.write_all(line).await?;
+    w.dirty = false;
+    Ok(())
+}
+
 /// How one attempt at a call ended.
 enum Attempt {
     /// Answered, or failed after the request was sent.
-    Done(Result<Box<RawValue>, ClientError>),
+    Done(Result<Answer, ClientError>),
     /// Failed before the whole request was written.
     NotSent(ClientError),
     /// The deadline passed.
     TimedOut,
 }
+
+/// A successful reply: the raw result and the attachment that came with it.
+type Answer = (Box<RawValue>, Option<Bytes>);
 
 /// Removes a pending call's entry when the call ends in any way (including
 /// being cancelled), so its late reply finds no taker.
@@ -316,10 +386,13 @@ fn encode_request<P: Serialize>(
     method: &str,
     params: &P,
     id: u64,
+    attachment: Option<u64>,
 ) -> Result<BytesMut, ClientError> {
     let id = Id::number(id);
     let mut buf = BytesMut::new();
-    encode_line(&OutgoingRequest::new(method, params, &id), &mut buf).map_err(|e| match e {
+    let mut req = OutgoingRequest::new(method, params, &id);
+    req.attachment = attachment;
+    encode_line(&req, &mut buf).map_err(|e| match e {
         agent_common::codec::CodecError::Serialize(source) => ClientError::Encode {
             method: method.to_owned(),
             source,
@@ -483,10 +556,10 @@ impl Client {
         let shared = Arc::new(Shared::default());
         let reader = tokio::spawn(read_loop(read, shared.clone()));
         Ok(Arc::new(Conn {
-            writer: AsyncMutex::new(Writer {
+            writer: Arc::new(AsyncMutex::new(Writer {
                 half: write,
                 dirty: false,
-            }),
+            })),
             shared,
             reader,
             needs_resync: AtomicBool::new(false),
@@ -497,7 +570,7 @@ impl Client {
     async fn sync(&self, conn: &Conn) -> Result<(), ClientError> {
         let nonce = random_u64();
         let id = self.next_id();
-        let line = encode_request(SYNC, &SyncParams { nonce }, id)?;
+        let line = encode_request(SYNC, &SyncParams { nonce }, id, None)?;
         let (tx, rx) = oneshot::channel();
         {
             let mut st = conn.shared.lock();
@@ -508,7 +581,7 @@ impl Client {
         }
         let after = self.inner.opts.sync_timeout;
         let outcome = tokio::time::timeout(after, async {
-            conn.send(&line, true).await?;
+            conn.send(&line, true, None).await?;
             match rx.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(ClientError::Agent {
@@ -537,11 +610,27 @@ impl Client {
         params: &P,
         after: Duration,
     ) -> Result<Box<RawValue>, ClientError> {
+        self.request_with(method, params, None, after)
+            .await
+            .map(|(raw, _)| raw)
+    }
+
+    /// A call that may send an attachment and receive one.
+    async fn request_with<P: Serialize>(
+        &self,
+        method: &str,
+        params: &P,
+        attachment: Option<&Bytes>,
+        after: Duration,
+    ) -> Result<Answer, ClientError> {
         let deadline = tokio::time::Instant::now() + after;
         let mut retried = false;
         loop {
             let conn = self.ready().await?;
-            match self.request_on(&conn, method, params, deadline).await {
+            match self
+                .request_on(&conn, method, params, attachment, deadline)
+                .await
+            {
                 Attempt::Done(r) => return r,
                 // The request never fully reached the agent (the connection
                 // had died unnoticed, e.g. while a blocking client was idle),
@@ -568,23 +657,37 @@ impl Client {
         conn: &Conn,
         method: &str,
         params: &P,
+        attachment: Option<&Bytes>,
         deadline: tokio::time::Instant,
     ) -> Attempt {
         let id = self.next_id();
-        let line = match encode_request(method, params, id) {
+        let line = match encode_request(method, params, id, attachment.map(|a| a.len() as u64)) {
             Ok(l) => l,
             Err(e) => return Attempt::Done(Err(e)),
         };
         // The agent would refuse a longer line with an error it cannot
         // address to this call (`"id": null`); refuse it here instead.
-        let limit = self.limits_slot().as_ref().map(|l| l.max_message_size);
+        let limits = self
+            .limits_slot()
+            .as_ref()
+            .map(|l| (l.max_message_size, l.max_attachment_size));
         let size = line.len().saturating_sub(1);
-        if let Some(limit) = limit.filter(|&l| size as u64 > l) {
+        if let Some((limit, _)) = limits.filter(|&(l, _)| size as u64 > l) {
             return Attempt::Done(Err(ClientError::RequestTooLarge {
                 method: method.to_owned(),
                 size,
                 limit,
             }));
+        }
+        if let Some(data) = attachment {
+            let limit = limits.map_or(MAX_ATTACHMENT_SIZE, |(_, a)| a);
+            if data.len() as u64 > limit {
+                return Attempt::Done(Err(ClientError::RequestTooLarge {
+                    method: method.to_owned(),
+                    size: data.len(),
+                    limit,
+                }));
+            }
         }
         let (tx, rx) = oneshot::channel();
         {
@@ -598,7 +701,8 @@ impl Client {
             shared: &conn.shared,
             id,
         };
-        match tokio::time::timeout_at(deadline, conn.send(&line, false)).await {
+        let send = conn.send(&line, false, attachment);
+        match tokio::time::timeout_at(deadline, send).await {
             Err(_) => return Attempt::TimedOut,
             Ok(Err(e)) => return Attempt::NotSent(e),
             Ok(Ok(())) => {}
@@ -606,10 +710,18 @@ impl Client {
         match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Attempt::TimedOut,
             Ok(Err(_)) => Attempt::Done(Err(ClientError::ConnectionLost)),
-            Ok(Ok(resp)) => Attempt::Done(resp.outcome.map_err(|error| ClientError::Agent {
-                method: method.to_owned(),
-                error,
-            })),
+            Ok(Ok(reply)) => Attempt::Done(match (reply.response.outcome, reply.attachment) {
+                (Err(error), _) => Err(ClientError::Agent {
+                    method: method.to_owned(),
+                    error,
+                }),
+                (Ok(_), None) if reply.response.attachment.is_some() => {
+                    Err(ClientError::Protocol(format!(
+                        "the {method} reply announced an attachment larger than {MAX_ATTACHMENT_SIZE} bytes"
+                    )))
+                }
+                (Ok(raw), data) => Ok((raw, data)),
+            }),
         }
     }
 
@@ -811,8 +923,116 @@ impl Client {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// With `encoding: attachment` the bytes arrive raw; as this call
+    /// returns only the result, they are handed back base64-encoded in
+    /// `content` (and `encoding` says `base64`). [`Client::read_bytes`]
+    /// returns them as bytes.
     pub async fn read_chunk(&self, params: &FileReadParams) -> Result<FileReadResult, ClientError> {
-        self.call::<FileReadRpc>(params).await
+        let after = self.inner.opts.call_timeout;
+        let (raw, data) = self
+            .request_with(FileReadRpc::METHOD.as_str(), params, None, after)
+            .await?;
+        let mut r: FileReadResult = decode(FileReadRpc::METHOD.as_str(), &raw)?;
+        if let Some(data) = data {
+            r.content = Encoding::Base64.encode_lossy(&data);
+            r.encoding = Encoding::Base64;
+        }
+        Ok(r)
+    }
+
+    /// `file_read` of up to `length` bytes at `offset`, as bytes. They come
+    /// raw, as an attachment, when the agent supports attachments
+    /// (`limits.max_attachment_size` > 0), and as base64 otherwise. The
+    /// result's `content` is left empty.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// let (r, bytes) = client.read_bytes("/etc/hostname", 0, 4096).await?;
+    /// assert_eq!(bytes.len() as u64, r.bytes_read);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn read_bytes(
+        &self,
+        path: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<(FileReadResult, Bytes), ClientError> {
+        let raw = self.limits().await?.max_attachment_size > 0;
+        let params = FileReadParams {
+            path: path.to_owned(),
+            offset,
+            length: Some(length),
+            encoding: if raw {
+                Encoding::Attachment
+            } else {
+                Encoding::Base64
+            },
+        };
+        let after = self.inner.opts.call_timeout;
+        let (result, data) = self
+            .request_with(FileReadRpc::METHOD.as_str(), &params, None, after)
+            .await?;
+        let mut r: FileReadResult = decode(FileReadRpc::METHOD.as_str(), &result)?;
+        let bytes = match (r.encoding, data) {
+            (Encoding::Attachment, Some(data)) => data,
+            (Encoding::Base64 | Encoding::Utf8, None) => {
+                Bytes::from(r.encoding.decode(&r.content).map_err(|e| {
+                    ClientError::Protocol(format!(
+                        "file_read content of {path} does not decode: {e}"
+                    ))
+                })?)
+            }
+            (encoding, data) => {
+                return Err(ClientError::Protocol(format!(
+                    "file_read of {path} answered encoding {encoding:?} with {} attachment",
+                    if data.is_some() { "an" } else { "no" }
+                )))
+            }
+        };
+        r.content = String::new();
+        Ok((r, bytes))
+    }
+
+    /// `file_write` of `data` with `params` (its `content` and `encoding`
+    /// are replaced): raw, as an attachment, when the agent supports
+    /// attachments, and as base64 otherwise. See [`Client::push`] for
+    /// whole files.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
+    /// use agent_common::methods::FileWriteParams;
+    /// let params = FileWriteParams { path: "/tmp/kvmmanager/blob".into(), ..Default::default() };
+    /// client.write_bytes(&params, bytes::Bytes::from_static(b"\x00\x01")).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn write_bytes(
+        &self,
+        params: &FileWriteParams,
+        data: Bytes,
+    ) -> Result<FileWriteResult, ClientError> {
+        let raw = self.limits().await?.max_attachment_size > 0;
+        let after = self.inner.opts.call_timeout;
+        let (result, _) = if raw {
+            let p = FileWriteParams {
+                content: String::new(),
+                encoding: Encoding::Attachment,
+                ..params.clone()
+            };
+            self.request_with(FileWriteRpc::METHOD.as_str(), &p, Some(&data), after)
+                .await?
+        } else {
+            let p = FileWriteParams {
+                content: Encoding::Base64.encode_lossy(&data),
+                encoding: Encoding::Base64,
+                ..params.clone()
+            };
+            self.request_with(FileWriteRpc::METHOD.as_str(), &p, None, after)
+                .await?
+        };
+        decode(FileWriteRpc::METHOD.as_str(), &result)
     }
 
     /// `file_write`: one chunk (or a whole small file). See [`Client::push`].
@@ -1053,6 +1273,67 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(client.ping().await.unwrap().timestamp, 42);
         assert_eq!(agent.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_attachment_is_written_whole_even_when_its_call_times_out() {
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let go_rx = Arc::new(tokio::sync::Mutex::new(Some(go_rx)));
+        let got = Arc::new(StdMutex::new(Vec::new()));
+        let seen = got.clone();
+        let agent = fake::spawn(move |mut c: FakeConn, _| {
+            let (go_rx, seen) = (go_rx.clone(), seen.clone());
+            async move {
+                let (id, nonce) = c.expect_sync().await;
+                reply(&c, id, json!({ "nonce": nonce })).await;
+                // Stop reading until the call has timed out with its
+                // attachment (bigger than the socket buffers) half-written.
+                if let Some(rx) = go_rx.lock().await.take() {
+                    let _ = rx.await;
+                }
+                while let Some((req, data)) = c.next_request_with_attachment().await {
+                    seen.lock()
+                        .unwrap()
+                        .push((req.method.clone(), data.map_or(0, |d| d.len())));
+                    let result = match req.method.as_str() {
+                        "sync" => req.params().unwrap(),
+                        _ => json!({"pong": true, "timestamp": 42}),
+                    };
+                    if let Some(id) = req.id {
+                        reply(&c, id, result).await;
+                    }
+                }
+            }
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        let data = Bytes::from(vec![0xffu8; 1 << 20]);
+        let r = client
+            .request_with(
+                "file_write",
+                &json!({}),
+                Some(&data),
+                Duration::from_millis(200),
+            )
+            .await;
+        assert!(
+            matches!(r, Err(ClientError::Timeout { .. })),
+            "{:?}",
+            r.err()
+        );
+        go_tx.send(()).unwrap();
+        assert_eq!(client.ping().await.unwrap().timestamp, 42);
+        // The agent got the whole attachment, then the resync and sync that
+        // follow a timeout, then the ping: the stream stayed in step.
+        let got = got.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            vec![
+                ("file_write".to_owned(), 1 << 20),
+                ("sync".to_owned(), 0),
+                ("ping".to_owned(), 0),
+            ]
+        );
+        assert_eq!(agent.connections.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

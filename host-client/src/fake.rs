@@ -11,7 +11,7 @@ use agent_common::codec::{encode_line, Frame, JsonLinesCodec};
 use agent_common::error::ErrorObject;
 use agent_common::jsonrpc::{parse_message, Id, Incoming, Request, Response};
 use agent_common::RESYNC_BYTE;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -82,12 +82,36 @@ pub(crate) struct FakeConn {
 impl FakeConn {
     /// The next well-formed request, or `None` at end of stream.
     pub(crate) async fn next_request(&mut self) -> Option<Request> {
+        self.next_request_with_attachment()
+            .await
+            .map(|(req, _)| req)
+    }
+
+    /// The next well-formed request and its attachment, or `None` at end of
+    /// stream.
+    pub(crate) async fn next_request_with_attachment(
+        &mut self,
+    ) -> Option<(Request, Option<Bytes>)> {
+        let mut awaiting = None;
         loop {
             while let Some(frame) = self.codec.decode(&mut self.buf).unwrap() {
-                if let Frame::Line(line) = frame {
-                    if let Incoming::Single(Ok(req)) = parse_message(&line) {
-                        return Some(req);
+                match frame {
+                    Frame::Line(line) => {
+                        if let Incoming::Single(Ok(req)) = parse_message(&line) {
+                            match req.attachment {
+                                Some(len) => {
+                                    self.codec.expect_attachment(len as usize);
+                                    awaiting = Some(req);
+                                }
+                                None => return Some((req, None)),
+                            }
+                        }
                     }
+                    Frame::Attachment(data) => {
+                        let req = awaiting.take().expect("an announced attachment");
+                        return Some((req, Some(data.freeze())));
+                    }
+                    Frame::Oversized => {}
                 }
             }
             let mut chunk = [0u8; 8192];
@@ -116,6 +140,21 @@ impl FakeConn {
 pub(crate) async fn send_response(writer: &Mutex<OwnedWriteHalf>, resp: &Response) {
     let mut buf = BytesMut::new();
     encode_line(resp, &mut buf).unwrap();
+    let _ = writer.lock().await.write_all(&buf).await;
+}
+
+/// Writes `resp` and the attachment it announces.
+pub(crate) async fn send_with_attachment(
+    writer: &Mutex<OwnedWriteHalf>,
+    mut resp: Response,
+    data: Option<Bytes>,
+) {
+    resp.attachment = data.as_ref().map(|d| d.len() as u64);
+    let mut buf = BytesMut::new();
+    encode_line(&resp, &mut buf).unwrap();
+    if let Some(d) = data {
+        buf.extend_from_slice(&d);
+    }
     let _ = writer.lock().await.write_all(&buf).await;
 }
 
@@ -153,6 +192,37 @@ pub(crate) async fn serve(mut conn: FakeConn, h: Handler) {
                 Err(e) => Response::error(id, e),
             };
             send_response(&writer, &resp).await;
+        });
+    }
+}
+
+/// A handler that also takes and returns attachments.
+pub(crate) type RawHandler = Arc<
+    dyn Fn(
+            String,
+            Value,
+            Option<Bytes>,
+        ) -> BoxFuture<'static, Result<(Value, Option<Bytes>), ErrorObject>>
+        + Send
+        + Sync,
+>;
+
+/// Like [`serve`], for a handler that deals in attachments.
+pub(crate) async fn serve_raw(mut conn: FakeConn, h: RawHandler) {
+    while let Some((req, data)) = conn.next_request_with_attachment().await {
+        let Some(id) = req.id.clone() else { continue };
+        let params: Value = req.params().unwrap_or(Value::Null);
+        if req.method == "sync" {
+            reply(&conn, id, params).await;
+            continue;
+        }
+        let writer = conn.writer.clone();
+        let h = h.clone();
+        tokio::spawn(async move {
+            match h(req.method, params, data).await {
+                Ok((v, data)) => send_with_attachment(&writer, Response::ok(id, &v), data).await,
+                Err(e) => send_response(&writer, &Response::error(id, e)).await,
+            }
         });
     }
 }

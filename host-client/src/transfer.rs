@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent_common::encoding::Encoding;
-use agent_common::methods::{FileReadParams, FileWriteParams, Limits, WriteMode};
-use agent_common::{MAX_READ_CHUNK, MAX_RESPONSE_SIZE};
+use agent_common::methods::{FileWriteParams, Limits, WriteMode};
+use agent_common::{MAX_ATTACHMENT_SIZE, MAX_READ_CHUNK, MAX_RESPONSE_SIZE};
+use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -99,9 +100,20 @@ const WRITE_ENVELOPE: usize = 512 + 256;
 /// Room kept in a response line for the envelope.
 const READ_ENVELOPE: usize = 1024;
 
-/// Largest raw chunk a `file_write` to `path` may carry under `limits`.
+/// Largest raw chunk a `file_write` to `path` may carry under `limits`:
+/// with attachments, the attachment limit (the line holds only the params);
+/// without, what base64 leaves of the request line.
 pub(crate) fn write_chunk_size(limits: &Limits, path: &str) -> Result<usize, ClientError> {
     let max = usize::try_from(limits.max_message_size).unwrap_or(usize::MAX);
+    if limits.max_attachment_size > 0 {
+        if max < WRITE_ENVELOPE + path.len().saturating_mul(6) {
+            return Err(ClientError::Protocol(format!(
+                "the agent's max_message_size ({max} bytes) leaves no room for the params of a file_write to {path}"
+            )));
+        }
+        let chunk = limits.max_attachment_size.min(MAX_ATTACHMENT_SIZE);
+        return Ok(usize::try_from(chunk).unwrap_or(usize::MAX));
+    }
     let budget = max.saturating_sub(WRITE_ENVELOPE + path.len().saturating_mul(6));
     let chunk = Encoding::Base64.max_raw_for(budget).min(4 * 1024 * 1024);
     if chunk == 0 {
@@ -114,6 +126,13 @@ pub(crate) fn write_chunk_size(limits: &Limits, path: &str) -> Result<usize, Cli
 
 /// Largest raw chunk one `file_read` may ask for under `limits`.
 pub(crate) fn read_chunk_size(limits: &Limits) -> u64 {
+    if limits.max_attachment_size > 0 {
+        return limits
+            .max_read_chunk
+            .min(MAX_READ_CHUNK)
+            .min(limits.max_attachment_size)
+            .max(1);
+    }
     let response = limits.max_response_size.min(MAX_RESPONSE_SIZE as u64);
     let by_response = Encoding::Base64.max_raw_for(
         usize::try_from(response)
@@ -128,7 +147,7 @@ pub(crate) fn read_chunk_size(limits: &Limits) -> u64 {
 }
 
 /// Reads until `buf` holds `want` bytes or the reader ends.
-async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, want: usize) -> std::io::Result<Vec<u8>> {
+async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, want: usize) -> std::io::Result<Bytes> {
     let mut buf = vec![0u8; want];
     let mut filled = 0;
     while filled < want {
@@ -139,7 +158,7 @@ async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, want: usize) -> std::io
         filled += n;
     }
     buf.truncate(filled);
-    Ok(buf)
+    Ok(Bytes::from(buf))
 }
 
 impl Client {
@@ -156,14 +175,7 @@ impl Client {
         let mut data = Vec::new();
         loop {
             let pos = offset + data.len() as u64;
-            let r = self
-                .read_chunk(&FileReadParams {
-                    path: path.to_owned(),
-                    offset: pos,
-                    length: Some(len - data.len() as u64),
-                    encoding: Encoding::Base64,
-                })
-                .await?;
+            let (r, bytes) = self.read_bytes(path, pos, len - data.len() as u64).await?;
             match expected {
                 Some(size) if size != r.size => {
                     return Err(ClientError::FileChanged {
@@ -174,9 +186,6 @@ impl Client {
                 }
                 _ => expected = Some(r.size),
             }
-            let bytes = r.encoding.decode(&r.content).map_err(|e| {
-                ClientError::Protocol(format!("file_read content of {path} does not decode: {e}"))
-            })?;
             if bytes.len() as u64 != r.bytes_read || r.offset != pos {
                 return Err(ClientError::Protocol(format!(
                     "file_read of {path} at {pos} returned {} bytes at offset {} but claims {}",
@@ -384,21 +393,20 @@ impl Client {
             source,
         };
         let chunk = write_chunk_size(&self.limits().await?, guest_path)?;
-        let params = |content: &[u8], upload_id: Option<String>, offset: Option<u64>, more| {
-            FileWriteParams {
-                path: guest_path.to_owned(),
-                content: Encoding::Base64.encode_lossy(content),
-                encoding: Encoding::Base64,
-                mode: options.mode,
-                permissions: if upload_id.is_none() {
-                    options.permissions
-                } else {
-                    None
-                },
-                offset,
-                upload_id,
-                more,
-            }
+        // The content goes in as bytes: `write_bytes` picks the encoding.
+        let params = |upload_id: Option<String>, offset: Option<u64>, more| FileWriteParams {
+            path: guest_path.to_owned(),
+            content: String::new(),
+            encoding: Encoding::Attachment,
+            mode: options.mode,
+            permissions: if upload_id.is_none() {
+                options.permissions
+            } else {
+                None
+            },
+            offset,
+            upload_id,
+            more,
         };
         let check = |len: usize, written: u64| {
             if written == len as u64 {
@@ -414,7 +422,9 @@ impl Client {
         let mut next = read_full(reader, chunk).await.map_err(local_err)?;
         if next.is_empty() {
             // Fits in one call.
-            let r = self.write_chunk(&params(&first, None, None, false)).await?;
+            let r = self
+                .write_bytes(&params(None, None, false), first.clone())
+                .await?;
             check(first.len(), r.bytes_written)?;
             let done = first.len() as u64;
             progress(Progress { done, total });
@@ -431,7 +441,7 @@ impl Client {
             let mut done = 0;
             loop {
                 let r = self
-                    .write_chunk(&params(&current, None, None, false))
+                    .write_bytes(&params(None, None, false), current.clone())
                     .await?;
                 check(current.len(), r.bytes_written)?;
                 done += current.len() as u64;
@@ -447,7 +457,9 @@ impl Client {
             }
         }
 
-        let r = self.write_chunk(&params(&first, None, None, true)).await?;
+        let r = self
+            .write_bytes(&params(None, None, true), first.clone())
+            .await?;
         check(first.len(), r.bytes_written)?;
         let upload_id = r.upload_id.ok_or_else(|| {
             ClientError::Protocol(format!(
@@ -470,8 +482,8 @@ impl Client {
                     done += r?;
                     progress(Progress { done, total });
                 }
-                let p = params(&current, Some(upload_id.clone()), Some(offset), false);
-                let r = self.write_chunk(&p).await?;
+                let p = params(Some(upload_id.clone()), Some(offset), false);
+                let r = self.write_bytes(&p, current.clone()).await?;
                 check(current.len(), r.bytes_written)?;
                 if !r.committed {
                     return Err(ClientError::Protocol(format!(
@@ -491,11 +503,11 @@ impl Client {
                     progress(Progress { done, total });
                 }
             }
-            let p = params(&current, Some(upload_id.clone()), Some(offset), true);
+            let p = params(Some(upload_id.clone()), Some(offset), true);
             offset += current.len() as u64;
             let len = current.len();
             in_flight.push(async move {
-                let r = self.write_chunk(&p).await?;
+                let r = self.write_bytes(&p, current).await?;
                 check(len, r.bytes_written)?;
                 Ok::<u64, ClientError>(len as u64)
             });
@@ -517,6 +529,7 @@ mod tests {
             max_command_timeout_seconds: 300,
             request_timeout_seconds: 30,
             max_concurrent_requests: 10,
+            max_attachment_size: 0,
         }
     }
 
@@ -551,6 +564,28 @@ mod tests {
     }
 
     #[test]
+    fn with_attachments_chunks_are_bounded_by_the_attachment_limit() {
+        let l = Limits {
+            max_attachment_size: 1 << 20,
+            ..limits(65536, 8 << 20, 1 << 20)
+        };
+        assert_eq!(write_chunk_size(&l, "/x").unwrap(), 1 << 20);
+        assert_eq!(read_chunk_size(&l), 1 << 20);
+        let l = Limits {
+            max_attachment_size: 4096,
+            ..limits(65536, 8 << 20, 1 << 20)
+        };
+        assert_eq!(write_chunk_size(&l, "/x").unwrap(), 4096);
+        assert_eq!(read_chunk_size(&l), 4096);
+        // The params must still fit the line.
+        let l = Limits {
+            max_attachment_size: 1 << 20,
+            ..limits(100, 8 << 20, 1 << 20)
+        };
+        assert!(write_chunk_size(&l, "/x").is_err());
+    }
+
+    #[test]
     fn read_chunks_respect_every_limit() {
         assert_eq!(read_chunk_size(&limits(65536, 8 << 20, 1 << 20)), 1 << 20);
         assert_eq!(read_chunk_size(&limits(65536, 8 << 20, 1000)), 1000);
@@ -565,7 +600,7 @@ mod fake_fs_tests {
     use crate::fake::{self, FakeConn};
     use crate::ClientOptions;
     use agent_common::error::{ErrorKind, ErrorObject};
-    use agent_common::methods::{AgentInfo, FileReadResult, FileWriteResult};
+    use agent_common::methods::{AgentInfo, FileReadParams, FileReadResult, FileWriteResult};
     use serde_json::Value;
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
@@ -588,12 +623,17 @@ mod fake_fs_tests {
         grow_after_reads: Option<usize>,
         /// Most bytes one read returns (short reads on purpose).
         short_read: u64,
+        /// Offer attachments (`max_attachment_size` > 0).
+        attachments: bool,
+        /// Requests that carried an attachment, and replies that did.
+        attachments_in: usize,
+        attachments_out: usize,
     }
 
     const MAX_MESSAGE: u64 = 4096;
     const MAX_READ: u64 = 1000;
 
-    fn limits() -> Limits {
+    fn limits(attachments: bool) -> Limits {
         Limits {
             max_message_size: MAX_MESSAGE,
             max_response_size: 8 << 20,
@@ -603,11 +643,18 @@ mod fake_fs_tests {
             max_command_timeout_seconds: 300,
             request_timeout_seconds: 30,
             max_concurrent_requests: 16,
+            max_attachment_size: if attachments { 1500 } else { 0 },
         }
     }
 
-    fn handle(fs: &Mutex<Fs>, method: &str, params: Value) -> Result<Value, ErrorObject> {
+    type Answer = Result<(Value, Option<Bytes>), ErrorObject>;
+
+    fn handle(fs: &Mutex<Fs>, method: &str, params: Value, data: Option<Bytes>) -> Answer {
         let mut fs = fs.lock().unwrap();
+        if data.is_some() {
+            fs.attachments_in += 1;
+        }
+        let no_data = |r: Result<Value, ErrorObject>| r.map(|v| (v, None));
         match method {
             "get_agent_info" => Ok(serde_json::to_value(AgentInfo {
                 name: "fake".into(),
@@ -615,8 +662,9 @@ mod fake_fs_tests {
                 protocol_version: 1,
                 platform: "linux".into(),
                 methods: vec![],
-                limits: limits(),
+                limits: limits(fs.attachments),
             })
+            .map(|v| (v, None))
             .unwrap()),
             "file_read" => {
                 let p: FileReadParams = serde_json::from_value(params).unwrap();
@@ -634,20 +682,37 @@ mod fake_fs_tests {
                     .min(fs.short_read);
                 let start = p.offset.min(data.len() as u64) as usize;
                 let end = (start + len as usize).min(data.len());
-                let bytes = &data[start..end];
-                Ok(serde_json::to_value(FileReadResult {
-                    content: p.encoding.encode_lossy(bytes),
+                let bytes = Bytes::copy_from_slice(&data[start..end]);
+                let raw = p.encoding == Encoding::Attachment;
+                assert!(
+                    !raw || fs.attachments,
+                    "attachment asked of an agent without"
+                );
+                let r = serde_json::to_value(FileReadResult {
+                    content: if raw {
+                        String::new()
+                    } else {
+                        p.encoding.encode_lossy(&bytes)
+                    },
                     encoding: p.encoding,
                     offset: p.offset,
                     bytes_read: bytes.len() as u64,
                     eof: end as u64 >= size,
                     size,
                 })
-                .unwrap())
+                .unwrap();
+                if raw {
+                    fs.attachments_out += 1;
+                }
+                Ok((r, raw.then_some(bytes)))
             }
             "file_write" => {
                 let p: FileWriteParams = serde_json::from_value(params).unwrap();
-                let bytes = p.encoding.decode(&p.content).unwrap();
+                let bytes = match (p.encoding, data) {
+                    (Encoding::Attachment, Some(d)) => d.to_vec(),
+                    (_, None) => p.encoding.decode(&p.content).unwrap(),
+                    (e, Some(_)) => panic!("attachment sent with encoding {e:?}"),
+                };
                 fs.writes.push((p.upload_id.is_some(), p.more));
                 let (upload_id, committed, size) = match (&p.upload_id, p.more) {
                     (None, false) if p.mode == WriteMode::Append => {
@@ -697,24 +762,24 @@ mod fake_fs_tests {
                         }
                     }
                 };
-                Ok(serde_json::to_value(FileWriteResult {
+                no_data(Ok(serde_json::to_value(FileWriteResult {
                     bytes_written: bytes.len() as u64,
                     size: size as u64,
                     upload_id,
                     committed,
                 })
-                .unwrap())
+                .unwrap()))
             }
-            _ => Err(ErrorObject::new(ErrorKind::MethodNotFound, "no")),
+            _ => no_data(Err(ErrorObject::new(ErrorKind::MethodNotFound, "no"))),
         }
     }
 
     fn fs_agent(fs: Arc<Mutex<Fs>>) -> fake::FakeAgent {
         fake::spawn(move |c: FakeConn, _| {
             let fs = fs.clone();
-            let h = fake::handler(move |method, params| {
+            let h: fake::RawHandler = Arc::new(move |method, params, data| {
                 let fs = fs.clone();
-                async move {
+                Box::pin(async move {
                     let delay = {
                         let mut f = fs.lock().unwrap();
                         f.in_flight += 1;
@@ -722,12 +787,12 @@ mod fake_fs_tests {
                         (params["offset"].as_u64().unwrap_or(0) / 7 % 4) * 3
                     };
                     tokio::time::sleep(Duration::from_millis(delay + 1)).await;
-                    let r = handle(&fs, &method, params);
+                    let r = handle(&fs, &method, params, data);
                     fs.lock().unwrap().in_flight -= 1;
                     r
-                }
+                })
             });
-            fake::serve(c, h)
+            fake::serve_raw(c, h)
         })
     }
 
@@ -750,8 +815,18 @@ mod fake_fs_tests {
 
     #[tokio::test]
     async fn push_then_pull_round_trips_with_chunks_in_flight() {
+        round_trip(false).await;
+    }
+
+    #[tokio::test]
+    async fn push_then_pull_round_trips_through_attachments() {
+        round_trip(true).await;
+    }
+
+    async fn round_trip(attachments: bool) {
         let fs = Arc::new(Mutex::new(Fs {
             short_read: u64::MAX,
+            attachments,
             ..Fs::default()
         }));
         let agent = fs_agent(fs.clone());
@@ -797,7 +872,17 @@ mod fake_fs_tests {
             .unwrap();
         assert_eq!(s.bytes, content.len() as u64);
         assert_eq!(std::fs::read(&dst).unwrap(), content);
-        assert!(fs.lock().unwrap().max_in_flight > 1);
+        {
+            let f = fs.lock().unwrap();
+            assert!(f.max_in_flight > 1);
+            if attachments {
+                // Every chunk both ways went raw.
+                assert_eq!(f.attachments_in, f.writes.len());
+                assert_eq!(f.attachments_out, f.reads);
+            } else {
+                assert_eq!((f.attachments_in, f.attachments_out), (0, 0));
+            }
+        }
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }

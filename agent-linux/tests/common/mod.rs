@@ -160,6 +160,15 @@ impl Conn {
         r
     }
 
+    /// The next `len` raw bytes (an attachment after a reply line).
+    pub fn recv_bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.reader
+            .read_exact(&mut buf)
+            .expect("read an attachment");
+        buf
+    }
+
     /// Reads until EOF, returning every remaining byte.
     pub fn read_to_end(mut self) -> Vec<u8> {
         let mut out = Vec::new();

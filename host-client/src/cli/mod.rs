@@ -811,6 +811,14 @@ fn render_info(info: &agent_common::methods::AgentInfo) -> String {
         ("Max request", human_size(l.max_message_size)),
         ("Max response", human_size(l.max_response_size)),
         ("Max read chunk", human_size(l.max_read_chunk)),
+        (
+            "Attachments",
+            if l.max_attachment_size > 0 {
+                format!("up to {}", human_size(l.max_attachment_size))
+            } else {
+                "no (file data in base64)".to_owned()
+            },
+        ),
         ("Max file size", human_size(l.max_file_size)),
         ("Max exec output", human_size(l.max_exec_output)),
         (
