@@ -236,11 +236,22 @@ impl Agent {
     ) -> Option<Outgoing> {
         match incoming {
             Incoming::Single(entry) => {
+                let sync = matches!(&entry, Ok(req) if req.method == Method::Sync.as_str());
                 let (resp, data, after) = self
                     .handle_entry(session, entry, Context::Single, attachment)
                     .await?;
                 let id = resp.id.clone();
-                Some(encode(&resp, id, data, after))
+                let mut out = encode(&resp, id, data, after);
+                if sync {
+                    // The sync reply starts a line even when the stale output
+                    // before it (an attachment cut off when the last host
+                    // left) ended mid-line: hosts skip the empty line.
+                    let mut line = BytesMut::with_capacity(out.line.len() + 1);
+                    line.extend_from_slice(b"\n");
+                    line.extend_from_slice(&out.line);
+                    out.line = line;
+                }
+                Some(out)
             }
             Incoming::Batch(entries) => {
                 let replies = join_all(
@@ -721,6 +732,24 @@ mod tests {
             r["result"]["methods"].as_array().unwrap().len(),
             Method::ALL.len()
         );
+    }
+
+    #[tokio::test]
+    async fn the_sync_reply_starts_a_line_of_its_own() {
+        let a = agent();
+        let out = a
+            .handle_line(
+                SessionId(1),
+                br#"{"jsonrpc":"2.0","method":"sync","params":{"nonce":3},"id":1}"#,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.line.first(), Some(&b'\n'));
+        let out = a
+            .handle_line(SessionId(1), br#"{"jsonrpc":"2.0","method":"ping","id":1}"#)
+            .await
+            .unwrap();
+        assert_eq!(out.line.first(), Some(&b'{'));
     }
 
     #[tokio::test]

@@ -327,6 +327,28 @@ async fn exited(
     }
 }
 
+static TT_ALL: std::sync::Mutex<Vec<(&'static str, Instant)>> = std::sync::Mutex::new(Vec::new());
+fn tt(what: &'static str) {
+    let mut g = TT_ALL.lock().unwrap();
+    if what == "enter" { g.clear(); }
+    g.push((what, Instant::now()));
+}
+fn tt_dump() {
+    use std::io::Write as _;
+    let g = TT_ALL.lock().unwrap();
+    let Some(first) = g.first() else { return };
+    let mut line = String::new();
+    let mut prev = first.1;
+    for (w, t) in g.iter() {
+        line.push_str(&format!("{w}=+{} ", t.duration_since(prev).as_micros()));
+        prev = *t;
+    }
+    line.push_str(&format!("total={}\n", prev.duration_since(first.1).as_micros()));
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open("/tmp/exec-timing.log") {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
 /// Output kept from one pipe.
 #[derive(Default)]
 struct Capture {
@@ -365,6 +387,7 @@ async fn feed(stdin: Option<ChildStdin>, data: &[u8]) {
 
 /// Runs `params` under `config`'s command policy and limits.
 pub async fn exec_command(config: &Config, params: ExecParams) -> Result<ExecResult, ExecError> {
+    tt("enter");
     let policy = CommandPolicy::new(config.security.command_whitelist.as_deref());
     check_env(&params, policy.is_restricted())?;
     if let Some(i) = params.args.iter().position(|a| a.contains('\0')) {
@@ -388,6 +411,7 @@ pub async fn exec_command(config: &Config, params: ExecParams) -> Result<ExecRes
     .map_err(|e| ExecError::Internal {
         reason: e.to_string(),
     })??;
+    tt("resolved");
     run(program, argv0, cwd, limit, stdin_data, params).await
 }
 
@@ -415,12 +439,14 @@ async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    tt("cmd built");
     let start = Instant::now();
     let deadline = tokio::time::Instant::from_std(start + limit);
     let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
         command: params.command.clone(),
         source,
     })?;
+    tt("spawned");
     // Declared after `child`, so dropped before it: the group is killed
     // while the main process is still unreaped.
     let mut group = GroupGuard {
@@ -444,6 +470,7 @@ async fn run(
         None => None,
     };
     tracing::debug!(command = %params.command, pid = ?group.pgid, "command started");
+    tt("pidfd");
 
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -469,6 +496,7 @@ async fn run(
             tokio::select! {
                 _ = &mut io, if !io_done => io_done = true,
                 r = exited(pidfd.as_ref(), &mut child) => {
+                    tt(if io_done { "exit (io done)" } else { "exit" });
                     break r.map_err(|source| ExecError::Wait {
                         command: params.command.clone(),
                         source,
@@ -486,6 +514,7 @@ async fn run(
             let grace = (tokio::time::Instant::now() + EXIT_GRACE).min(deadline);
             io_done = tokio::time::timeout_at(grace, &mut io).await.is_ok();
         }
+        tt("grace");
         // Nothing of the group outlives the call. With a pidfd the main
         // process is not reaped yet, so the group id is still ours.
         group.kill();
@@ -506,6 +535,8 @@ async fn run(
         })?,
     };
     group.disarm();
+    tt("reaped");
+    tt_dump();
     let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::debug!(command = %params.command, ?status, timed_out, duration_ms, "command finished");
     let encoding = params.output_encoding;

@@ -66,6 +66,9 @@ impl Default for Dispatcher {
 pub enum Reply {
     /// One reply object.
     Single(Response),
+    /// The reply to a single `sync`: written after a `\n`, so that it starts
+    /// a line even if stale output before it ended mid-line.
+    Sync(Response),
     /// The replies of a batch (never empty).
     Batch(Vec<Response>),
 }
@@ -75,6 +78,10 @@ impl Reply {
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), CodecError> {
         match self {
             Reply::Single(r) => encode_line(r, dst),
+            Reply::Sync(r) => {
+                dst.extend_from_slice(b"\n");
+                encode_line(r, dst)
+            }
             Reply::Batch(rs) => encode_line(rs, dst),
         }
     }
@@ -89,7 +96,15 @@ impl Dispatcher {
     /// Handles one request line; `None` when nothing is owed (notifications).
     pub fn handle_line(&self, line: &[u8]) -> Option<Reply> {
         match parse_message(line) {
-            Incoming::Single(entry) => self.handle_entry(entry).map(Reply::Single),
+            Incoming::Single(entry) => {
+                let sync = matches!(&entry, Ok(req) if req.method == Method::Sync.as_str());
+                let reply = self.handle_entry(entry)?;
+                Some(if sync {
+                    Reply::Sync(reply)
+                } else {
+                    Reply::Single(reply)
+                })
+            }
             Incoming::Batch(entries) => {
                 let replies: Vec<Response> = entries
                     .into_iter()
@@ -276,7 +291,7 @@ mod tests {
 
     fn call(line: &str) -> Response {
         match Dispatcher::default().handle_line(line.as_bytes()) {
-            Some(Reply::Single(r)) => r,
+            Some(Reply::Single(r) | Reply::Sync(r)) => r,
             other => panic!("expected one reply to {line}, got {other:?}"),
         }
     }

@@ -138,12 +138,17 @@ impl Conn {
         self.send_raw(&line);
     }
 
-    /// The next reply line, raw.
+    /// The next reply line, raw (empty lines, such as the one before a
+    /// `sync` reply, are skipped as a host's codec does).
     pub fn recv_line(&mut self) -> String {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read a reply");
-        assert!(n > 0, "the agent closed the connection");
-        line
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read a reply");
+            assert!(n > 0, "the agent closed the connection");
+            if line != "\n" {
+                return line;
+            }
+        }
     }
 
     pub fn recv(&mut self) -> Value {
