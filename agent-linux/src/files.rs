@@ -54,6 +54,7 @@ use agent_common::MAX_READ_CHUNK;
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::error::{io_error_kind, RpcError};
 use crate::policy::{check_regular_single, normalize_path, sys, PathPolicy, PolicyError};
@@ -419,6 +420,8 @@ pub struct FileService {
     read_policy: Arc<PathPolicy>,
     write_policy: Arc<PathPolicy>,
     uploads: Uploads,
+    /// Buffers for chunks read as attachments.
+    read_buffers: Arc<BufferPool>,
 }
 
 impl FileService {
@@ -431,6 +434,7 @@ impl FileService {
             read_policy,
             write_policy,
             uploads: Arc::new(Mutex::new(HashMap::new())),
+            read_buffers: BufferPool::new(MAX_READ_CHUNK as usize),
         }
     }
 
@@ -447,7 +451,8 @@ impl FileService {
     ) -> Result<(FileReadResult, Option<Bytes>), FileError> {
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
-        blocking(move || read_blocking(&policy, &params, limit)).await
+        let buffers = Arc::clone(&self.read_buffers);
+        blocking(move || read_blocking(&policy, &params, limit, &buffers)).await
     }
 
     /// `file_write` on behalf of `session` (the host connection). With
@@ -711,6 +716,7 @@ impl FileService {
 
     /// Aborts `session`'s uploads and deletes their staging files.
     pub fn end_session(&self, session: u64) {
+        self.read_buffers.clear();
         let removed: Vec<Arc<Upload>> = {
             let mut map = lock(&self.uploads);
             let ids: Vec<String> = map
@@ -750,10 +756,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Reads into `buf` from `offset` until it is full or the file ends;
+/// returns the bytes read.
+fn read_at_full(file: &File, buf: &mut [u8], offset: u64, path: &str) -> Result<usize, FileError> {
+    let mut filled = 0usize;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break, // The file shrank.
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("read", path)(e)),
+        }
+    }
+    Ok(filled)
+}
+
 fn read_blocking(
     policy: &PathPolicy,
     params: &FileReadParams,
     limit: u64,
+    buffers: &Arc<BufferPool>,
 ) -> Result<(FileReadResult, Option<Bytes>), FileError> {
     let path = params.path.as_str();
     let file = policy.open_read(path)?;
@@ -767,32 +789,29 @@ fn read_blocking(
     }
     let length = params.length.unwrap_or(MAX_READ_CHUNK).min(MAX_READ_CHUNK);
     let offset = params.offset;
-    let want = size.saturating_sub(offset).min(length);
-    // `want` is at most MAX_READ_CHUNK (1 MiB).
-    let mut buf = vec![0u8; want as usize];
-    let mut filled = 0usize;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break, // The file shrank.
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err("read", path)(e)),
-        }
+    // At most MAX_READ_CHUNK (1 MiB).
+    let want = size.saturating_sub(offset).min(length) as usize;
+    if params.encoding == Encoding::Attachment {
+        let mut buf = buffers.take();
+        let filled = read_at_full(&file, &mut buf.space()[..want], offset, path)?;
+        buf.set_len(filled);
+        let bytes_read = filled as u64;
+        let result = FileReadResult {
+            content: String::new(),
+            encoding: Encoding::Attachment,
+            offset,
+            bytes_read,
+            eof: offset.saturating_add(bytes_read) >= size,
+            size,
+        };
+        return Ok((result, Some(buf.into_bytes())));
     }
+    let mut buf = vec![0u8; want];
+    let filled = read_at_full(&file, &mut buf, offset, path)?;
     buf.truncate(filled);
     let content = match params.encoding {
-        Encoding::Attachment => {
-            let bytes_read = buf.len() as u64;
-            let result = FileReadResult {
-                content: String::new(),
-                encoding: Encoding::Attachment,
-                offset,
-                bytes_read,
-                eof: offset.saturating_add(bytes_read) >= size,
-                size,
-            };
-            return Ok((result, Some(Bytes::from(buf))));
-        }
+        // Returned above.
+        Encoding::Attachment => String::new(),
         Encoding::Base64 => Encoding::Base64.encode_lossy(&buf),
         Encoding::Utf8 => match std::str::from_utf8(&buf) {
             Ok(s) => s.to_owned(),

@@ -7,6 +7,7 @@
 //! `match`, and the handlers ([`sysinfo`], [`exec`], [`files`], [`power`])
 //! apply the [`policy`] of the [`config`].
 
+pub mod buffers;
 pub mod cli;
 pub mod config;
 pub mod dispatch;

@@ -1,0 +1,129 @@
+//! Reusable read buffers for `file_read` chunks sent as attachments.
+//!
+//! A fresh 1 MiB buffer per chunk costs 256 page faults to fill and an
+//! `munmap` to free (musl serves such sizes with `mmap`); under TCG that was
+//! a large share of a chunk's time. The pool keeps a few buffers alive
+//! between chunks: a chunk is read into one, sent as [`Bytes`] without a
+//! copy, and the buffer returns to the pool when the reply has been written.
+//! The pool holds at most [`KEEP`] buffers and is emptied when a session
+//! ends, so an idle agent does not keep transfer memory.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// Buffers kept for reuse.
+const KEEP: usize = 2;
+
+/// A pool of equally sized byte buffers.
+#[derive(Debug)]
+pub struct BufferPool {
+    size: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// A pool of buffers of `size` bytes.
+    pub fn new(size: usize) -> Arc<BufferPool> {
+        Arc::new(BufferPool {
+            size,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A buffer of the pool's size (zeroed only when newly allocated).
+    pub fn take(self: &Arc<Self>) -> PooledBuffer {
+        let buf = self.lock().pop().unwrap_or_else(|| vec![0u8; self.size]);
+        PooledBuffer {
+            buf,
+            len: 0,
+            pool: Arc::clone(self),
+        }
+    }
+
+    /// Frees every buffer kept.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Buffers kept now.
+    pub fn kept(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // A Vec push/pop cannot leave the list inconsistent on a panic.
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A buffer on loan from a [`BufferPool`]; its first `len` bytes are data.
+#[derive(Debug)]
+pub struct PooledBuffer {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Arc<BufferPool>,
+}
+
+impl PooledBuffer {
+    /// The whole buffer, to read into.
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// Marks the first `len` bytes as the data (at most the buffer's size).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.buf.len());
+    }
+
+    /// The data as [`Bytes`], without a copy; the buffer goes back to the
+    /// pool when the last clone is dropped.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for PooledBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        let mut free = self.pool.lock();
+        if free.len() < KEEP && self.buf.len() == self.pool.size {
+            free.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_and_the_pool_is_bounded() {
+        let pool = BufferPool::new(16);
+        let mut a = pool.take();
+        a.space()[..3].copy_from_slice(b"abc");
+        a.set_len(3);
+        let bytes = a.into_bytes();
+        assert_eq!(&bytes[..], b"abc");
+        let clone = bytes.clone();
+        drop(bytes);
+        assert_eq!(pool.kept(), 0, "returned while a clone lives");
+        drop(clone);
+        assert_eq!(pool.kept(), 1);
+        // The same memory is handed out again, contents and all.
+        let mut b = pool.take();
+        assert_eq!(&b.space()[..3], b"abc");
+        b.set_len(100);
+        assert_eq!(b.as_ref().len(), 16);
+        let (c, d, e) = (pool.take(), pool.take(), pool.take());
+        drop((b, c, d, e));
+        assert_eq!(pool.kept(), KEEP);
+        pool.clear();
+        assert_eq!(pool.kept(), 0);
+    }
+}
