@@ -12,11 +12,20 @@
 //!   `exec_command` returns, nothing of the command's process group is left
 //!   (use `systemd-run` or `setsid` to start long-lived services);
 //! - when the request future is dropped (cancelled, agent stopping) a guard
-//!   kills the group.
+//!   kills the group and reaps the main process on a blocking thread.
 //!
 //! The group is signalled while the main process is still unreaped (its exit
 //! is observed through a pidfd without reaping it), so the group id cannot
-//! have been reused by an unrelated process. Processes that left the group
+//! have been reused by an unrelated process. Kernels without pidfd (before
+//! 5.3) get the exit by polling every [`POLL_WITHOUT_PIDFD`]; there the group
+//! is killed after the main process was reaped.
+//!
+//! Spawning uses std's `Command` with `process_group(0)` and no `pre_exec`
+//! hook, so std spawns through `posix_spawn` (a `CLONE_VFORK` child sharing
+//! the agent's memory until `execve`) rather than `fork`, which would copy
+//! the page tables of this multi-threaded process. Resolution and the cwd
+//! check run on the calling thread: a hop to the blocking pool costs more
+//! than their few `stat` calls. Processes that left the group
 //! (`setsid`) are out of reach; if they keep the output pipes open, output
 //! collection stops [`DRAIN_AFTER_KILL`] after the kill.
 //!
@@ -34,7 +43,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -46,7 +55,7 @@ use agent_common::MAX_EXEC_OUTPUT;
 use serde_json::Value;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::net::unix::pipe;
 
 use crate::config::Config;
 use crate::error::{io_error_kind, RpcError};
@@ -245,9 +254,11 @@ fn time_limit(config: &Config, params: &ExecParams) -> Result<Duration, ExecErro
     }
 }
 
-/// Checks the working directory (default `/`).
+/// Checks the working directory (default `/`, which needs no check).
 fn check_cwd(cwd: Option<&str>) -> Result<PathBuf, ExecError> {
-    let cwd = cwd.unwrap_or("/");
+    let Some(cwd) = cwd else {
+        return Ok(PathBuf::from("/"));
+    };
     if !cwd.starts_with('/') || cwd.contains('\0') {
         return Err(ExecError::InvalidRequest {
             reason: format!("cwd {cwd:?} must be an absolute path"),
@@ -262,31 +273,6 @@ fn check_cwd(cwd: Option<&str>) -> Result<PathBuf, ExecError> {
             cwd: cwd.to_owned(),
             source,
         }),
-    }
-}
-
-/// Kills the process group on drop unless disarmed.
-struct GroupGuard {
-    pgid: Option<nix::unistd::Pid>,
-}
-
-impl GroupGuard {
-    fn kill(&self) {
-        if let Some(pgid) = self.pgid {
-            // ESRCH (nobody left) is fine.
-            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-
-    /// After the main process is reaped the group id may be reused: stop.
-    fn disarm(&mut self) {
-        self.pgid = None;
-    }
-}
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -312,40 +298,118 @@ impl AsRawFd for PidFd {
     }
 }
 
-/// Waits for the main process to exit. With a pidfd the process is left
-/// unreaped (`None`); without one it is reaped and its status returned.
-async fn exited(
-    pidfd: Option<&AsyncFd<PidFd>>,
-    child: &mut Child,
-) -> io::Result<Option<ExitStatus>> {
-    match pidfd {
-        Some(fd) => {
-            let _ready = fd.readable().await?;
-            Ok(None)
+/// How often the main process is polled for its exit when no pidfd is
+/// available (kernels before 5.3).
+pub const POLL_WITHOUT_PIDFD: Duration = Duration::from_millis(10);
+
+/// The running command: its main process (the leader of its own process
+/// group) and, where the kernel has them, a pidfd to see its exit without
+/// reaping it.
+///
+/// Dropped before it was reaped (request cancelled, agent stopping, an
+/// error): the group gets SIGKILL while the main process is still unreaped,
+/// so the group id cannot name anyone else, and the main process is reaped
+/// off the runtime threads.
+struct Running {
+    /// `None` once reaped.
+    child: Option<std::process::Child>,
+    /// The process group id (the main process's pid).
+    pgid: nix::unistd::Pid,
+    pidfd: Option<AsyncFd<PidFd>>,
+}
+
+impl Running {
+    fn new(child: std::process::Child) -> Running {
+        // A pid is a positive `pid_t`; `Child::id` returns it as u32.
+        let pgid = nix::unistd::Pid::from_raw(child.id() as libc::pid_t);
+        let pidfd = match pidfd_open(pgid.as_raw()) {
+            Ok(fd) => {
+                // SAFETY: `PidFd` owns the descriptor, so it stays open and
+                // the same for the whole life of the `AsyncFd`, and
+                // `as_raw_fd` always returns it.
+                let registered = unsafe {
+                    AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE)
+                };
+                registered.ok()
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no pidfd; the group is killed after reaping");
+                None
+            }
+        };
+        Running {
+            child: Some(child),
+            pgid,
+            pidfd,
         }
-        None => child.wait().await.map(Some),
+    }
+
+    /// SIGKILL to the whole group, unless the main process was reaped (then
+    /// the group id may already name another group).
+    fn kill_group(&self) {
+        if self.child.is_some() {
+            // ESRCH (nobody left) is fine.
+            let _ = nix::sys::signal::killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// Waits for the main process to exit. With a pidfd it is left unreaped
+    /// (`None`); without one it is reaped and its status returned.
+    async fn exited(&mut self) -> io::Result<Option<ExitStatus>> {
+        if let Some(fd) = &self.pidfd {
+            let _ready = fd.readable().await?;
+            return Ok(None);
+        }
+        loop {
+            if let Some(status) = self.try_reap()? {
+                return Ok(Some(status));
+            }
+            tokio::time::sleep(POLL_WITHOUT_PIDFD).await;
+        }
+    }
+
+    /// Reaps the main process if it has exited.
+    fn try_reap(&mut self) -> io::Result<Option<ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            return Err(io::Error::other("already reaped"));
+        };
+        let status = child.try_wait()?;
+        if status.is_some() {
+            self.child = None;
+        }
+        Ok(status)
+    }
+
+    /// Waits for the main process to exit and reaps it.
+    async fn reap(&mut self) -> io::Result<ExitStatus> {
+        loop {
+            if let Some(status) = self.exited().await? {
+                return Ok(status);
+            }
+            // The pidfd said it exited, so this does not block.
+            if let Some(status) = self.try_reap()? {
+                return Ok(status);
+            }
+            // Not expected after the pidfd fired; do not spin.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 
-static TT_ALL: std::sync::Mutex<Vec<(&'static str, Instant)>> = std::sync::Mutex::new(Vec::new());
-fn tt(what: &'static str) {
-    let mut g = TT_ALL.lock().unwrap();
-    if what == "enter" { g.clear(); }
-    g.push((what, Instant::now()));
-}
-fn tt_dump() {
-    use std::io::Write as _;
-    let g = TT_ALL.lock().unwrap();
-    let Some(first) = g.first() else { return };
-    let mut line = String::new();
-    let mut prev = first.1;
-    for (w, t) in g.iter() {
-        line.push_str(&format!("{w}=+{} ", t.duration_since(prev).as_micros()));
-        prev = *t;
-    }
-    line.push_str(&format!("total={}\n", prev.duration_since(first.1).as_micros()));
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open("/tmp/exec-timing.log") {
-        let _ = f.write_all(line.as_bytes());
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill_group();
+        if let Some(mut child) = self.child.take() {
+            // SIGKILLed, so it exits promptly; wait() still blocks until it
+            // has, which is not for a runtime thread.
+            let reap = move || {
+                let _ = child.wait();
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(reap)),
+                Err(_) => drop(std::thread::spawn(reap)),
+            }
+        }
     }
 }
 
@@ -356,10 +420,18 @@ struct Capture {
     truncated: bool,
 }
 
+/// First read buffer of [`capture`]; it grows to [`CAPTURE_BUF_MAX`] while
+/// reads fill it. Most commands print little: a small first buffer saves the
+/// allocator a fresh mapping (and its page faults) per pipe.
+const CAPTURE_BUF_MIN: usize = 4 * 1024;
+
+/// Largest read buffer of [`capture`].
+const CAPTURE_BUF_MAX: usize = 64 * 1024;
+
 /// Reads `reader` to the end, keeping at most `limit` bytes.
 async fn capture<R: AsyncRead + Unpin>(reader: Option<R>, cap: &mut Capture, limit: usize) {
     let Some(mut reader) = reader else { return };
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; CAPTURE_BUF_MIN];
     loop {
         match reader.read(&mut buf).await {
             Ok(0) => return,
@@ -369,6 +441,9 @@ async fn capture<R: AsyncRead + Unpin>(reader: Option<R>, cap: &mut Capture, lim
                 if n > room {
                     cap.truncated = true;
                 }
+                if n == buf.len() && buf.len() < CAPTURE_BUF_MAX {
+                    buf.resize(buf.len() * 2, 0);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
@@ -377,7 +452,7 @@ async fn capture<R: AsyncRead + Unpin>(reader: Option<R>, cap: &mut Capture, lim
 }
 
 /// Writes `data` to the child's stdin, then closes it.
-async fn feed(stdin: Option<ChildStdin>, data: &[u8]) {
+async fn feed(stdin: Option<pipe::Sender>, data: &[u8]) {
     if let Some(mut stdin) = stdin {
         // The child may exit without reading: EPIPE is not an error here.
         let _ = stdin.write_all(data).await;
@@ -387,7 +462,6 @@ async fn feed(stdin: Option<ChildStdin>, data: &[u8]) {
 
 /// Runs `params` under `config`'s command policy and limits.
 pub async fn exec_command(config: &Config, params: ExecParams) -> Result<ExecResult, ExecError> {
-    tt("enter");
     let policy = CommandPolicy::new(config.security.command_whitelist.as_deref());
     check_env(&params, policy.is_restricted())?;
     if let Some(i) = params.args.iter().position(|a| a.contains('\0')) {
@@ -400,18 +474,13 @@ pub async fn exec_command(config: &Config, params: ExecParams) -> Result<ExecRes
         None => Vec::new(),
         Some(s) => params.stdin_encoding.decode(s).map_err(ExecError::Decode)?,
     };
-    let command = params.command.clone();
-    let cwd = params.cwd.clone();
-    let (program, argv0, cwd) = tokio::task::spawn_blocking(move || {
-        let (program, argv0) = policy.resolve(&command)?;
-        let cwd = check_cwd(cwd.as_deref())?;
-        Ok::<_, ExecError>((program, argv0, cwd))
-    })
-    .await
-    .map_err(|e| ExecError::Internal {
-        reason: e.to_string(),
-    })??;
-    tt("resolved");
+    // Resolution (a few stat() calls in SAFE_PATH) and the cwd check run
+    // here, not through spawn_blocking: they touch the same local paths that
+    // spawning itself does (the child's chdir and execve, which the runtime
+    // thread waits for in posix_spawn), and a thread hop would cost more than
+    // the calls, several times over in an emulated guest.
+    let (program, argv0) = policy.resolve(&params.command)?;
+    let cwd = check_cwd(params.cwd.as_deref())?;
     run(program, argv0, cwd, limit, stdin_data, params).await
 }
 
@@ -423,7 +492,11 @@ async fn run(
     stdin_data: Vec<u8>,
     params: ExecParams,
 ) -> Result<ExecResult, ExecError> {
-    let mut cmd = Command::new(&program);
+    // std's Command, not tokio's: with no pre_exec hook std spawns through
+    // posix_spawn (clone with CLONE_VM|CLONE_VFORK, no page-table copy of
+    // this multi-threaded process), and the exit is watched through our
+    // pidfd alone, without tokio's SIGCHLD handling and second pidfd.
+    let mut cmd = std::process::Command::new(&program);
     cmd.arg0(&argv0)
         .args(&params.args)
         .env_clear()
@@ -437,48 +510,40 @@ async fn run(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    tt("cmd built");
+        .process_group(0);
     let start = Instant::now();
     let deadline = tokio::time::Instant::from_std(start + limit);
-    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+    let spawn_error = |source| ExecError::Spawn {
         command: params.command.clone(),
         source,
-    })?;
-    tt("spawned");
-    // Declared after `child`, so dropped before it: the group is killed
-    // while the main process is still unreaped.
-    let mut group = GroupGuard {
-        pgid: child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(nix::unistd::Pid::from_raw),
     };
-    let pidfd = match group.pgid.map(|p| pidfd_open(p.as_raw())) {
-        Some(Ok(fd)) => {
-            // SAFETY: `PidFd` owns the descriptor, so it stays open and the
-            // same for the whole life of the `AsyncFd`, and `as_raw_fd`
-            // always returns it.
-            unsafe { AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE) }
-                .ok()
-        }
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, "no pidfd; the group is killed after reaping");
-            None
-        }
-        None => None,
-    };
-    tracing::debug!(command = %params.command, pid = ?group.pgid, "command started");
-    tt("pidfd");
+    let mut child = cmd.spawn().map_err(spawn_error)?;
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let mut running = Running::new(child);
+    tracing::debug!(command = %params.command, pid = running.pgid.as_raw(), "command started");
+    // Our ends of the pipes, non-blocking and registered with the runtime.
+    // A failure here drops `running`, which kills and reaps the group.
+    let stdout = stdout
+        .map(|p| pipe::Receiver::from_owned_fd(p.into()))
+        .transpose()
+        .map_err(spawn_error)?;
+    let stderr = stderr
+        .map(|p| pipe::Receiver::from_owned_fd(p.into()))
+        .transpose()
+        .map_err(spawn_error)?;
+    let stdin = stdin
+        .map(|p| pipe::Sender::from_owned_fd(p.into()))
+        .transpose()
+        .map_err(spawn_error)?;
 
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let stdin = child.stdin.take();
     let max = MAX_EXEC_OUTPUT as usize;
     let mut out = Capture::default();
     let mut err = Capture::default();
     let mut timed_out = false;
+    let wait_error = |source| ExecError::Wait {
+        command: params.command.clone(),
+        source,
+    };
 
     let early_status = {
         let io = async {
@@ -495,16 +560,12 @@ async fn run(
         let early_status = loop {
             tokio::select! {
                 _ = &mut io, if !io_done => io_done = true,
-                r = exited(pidfd.as_ref(), &mut child) => {
-                    tt(if io_done { "exit (io done)" } else { "exit" });
-                    break r.map_err(|source| ExecError::Wait {
-                        command: params.command.clone(),
-                        source,
-                    })?;
+                r = running.exited() => {
+                    break r.map_err(wait_error)?;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     timed_out = true;
-                    group.kill();
+                    running.kill_group();
                     break None;
                 }
             }
@@ -514,10 +575,9 @@ async fn run(
             let grace = (tokio::time::Instant::now() + EXIT_GRACE).min(deadline);
             io_done = tokio::time::timeout_at(grace, &mut io).await.is_ok();
         }
-        tt("grace");
         // Nothing of the group outlives the call. With a pidfd the main
         // process is not reaped yet, so the group id is still ours.
-        group.kill();
+        running.kill_group();
         if !io_done
             && tokio::time::timeout(DRAIN_AFTER_KILL, &mut io)
                 .await
@@ -529,14 +589,8 @@ async fn run(
     };
     let status = match early_status {
         Some(status) => status,
-        None => child.wait().await.map_err(|source| ExecError::Wait {
-            command: params.command.clone(),
-            source,
-        })?,
+        None => running.reap().await.map_err(wait_error)?,
     };
-    group.disarm();
-    tt("reaped");
-    tt_dump();
     let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::debug!(command = %params.command, ?status, timed_out, duration_ms, "command finished");
     let encoding = params.output_encoding;
@@ -634,19 +688,90 @@ mod tests {
         false
     }
 
+    fn spawn(program: &str, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(program)
+            .args(args)
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    /// True once `pid` is gone for good (reaped, no zombie left).
+    fn wait_gone(pid: i32) -> bool {
+        for _ in 0..100 {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     #[tokio::test]
     async fn pidfd_sees_the_exit_without_reaping() {
-        let mut child = Command::new("true").spawn().unwrap();
-        let pid = i32::try_from(child.id().unwrap()).unwrap();
-        let fd = pidfd_open(pid).unwrap();
-        // SAFETY: `PidFd` owns the descriptor for the life of the `AsyncFd`.
-        let afd =
-            unsafe { AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE) }
-                .unwrap();
-        assert_eq!(exited(Some(&afd), &mut child).await.unwrap(), None);
+        let mut running = Running::new(spawn("true", &[]));
+        assert!(running.pidfd.is_some());
+        let pid = running.pgid.as_raw();
+        assert_eq!(running.exited().await.unwrap(), None);
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         assert!(stat.rsplit_once(") ").unwrap().1.starts_with('Z'), "{stat}");
-        assert!(child.wait().await.unwrap().success());
+        assert!(running.reap().await.unwrap().success());
+        assert!(running.child.is_none());
+        drop(running);
+        assert!(wait_gone(pid), "{pid} left behind");
+    }
+
+    #[tokio::test]
+    async fn without_a_pidfd_the_exit_is_polled_and_reaped() {
+        let mut running = Running::new(spawn("sh", &["-c", "sleep 0.05; exit 7"]));
+        running.pidfd = None;
+        let status = running.exited().await.unwrap().unwrap();
+        assert_eq!(status.code(), Some(7));
+        assert!(running.child.is_none(), "reaped");
+        assert!(running.reap().await.is_err(), "nothing left to reap");
+    }
+
+    #[tokio::test]
+    async fn dropping_a_running_command_kills_and_reaps_its_group() {
+        let running = Running::new(spawn("sh", &["-c", "sleep 100 & sleep 100"]));
+        let pid = running.pgid.as_raw();
+        // The background sleep is in the group too.
+        let mut members = Vec::new();
+        for _ in 0..100 {
+            members = group_members(pid);
+            if members.len() >= 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(members.len() >= 3, "{members:?}");
+        drop(running);
+        for member in members {
+            assert!(wait_dead(member), "{member} survived");
+        }
+        assert!(wait_gone(pid), "main process {pid} not reaped");
+    }
+
+    /// Pids whose process group is `pgid`.
+    fn group_members(pgid: i32) -> Vec<i32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Fields after the command: state ppid pgrp ...
+            let pgrp = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+                .and_then(|g| g.parse::<i32>().ok());
+            if pgrp == Some(pgid) && !dead(pid) {
+                out.push(pid);
+            }
+        }
+        out
     }
 
     #[tokio::test]

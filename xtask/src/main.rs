@@ -45,6 +45,8 @@ Tasks:
                        check, packages, real-VM tests (QEMU and libvirt)
   bench                boot one guest with our agent and Debian's qemu-ga and
                        measure both side by side (table + target/bench/bench.json)
+      --only LIST      only these figures, e.g. exec,ping (a bad name lists all;
+                       the table goes to target/bench/bench-only.json)
   fuzz                 run every cargo-fuzz target in fuzz/ (nightly)
       --seconds N      per target (default 300; the test command uses 30)
   soak                 leak soak at full size: 1,000,000 pings, 10,000 each of
@@ -132,16 +134,7 @@ fn run(args: &[String]) -> Result<()> {
             flags(rest, &[])?;
             soak::soak()
         }
-        "bench" => {
-            // `--fanout-client DIR` is internal: the fan-out client process.
-            if let [flag, dir] = rest {
-                if flag == "--fanout-client" {
-                    return bench::bench(Some(dir));
-                }
-            }
-            flags(rest, &[])?;
-            bench::bench(None)
-        }
+        "bench" => bench::main(rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             Ok(())
