@@ -349,9 +349,11 @@ async fn sh(c: &Client, script: &str) -> Result<String> {
     Ok(r.stdout)
 }
 
+/// `true` for our agent, named by the same absolute path qemu-ga is given
+/// (see `Qga::exec_true`), so neither agent searches PATH.
 fn exec_true() -> ExecParams {
     ExecParams {
-        command: "true".into(),
+        command: "/bin/true".into(),
         args: vec![],
         timeout_seconds: None,
         env: BTreeMap::new(),
