@@ -315,6 +315,8 @@ struct Running {
     child: Option<std::process::Child>,
     /// The process group id (the main process's pid).
     pgid: nix::unistd::Pid,
+    /// False once the group must no longer be signalled.
+    armed: bool,
     pidfd: Option<AsyncFd<PidFd>>,
 }
 
@@ -340,17 +342,26 @@ impl Running {
         Running {
             child: Some(child),
             pgid,
+            armed: true,
             pidfd,
         }
     }
 
-    /// SIGKILL to the whole group, unless the main process was reaped (then
-    /// the group id may already name another group).
+    /// SIGKILL to the whole group, until [`Running::disarm`]. With a pidfd
+    /// the main process is still unreaped here, so the group id is ours;
+    /// without one it may have been reaped already (the old behaviour of
+    /// such kernels: a small risk that the id was reused).
     fn kill_group(&self) {
-        if self.child.is_some() {
+        if self.armed {
             // ESRCH (nobody left) is fine.
             let _ = nix::sys::signal::killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
         }
+    }
+
+    /// Stops signalling the group: called once the command is over and the
+    /// main process reaped, after which the group id may be reused.
+    fn disarm(&mut self) {
+        self.armed = false;
     }
 
     /// Waits for the main process to exit. With a pidfd it is left unreaped
@@ -591,6 +602,7 @@ async fn run(
         Some(status) => status,
         None => running.reap().await.map_err(wait_error)?,
     };
+    running.disarm();
     let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::debug!(command = %params.command, ?status, timed_out, duration_ms, "command finished");
     let encoding = params.output_encoding;
@@ -722,13 +734,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_a_pidfd_the_exit_is_polled_and_reaped() {
-        let mut running = Running::new(spawn("sh", &["-c", "sleep 0.05; exit 7"]));
+    async fn without_a_pidfd_the_exit_is_polled_and_the_group_still_killed() {
+        let mut running = Running::new(spawn("sh", &["-c", "sleep 100 & exit 7"]));
         running.pidfd = None;
+        let pgid = running.pgid.as_raw();
         let status = running.exited().await.unwrap().unwrap();
         assert_eq!(status.code(), Some(7));
         assert!(running.child.is_none(), "reaped");
         assert!(running.reap().await.is_err(), "nothing left to reap");
+        // The background sleep outlived the main process; until disarmed
+        // the group is still signalled, as exec_command does after the grace.
+        let left = group_members(pgid);
+        assert_eq!(left.len(), 1, "{left:?}");
+        running.kill_group();
+        assert!(wait_dead(left[0]), "{} survived", left[0]);
+        running.disarm();
     }
 
     #[tokio::test]
