@@ -1,6 +1,7 @@
 //! Logging setup: `tracing` to stderr and, if configured, to `log_file`.
 
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -49,7 +50,13 @@ pub fn init(level: LogLevel, log_file: Option<&Path>) -> Result<(), LoggingError
             let writer = std::io::stderr.and(Mutex::new(file));
             builder.with_ansi(false).with_writer(writer).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        // Colour only for a person at a terminal: journald (or a console)
+        // would store the escape codes, and under TCG a serial console
+        // pays for every byte.
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }

@@ -57,7 +57,7 @@ use crate::error::ClientError;
 ///     call_timeout: Duration::from_secs(60),
 ///     ..ClientOptions::default()
 /// };
-/// assert_eq!(opts.max_in_flight_chunks, 4);
+/// assert_eq!(opts.max_in_flight_chunks, 2);
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -70,7 +70,10 @@ pub struct ClientOptions {
     /// missing agent shows. Default 10 s.
     pub sync_timeout: Duration,
     /// Chunk requests kept in flight by [`Client::push`] and
-    /// [`Client::pull`]. Default 4.
+    /// [`Client::pull`]. Default 2: with 1 MiB attachments, more buys no
+    /// throughput in a 1-vCPU guest and each extra chunk queued ahead of a
+    /// `ping` on the same connection adds latency (ARCHITECTURE.md,
+    /// "Performance").
     pub max_in_flight_chunks: usize,
     /// Reconnect on the next call after the connection was lost. Default true.
     pub reconnect: bool,
@@ -82,7 +85,7 @@ impl Default for ClientOptions {
             call_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             sync_timeout: Duration::from_secs(10),
-            max_in_flight_chunks: 4,
+            max_in_flight_chunks: 2,
             reconnect: true,
         }
     }

@@ -134,7 +134,9 @@ trap 'echo "kvmm-init: halt"; sync; halt -f' USR1
 # Restart the agent whenever it exits, like systemd's Restart=always.
 (
     while true; do
-        /usr/bin/kvmmanager-agent --foreground --config /etc/kvmmanager-agent/config.json
+        # Its log goes to a file, as it would to journald on an installed
+        # system: the serial console is slow under TCG.
+        /usr/bin/kvmmanager-agent --foreground --config /etc/kvmmanager-agent/config.json 2>>/var/log/kvmmanager-agent.log
         echo "kvmm-init: agent exited $?"
         sleep 1
     done
