@@ -486,7 +486,7 @@ impl Client {
     /// ```
     /// # use host_client::{Client, ClientOptions};
     /// let c = Client::lazy("/tmp/a.sock", ClientOptions::default());
-    /// assert_eq!(c.options().max_in_flight_chunks, 4);
+    /// assert_eq!(c.options().max_in_flight_chunks, 2);
     /// ```
     pub fn options(&self) -> &ClientOptions {
         &self.inner.opts
