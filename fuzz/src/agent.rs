@@ -201,6 +201,8 @@ pub fn check_dispatch_line(line: &[u8]) {
     if let Some(out) = out {
         let bytes = &out.line[..];
         let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        // A sync reply is preceded by one empty line (PROTOCOL.md).
+        let body = body.strip_prefix(b"\n").unwrap_or(body);
         assert!(!body.contains(&b'\n'), "a reply fits on one line");
         let v: Value = serde_json::from_slice(body).expect("the reply is JSON");
         match &v {
