@@ -175,10 +175,7 @@ impl Agent {
     /// The reply to a request whose attachment exceeds
     /// [`agent_common::MAX_ATTACHMENT_SIZE`] (it is skipped, not read).
     pub fn attachment_too_large(&self, incoming: &Incoming, len: u64) -> Outgoing {
-        let id = match incoming {
-            Incoming::Single(Ok(req)) => req.id.clone().unwrap_or_else(Id::null),
-            _ => Id::null(),
-        };
+        let id = reply_id(incoming);
         let limit = agent_common::MAX_ATTACHMENT_SIZE;
         warn!(len, limit, "discarded an oversized attachment");
         let resp = Response::error(
@@ -197,10 +194,7 @@ impl Agent {
 
     /// The reply to a request whose attachment stopped arriving.
     pub fn attachment_timeout(&self, incoming: &Incoming, after: Duration) -> Outgoing {
-        let id = match incoming {
-            Incoming::Single(Ok(req)) => req.id.clone().unwrap_or_else(Id::null),
-            _ => Id::null(),
-        };
+        let id = reply_id(incoming);
         let resp = Response::error(
             id.clone(),
             ErrorObject::new(
@@ -535,6 +529,15 @@ fn ping() -> PingResult {
         timestamp: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+    }
+}
+
+/// The id a reply about a line's attachment goes to: the request's, or
+/// null (the line only announces attachments when it is a single request).
+fn reply_id(incoming: &Incoming) -> Id {
+    match incoming {
+        Incoming::Single(Ok(req)) => req.id.clone().unwrap_or_else(Id::null),
+        _ => Id::null(),
     }
 }
 

@@ -176,24 +176,12 @@ where
 
 /// A well-behaved agent loop: answers `sync` at once and every other
 /// request from its own task (so replies may overtake each other).
-pub(crate) async fn serve(mut conn: FakeConn, h: Handler) {
-    while let Some(req) = conn.next_request().await {
-        let Some(id) = req.id.clone() else { continue };
-        let params: Value = req.params().unwrap_or(Value::Null);
-        if req.method == "sync" {
-            reply(&conn, id, params).await;
-            continue;
-        }
-        let writer = conn.writer.clone();
-        let h = h.clone();
-        tokio::spawn(async move {
-            let resp = match h(req.method, params).await {
-                Ok(v) => Response::ok(id, &v),
-                Err(e) => Response::error(id, e),
-            };
-            send_response(&writer, &resp).await;
-        });
-    }
+pub(crate) async fn serve(conn: FakeConn, h: Handler) {
+    let raw: RawHandler = Arc::new(move |method, params, _| {
+        let reply = h(method, params);
+        Box::pin(async move { reply.await.map(|v| (v, None)) })
+    });
+    serve_raw(conn, raw).await;
 }
 
 /// A handler that also takes and returns attachments.
@@ -207,7 +195,7 @@ pub(crate) type RawHandler = Arc<
         + Sync,
 >;
 
-/// Like [`serve`], for a handler that deals in attachments.
+/// [`serve`] for a handler that deals in attachments.
 pub(crate) async fn serve_raw(mut conn: FakeConn, h: RawHandler) {
     while let Some((req, data)) = conn.next_request_with_attachment().await {
         let Some(id) = req.id.clone() else { continue };
