@@ -111,12 +111,14 @@ impl JsonLinesCodec {
         }
     }
 
-    /// Gives up on the attachment being received (its sender stopped
-    /// half-way): what follows cannot be told apart from its data, so the
-    /// input is dropped up to and including the next resync byte, which a
-    /// host sends before it syncs again. The caller also clears its read
-    /// buffer: bytes already buffered may hold a resync byte of the data.
-    pub fn abandon_attachment(&mut self) {
+    /// Drops the input up to and including the next resync byte, which a
+    /// host sends before it syncs again. For when where the next line
+    /// starts is unknown: an attachment was given up half-way (what follows
+    /// cannot be told apart from its data), or a line that may have
+    /// announced one could not be read. The caller also clears its read
+    /// buffer: bytes already buffered may be attachment data, resync bytes
+    /// included.
+    pub fn discard_until_resync(&mut self) {
         self.scanned = 0;
         self.discarding = false;
         self.raw = Raw::UntilResync;
@@ -416,7 +418,7 @@ mod tests {
         c.expect_attachment(100);
         assert_eq!(c.decode(&mut buf).unwrap(), None);
         buf.clear();
-        c.abandon_attachment();
+        c.discard_until_resync();
         buf.extend_from_slice(b"a\n[\"looks like a line\"]\n");
         assert_eq!(c.decode(&mut buf).unwrap(), None);
         assert!(buf.is_empty());

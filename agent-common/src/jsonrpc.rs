@@ -95,6 +95,9 @@ pub struct Request {
     /// The `attachment` member: the number of raw bytes that follow the
     /// line (see "Attachments" in PROTOCOL.md). Never set inside a batch.
     pub attachment: Option<u64>,
+    /// The `attachment_crc32` member: the attachment's check value
+    /// ([`crate::attachment_crc32`]).
+    pub attachment_crc32: Option<u32>,
 }
 
 impl Request {
@@ -138,6 +141,9 @@ pub struct OutgoingRequest<'a, P: Serialize> {
     /// Length of the raw bytes sent right after the line, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attachment: Option<u64>,
+    /// The check value of those bytes ([`crate::attachment_crc32`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment_crc32: Option<u32>,
 }
 
 impl<'a, P: Serialize> OutgoingRequest<'a, P> {
@@ -149,12 +155,15 @@ impl<'a, P: Serialize> OutgoingRequest<'a, P> {
             params,
             id: Some(id),
             attachment: None,
+            attachment_crc32: None,
         }
     }
 
-    /// Announces `len` raw bytes sent right after the line.
-    pub fn with_attachment(mut self, len: u64) -> Self {
-        self.attachment = Some(len);
+    /// Announces `data` as the raw bytes sent right after the line: its
+    /// length and its check value.
+    pub fn with_attachment(mut self, data: &[u8]) -> Self {
+        self.attachment = Some(data.len() as u64);
+        self.attachment_crc32 = Some(crate::attachment_crc32(data));
         self
     }
 }
@@ -303,6 +312,8 @@ struct RawRequest {
     id: Option<Box<RawValue>>,
     #[serde(default, deserialize_with = "present")]
     attachment: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    attachment_crc32: Option<Box<RawValue>>,
 }
 
 /// One element of an incoming message: a request, or the error reply owed
@@ -340,13 +351,32 @@ pub fn parse_message(line: &[u8]) -> Incoming {
                 Id::null(),
                 ErrorObject::new(ErrorKind::InvalidRequest, "empty batch"),
             ))),
+            Ok(items) if items.len() > crate::MAX_BATCH_LEN => {
+                Incoming::Single(Err(Response::error(
+                    Id::null(),
+                    ErrorObject::new(
+                        ErrorKind::InvalidRequest,
+                        format!(
+                            "a batch of {} requests is longer than {}; none of them ran: \
+                             send smaller batches",
+                            items.len(),
+                            crate::MAX_BATCH_LEN
+                        ),
+                    )
+                    .with_data("limit", crate::MAX_BATCH_LEN as u64),
+                )))
+            }
             Ok(items) => Incoming::Batch(
                 items
                     .into_iter()
                     .map(|raw| match parse_request(raw) {
-                        Ok(req) if req.attachment.is_some() => Err(invalid(
+                        Ok(req) if req.attachment.is_some() => Err(Response::error(
                             req.id.unwrap_or_else(Id::null),
-                            "a request inside a batch cannot carry an attachment; send it alone",
+                            ErrorObject::new(
+                                ErrorKind::InvalidParams,
+                                "a request inside a batch cannot carry an attachment; \
+                                 its bytes were discarded: send it on its own line",
+                            ),
                         )),
                         entry => entry,
                     })
@@ -422,12 +452,112 @@ fn parse_request(raw: &RawValue) -> Entry {
             )
         })?),
     };
+    let attachment_crc32 = match &req.attachment_crc32 {
+        None => None,
+        Some(raw) => Some(raw.get().parse::<u32>().map_err(|_| {
+            invalid(
+                reply_id(),
+                "attachment_crc32 must be the CRC-32 of the attachment (an integer from 0 to 4294967295)",
+            )
+        })?),
+    };
     Ok(Request {
         id,
         method,
         params: req.params,
         attachment,
+        attachment_crc32,
     })
+}
+
+/// What a line says about the raw bytes that follow it, read before (and
+/// apart from) everything else about the line: the framing must stay in
+/// step whatever else is wrong with the line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announced {
+    /// No attachment follows.
+    Nothing,
+    /// Exactly this many bytes follow.
+    Bytes(u64),
+    /// An attachment may follow but its length cannot be known: the
+    /// `attachment` member is not an integer >= 0, appears more than once
+    /// (in the object, or in more than one element of a batch), or the line
+    /// is not JSON and holds the text `attachment`. The reader must drop its
+    /// input up to the next resync byte.
+    Unknown,
+}
+
+/// Finds the top-level `attachment` members of a line (of the object, or of
+/// each object in a batch), however malformed the rest of the line is.
+pub fn announced_attachment(line: &[u8]) -> Announced {
+    match serde_json::from_slice::<Members<'_>>(line) {
+        Ok(Members(found)) => match found.as_slice() {
+            [] => Announced::Nothing,
+            [raw] => raw
+                .get()
+                .parse::<u64>()
+                .map_or(Announced::Unknown, Announced::Bytes),
+            _ => Announced::Unknown,
+        },
+        Err(_) if memchr::memmem::find(line, b"attachment").is_some() => Announced::Unknown,
+        Err(_) => Announced::Nothing,
+    }
+}
+
+/// The raw values of the `attachment` members of a line's top-level
+/// object(s), in order.
+struct Members<'a>(Vec<&'a RawValue>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut found = Vec::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    if key == "attachment" {
+                        found.push(value);
+                    }
+                }
+                Ok(Members(found))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut found = Vec::new();
+                while let Some(element) = seq.next_element::<&'de RawValue>()? {
+                    if element.get().starts_with('{') {
+                        if let Ok(Members(inner)) = serde_json::from_str::<Members<'de>>(element.get()) {
+                            found.extend(inner);
+                        }
+                    }
+                }
+                Ok(Members(found))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Members(Vec::new()))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Members(Vec::new()))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Members(Vec::new()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Members(Vec::new()))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Members(Vec::new()))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Members(Vec::new()))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 #[cfg(test)]
@@ -463,12 +593,73 @@ mod tests {
                 "{bad}"
             );
         }
+        // PROTOCOL.md: an attachment inside a batch is invalid_params.
         let m = parse_message(br#"[{"jsonrpc":"2.0","method":"x","id":3,"attachment":1}]"#);
         assert_eq!(m.attachment(), None);
         let Incoming::Batch(mut entries) = m else {
             panic!("expected a batch")
         };
-        assert_eq!(err_of(entries.remove(0)), ("3".to_owned(), -32600));
+        assert_eq!(err_of(entries.remove(0)), ("3".to_owned(), -32602));
+    }
+
+    #[test]
+    fn the_announced_attachment_is_read_whatever_else_is_wrong() {
+        use Announced::{Bytes, Nothing, Unknown};
+        let cases: &[(&str, Announced)] = &[
+            (r#"{"jsonrpc":"2.0","method":"ping","id":1}"#, Nothing),
+            (r#"{"jsonrpc":"2.0","method":"w","id":1,"attachment":5}"#, Bytes(5)),
+            (r#"{"jsonrpc":"2.0","method":"w","id":1,"attachment":0}"#, Bytes(0)),
+            (r#"{"jsonrpc":"1.0","method":"w","id":1,"attachment":5}"#, Bytes(5)),
+            (r#"{"jsonrpc":"2.0","method":"w","id":true,"attachment":5}"#, Bytes(5)),
+            (r#"{"jsonrpc":"2.0","jsonrpc":"2.0","attachment":7}"#, Bytes(7)),
+            (r#"{"\u0061ttachment":3,"method":5}"#, Bytes(3)),
+            (r#"[{"jsonrpc":"2.0","method":"w","id":1,"attachment":9},{}]"#, Bytes(9)),
+            (r#"[1,"attachment",{"params":{"attachment":4}}]"#, Nothing),
+            (r#"{"params":{"attachment":4},"id":1}"#, Nothing),
+            (r#"{"attachment":5,"attachment":5}"#, Unknown),
+            (r#"[{"attachment":5},{"attachment":5}]"#, Unknown),
+            (r#"{"attachment":"5"}"#, Unknown),
+            (r#"{"attachment":-1}"#, Unknown),
+            (r#"{"attachment":1.0}"#, Unknown),
+            (r#"{"attachment":null}"#, Unknown),
+            (r#"{"attachment":18446744073709551616}"#, Unknown),
+            (r#"{"jsonrpc":"2.0","attachment":5"#, Unknown),
+            (r#"{"jsonrpc":"2.0","method":"ping""#, Nothing),
+            ("not json", Nothing),
+            ("42", Nothing),
+            (r#""attachment""#, Nothing),
+        ];
+        for (line, want) in cases {
+            assert_eq!(announced_attachment(line.as_bytes()), *want, "{line}");
+        }
+    }
+
+    #[test]
+    fn long_batches_are_refused_whole() {
+        let one = r#"{"jsonrpc":"2.0","method":"ping","id":1}"#;
+        let line = format!("[{}]", vec![one; crate::MAX_BATCH_LEN].join(","));
+        assert!(matches!(parse_message(line.as_bytes()), Incoming::Batch(b) if b.len() == crate::MAX_BATCH_LEN));
+        let line = format!("[{}]", vec![one; crate::MAX_BATCH_LEN + 1].join(","));
+        assert_eq!(err_of(single(&line)), ("null".to_owned(), -32600));
+    }
+
+    #[test]
+    fn the_check_value_is_read_and_checked_for_range() {
+        let r = single(
+            r#"{"jsonrpc":"2.0","method":"w","id":1,"attachment":1,"attachment_crc32":4294967295}"#,
+        )
+        .unwrap();
+        assert_eq!(r.attachment_crc32, Some(u32::MAX));
+        for bad in ["4294967296", "-1", "\"1\"", "null"] {
+            let line = format!(
+                r#"{{"jsonrpc":"2.0","method":"w","id":2,"attachment":1,"attachment_crc32":{bad}}}"#
+            );
+            assert_eq!(err_of(single(&line)), ("2".to_owned(), -32600), "{bad}");
+        }
+        let (params, id) = (serde_json::json!({}), Id::number(1));
+        let req = OutgoingRequest::new("w", &params, &id).with_attachment(b"abc");
+        let text = serde_json::to_string(&req).unwrap();
+        assert!(text.ends_with(r#""attachment":3,"attachment_crc32":891568578}"#), "{text}");
     }
 
     #[test]

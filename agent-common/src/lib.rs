@@ -38,6 +38,20 @@ pub const MAX_RESPONSE_SIZE: usize = 8 * 1024 * 1024;
 /// `"encoding": "attachment"`. Reported as `limits.max_attachment_size`.
 pub const MAX_ATTACHMENT_SIZE: u64 = 1024 * 1024;
 
+/// Most requests in one batch line. A longer batch is refused whole
+/// (`invalid_request`): the replies of one line must stay bounded, since
+/// each costs the agent memory until the host reads it.
+pub const MAX_BATCH_LEN: usize = 64;
+
+/// The check value of an attachment: CRC-32 (IEEE 802.3, the polynomial of
+/// zlib, gzip and PNG) of its bytes, sent as `attachment_crc32` beside
+/// `attachment` in a request line. The agent writes an attachment only
+/// when the bytes that arrived have this value, so an attachment cut short
+/// and completed by other bytes (a later host's) is refused, never written.
+pub fn attachment_crc32(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
+}
+
 /// Most bytes one `file_read` call returns.
 pub const MAX_READ_CHUNK: u64 = 1024 * 1024;
 

@@ -84,6 +84,15 @@ methods! {
     Reboot => "reboot", RebootRpc, PowerParams, PowerResult;
 }
 
+impl Method {
+    /// True for the methods answered at once, without a concurrency slot
+    /// and never queued behind other work: `ping`, `sync`,
+    /// `get_agent_info`.
+    pub const fn is_instant(self) -> bool {
+        matches!(self, Method::Ping | Method::Sync | Method::GetAgentInfo)
+    }
+}
+
 impl std::fmt::Display for Method {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -63,6 +63,11 @@ pub struct Outgoing {
     pub attachment: Option<Bytes>,
     /// A power action to start after the line is flushed.
     pub after: Option<PowerAction>,
+    /// Permits released when the reply has been written (or dropped): the
+    /// request's concurrency slot and its session's place in the queue, so
+    /// that a host that does not read its replies holds them and gets no
+    /// more work done (see `server.rs`).
+    pub hold: Vec<OwnedSemaphorePermit>,
 }
 
 /// The outcome of one method call before encoding.
@@ -70,6 +75,16 @@ struct Outcome {
     result: Result<Box<RawValue>, ErrorObject>,
     attachment: Option<Bytes>,
     after: Option<PowerAction>,
+    /// The concurrency slot the call took, held until its reply is written.
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+/// One request's reply before encoding, with what it holds.
+struct Answer {
+    response: Response,
+    attachment: Option<Bytes>,
+    after: Option<PowerAction>,
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// What a call receives besides its params.
@@ -92,6 +107,7 @@ impl Outcome {
             }),
             attachment: None,
             after: None,
+            slot: None,
         }
     }
 
@@ -100,6 +116,7 @@ impl Outcome {
             result: Err(e),
             attachment: None,
             after: None,
+            slot: None,
         }
     }
 
@@ -159,8 +176,9 @@ impl Agent {
             ErrorObject::new(
                 ErrorKind::MessageTooLarge,
                 format!(
-                    "request line longer than max_message_size_kb ({kb} KiB) was discarded; \
-                     send large files in chunks"
+                    "request line longer than max_message_size_kb ({kb} KiB) was discarded, with \
+                     the input up to the next resync byte: send 0xFF and sync, then retry with \
+                     shorter lines (large files in chunks)"
                 ),
             )
             .with_data("limit", self.config.max_message_size as u64),
@@ -188,6 +206,24 @@ impl Agent {
                 ),
             )
             .with_data("limit", limit),
+        );
+        encode(&resp, id, None, None)
+    }
+
+    /// The reply to a line whose attachment length cannot be known (a
+    /// malformed or repeated `attachment` member): the input up to the next
+    /// resync byte is dropped.
+    pub fn attachment_unknown(&self, incoming: &Incoming) -> Outgoing {
+        let id = reply_id(incoming);
+        warn!("a line announced an attachment of unknown length; dropping input up to the next resync byte");
+        let resp = Response::error(
+            id.clone(),
+            ErrorObject::new(
+                ErrorKind::InvalidRequest,
+                "the line's attachment member is not one integer >= 0, so where its data ends \
+                 is unknown: the line and the input up to the next resync byte were dropped; \
+                 send 0xFF and sync, then retry with one valid attachment member",
+            ),
         );
         encode(&resp, id, None, None)
     }
@@ -231,11 +267,12 @@ impl Agent {
         match incoming {
             Incoming::Single(entry) => {
                 let sync = matches!(&entry, Ok(req) if req.method == Method::Sync.as_str());
-                let (resp, data, after) = self
+                let answer = self
                     .handle_entry(session, entry, Context::Single, attachment)
                     .await?;
-                let id = resp.id.clone();
-                let mut out = encode(&resp, id, data, after);
+                let id = answer.response.id.clone();
+                let mut out = encode(&answer.response, id, answer.attachment, answer.after);
+                out.hold.extend(answer.slot);
                 if sync {
                     // The sync reply starts a line even when the stale output
                     // before it (an attachment cut off when the last host
@@ -248,25 +285,29 @@ impl Agent {
                 Some(out)
             }
             Incoming::Batch(entries) => {
-                let replies = join_all(
+                let answers = join_all(
                     entries
                         .into_iter()
                         .map(|e| self.handle_entry(session, e, Context::Batch, None)),
                 )
                 .await;
                 let mut after = None;
-                let resps: Vec<Response> = replies
+                let mut hold = Vec::new();
+                let resps: Vec<Response> = answers
                     .into_iter()
                     .flatten()
-                    .map(|(r, _, a)| {
-                        after = after.or(a);
-                        r
+                    .map(|a| {
+                        after = after.or(a.after);
+                        hold.extend(a.slot);
+                        a.response
                     })
                     .collect();
                 if resps.is_empty() {
                     None
                 } else {
-                    Some(encode(&resps, Id::null(), None, after))
+                    let mut out = encode(&resps, Id::null(), None, after);
+                    out.hold = hold;
+                    Some(out)
                 }
             }
         }
@@ -278,10 +319,17 @@ impl Agent {
         entry: Entry,
         cx: Context,
         attachment: Option<Bytes>,
-    ) -> Option<(Response, Option<Bytes>, Option<PowerAction>)> {
+    ) -> Option<Answer> {
         let req = match entry {
             Ok(req) => req,
-            Err(resp) => return Some((resp, None, None)),
+            Err(response) => {
+                return Some(Answer {
+                    response,
+                    attachment: None,
+                    after: None,
+                    slot: None,
+                })
+            }
         };
         let span = info_span!("request", method = %req.method, id = %req.id.as_ref().map_or("-".into(), |i| i.to_string()));
         let id = req.id.clone();
@@ -299,15 +347,16 @@ impl Agent {
             return None;
         };
         let data = outcome.attachment.filter(|_| outcome.result.is_ok());
-        Some((
-            Response {
+        Some(Answer {
+            response: Response {
                 id,
                 outcome: outcome.result,
                 attachment: data.as_ref().map(|d| d.len() as u64),
             },
-            data,
-            outcome.after,
-        ))
+            attachment: data,
+            after: outcome.after,
+            slot: outcome.slot,
+        })
     }
 
     async fn call(
@@ -321,7 +370,12 @@ impl Agent {
         // not match what arrived (a caller of `handle_line`) is refused.
         let attachment = match (req.attachment, attachment) {
             (None, None) => None,
-            (Some(len), Some(data)) if len == data.len() as u64 => Some(data),
+            (Some(len), Some(data)) if len == data.len() as u64 => {
+                if let Err(e) = check_attachment(req, &data) {
+                    return Outcome::err(e);
+                }
+                Some(data)
+            }
             _ => {
                 return Outcome::err(ErrorObject::new(
                     ErrorKind::InvalidRequest,
@@ -365,7 +419,7 @@ impl Agent {
             }
             _ => {}
         }
-        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Outcome::err(
                 ErrorObject::new(
                     ErrorKind::Busy,
@@ -379,7 +433,7 @@ impl Agent {
         };
         let started = Instant::now();
         let work = self.run(session, method, req, cx, attachment);
-        let outcome = if method == Method::ExecCommand {
+        let mut outcome = if method == Method::ExecCommand {
             // Bounded by the command's own time limit inside exec.
             tokio::select! {
                 biased;
@@ -401,6 +455,8 @@ impl Agent {
             }
         };
         log_outcome(method, &outcome, started);
+        // The slot stays taken until the reply has been written.
+        outcome.slot = Some(slot);
         outcome
     }
 
@@ -532,13 +588,42 @@ fn ping() -> PingResult {
     }
 }
 
-/// The id a reply about a line's attachment goes to: the request's, or
-/// null (the line only announces attachments when it is a single request).
+/// The id a reply about a line's attachment goes to: the request's (as far
+/// as it could be read), or null for a batch.
 fn reply_id(incoming: &Incoming) -> Id {
     match incoming {
         Incoming::Single(Ok(req)) => req.id.clone().unwrap_or_else(Id::null),
-        _ => Id::null(),
+        Incoming::Single(Err(resp)) => resp.id.clone(),
+        Incoming::Batch(_) => Id::null(),
     }
+}
+
+/// Refuses an attachment whose bytes are not the ones its line announced:
+/// without `attachment_crc32`, or with another check value (an attachment
+/// cut short and completed by other bytes, such as a later host's).
+fn check_attachment(req: &Request, data: &[u8]) -> Result<(), ErrorObject> {
+    let Some(expected) = req.attachment_crc32 else {
+        return Err(ErrorObject::new(
+            ErrorKind::InvalidParams,
+            "an attachment needs attachment_crc32 (the CRC-32 of its bytes) beside attachment; \
+             nothing was written",
+        ));
+    };
+    let actual = agent_common::attachment_crc32(data);
+    if actual != expected {
+        warn!(
+            expected,
+            actual, "an attachment's check value does not match; refused"
+        );
+        return Err(ErrorObject::new(
+            ErrorKind::InvalidParams,
+            format!(
+                "the attachment's CRC-32 is {actual}, not the announced {expected}: it was cut \
+                 short or corrupted, and nothing was written; send 0xFF and sync, then retry"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn batch_attachment() -> ErrorObject {
@@ -662,6 +747,7 @@ fn encode<T: Serialize + ?Sized>(
                 line,
                 attachment,
                 after,
+                hold: Vec::new(),
             }
         }
         Ok(()) => Response::error(
@@ -690,6 +776,7 @@ fn encode<T: Serialize + ?Sized>(
         line,
         attachment: None,
         after,
+        hold: Vec::new(),
     }
 }
 

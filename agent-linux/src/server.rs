@@ -4,14 +4,38 @@
 //! The same session loop serves a virtio-serial port and a Unix socket; the
 //! transports differ only in what end of input means (see [`OnEof`]).
 //!
-//! A request line that announces an attachment is held until its raw bytes
-//! have arrived (the codec is told how many to take, see
-//! [`JsonLinesCodec::expect_attachment`]); an attachment larger than
-//! [`MAX_ATTACHMENT_SIZE`] is skipped unbuffered and answered
-//! `message_too_large`. An attachment that stops arriving is given up after
-//! [`ATTACHMENT_TIMEOUT`]: its request is answered `timeout` and input is
-//! dropped up to the next resync byte, because the bytes that follow (a new
-//! host's, if the old one died half-way) cannot be told apart from its data.
+//! # Framing
+//!
+//! What a line says about an attachment is read apart from everything else
+//! about it ([`announced_attachment`]), so the framing stays in step however
+//! malformed the line is:
+//! - a valid size: exactly that many bytes are taken (up to
+//!   [`MAX_ATTACHMENT_SIZE`], handed to the request) or skipped unbuffered
+//!   (larger, or the line is refused for another reason), and the line gets
+//!   the reply it deserves;
+//! - a size that cannot be known (a malformed or repeated `attachment`
+//!   member, or a line too long to keep): the line is answered and input is
+//!   dropped up to the next resync byte, so nothing that may be attachment
+//!   data is ever parsed as a request;
+//! - an attachment that stops arriving is given up after
+//!   [`ATTACHMENT_TIMEOUT`]: its request is answered `timeout` and input is
+//!   dropped up to the next resync byte, because the bytes that follow (a new
+//!   host's, if the old one died half-way) cannot be told apart from its
+//!   data. An attachment completed by such bytes fails its check value
+//!   (`attachment_crc32`) and is never written.
+//!
+//! # Back-pressure
+//!
+//! Every request read holds a permit of its session until its reply has
+//! been written (or, for a notification, until it has run): at most
+//! [`pending_limit`] requests, plus [`INSTANT_RESERVE`] for `ping`, `sync`
+//! and `get_agent_info`, so that a health check needs no place behind
+//! queued work. When the permits are gone the session stops reading, and
+//! the port's and the kernel's buffers push back on the host instead of the
+//! agent's heap growing. Requests that do work also hold one of the agent's
+//! `max_concurrent_requests` slots until their reply is written, so the
+//! large replies (file data, command output) that exist at once are bounded
+//! by the slot count. The resulting memory bound is in SECURITY.md.
 //!
 //! Replies go out through two queues: small replies first, then replies
 //! with an attachment (file data). A `ping` sent during a transfer waits for
@@ -22,17 +46,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_common::codec::{Frame, JsonLinesCodec};
-use agent_common::jsonrpc::{parse_message, Incoming};
+use agent_common::jsonrpc::{announced_attachment, parse_message, Announced, Incoming};
+use agent_common::methods::Method;
 use agent_common::MAX_ATTACHMENT_SIZE;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::config::Config;
 use crate::dispatch::{Agent, Outgoing, SessionId};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -47,7 +73,19 @@ const REPLY_QUEUE: usize = 2;
 /// stops half-way (it died, and the next host's bytes would be read as the
 /// rest of the data) is cut off: the request is answered `timeout` and input
 /// is dropped up to the next resync byte.
-const ATTACHMENT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const ATTACHMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Permits of a session kept for `ping`, `sync` and `get_agent_info`
+/// (single requests without an attachment), besides [`pending_limit`].
+pub const INSTANT_RESERVE: usize = 4;
+
+/// Requests of one session that may be read and not yet answered (their
+/// replies not yet written), besides the [`INSTANT_RESERVE`]: twice the
+/// concurrency slots, so that requests beyond the slots still get their
+/// `busy` reply at once while every slot is taken.
+pub fn pending_limit(config: &Config) -> usize {
+    2 * config.max_concurrent_requests
+}
 
 /// What the end of input means on a transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +96,34 @@ pub enum OnEof {
     /// The host went away (a virtio-serial port): drop the replies, so they
     /// never reach the next host as its own.
     Drop,
+}
+
+/// A session's permits: one per request read and not yet answered.
+struct Budget {
+    pending: Arc<Semaphore>,
+    instant: Arc<Semaphore>,
+}
+
+impl Budget {
+    fn new(config: &Config) -> Budget {
+        Budget {
+            pending: Arc::new(Semaphore::new(pending_limit(config))),
+            instant: Arc::new(Semaphore::new(INSTANT_RESERVE)),
+        }
+    }
+
+    /// Waits for the permit `incoming` needs.
+    async fn acquire(&self, incoming: &Incoming, has_data: bool) -> OwnedSemaphorePermit {
+        let instant = !has_data
+            && matches!(incoming, Incoming::Single(Ok(req))
+                if Method::from_name(&req.method).is_some_and(Method::is_instant));
+        let sem = if instant { &self.instant } else { &self.pending };
+        // Invariant: the semaphores are never closed.
+        match sem.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            Err(_) => unreachable!("session semaphores are never closed"),
+        }
+    }
 }
 
 /// Serves one connection until its input ends, it fails, or `stop` is
@@ -77,6 +143,7 @@ pub async fn serve<R, W>(
     let (tx, rx) = mpsc::channel::<Outgoing>(REPLY_QUEUE);
     let (bulk_tx, bulk_rx) = mpsc::channel::<Outgoing>(REPLY_QUEUE);
     let write_timeout = agent.config().request_timeout.max(Duration::from_secs(30));
+    let budget = Budget::new(agent.config());
     let requests = TaskTracker::new();
     let mut writer_task = tokio::spawn(write_loop(writer, rx, bulk_rx, write_timeout));
     let mut frames = FramedRead::new(reader, JsonLinesCodec::new(agent.config().max_message_size));
@@ -84,6 +151,19 @@ pub async fn serve<R, W>(
     let mut awaiting: Option<Incoming> = None;
     let mut eof = false;
     let mut writer_done = false;
+    // Input that ends the session: stop, the writer gone, or end of input.
+    macro_rules! or_end {
+        ($fut:expr) => {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = &mut writer_task => {
+                    writer_done = true;
+                    break;
+                }
+                v = $fut => v,
+            }
+        };
+    }
     loop {
         let in_attachment = frames.decoder().in_attachment();
         let next = async {
@@ -93,14 +173,7 @@ pub async fn serve<R, W>(
                 Ok(frames.next().await)
             }
         };
-        let frame = tokio::select! {
-            () = stop.cancelled() => break,
-            _ = &mut writer_task => {
-                writer_done = true;
-                break;
-            }
-            frame = next => frame,
-        };
+        let frame = or_end!(next);
         let Ok(frame) = frame else {
             warn!(
                 session = session.0,
@@ -108,13 +181,10 @@ pub async fn serve<R, W>(
                 ATTACHMENT_TIMEOUT.as_secs()
             );
             frames.read_buffer_mut().clear();
-            frames.decoder_mut().abandon_attachment();
+            frames.decoder_mut().discard_until_resync();
             if let Some(incoming) = awaiting.take() {
-                if tx
-                    .send(agent.attachment_timeout(&incoming, ATTACHMENT_TIMEOUT))
-                    .await
-                    .is_err()
-                {
+                let reply = agent.attachment_timeout(&incoming, ATTACHMENT_TIMEOUT);
+                if or_end!(tx.send(reply)).is_err() {
                     break;
                 }
             }
@@ -131,31 +201,48 @@ pub async fn serve<R, W>(
                 break;
             }
             Some(Ok(Frame::Oversized)) => {
-                if tx.send(agent.oversized_reply()).await.is_err() {
+                // The line may have announced an attachment: where its data
+                // ends is unknown.
+                frames.read_buffer_mut().clear();
+                frames.decoder_mut().discard_until_resync();
+                if or_end!(tx.send(agent.oversized_reply())).is_err() {
                     break;
                 }
                 continue;
             }
             Some(Ok(Frame::Line(line))) => {
                 let incoming = parse_message(&line);
-                match incoming.attachment() {
-                    None => (incoming, None),
-                    Some(len) if len <= MAX_ATTACHMENT_SIZE => {
-                        // Within the limit, so it fits in usize.
-                        frames.decoder_mut().expect_attachment(len as usize);
-                        awaiting = Some(incoming);
-                        continue;
-                    }
-                    Some(len) => {
-                        frames.decoder_mut().skip_attachment(len);
-                        if tx
-                            .send(agent.attachment_too_large(&incoming, len))
-                            .await
+                match announced_attachment(&line) {
+                    Announced::Nothing => (incoming, None),
+                    Announced::Unknown => {
+                        frames.read_buffer_mut().clear();
+                        frames.decoder_mut().discard_until_resync();
+                        if or_end!(tx.send(agent.attachment_unknown(&incoming)))
                             .is_err()
                         {
                             break;
                         }
                         continue;
+                    }
+                    Announced::Bytes(len) => {
+                        let usable = matches!(&incoming, Incoming::Single(Ok(_)));
+                        if usable && len <= MAX_ATTACHMENT_SIZE {
+                            // Within the limit, so it fits in usize.
+                            frames.decoder_mut().expect_attachment(len as usize);
+                            awaiting = Some(incoming);
+                            continue;
+                        }
+                        frames.decoder_mut().skip_attachment(len);
+                        if !usable {
+                            // Refused for another reason: its own reply.
+                            (incoming, None)
+                        } else {
+                            let reply = agent.attachment_too_large(&incoming, len);
+                            if or_end!(tx.send(reply)).is_err() {
+                                break;
+                            }
+                            continue;
+                        }
                     }
                 }
             }
@@ -171,22 +258,15 @@ pub async fn serve<R, W>(
                 }
             },
         };
-        let agent = agent.clone();
-        let (tx, bulk_tx) = (tx.clone(), bulk_tx.clone());
-        requests.spawn(async move {
-            if let Some(out) = agent
-                .handle(session, incoming, data.map(BytesMut::freeze))
-                .await
-            {
-                let queue = if out.attachment.is_some() {
-                    bulk_tx
-                } else {
-                    tx
-                };
-                // The writer is gone only when the session ended.
-                let _ = queue.send(out).await;
-            }
-        });
+        let permit = or_end!(budget.acquire(&incoming, data.is_some()));
+        spawn_request(
+            &requests,
+            &agent,
+            session,
+            (incoming, data.map(BytesMut::freeze)),
+            permit,
+            (&tx, &bulk_tx),
+        );
     }
     drop(tx);
     drop(bulk_tx);
@@ -205,6 +285,32 @@ pub async fn serve<R, W>(
     }
     agent.end_session(session);
     debug!(session = session.0, "session ended");
+}
+
+/// Runs one request on a task of its own; its reply, holding `permit`,
+/// goes to the writer's queue.
+fn spawn_request(
+    requests: &TaskTracker,
+    agent: &Arc<Agent>,
+    session: SessionId,
+    (incoming, data): (Incoming, Option<Bytes>),
+    permit: OwnedSemaphorePermit,
+    (tx, bulk_tx): (&mpsc::Sender<Outgoing>, &mpsc::Sender<Outgoing>),
+) {
+    let agent = agent.clone();
+    let (tx, bulk_tx) = (tx.clone(), bulk_tx.clone());
+    requests.spawn(async move {
+        if let Some(mut out) = agent.handle(session, incoming, data).await {
+            out.hold.push(permit);
+            let queue = if out.attachment.is_some() {
+                bulk_tx
+            } else {
+                tx
+            };
+            // The writer is gone only when the session ended.
+            let _ = queue.send(out).await;
+        }
+    });
 }
 
 /// Writes replies, small ones (`rx`) before those with attachments

@@ -16,6 +16,7 @@ fn request(id: u64, method: &str, params: Value, attachment: Option<&[u8]>) -> V
     let mut msg = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
     if let Some(data) = attachment {
         msg["attachment"] = json!(data.len());
+        msg["attachment_crc32"] = json!(agent_common::attachment_crc32(data));
     }
     let mut out = serde_json::to_vec(&msg).unwrap();
     out.push(b'\n');
@@ -175,9 +176,18 @@ fn misused_attachments_are_refused_and_the_stream_stays_in_step() {
             .into_bytes(),
             "invalid_params",
         ),
+        // The check value is required, and must match.
         (
-            b"{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":7,\"attachment\":-1}\n".to_vec(),
-            "invalid_request",
+            b"{\"jsonrpc\":\"2.0\",\"method\":\"file_write\",\"params\":{\"path\":\"/nope\",\"encoding\":\"attachment\"},\"id\":7,\"attachment\":3}\nabc".to_vec(),
+            "invalid_params",
+        ),
+        (
+            format!(
+                "{{\"jsonrpc\":\"2.0\",\"method\":\"file_write\",\"params\":{{\"path\":\"{path}\",\"encoding\":\"attachment\"}},\"id\":8,\"attachment\":3,\"attachment_crc32\":{}}}\nabd",
+                agent_common::attachment_crc32(b"abc")
+            )
+            .into_bytes(),
+            "invalid_params",
         ),
     ];
     for (id, (wire, kind)) in cases.into_iter().enumerate() {
@@ -190,6 +200,120 @@ fn misused_attachments_are_refused_and_the_stream_stays_in_step() {
     }
     assert!(!std::path::Path::new(path).exists());
     assert_eq!(c.call(99, "ping", json!({}))["result"]["pong"], true);
+}
+
+/// A request that must never run: it writes `POISON` in the write root.
+fn poison(agent: &AgentProcess) -> Vec<u8> {
+    let path = agent.write_dir().join("POISON");
+    request(
+        666,
+        "file_write",
+        json!({"path": path.to_str().unwrap(), "content": "ran"}),
+        None,
+    )
+}
+
+#[test]
+fn an_attachment_of_a_line_refused_for_another_reason_is_still_consumed() {
+    let agent = AgentProcess::start();
+    let mut c = agent.connect();
+    let data = poison(&agent);
+    let n = data.len();
+    // Each line announces `n` bytes validly, and is wrong in another way.
+    let lines = [
+        format!(r#"{{"jsonrpc":"1.0","method":"file_write","id":1,"attachment":{n}}}"#),
+        format!(r#"{{"jsonrpc":"2.0","method":"file_write","id":true,"attachment":{n}}}"#),
+        format!(r#"{{"jsonrpc":"2.0","jsonrpc":"2.0","method":"ping","id":3,"attachment":{n}}}"#),
+        format!(r#"{{"jsonrpc":"2.0","method":5,"id":4,"attachment":{n},"extra":1}}"#),
+        format!(r#"[{{"jsonrpc":"2.0","method":"ping","id":5,"attachment":{n}}},{{"jsonrpc":"2.0","method":"ping","id":6}}]"#),
+        format!(r#"{{"jsonrpc":"2.0","method":"nope","id":7,"attachment":{n}}}"#),
+    ];
+    for (i, line) in lines.iter().enumerate() {
+        let mut wire = line.clone().into_bytes();
+        wire.push(b'\n');
+        wire.extend_from_slice(&data);
+        c.send_raw(&wire);
+        let r = c.recv();
+        let r = if r.is_array() { r[0].clone() } else { r };
+        assert!(r.get("error").is_some(), "case {i}: {r}");
+        if i == 4 {
+            // Inside a batch: the element is invalid_params, its bytes consumed.
+            assert_eq!(error_kind(&r), "invalid_params", "{r}");
+            assert_eq!(r["id"], 5);
+        }
+        // The stream is in step: the next line is a request again.
+        assert_eq!(c.call(100 + i as u64, "ping", json!({}))["id"], 100 + i as u64);
+    }
+    assert!(!agent.write_dir().join("POISON").exists());
+}
+
+#[test]
+fn a_line_whose_attachment_length_is_unknown_drops_input_until_resync() {
+    let agent = AgentProcess::start_with(json!({}), json!({"max_message_size_kb": 4}));
+    let mut c = agent.connect();
+    let data = poison(&agent);
+    let n = data.len();
+    let lines = [
+        format!(r#"{{"jsonrpc":"2.0","method":"file_write","id":1,"attachment":"{n}"}}"#),
+        format!(r#"{{"jsonrpc":"2.0","method":"file_write","id":2,"attachment":{n},"attachment":{n}}}"#),
+        format!(r#"[{{"jsonrpc":"2.0","method":"ping","id":3,"attachment":{n}}},{{"attachment":{n}}}]"#),
+        format!(r#"{{"jsonrpc":"2.0","method":"file_write","id":4,"attachment":{n}.0}}"#),
+        // Too long to keep: 5 KiB of params, over the 4 KiB limit.
+        format!(
+            r#"{{"jsonrpc":"2.0","method":"file_write","params":{{"path":"{}"}},"id":5,"attachment":{n}}}"#,
+            "a".repeat(5000)
+        ),
+    ];
+    for (i, line) in lines.iter().enumerate() {
+        let mut wire = line.clone().into_bytes();
+        wire.push(b'\n');
+        wire.extend_from_slice(&data);
+        // Poison again after more data, with no resync byte in between.
+        wire.extend_from_slice(&data);
+        c.send_raw(&wire);
+        let r = c.recv();
+        assert!(
+            matches!(error_kind(&r).as_str(), "invalid_request" | "message_too_large"),
+            "case {i}: {r}"
+        );
+        // Nothing of the input after the line is read until 0xFF.
+        c.send_raw(b"\xff");
+        let nonce = 1000 + i as u64;
+        let r = c.call(nonce, "sync", json!({ "nonce": nonce }));
+        assert_eq!(r["result"]["nonce"], nonce, "case {i}: {r}");
+    }
+    assert!(!agent.write_dir().join("POISON").exists());
+}
+
+#[test]
+fn an_attachment_cut_short_and_completed_by_a_new_host_is_never_written() {
+    let agent = AgentProcess::start();
+    let mut c = agent.connect();
+    let path = agent.write_dir().join("race.bin");
+    let path_s = path.to_str().unwrap();
+    // The old host announces 200 bytes and dies after 10; the new host's
+    // 0xFF, sync and a ping arrive, and happen to fill the 200 exactly.
+    let mut wire = request(
+        1,
+        "file_write",
+        json!({"path": path_s, "encoding": "attachment"}),
+        Some(&[b'x'; 200]),
+    );
+    wire.truncate(wire.len() - 190);
+    let mut fresh = b"\xff".to_vec();
+    fresh.extend_from_slice(&request(2, "sync", json!({"nonce": 77}), None));
+    fresh.extend_from_slice(&request(3, "ping", json!({}), None));
+    assert!(fresh.len() < 190);
+    fresh.resize(190, b' ');
+    wire.extend_from_slice(&fresh);
+    c.send_raw(&wire);
+    let r = c.recv();
+    assert_eq!(r["id"], 1);
+    assert_eq!(error_kind(&r), "invalid_params", "{r}");
+    assert!(!path.exists(), "a cut-short attachment was written");
+    // The new host retries its sync and is served.
+    c.send_raw(b"\xff");
+    assert_eq!(c.call(4, "sync", json!({"nonce": 78}))["result"]["nonce"], 78);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent_common::codec::{encode_line, CodecError, Frame, JsonLinesCodec};
 use agent_common::error::{ErrorKind, ErrorObject};
-use agent_common::jsonrpc::{parse_message, Entry, Id, Incoming, Request, Response};
+use agent_common::jsonrpc::{parse_message, Announced, Entry, Id, Incoming, Request, Response};
 use agent_common::methods::{AgentInfo, Empty, Limits, Method, PingResult, SyncParams, SyncResult};
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
@@ -257,13 +257,25 @@ pub fn serve<R: Read, W: Write>(
             let reply = match frame {
                 Ok(Some(Frame::Line(line))) => {
                     // This agent takes no attachments, but must step over
-                    // one to stay in step with the stream.
-                    if let Some(len) = agent_common::jsonrpc::parse_message(&line).attachment() {
-                        codec.skip_attachment(len);
+                    // one to stay in step with the stream (PROTOCOL.md,
+                    // "Attachments"): a known length is skipped, an unknown
+                    // one drops the input up to the next resync byte.
+                    match agent_common::jsonrpc::announced_attachment(&line) {
+                        Announced::Nothing => {}
+                        Announced::Bytes(len) => codec.skip_attachment(len),
+                        Announced::Unknown => {
+                            buf.clear();
+                            codec.discard_until_resync();
+                        }
                     }
                     dispatcher.handle_line(&line)
                 }
-                Ok(Some(Frame::Oversized)) => Some(dispatcher.oversized()),
+                Ok(Some(Frame::Oversized)) => {
+                    // The line may have announced an attachment.
+                    buf.clear();
+                    codec.discard_until_resync();
+                    Some(dispatcher.oversized())
+                }
                 // Never returned: attachments are skipped above.
                 Ok(Some(Frame::Attachment(_))) => None,
                 Ok(None) => break,

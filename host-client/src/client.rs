@@ -389,12 +389,14 @@ fn encode_request<P: Serialize>(
     method: &str,
     params: &P,
     id: u64,
-    attachment: Option<u64>,
+    attachment: Option<&[u8]>,
 ) -> Result<BytesMut, ClientError> {
     let id = Id::number(id);
     let mut buf = BytesMut::new();
     let mut req = OutgoingRequest::new(method, params, &id);
-    req.attachment = attachment;
+    if let Some(data) = attachment {
+        req = req.with_attachment(data);
+    }
     encode_line(&req, &mut buf).map_err(|e| match e {
         agent_common::codec::CodecError::Serialize(source) => ClientError::Encode {
             method: method.to_owned(),
@@ -664,7 +666,7 @@ impl Client {
         deadline: tokio::time::Instant,
     ) -> Attempt {
         let id = self.next_id();
-        let line = match encode_request(method, params, id, attachment.map(|a| a.len() as u64)) {
+        let line = match encode_request(method, params, id, attachment.map(|a| &a[..])) {
             Ok(l) => l,
             Err(e) => return Attempt::Done(Err(e)),
         };
