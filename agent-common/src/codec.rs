@@ -115,9 +115,9 @@ impl JsonLinesCodec {
     /// host sends before it syncs again. For when where the next line
     /// starts is unknown: an attachment was given up half-way (what follows
     /// cannot be told apart from its data), or a line that may have
-    /// announced one could not be read. The caller also clears its read
-    /// buffer: bytes already buffered may be attachment data, resync bytes
-    /// included.
+    /// announced one could not be read. After a given-up attachment the
+    /// caller also clears its read buffer: the bytes buffered are that
+    /// attachment's data, in which a resync byte is data.
     pub fn discard_until_resync(&mut self) {
         self.scanned = 0;
         self.discarding = false;

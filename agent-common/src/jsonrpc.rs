@@ -516,7 +516,10 @@ impl<'de> Deserialize<'de> for Members<'de> {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON value")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
                 let mut found = Vec::new();
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     let value: &'de RawValue = map.next_value()?;
@@ -526,11 +529,16 @@ impl<'de> Deserialize<'de> for Members<'de> {
                 }
                 Ok(Members(found))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
                 let mut found = Vec::new();
                 while let Some(element) = seq.next_element::<&'de RawValue>()? {
                     if element.get().starts_with('{') {
-                        if let Ok(Members(inner)) = serde_json::from_str::<Members<'de>>(element.get()) {
+                        if let Ok(Members(inner)) =
+                            serde_json::from_str::<Members<'de>>(element.get())
+                        {
                             found.extend(inner);
                         }
                     }
@@ -607,13 +615,31 @@ mod tests {
         use Announced::{Bytes, Nothing, Unknown};
         let cases: &[(&str, Announced)] = &[
             (r#"{"jsonrpc":"2.0","method":"ping","id":1}"#, Nothing),
-            (r#"{"jsonrpc":"2.0","method":"w","id":1,"attachment":5}"#, Bytes(5)),
-            (r#"{"jsonrpc":"2.0","method":"w","id":1,"attachment":0}"#, Bytes(0)),
-            (r#"{"jsonrpc":"1.0","method":"w","id":1,"attachment":5}"#, Bytes(5)),
-            (r#"{"jsonrpc":"2.0","method":"w","id":true,"attachment":5}"#, Bytes(5)),
-            (r#"{"jsonrpc":"2.0","jsonrpc":"2.0","attachment":7}"#, Bytes(7)),
+            (
+                r#"{"jsonrpc":"2.0","method":"w","id":1,"attachment":5}"#,
+                Bytes(5),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"w","id":1,"attachment":0}"#,
+                Bytes(0),
+            ),
+            (
+                r#"{"jsonrpc":"1.0","method":"w","id":1,"attachment":5}"#,
+                Bytes(5),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","method":"w","id":true,"attachment":5}"#,
+                Bytes(5),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","jsonrpc":"2.0","attachment":7}"#,
+                Bytes(7),
+            ),
             (r#"{"\u0061ttachment":3,"method":5}"#, Bytes(3)),
-            (r#"[{"jsonrpc":"2.0","method":"w","id":1,"attachment":9},{}]"#, Bytes(9)),
+            (
+                r#"[{"jsonrpc":"2.0","method":"w","id":1,"attachment":9},{}]"#,
+                Bytes(9),
+            ),
             (r#"[1,"attachment",{"params":{"attachment":4}}]"#, Nothing),
             (r#"{"params":{"attachment":4},"id":1}"#, Nothing),
             (r#"{"attachment":5,"attachment":5}"#, Unknown),
@@ -638,7 +664,9 @@ mod tests {
     fn long_batches_are_refused_whole() {
         let one = r#"{"jsonrpc":"2.0","method":"ping","id":1}"#;
         let line = format!("[{}]", vec![one; crate::MAX_BATCH_LEN].join(","));
-        assert!(matches!(parse_message(line.as_bytes()), Incoming::Batch(b) if b.len() == crate::MAX_BATCH_LEN));
+        assert!(
+            matches!(parse_message(line.as_bytes()), Incoming::Batch(b) if b.len() == crate::MAX_BATCH_LEN)
+        );
         let line = format!("[{}]", vec![one; crate::MAX_BATCH_LEN + 1].join(","));
         assert_eq!(err_of(single(&line)), ("null".to_owned(), -32600));
     }
@@ -659,7 +687,10 @@ mod tests {
         let (params, id) = (serde_json::json!({}), Id::number(1));
         let req = OutgoingRequest::new("w", &params, &id).with_attachment(b"abc");
         let text = serde_json::to_string(&req).unwrap();
-        assert!(text.ends_with(r#""attachment":3,"attachment_crc32":891568578}"#), "{text}");
+        assert!(
+            text.ends_with(r#""attachment":3,"attachment_crc32":891568578}"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -181,7 +181,8 @@ impl Agent {
                      shorter lines (large files in chunks)"
                 ),
             )
-            .with_data("limit", self.config.max_message_size as u64),
+            .with_data("limit", self.config.max_message_size as u64)
+            .with_data("resync", true),
         );
         warn!(
             limit = self.config.max_message_size,
@@ -223,7 +224,8 @@ impl Agent {
                 "the line's attachment member is not one integer >= 0, so where its data ends \
                  is unknown: the line and the input up to the next resync byte were dropped; \
                  send 0xFF and sync, then retry with one valid attachment member",
-            ),
+            )
+            .with_data("resync", true),
         );
         encode(&resp, id, None, None)
     }
@@ -241,7 +243,8 @@ impl Agent {
                     after.as_secs()
                 ),
             )
-            .with_data("limit", after.as_secs()),
+            .with_data("limit", after.as_secs())
+            .with_data("resync", true),
         );
         encode(&resp, id, None, None)
     }

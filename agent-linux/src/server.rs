@@ -87,6 +87,39 @@ pub fn pending_limit(config: &Config) -> usize {
     2 * config.max_concurrent_requests
 }
 
+/// Memory the agent needs besides what hosts make it hold: code, the
+/// runtime and its worker threads, logging, configuration.
+pub const FIXED_OVERHEAD: u64 = 16 << 20;
+
+/// The largest reply a request holding a concurrency slot can make, with
+/// what it holds while the reply waits: an `exec_command` reply is at most
+/// `max_response_size` (8 MiB) and was made from at most
+/// 2 x `MAX_EXEC_OUTPUT` of captured output; a `file_read` chunk is 1 MiB
+/// of data and 1.4 MB of base64.
+pub const LARGEST_REPLY: u64 =
+    agent_common::MAX_RESPONSE_SIZE as u64 + 2 * agent_common::MAX_EXEC_OUTPUT;
+
+/// The bound on the agent's memory with `sessions` hosts connected, each
+/// sending anything and reading nothing (PROTOCOL.md and SECURITY.md state
+/// it):
+///
+/// `FIXED_OVERHEAD`
+/// + per session: its read buffer (`max_message_size` + `MAX_ATTACHMENT_SIZE`)
+///   and its pending replies that hold no slot
+///   ((`pending_limit` + `INSTANT_RESERVE`) x (2 x `max_message_size` + 4 KiB):
+///   an error echoes at most the id and parts of its line)
+/// + `max_concurrent_requests` x `LARGEST_REPLY` (shared by all sessions).
+///
+/// With the default config and one host: 16 MiB + 1.06 MiB + 24 x 132 KiB
+/// + 10 x 10 MiB, about 120 MiB.
+pub fn memory_bound(config: &Config, sessions: u64) -> u64 {
+    let line = config.max_message_size as u64;
+    let per_session = line
+        + agent_common::MAX_ATTACHMENT_SIZE
+        + (pending_limit(config) + INSTANT_RESERVE) as u64 * (2 * line + 4096);
+    FIXED_OVERHEAD + sessions * per_session + config.max_concurrent_requests as u64 * LARGEST_REPLY
+}
+
 /// What the end of input means on a transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnEof {
@@ -117,7 +150,11 @@ impl Budget {
         let instant = !has_data
             && matches!(incoming, Incoming::Single(Ok(req))
                 if Method::from_name(&req.method).is_some_and(Method::is_instant));
-        let sem = if instant { &self.instant } else { &self.pending };
+        let sem = if instant {
+            &self.instant
+        } else {
+            &self.pending
+        };
         // Invariant: the semaphores are never closed.
         match sem.clone().acquire_owned().await {
             Ok(permit) => permit,
@@ -203,7 +240,6 @@ pub async fn serve<R, W>(
             Some(Ok(Frame::Oversized)) => {
                 // The line may have announced an attachment: where its data
                 // ends is unknown.
-                frames.read_buffer_mut().clear();
                 frames.decoder_mut().discard_until_resync();
                 if or_end!(tx.send(agent.oversized_reply())).is_err() {
                     break;
@@ -215,11 +251,8 @@ pub async fn serve<R, W>(
                 match announced_attachment(&line) {
                     Announced::Nothing => (incoming, None),
                     Announced::Unknown => {
-                        frames.read_buffer_mut().clear();
                         frames.decoder_mut().discard_until_resync();
-                        if or_end!(tx.send(agent.attachment_unknown(&incoming)))
-                            .is_err()
-                        {
+                        if or_end!(tx.send(agent.attachment_unknown(&incoming))).is_err() {
                             break;
                         }
                         continue;

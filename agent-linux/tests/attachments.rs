@@ -225,7 +225,9 @@ fn an_attachment_of_a_line_refused_for_another_reason_is_still_consumed() {
         format!(r#"{{"jsonrpc":"2.0","method":"file_write","id":true,"attachment":{n}}}"#),
         format!(r#"{{"jsonrpc":"2.0","jsonrpc":"2.0","method":"ping","id":3,"attachment":{n}}}"#),
         format!(r#"{{"jsonrpc":"2.0","method":5,"id":4,"attachment":{n},"extra":1}}"#),
-        format!(r#"[{{"jsonrpc":"2.0","method":"ping","id":5,"attachment":{n}}},{{"jsonrpc":"2.0","method":"ping","id":6}}]"#),
+        format!(
+            r#"[{{"jsonrpc":"2.0","method":"ping","id":5,"attachment":{n}}},{{"jsonrpc":"2.0","method":"ping","id":6}}]"#
+        ),
         format!(r#"{{"jsonrpc":"2.0","method":"nope","id":7,"attachment":{n}}}"#),
     ];
     for (i, line) in lines.iter().enumerate() {
@@ -242,7 +244,10 @@ fn an_attachment_of_a_line_refused_for_another_reason_is_still_consumed() {
             assert_eq!(r["id"], 5);
         }
         // The stream is in step: the next line is a request again.
-        assert_eq!(c.call(100 + i as u64, "ping", json!({}))["id"], 100 + i as u64);
+        assert_eq!(
+            c.call(100 + i as u64, "ping", json!({}))["id"],
+            100 + i as u64
+        );
     }
     assert!(!agent.write_dir().join("POISON").exists());
 }
@@ -255,8 +260,12 @@ fn a_line_whose_attachment_length_is_unknown_drops_input_until_resync() {
     let n = data.len();
     let lines = [
         format!(r#"{{"jsonrpc":"2.0","method":"file_write","id":1,"attachment":"{n}"}}"#),
-        format!(r#"{{"jsonrpc":"2.0","method":"file_write","id":2,"attachment":{n},"attachment":{n}}}"#),
-        format!(r#"[{{"jsonrpc":"2.0","method":"ping","id":3,"attachment":{n}}},{{"attachment":{n}}}]"#),
+        format!(
+            r#"{{"jsonrpc":"2.0","method":"file_write","id":2,"attachment":{n},"attachment":{n}}}"#
+        ),
+        format!(
+            r#"[{{"jsonrpc":"2.0","method":"ping","id":3,"attachment":{n}}},{{"attachment":{n}}}]"#
+        ),
         format!(r#"{{"jsonrpc":"2.0","method":"file_write","id":4,"attachment":{n}.0}}"#),
         // Too long to keep: 5 KiB of params, over the 4 KiB limit.
         format!(
@@ -273,7 +282,10 @@ fn a_line_whose_attachment_length_is_unknown_drops_input_until_resync() {
         c.send_raw(&wire);
         let r = c.recv();
         assert!(
-            matches!(error_kind(&r).as_str(), "invalid_request" | "message_too_large"),
+            matches!(
+                error_kind(&r).as_str(),
+                "invalid_request" | "message_too_large"
+            ),
             "case {i}: {r}"
         );
         // Nothing of the input after the line is read until 0xFF.
@@ -313,7 +325,10 @@ fn an_attachment_cut_short_and_completed_by_a_new_host_is_never_written() {
     assert!(!path.exists(), "a cut-short attachment was written");
     // The new host retries its sync and is served.
     c.send_raw(b"\xff");
-    assert_eq!(c.call(4, "sync", json!({"nonce": 78}))["result"]["nonce"], 78);
+    assert_eq!(
+        c.call(4, "sync", json!({"nonce": 78}))["result"]["nonce"],
+        78
+    );
 }
 
 #[test]

@@ -122,9 +122,13 @@ impl Dispatcher {
             Id::null(),
             ErrorObject::new(
                 ErrorKind::MessageTooLarge,
-                format!("request line is longer than {limit} bytes; it was discarded"),
+                format!(
+                    "request line is longer than {limit} bytes; it was discarded, with the \
+                     input up to the next resync byte: send 0xFF and sync, then retry"
+                ),
             )
-            .with_data("limit", limit),
+            .with_data("limit", limit)
+            .with_data("resync", true),
         ))
     }
 
@@ -263,16 +267,12 @@ pub fn serve<R: Read, W: Write>(
                     match agent_common::jsonrpc::announced_attachment(&line) {
                         Announced::Nothing => {}
                         Announced::Bytes(len) => codec.skip_attachment(len),
-                        Announced::Unknown => {
-                            buf.clear();
-                            codec.discard_until_resync();
-                        }
+                        Announced::Unknown => codec.discard_until_resync(),
                     }
                     dispatcher.handle_line(&line)
                 }
                 Ok(Some(Frame::Oversized)) => {
                     // The line may have announced an attachment.
-                    buf.clear();
                     codec.discard_until_resync();
                     Some(dispatcher.oversized())
                 }
@@ -435,6 +435,9 @@ mod tests {
         );
         input.extend(std::iter::repeat_n(b' ', DEFAULT_MAX_MESSAGE_SIZE + 10));
         input.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"shutdown\",\"id\":2}\n");
+        // Dropped: after an oversized line, input up to the next 0xFF is.
+        input.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":9}\n");
+        input.push(agent_common::RESYNC_BYTE);
         input.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":3}\n{\"partial");
         let mut output = Vec::new();
         serve(&Dispatcher::default(), &input[..], &mut output).expect("serve");
