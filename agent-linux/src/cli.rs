@@ -99,6 +99,10 @@ pub fn main() -> ExitCode {
             None => println!("  command_whitelist:   any command"),
         }
         println!("  max_file_size:       {} bytes", s.max_file_size);
+        println!(
+            "  memory bound:        {} bytes with one host (SECURITY.md)",
+            crate::server::memory_bound(&config, 1)
+        );
         return ExitCode::SUCCESS;
     }
     if !args.foreground {
@@ -117,6 +121,7 @@ pub fn main() -> ExitCode {
         print_chain("could not set up logging", &e);
         return ExitCode::FAILURE;
     }
+    crate::buffers::use_one_heap();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)

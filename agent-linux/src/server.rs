@@ -317,6 +317,12 @@ pub async fn serve<R, W>(
         let _ = writer_task.await;
     }
     agent.end_session(session);
+    // What the session's requests allocated goes back to the kernel once
+    // the last of them is done (they may outlive a host that went away).
+    tokio::spawn(async move {
+        requests.wait().await;
+        crate::buffers::release_free_memory();
+    });
     debug!(session = session.0, "session ended");
 }
 

@@ -5,66 +5,16 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{ErrorKind, Read};
 use std::time::{Duration, Instant};
 
 use agent_linux::config::Config;
 use agent_linux::server::memory_bound;
-use common::{status_kb, AgentProcess};
+use common::{flood, push_until_stalled, status_kb, AgentProcess};
 use serde_json::json;
 
-/// Requests that make the largest replies the default policy allows
-/// without a command: 1 MiB `file_read`s (base64 and attachment), then
-/// a long run of pings.
-fn flood(path: &str) -> Vec<u8> {
-    let mut wire = Vec::new();
-    for i in 0..400u64 {
-        let encoding = if i % 2 == 0 { "base64" } else { "attachment" };
-        let req = json!({"jsonrpc":"2.0","method":"file_read","id":i,
-            "params":{"path":path,"length":1048576,"encoding":encoding}});
-        wire.extend(serde_json::to_vec(&req).unwrap());
-        wire.push(b'\n');
-    }
-    for i in 0..220_000u64 {
-        wire.extend(format!("{{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":{i}}}\n").bytes());
-    }
-    wire
-}
-
-/// Writes as much of `wire` as the agent takes, until it has taken nothing
-/// for `stall` (it stopped reading) or `limit` has passed. Returns the
-/// bytes written.
-fn push_until_stalled(
-    stream: &mut UnixStream,
-    wire: &[u8],
-    stall: Duration,
-    limit: Duration,
-) -> usize {
-    stream.set_nonblocking(true).unwrap();
-    let started = Instant::now();
-    let mut last_progress = Instant::now();
-    let mut sent = 0;
-    while sent < wire.len() && started.elapsed() < limit && last_progress.elapsed() < stall {
-        match stream.write(&wire[sent..]) {
-            Ok(n) => {
-                sent += n;
-                last_progress = Instant::now();
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("writing the flood failed: {e}"),
-        }
-    }
-    stream.set_nonblocking(false).unwrap();
-    sent
-}
-
 fn big_file(agent: &AgentProcess) -> String {
-    let path = agent.read_dir().join("big.bin");
-    std::fs::write(&path, vec![0xa5u8; 1 << 20]).unwrap();
-    path.to_str().unwrap().to_owned()
+    common::flood_file(agent).to_str().unwrap().to_owned()
 }
 
 fn bound_kb(sessions: u64) -> u64 {

@@ -1,17 +1,22 @@
 //! Leak soak against the real binary: many pings, execs, file reads and
-//! writes over one connection, then many connect/disconnect cycles. After a
-//! warm-up, the agent's resident memory may grow by at most 500 kB and its
-//! open descriptors must return to where they started.
+//! writes over one connection, then many connect/disconnect cycles, then
+//! floods: hosts that send 1 MiB reads and pings until the agent stops
+//! reading them, and leave without reading a reply. After a warm-up, the
+//! agent's resident memory may grow by at most 500 kB, its open descriptors
+//! must return to where they started, and its peak stays within the
+//! documented bound (`agent_linux::server::memory_bound`).
 //!
 //! The default is a short run for the test suite. `cargo xtask soak` sets
-//! `KVMM_SOAK_PINGS=1000000 KVMM_SOAK_OPS=10000 KVMM_SOAK_CYCLES=1000` for
-//! the full figures.
+//! `KVMM_SOAK_PINGS=1000000 KVMM_SOAK_OPS=10000 KVMM_SOAK_CYCLES=1000
+//! KVMM_SOAK_FLOODS=50` for the full figures.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
 
-use common::{status_kb, AgentProcess};
+use agent_linux::config::Config;
+use agent_linux::server::memory_bound;
+use common::{flood, flood_file, push_until_stalled, status_kb, AgentProcess};
 use serde_json::json;
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -48,7 +53,7 @@ fn line(v: serde_json::Value) -> Vec<u8> {
     l
 }
 
-fn round(agent: &AgentProcess, pings: usize, ops: usize, cycles: usize) {
+fn round(agent: &AgentProcess, pings: usize, ops: usize, cycles: usize, floods: usize) {
     let mut c = agent.connect();
     let ping: Vec<_> = (0..pings)
         .map(|i| line(json!({"jsonrpc":"2.0","method":"ping","id":i})))
@@ -78,6 +83,20 @@ fn round(agent: &AgentProcess, pings: usize, ops: usize, cycles: usize) {
         BufReader::new(&s).read_line(&mut l).unwrap();
         assert!(l.contains("pong"));
     }
+    let wire = flood(flood_file(agent).to_str().unwrap());
+    for _ in 0..floods {
+        let mut s = agent.connect().stream;
+        let sent = push_until_stalled(
+            &mut s,
+            &wire,
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(20),
+        );
+        assert!(sent < wire.len(), "the agent read a whole flood");
+    }
+    // The flooders are gone; the agent serves the next host.
+    let r = agent.connect().call(9, "ping", json!({}));
+    assert_eq!(r["result"]["pong"], true);
 }
 
 #[test]
@@ -85,22 +104,26 @@ fn memory_and_descriptors_stay_flat() {
     let pings = env_or("KVMM_SOAK_PINGS", 40_000);
     let ops = env_or("KVMM_SOAK_OPS", 300);
     let cycles = env_or("KVMM_SOAK_CYCLES", 200);
+    let floods = env_or("KVMM_SOAK_FLOODS", 4);
     let agent = AgentProcess::start_with(json!({}), json!({"log_level": "warn"}));
     let pid = agent.pid();
     // Warm-up: allocator pools, thread pools and lazy statics settle.
-    round(&agent, pings / 4, ops / 4, cycles / 4);
+    round(&agent, pings / 4, ops / 4, cycles / 4, floods.div_ceil(4));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let fds_before = fd_count(pid);
     let rss_before = status_kb(&pid.to_string(), "VmRSS");
-    round(&agent, pings, ops, cycles);
+    round(&agent, pings, ops, cycles, floods);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let fds_after = fd_count(pid);
     let rss_after = status_kb(&pid.to_string(), "VmRSS");
     let hwm = status_kb(&pid.to_string(), "VmHWM");
+    let bound = memory_bound(&Config::default(), 2) / 1024;
     println!(
-        "soak: {pings} pings, {ops} each of write/read/exec, {cycles} connections: \
-         RSS {rss_before} kB -> {rss_after} kB (peak {hwm} kB), fds {fds_before} -> {fds_after}"
+        "soak: {pings} pings, {ops} each of write/read/exec, {cycles} connections, \
+         {floods} floods: RSS {rss_before} kB -> {rss_after} kB (peak {hwm} kB, bound \
+         {bound} kB), fds {fds_before} -> {fds_after}"
     );
+    assert!(hwm <= bound, "peak RSS {hwm} kB over the bound {bound} kB");
     assert!(
         rss_after <= rss_before + 500,
         "RSS grew from {rss_before} kB to {rss_after} kB"

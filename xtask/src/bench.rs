@@ -75,6 +75,10 @@ const SECTIONS: &[(&str, &str)] = &[
     ("push", "push 1 KiB, connection open"),
     ("wake", "wake-ups/s with no host attached"),
     (
+        "flood",
+        "agent peak RSS while a host floods requests and reads nothing",
+    ),
+    (
         "bigmsg",
         "write with max_message_size_kb 1024 (restarts the agent)",
     ),
@@ -708,6 +712,10 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
         ));
     }
 
+    if only.has("flood") {
+        c = flood(vm, c, our_pid, figures).await?;
+    }
+
     if only.has("bigmsg") {
         bigmsg(vm, c, our_pid, &local, theirs_write, figures).await?;
     }
@@ -723,6 +731,76 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
     }
     let _ = fs::remove_file(&local);
     Ok(())
+}
+
+/// A host that floods the agent with requests (1 MiB `file_read`s, then
+/// pings) and reads nothing: the agent's peak RSS afterwards, against the
+/// bound `kvmmanager-agent --check-config` states for its config. The
+/// flooding host holds the port alone, then leaves; a new client follows.
+async fn flood(vm: &Vm, c: Client, our_pid: u32, figures: &mut Vec<Figure>) -> Result<Client> {
+    use tokio::io::AsyncWriteExt;
+    heading("bench: flood of unread requests");
+    sh(&c, "head -c 1048576 /dev/urandom > /tmp/flood.bin").await?;
+    let check = sh(
+        &c,
+        "kvmmanager-agent --check-config --config /etc/kvmmanager-agent/config.json",
+    )
+    .await?;
+    let bound_mb = check
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("memory bound:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .ok_or_else(|| format!("no memory bound in --check-config's output:\n{check}"))?
+        / (1024.0 * 1024.0);
+    drop(c);
+    let mut wire = vec![0xffu8];
+    for i in 0..400u64 {
+        let encoding = if i % 2 == 0 { "base64" } else { "attachment" };
+        wire.extend(
+            serde_json::to_vec(&json!({"jsonrpc":"2.0","method":"file_read","id":i,
+                "params":{"path":"/tmp/flood.bin","length":1048576,"encoding":encoding}}))
+            .map_err(err("encode the flood"))?,
+        );
+        wire.push(b'\n');
+    }
+    for i in 0..220_000u64 {
+        wire.extend(format!("{{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":{i}}}\n").bytes());
+    }
+    let mut sock = tokio::net::UnixStream::connect(&vm.ours)
+        .await
+        .map_err(err("connect the flooding host"))?;
+    let started = Instant::now();
+    let mut sent = 0;
+    // Until the agent has taken nothing for 3 s (it stopped reading).
+    while sent < wire.len() && started.elapsed() < Duration::from_secs(60) {
+        match tokio::time::timeout(Duration::from_secs(3), sock.write(&wire[sent..])).await {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) => bail!("writing the flood failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    drop(sock);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = Client::connect_with(&vm.ours, client_options())
+        .await
+        .map_err(err("reconnect after the flood"))?;
+    let st = sh(&c, &format!("cat /proc/{our_pid}/status")).await?;
+    let peak = status_kb(&st, "VmHWM").unwrap_or(f64::NAN) / 1024.0;
+    figures.push(
+        Figure::new(
+            "agent peak RSS, host floods and never reads (MB)",
+            Spread::one(peak),
+            None,
+            &format!("<= bound ({bound_mb:.0} MB)"),
+            move |_| peak <= bound_mb,
+        )
+        .with_note(format!(
+            "{:.2} of {:.1} MB of requests taken",
+            sent as f64 / 1e6,
+            wire.len() as f64 / 1e6
+        )),
+    );
+    Ok(c)
 }
 
 /// Exec `true` through both agents, alternately, 50 times each; times in

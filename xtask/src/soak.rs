@@ -25,5 +25,6 @@ pub(crate) fn soak() -> Result<()> {
         ])
         .env("KVMM_SOAK_PINGS", "1000000")
         .env("KVMM_SOAK_OPS", "10000")
-        .env("KVMM_SOAK_CYCLES", "1000"))
+        .env("KVMM_SOAK_CYCLES", "1000")
+        .env("KVMM_SOAK_FLOODS", "50"))
 }

@@ -3,7 +3,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -197,4 +197,58 @@ pub fn status_kb(pid: &str, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+/// A 1 MiB file in the agent's read root, for floods of `file_read`.
+pub fn flood_file(agent: &AgentProcess) -> PathBuf {
+    let path = agent.read_dir().join("big.bin");
+    std::fs::write(&path, vec![0xa5u8; 1 << 20]).unwrap();
+    path
+}
+
+/// Requests that make the largest replies the default policy allows
+/// without a command: 1 MiB `file_read`s (base64 and attachment), then
+/// a long run of pings.
+pub fn flood(path: &str) -> Vec<u8> {
+    let mut wire = Vec::new();
+    for i in 0..400u64 {
+        let encoding = if i % 2 == 0 { "base64" } else { "attachment" };
+        let req = serde_json::json!({"jsonrpc":"2.0","method":"file_read","id":i,
+            "params":{"path":path,"length":1048576,"encoding":encoding}});
+        wire.extend(serde_json::to_vec(&req).unwrap());
+        wire.push(b'\n');
+    }
+    for i in 0..220_000u64 {
+        wire.extend(format!("{{\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":{i}}}\n").bytes());
+    }
+    wire
+}
+
+/// Writes as much of `wire` as the agent takes, until it has taken nothing
+/// for `stall` (it stopped reading) or `limit` has passed. Returns the
+/// bytes written.
+pub fn push_until_stalled(
+    stream: &mut UnixStream,
+    wire: &[u8],
+    stall: Duration,
+    limit: Duration,
+) -> usize {
+    stream.set_nonblocking(true).unwrap();
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut sent = 0;
+    while sent < wire.len() && started.elapsed() < limit && last_progress.elapsed() < stall {
+        match stream.write(&wire[sent..]) {
+            Ok(n) => {
+                sent += n;
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("writing the flood failed: {e}"),
+        }
+    }
+    stream.set_nonblocking(false).unwrap();
+    sent
 }
