@@ -32,8 +32,12 @@
 //!   their staging files. At most [`MAX_UPLOADS`] uploads are open at once.
 //!   A staging file left by a killed agent keeps the name
 //!   `.<name>.kvmtmp-<32 hex digits>` and may be deleted by hand.
-//! - `file_write` never creates directories; [`ensure_write_roots`] creates
-//!   missing write roots (mode 0755) once at startup.
+//! - `file_write` never creates directories beneath a root. The write roots
+//!   themselves are created (mode 0755, with missing parents) when missing:
+//!   at start-up by [`prepare_roots`], and again when a write finds one
+//!   removed (a `/tmp` cleaner), always through the safe walk of `policy.rs`
+//!   (`mkdirat` on the walked parent, never through an existing link). A
+//!   root that exists but is unsafe is refused, never followed or "fixed".
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -41,7 +45,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -57,7 +61,7 @@ use serde_json::Value;
 use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::error::{io_error_kind, RpcError};
-use crate::policy::{check_regular_single, normalize_path, sys, PathPolicy, PolicyError};
+use crate::policy::{check_regular_single, normalize_path, sys, Found, PathPolicy, PolicyError};
 
 /// Most chunked uploads open at once (all sessions together).
 pub const MAX_UPLOADS: usize = 16;
@@ -69,7 +73,7 @@ pub const ALLOWED_PERMISSIONS: u32 = 0o755;
 /// Permission bits of a new file when the request gives none.
 pub const DEFAULT_PERMISSIONS: u32 = 0o644;
 
-/// Mode of the write roots [`ensure_write_roots`] creates.
+/// Mode of the write roots [`prepare_roots`] creates.
 pub const WRITE_ROOT_MODE: u32 = 0o755;
 
 /// Why a file request failed.
@@ -377,8 +381,7 @@ fn inspect_target(
         });
     }
     if sys::is_regular(&st) {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = sys::geteuid() == 0;
         return Ok(TargetInfo {
             perms: st.st_mode & 0o777,
             owner: root.then_some((st.st_uid, st.st_gid)),
@@ -428,7 +431,10 @@ impl FileService {
     /// A service enforcing `config.security`.
     pub fn new(config: Arc<Config>) -> FileService {
         let read_policy = Arc::new(PathPolicy::new(&config.security.allowed_read_paths));
-        let write_policy = Arc::new(PathPolicy::new(&config.security.allowed_write_paths));
+        let write_policy = Arc::new(
+            PathPolicy::new(&config.security.allowed_write_paths)
+                .creating_missing_roots(WRITE_ROOT_MODE),
+        );
         FileService {
             config,
             read_policy,
@@ -930,50 +936,228 @@ fn append_blocking(
     })
 }
 
-/// Creates the missing `allowed_write_paths` directories (mode 0755, with
-/// missing parents) at startup. Returns one warning per root that could not
-/// be created or looks unsafe (not a directory, or owned by another user).
-/// Every missing entry is created as a directory: to allow writing a single
-/// file, list a file that exists.
-pub fn ensure_write_roots(config: &Config) -> Vec<String> {
+/// Checks every allowed root by the safe walk at start-up (see `policy.rs`)
+/// and creates the missing `allowed_write_paths` directories (mode 0755,
+/// with missing parents) through it: each by `mkdirat` on the directory the
+/// walk holds, never through an existing link. Returns one warning per root
+/// that could not be created or is unsafe; an unsafe root is left as it is
+/// (never followed, "fixed" or removed) and refused, with the same reason,
+/// by every request under it until its owner fixes it. Every missing write
+/// root is created as a directory: to allow writing a single file, list a
+/// file that exists.
+pub fn prepare_roots(config: &Config) -> Vec<String> {
     let mut warnings = Vec::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    for root in &config.security.allowed_write_paths {
-        match std::fs::symlink_metadata(root) {
-            Ok(meta) => {
-                if meta.uid() != euid && meta.uid() != 0 {
-                    warnings.push(format!(
-                        "allowed write path {} is owned by uid {}, who can tamper with files the host writes there",
-                        root.display(),
-                        meta.uid()
-                    ));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let made = std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(WRITE_ROOT_MODE)
-                    .create(root);
-                // Exactly WRITE_ROOT_MODE for the root itself, whatever the umask.
-                let made = made.and_then(|()| {
-                    std::fs::set_permissions(root, std::fs::Permissions::from_mode(WRITE_ROOT_MODE))
-                });
-                match made {
-                    Ok(()) => tracing::info!(root = %root.display(), "created allowed write path"),
-                    Err(e) => warnings.push(format!(
-                        "cannot create allowed write path {}: {e}",
-                        root.display()
-                    )),
-                }
-            }
+    let roots = config
+        .security
+        .allowed_write_paths
+        .iter()
+        .map(|r| (r, Some(WRITE_ROOT_MODE)))
+        .chain(config.security.allowed_read_paths.iter().map(|r| (r, None)));
+    for (root, create) in roots {
+        let Some(Ok(norm)) = root.to_str().map(normalize_path) else {
+            continue;
+        };
+        match PathPolicy::check_root(&norm, create) {
+            Ok(_) => {}
+            Err(e @ PolicyError::UnsafeRoot { .. }) => warnings.push(format!(
+                "{e}; requests under it are refused until it is fixed"
+            )),
+            Err(e) if create.is_some() => warnings.push(format!(
+                "cannot create allowed write path {}: {}",
+                root.display(),
+                crate::error::chain(&e)
+            )),
             Err(e) => warnings.push(format!(
-                "cannot inspect allowed write path {}: {e}",
-                root.display()
+                "cannot check allowed read path {}: {}",
+                root.display(),
+                crate::error::chain(&e)
             )),
         }
     }
     warnings
+}
+
+/// Most directory entries [`remove_stale_staging`] visits, over all roots.
+pub const SWEEP_MAX_ENTRIES: usize = 100_000;
+
+/// What [`remove_stale_staging`] did.
+#[derive(Debug, Default)]
+pub struct StagingSweep {
+    /// The staging files removed (paths, for the log).
+    pub removed: Vec<String>,
+    /// Directory entries visited.
+    pub visited: usize,
+    /// The sweep stopped at [`SWEEP_MAX_ENTRIES`].
+    pub truncated: bool,
+}
+
+/// True if `name` is a staging file name, `.<name>.kvmtmp-<32 hex>` (with
+/// `prefix` as `<name>` if given).
+fn is_staging_name(name: &[u8], prefix: Option<&[u8]>) -> bool {
+    const TAG: &[u8] = b".kvmtmp-";
+    let Some(rest) = name.strip_prefix(b".") else {
+        return false;
+    };
+    if rest.len() < TAG.len() + 32 + 1 {
+        return false;
+    }
+    let (head, hex) = rest.split_at(rest.len() - 32);
+    let Some(stem) = head.strip_suffix(TAG) else {
+        return false;
+    };
+    !stem.is_empty()
+        && hex
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        && prefix.map_or(true, |p| stem == &p[..p.len().min(200)])
+}
+
+/// Removes the staging files a killed agent left behind (see the module
+/// documentation). Runs once at start-up, before any request is served, so
+/// it never meets a staging file of this agent's own uploads.
+pub fn remove_stale_staging(config: &Config) -> StagingSweep {
+    let mut sweep = StagingSweep::default();
+    let euid = sys::geteuid();
+    let roots: Vec<String> = config
+        .security
+        .allowed_write_paths
+        .iter()
+        .filter_map(|r| r.to_str().map(normalize_path)?.ok())
+        .collect();
+    for root in &roots {
+        // A root inside another write root is swept with it.
+        let nested = roots
+            .iter()
+            .any(|other| other != root && (other == "/" || root.starts_with(&format!("{other}/"))));
+        if nested {
+            continue;
+        }
+        let Ok(walked) = crate::policy::walk_root(root, root, None) else {
+            // Unsafe or unreadable: prepare_roots warned about it.
+            continue;
+        };
+        match walked.found {
+            Found::Dir(fd) => sweep_tree(root, &fd, euid, &mut sweep),
+            Found::Other(_) | Found::Missing { last: true } => {
+                // A file root: its staging files sit beside it.
+                let (dir, name) = match walked.named {
+                    Some(named) => named,
+                    None => (walked.dir, walked.name),
+                };
+                let parent = root.rsplit_once('/').map_or("/", |(p, _)| p);
+                sweep_dir(parent, &dir, Some(name.as_bytes()), euid, &mut sweep);
+            }
+            Found::Missing { last: false } => {}
+        }
+        if sweep.truncated {
+            break;
+        }
+    }
+    sweep
+}
+
+/// Sweeps the directory tree under `root` (an `O_PATH` descriptor): no
+/// symbolic link is followed and no mount point crossed.
+fn sweep_tree(root_path: &str, root: &OwnedFd, euid: u32, sweep: &mut StagingSweep) {
+    let mut stack: Vec<OsString> = vec![OsString::from(".")];
+    while let Some(rel) = stack.pop() {
+        let Ok(dir) = sys::openat2(
+            root.as_fd(),
+            &rel,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+            sys::SWEEP,
+        ) else {
+            continue;
+        };
+        let shown = if rel == "." {
+            root_path.to_owned()
+        } else {
+            format!("{root_path}/{}", rel.to_string_lossy())
+        };
+        for name in sweep_dir(&shown, &dir, None, euid, sweep) {
+            let mut sub = if rel == "." {
+                OsString::new()
+            } else {
+                let mut s = rel.clone();
+                s.push("/");
+                s
+            };
+            sub.push(&name);
+            stack.push(sub);
+        }
+        if sweep.truncated {
+            return;
+        }
+    }
+}
+
+/// Removes the staging files in `dir` (an `O_PATH` descriptor shown as
+/// `shown`) that are regular files owned by `euid`, with names matching
+/// `prefix` if given; returns its subdirectories.
+fn sweep_dir(
+    shown: &str,
+    dir: &OwnedFd,
+    prefix: Option<&[u8]>,
+    euid: u32,
+    sweep: &mut StagingSweep,
+) -> Vec<OsString> {
+    let mut subdirs = Vec::new();
+    let Ok(readable) = sys::openat2(
+        dir.as_fd(),
+        OsStr::new("."),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+        sys::SWEEP,
+    ) else {
+        return subdirs;
+    };
+    let budget = SWEEP_MAX_ENTRIES.saturating_sub(sweep.visited);
+    let entries = match sys::read_dir(readable, budget) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::debug!(directory = shown, error = %e, "staging sweep cannot list a directory");
+            return subdirs;
+        }
+    };
+    sweep.visited += entries.len();
+    if sweep.visited >= SWEEP_MAX_ENTRIES {
+        sweep.truncated = true;
+    }
+    for (name, kind) in entries {
+        if kind == libc::DT_DIR {
+            subdirs.push(name);
+            continue;
+        }
+        if !matches!(kind, libc::DT_REG | libc::DT_UNKNOWN)
+            || !is_staging_name(name.as_bytes(), prefix)
+        {
+            if kind == libc::DT_UNKNOWN {
+                if let Ok(Some(st)) = sys::lstatat(dir.as_fd(), &name) {
+                    if sys::is_dir(&st) {
+                        subdirs.push(name);
+                    }
+                }
+            }
+            continue;
+        }
+        match sys::lstatat(dir.as_fd(), &name) {
+            Ok(Some(st)) if sys::is_regular(&st) && st.st_uid == euid => {}
+            Ok(Some(st)) if sys::is_dir(&st) => {
+                subdirs.push(name);
+                continue;
+            }
+            _ => continue,
+        }
+        let shown_file = format!("{}/{}", shown.trim_end_matches('/'), name.to_string_lossy());
+        match sys::unlinkat(dir.as_fd(), &name) {
+            Ok(()) => sweep.removed.push(shown_file),
+            Err(e) => {
+                tracing::warn!(file = %shown_file, error = %e, "cannot remove a stale staging file")
+            }
+        }
+    }
+    subdirs
 }
 
 /// Lists the staging files in `dir` (files named `.<name>.kvmtmp-<hex>`).
@@ -1009,6 +1193,7 @@ impl FileService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
     use std::path::PathBuf;
 
     struct Env {
@@ -1667,7 +1852,7 @@ mod tests {
     }
 
     #[test]
-    fn ensure_write_roots_creates_missing_directories() {
+    fn prepare_roots_creates_missing_directories() {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a/b");
         let file = dir.path().join("file");
@@ -1675,12 +1860,12 @@ mod tests {
         let blocked = file.join("sub");
         let mut config = Config::default();
         config.security.allowed_write_paths = vec![a.clone(), blocked];
-        let warnings = ensure_write_roots(&config);
+        let warnings = prepare_roots(&config);
         assert!(a.is_dir());
         assert_eq!(mode_of(a.to_str().unwrap()), WRITE_ROOT_MODE);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("file/sub"), "{warnings:?}");
-        assert!(ensure_write_roots(&Config {
+        assert!(prepare_roots(&Config {
             security: crate::config::SecurityConfig {
                 allowed_write_paths: vec![a],
                 ..Default::default()
