@@ -47,7 +47,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use agent_common::encoding::{DecodeError, Encoding};
 use agent_common::error::ErrorKind;
@@ -57,6 +58,8 @@ use agent_common::methods::{
 use agent_common::MAX_READ_CHUNK;
 use bytes::Bytes;
 use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::buffers::BufferPool;
 use crate::config::Config;
@@ -65,6 +68,13 @@ use crate::policy::{check_regular_single, normalize_path, sys, Found, PathPolicy
 
 /// Most chunked uploads open at once (all sessions together).
 pub const MAX_UPLOADS: usize = 16;
+
+/// An upload that receives no chunk for this long is aborted and its
+/// staging file deleted, so that idle uploads cannot hold the
+/// [`MAX_UPLOADS`] slots forever. Long enough for a host that pauses
+/// between chunks (its own retries included), short enough that a stuck
+/// host frees the slots within minutes.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Permission bits `file_write` accepts: no group/other write, no
 /// setuid/setgid/sticky.
@@ -413,6 +423,20 @@ struct Upload {
     mode: WriteMode,
     /// `None` once committed; chunk writers hold the read lock, the commit the write lock.
     staged: RwLock<Option<Staged>>,
+    /// When a chunk last arrived or finished.
+    last_active: Mutex<Instant>,
+    /// Stops the upload's expiry task when the upload goes.
+    _expiry: DropGuard,
+}
+
+impl Upload {
+    fn touch(&self) {
+        *lock(&self.last_active) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        lock(&self.last_active).elapsed()
+    }
 }
 
 type Uploads = Arc<Mutex<HashMap<String, Arc<Upload>>>>;
@@ -423,6 +447,8 @@ pub struct FileService {
     read_policy: Arc<PathPolicy>,
     write_policy: Arc<PathPolicy>,
     uploads: Uploads,
+    /// [`UPLOAD_IDLE_TIMEOUT`], shorter in tests.
+    idle_timeout: Duration,
     /// Buffers for chunks read as attachments.
     read_buffers: Arc<BufferPool>,
 }
@@ -430,6 +456,12 @@ pub struct FileService {
 impl FileService {
     /// A service enforcing `config.security`.
     pub fn new(config: Arc<Config>) -> FileService {
+        FileService::with_idle_timeout(config, UPLOAD_IDLE_TIMEOUT)
+    }
+
+    /// A service whose uploads expire after `idle_timeout` without a chunk
+    /// (instead of [`UPLOAD_IDLE_TIMEOUT`]).
+    pub fn with_idle_timeout(config: Arc<Config>, idle_timeout: Duration) -> FileService {
         let read_policy = Arc::new(PathPolicy::new(&config.security.allowed_read_paths));
         let write_policy = Arc::new(
             PathPolicy::new(&config.security.allowed_write_paths)
@@ -440,6 +472,7 @@ impl FileService {
             read_policy,
             write_policy,
             uploads: Arc::new(Mutex::new(HashMap::new())),
+            idle_timeout,
             read_buffers: BufferPool::new(MAX_READ_CHUNK as usize),
         }
     }
@@ -557,6 +590,7 @@ impl FileService {
         perms: u32,
         data: Bytes,
     ) -> Result<FileWriteResult, FileError> {
+        self.expire_idle();
         if lock(&self.uploads).len() >= MAX_UPLOADS {
             return Err(FileError::TooManyUploads { limit: MAX_UPLOADS });
         }
@@ -580,12 +614,15 @@ impl FileService {
             .map_err(io_err("write", &params.path))?
             .len();
         let id = sys::random_hex(16).map_err(io_err("start an upload for", &params.path))?;
+        let expiry = CancellationToken::new();
         let upload = Arc::new(Upload {
             session,
             // open_parent_for_write accepted the path, so it normalises.
             path: norm.unwrap_or_else(|| params.path.clone()),
             mode,
             staged: RwLock::new(Some(staged)),
+            last_active: Mutex::new(Instant::now()),
+            _expiry: expiry.clone().drop_guard(),
         });
         {
             let mut map = lock(&self.uploads);
@@ -595,8 +632,15 @@ impl FileService {
                 drop(upload);
                 return Err(FileError::TooManyUploads { limit: MAX_UPLOADS });
             }
-            map.insert(id.clone(), upload);
+            map.insert(id.clone(), Arc::clone(&upload));
         }
+        tokio::spawn(expire_when_idle(
+            Arc::clone(&self.uploads),
+            id.clone(),
+            Arc::downgrade(&upload),
+            self.idle_timeout,
+            expiry,
+        ));
         tracing::debug!(upload_id = %id, path = %params.path, "upload started");
         Ok(FileWriteResult {
             bytes_written: size,
@@ -618,7 +662,9 @@ impl FileService {
             .filter(|u| u.session == session)
             .cloned()
             .ok_or_else(|| FileError::UnknownUpload { id: id.clone() })?;
+        upload.touch();
         let result = self.write_chunk_inner(&upload, &id, params, data).await;
+        upload.touch();
         if result.is_err() {
             // Any failed chunk aborts the upload; the staging file goes with the last reference.
             self.remove_if_same(&id, &upload);
@@ -708,6 +754,26 @@ impl FileService {
         .await
     }
 
+    /// Aborts the uploads idle for [`UPLOAD_IDLE_TIMEOUT`] or more (their
+    /// expiry tasks do it too; this makes a new upload see the slots free
+    /// even if a task has not run yet).
+    fn expire_idle(&self) {
+        let expired: Vec<(String, Arc<Upload>)> = {
+            let mut map = lock(&self.uploads);
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, u)| u.idle_for() >= self.idle_timeout)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| map.remove(&id).map(|u| (id, u)))
+                .collect()
+        };
+        for (id, upload) in expired {
+            tracing::warn!(upload_id = %id, path = %upload.path, "upload idle too long; aborted");
+        }
+    }
+
     /// Removes upload `id` if it is still `upload`; true if this call removed it.
     fn remove_if_same(&self, id: &str, upload: &Arc<Upload>) -> bool {
         let mut map = lock(&self.uploads);
@@ -754,6 +820,46 @@ impl FileService {
 impl Drop for FileService {
     fn drop(&mut self) {
         self.abort_all();
+    }
+}
+
+/// Sleeps until upload `id` has been idle for `timeout`, then aborts it
+/// (its staging file goes with the last reference). Ends at once when the
+/// upload goes (committed, aborted, session ended): `cancel` fires when the
+/// upload is dropped. One timer per open upload, none when there is none.
+async fn expire_when_idle(
+    uploads: Uploads,
+    id: String,
+    upload: Weak<Upload>,
+    timeout: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        // Not held across the sleep: holding it would keep the upload alive.
+        let Some(last) = upload.upgrade().map(|u| *lock(&u.last_active)) else {
+            return;
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep_until(last + timeout) => {}
+        }
+        let Some(current) = upload.upgrade() else {
+            return;
+        };
+        if current.idle_for() < timeout {
+            continue;
+        }
+        let removed = {
+            let mut map = lock(&uploads);
+            match map.get(&id) {
+                Some(u) if Arc::ptr_eq(u, &current) => map.remove(&id),
+                _ => None,
+            }
+        };
+        if removed.is_some() {
+            tracing::warn!(upload_id = %id, path = %current.path, "upload idle too long; aborted");
+        }
+        return;
     }
 }
 
@@ -1224,6 +1330,15 @@ mod tests {
 
     fn env() -> Env {
         env_with(1 << 20)
+    }
+
+    /// An env whose uploads expire after `timeout` idle.
+    fn env_expiring(timeout: Duration) -> Env {
+        let e = env();
+        Env {
+            svc: FileService::with_idle_timeout(Arc::clone(&e.svc.config), timeout),
+            ..e
+        }
     }
 
     fn wp(path: &str, content: &str) -> FileWriteParams {
@@ -1817,6 +1932,90 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    }
+
+    fn staging_count(dir: &str) -> usize {
+        staging_files(Path::new(dir)).unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn idle_uploads_expire_and_chunks_keep_them_alive() {
+        let timeout = Duration::from_millis(300);
+        let e = env_expiring(timeout);
+        let p = format!("{}/slow.bin", e.root);
+        let id = start(&e, 1, &p, WriteMode::Truncate).await;
+        // A chunk every 100 ms keeps the upload alive past the timeout.
+        for i in 0..5u64 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            e.svc
+                .write_inline(1, chunk(&p, &id, 3 + i, b"x", true))
+                .await
+                .unwrap_or_else(|err| panic!("chunk {i}: {err}"));
+        }
+        assert_eq!(e.svc.open_uploads(), 1);
+        // Then silence: the upload is aborted and its staging file deleted,
+        // by its own timer (nothing else happens meanwhile).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while e.svc.open_uploads() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(e.svc.open_uploads(), 0);
+        assert_eq!(staging_count(&e.root), 0);
+        let err = e
+            .svc
+            .write_inline(1, chunk(&p, &id, 8, b"late", false))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FileError::UnknownUpload { .. }), "{err}");
+        assert!(!Path::new(&p).exists());
+    }
+
+    #[tokio::test]
+    async fn a_new_upload_expires_idle_ones_before_counting_slots() {
+        // The test runtime has one thread: while this test blocks it, no
+        // expiry task can run, so only the check at the start of an upload
+        // can free the slots.
+        let e = env_expiring(Duration::from_millis(100));
+        for i in 0..MAX_UPLOADS {
+            start(&e, 1, &format!("{}/u{i}", e.root), WriteMode::Truncate).await;
+        }
+        assert_eq!(staging_count(&e.root), MAX_UPLOADS);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(e.svc.open_uploads(), MAX_UPLOADS);
+        let id = start(&e, 2, &format!("{}/fresh", e.root), WriteMode::Truncate).await;
+        assert_eq!(e.svc.open_uploads(), 1);
+        assert_eq!(staging_count(&e.root), 1);
+        e.svc
+            .write_inline(2, chunk(&format!("{}/fresh", e.root), &id, 3, b"", false))
+            .await
+            .unwrap();
+        no_staging(&e.root);
+    }
+
+    #[tokio::test]
+    async fn a_finished_upload_leaves_no_timer_behind() {
+        let e = env_expiring(Duration::from_secs(3600));
+        let p = format!("{}/quick.bin", e.root);
+        let id = start(&e, 1, &p, WriteMode::Truncate).await;
+        let handle = tokio::runtime::Handle::current();
+        assert_eq!(handle.metrics().num_alive_tasks(), 1);
+        e.svc
+            .write_inline(1, chunk(&p, &id, 3, b"", false))
+            .await
+            .unwrap();
+        // The expiry task saw its upload go and ended.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while handle.metrics().num_alive_tasks() > 0 && std::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(handle.metrics().num_alive_tasks(), 0);
+        let id = start(&e, 1, &p, WriteMode::Truncate).await;
+        assert!(!id.is_empty());
+        e.svc.end_session(1);
+        while handle.metrics().num_alive_tasks() > 0 && std::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(handle.metrics().num_alive_tasks(), 0);
     }
 
     #[tokio::test]
