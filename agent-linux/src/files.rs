@@ -30,8 +30,21 @@
 //!   upload. Uploads belong to the session (host connection) that started
 //!   them; [`FileService::end_session`] and [`FileService::abort_all`] delete
 //!   their staging files. At most [`MAX_UPLOADS`] uploads are open at once.
-//!   A staging file left by a killed agent keeps the name
-//!   `.<name>.kvmtmp-<32 hex digits>` and may be deleted by hand.
+//!   An upload that gets no chunk for [`UPLOAD_IDLE_TIMEOUT`] (5 minutes) is
+//!   aborted and its staging file deleted, so idle uploads cannot hold every
+//!   slot. Each open upload has one tokio task sleeping until its deadline
+//!   (moved by each chunk), ended as soon as the upload goes; a new upload
+//!   also expires idle ones before counting slots. No timer runs while no
+//!   upload is open: the agent has no idle wake-ups.
+//! - A staging file left by a killed agent keeps the name
+//!   `.<name>.kvmtmp-<32 hex digits>`. [`remove_stale_staging`] removes such
+//!   files at start-up, before anything is served: regular files owned by
+//!   the agent's user, beneath every write root (and beside file roots, with
+//!   the root's own name), walked with `openat2(RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)` so no link is followed and no
+//!   mount point crossed, at most [`SWEEP_MAX_ENTRIES`] entries in all. Each
+//!   removal is logged. A user could only make it remove a file of that
+//!   pattern owned by the agent's user, which nothing but the agent creates.
 //! - `file_write` never creates directories beneath a root. The write roots
 //!   themselves are created (mode 0755, with missing parents) when missing:
 //!   at start-up by [`prepare_roots`], and again when a write finds one

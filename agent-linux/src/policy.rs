@@ -753,7 +753,7 @@ pub enum RootFlaw {
         /// Its permission bits.
         mode: u32,
     },
-    /// More than [`MAX_ROOT_SYMLINKS`] symbolic links on the way.
+    /// More than 40 symbolic links on the way.
     TooManyLinks,
 }
 
