@@ -2031,6 +2031,77 @@ mod tests {
         assert_eq!(handle.metrics().num_alive_tasks(), 0);
     }
 
+    #[test]
+    fn staging_names_table() {
+        let hex = "0123456789abcdef0123456789abcdef";
+        let long = "n".repeat(250);
+        let cases: &[(String, Option<&[u8]>, bool)] = &[
+            (format!(".a.txt.kvmtmp-{hex}"), None, true),
+            (format!(".a.txt.kvmtmp-{hex}"), Some(b"a.txt"), true),
+            (format!(".a.txt.kvmtmp-{hex}"), Some(b"b.txt"), false),
+            (format!("..kvmtmp-{hex}"), None, false),
+            (format!("a.txt.kvmtmp-{hex}"), None, false),
+            (format!(".a.txt.kvmtmp-{}", hex.to_uppercase()), None, false),
+            (format!(".a.txt.kvmtmp-{}", &hex[1..]), None, false),
+            (format!(".a.txt.kvmtmp-{hex}0"), None, false),
+            (format!(".a.txt.kvmtmp-{hex}.x"), None, false),
+            (".a.txt.kvmtmp-".to_owned(), None, false),
+            (
+                format!(".{}.kvmtmp-{hex}", "n".repeat(200)),
+                Some(long.as_bytes()),
+                true,
+            ),
+        ];
+        for (name, prefix, want) in cases {
+            assert_eq!(
+                is_staging_name(name.as_bytes(), *prefix),
+                *want,
+                "{name} {prefix:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_staging_sweep_removes_only_the_agents_staging_files_and_follows_no_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        let hex = "00112233445566778899aabbccddeeff";
+        let root = b.join("root");
+        let outside = b.join("outside");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let stale = |d: &Path, n: &str| {
+            let p = d.join(format!(".{n}.kvmtmp-{hex}"));
+            std::fs::write(&p, "stale").unwrap();
+            p
+        };
+        let gone = [stale(&root, "x"), stale(&root.join("a/b"), "y")];
+        let kept = [
+            stale(&outside, "z"),
+            stale(&root, "users"),
+            stale(b, "other-file"),
+        ];
+        std::os::unix::fs::chown(&kept[1], Some(1000), Some(1000)).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a/link")).unwrap();
+        // A file root: its own staging files beside it go, others stay.
+        let file_root = b.join("single.txt");
+        let beside = stale(b, "single.txt");
+        let mut config = Config::default();
+        config.security.allowed_write_paths = vec![root.clone(), root.join("a"), file_root];
+        let sweep = remove_stale_staging(&config);
+        for p in gone.iter().chain([&beside]) {
+            assert!(!p.exists(), "{} was left", p.display());
+        }
+        for p in &kept {
+            assert!(p.exists(), "{} was removed", p.display());
+        }
+        assert_eq!(sweep.removed.len(), 3, "{:?}", sweep.removed);
+        assert!(!sweep.truncated);
+        assert!(sweep
+            .removed
+            .contains(&format!("{}/.x.kvmtmp-{hex}", root.display())));
+    }
+
     #[tokio::test]
     async fn too_many_uploads_is_busy() {
         let e = env();

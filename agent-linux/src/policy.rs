@@ -1188,6 +1188,7 @@ impl PathPolicy {
             match Self::open_read_in(root, rest, path) {
                 Ok(file) => return Ok(file),
                 Err(e) => {
+                    warn_if_unsafe(&e);
                     first_err.get_or_insert(e);
                 }
             }
@@ -1278,6 +1279,7 @@ impl PathPolicy {
             match self.open_parent_in(root, rest, path) {
                 Ok(found) => return Ok(found),
                 Err(e) => {
+                    warn_if_unsafe(&e);
                     first_err.get_or_insert(e);
                 }
             }
@@ -1336,6 +1338,14 @@ impl PathPolicy {
                 Ok((dirfd, OsString::from(name)))
             }
         }
+    }
+}
+
+/// Logs a refusal for an unsafe root: abnormal, and the guest's
+/// administrator should hear of it, not only the host.
+fn warn_if_unsafe(e: &PolicyError) {
+    if let PolicyError::UnsafeRoot { root, .. } = e {
+        tracing::warn!(root = %root, "{e}; refused");
     }
 }
 

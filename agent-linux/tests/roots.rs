@@ -97,6 +97,14 @@ fn a_root_swapped_for_a_user_symlink_in_a_sticky_directory_never_receives_a_writ
         .call(5, "file_read", json!({"path": root.join("a.txt")}));
     assert_eq!(error_kind(&r), "policy_denied", "{r}");
     assert!(t.victim_is_empty());
+    // The guest's log hears of it too.
+    assert!(
+        agent
+            .log()
+            .contains("is a symbolic link in the sticky directory"),
+        "{}",
+        agent.log()
+    );
     // The link is left as it was: refused and reported, not removed.
     assert!(std::fs::symlink_metadata(&root)
         .unwrap()
