@@ -138,8 +138,20 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: Args, config: Config) -> ExitCode {
-    for warning in files::ensure_write_roots(&config) {
+    for warning in files::prepare_roots(&config) {
         warn!("{warning}");
+    }
+    // Before serving: the sweep must not meet this agent's own uploads.
+    let sweep = files::remove_stale_staging(&config);
+    for file in &sweep.removed {
+        info!(file = %file, "removed a stale staging file");
+    }
+    if sweep.truncated {
+        warn!(
+            visited = sweep.visited,
+            "stale staging file sweep stopped at its limit of {} entries",
+            files::SWEEP_MAX_ENTRIES
+        );
     }
     info!(
         version = env!("CARGO_PKG_VERSION"),

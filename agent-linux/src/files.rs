@@ -30,10 +30,27 @@
 //!   upload. Uploads belong to the session (host connection) that started
 //!   them; [`FileService::end_session`] and [`FileService::abort_all`] delete
 //!   their staging files. At most [`MAX_UPLOADS`] uploads are open at once.
-//!   A staging file left by a killed agent keeps the name
-//!   `.<name>.kvmtmp-<32 hex digits>` and may be deleted by hand.
-//! - `file_write` never creates directories; [`ensure_write_roots`] creates
-//!   missing write roots (mode 0755) once at startup.
+//!   An upload that gets no chunk for [`UPLOAD_IDLE_TIMEOUT`] (5 minutes) is
+//!   aborted and its staging file deleted, so idle uploads cannot hold every
+//!   slot. Each open upload has one tokio task sleeping until its deadline
+//!   (moved by each chunk), ended as soon as the upload goes; a new upload
+//!   also expires idle ones before counting slots. No timer runs while no
+//!   upload is open: the agent has no idle wake-ups.
+//! - A staging file left by a killed agent keeps the name
+//!   `.<name>.kvmtmp-<32 hex digits>`. [`remove_stale_staging`] removes such
+//!   files at start-up, before anything is served: regular files owned by
+//!   the agent's user, beneath every write root (and beside file roots, with
+//!   the root's own name), walked with `openat2(RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)` so no link is followed and no
+//!   mount point crossed, at most [`SWEEP_MAX_ENTRIES`] entries in all. Each
+//!   removal is logged. A user could only make it remove a file of that
+//!   pattern owned by the agent's user, which nothing but the agent creates.
+//! - `file_write` never creates directories beneath a root. The write roots
+//!   themselves are created (mode 0755, with missing parents) when missing:
+//!   at start-up by [`prepare_roots`], and again when a write finds one
+//!   removed (a `/tmp` cleaner), always through the safe walk of `policy.rs`
+//!   (`mkdirat` on the walked parent, never through an existing link). A
+//!   root that exists but is unsafe is refused, never followed or "fixed".
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -41,9 +58,10 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
 use agent_common::encoding::{DecodeError, Encoding};
 use agent_common::error::ErrorKind;
@@ -53,14 +71,23 @@ use agent_common::methods::{
 use agent_common::MAX_READ_CHUNK;
 use bytes::Bytes;
 use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::error::{io_error_kind, RpcError};
-use crate::policy::{check_regular_single, normalize_path, sys, PathPolicy, PolicyError};
+use crate::policy::{check_regular_single, normalize_path, sys, Found, PathPolicy, PolicyError};
 
 /// Most chunked uploads open at once (all sessions together).
 pub const MAX_UPLOADS: usize = 16;
+
+/// An upload that receives no chunk for this long is aborted and its
+/// staging file deleted, so that idle uploads cannot hold the
+/// [`MAX_UPLOADS`] slots forever. Long enough for a host that pauses
+/// between chunks (its own retries included), short enough that a stuck
+/// host frees the slots within minutes.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Permission bits `file_write` accepts: no group/other write, no
 /// setuid/setgid/sticky.
@@ -69,7 +96,7 @@ pub const ALLOWED_PERMISSIONS: u32 = 0o755;
 /// Permission bits of a new file when the request gives none.
 pub const DEFAULT_PERMISSIONS: u32 = 0o644;
 
-/// Mode of the write roots [`ensure_write_roots`] creates.
+/// Mode of the write roots [`prepare_roots`] creates.
 pub const WRITE_ROOT_MODE: u32 = 0o755;
 
 /// Why a file request failed.
@@ -377,8 +404,7 @@ fn inspect_target(
         });
     }
     if sys::is_regular(&st) {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = sys::geteuid() == 0;
         return Ok(TargetInfo {
             perms: st.st_mode & 0o777,
             owner: root.then_some((st.st_uid, st.st_gid)),
@@ -410,6 +436,20 @@ struct Upload {
     mode: WriteMode,
     /// `None` once committed; chunk writers hold the read lock, the commit the write lock.
     staged: RwLock<Option<Staged>>,
+    /// When a chunk last arrived or finished.
+    last_active: Mutex<Instant>,
+    /// Stops the upload's expiry task when the upload goes.
+    _expiry: DropGuard,
+}
+
+impl Upload {
+    fn touch(&self) {
+        *lock(&self.last_active) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        lock(&self.last_active).elapsed()
+    }
 }
 
 type Uploads = Arc<Mutex<HashMap<String, Arc<Upload>>>>;
@@ -420,6 +460,8 @@ pub struct FileService {
     read_policy: Arc<PathPolicy>,
     write_policy: Arc<PathPolicy>,
     uploads: Uploads,
+    /// [`UPLOAD_IDLE_TIMEOUT`], shorter in tests.
+    idle_timeout: Duration,
     /// Buffers for chunks read as attachments.
     read_buffers: Arc<BufferPool>,
 }
@@ -427,13 +469,23 @@ pub struct FileService {
 impl FileService {
     /// A service enforcing `config.security`.
     pub fn new(config: Arc<Config>) -> FileService {
+        FileService::with_idle_timeout(config, UPLOAD_IDLE_TIMEOUT)
+    }
+
+    /// A service whose uploads expire after `idle_timeout` without a chunk
+    /// (instead of [`UPLOAD_IDLE_TIMEOUT`]).
+    pub fn with_idle_timeout(config: Arc<Config>, idle_timeout: Duration) -> FileService {
         let read_policy = Arc::new(PathPolicy::new(&config.security.allowed_read_paths));
-        let write_policy = Arc::new(PathPolicy::new(&config.security.allowed_write_paths));
+        let write_policy = Arc::new(
+            PathPolicy::new(&config.security.allowed_write_paths)
+                .creating_missing_roots(WRITE_ROOT_MODE),
+        );
         FileService {
             config,
             read_policy,
             write_policy,
             uploads: Arc::new(Mutex::new(HashMap::new())),
+            idle_timeout,
             read_buffers: BufferPool::new(MAX_READ_CHUNK as usize),
         }
     }
@@ -551,6 +603,7 @@ impl FileService {
         perms: u32,
         data: Bytes,
     ) -> Result<FileWriteResult, FileError> {
+        self.expire_idle();
         if lock(&self.uploads).len() >= MAX_UPLOADS {
             return Err(FileError::TooManyUploads { limit: MAX_UPLOADS });
         }
@@ -574,12 +627,15 @@ impl FileService {
             .map_err(io_err("write", &params.path))?
             .len();
         let id = sys::random_hex(16).map_err(io_err("start an upload for", &params.path))?;
+        let expiry = CancellationToken::new();
         let upload = Arc::new(Upload {
             session,
             // open_parent_for_write accepted the path, so it normalises.
             path: norm.unwrap_or_else(|| params.path.clone()),
             mode,
             staged: RwLock::new(Some(staged)),
+            last_active: Mutex::new(Instant::now()),
+            _expiry: expiry.clone().drop_guard(),
         });
         {
             let mut map = lock(&self.uploads);
@@ -589,8 +645,15 @@ impl FileService {
                 drop(upload);
                 return Err(FileError::TooManyUploads { limit: MAX_UPLOADS });
             }
-            map.insert(id.clone(), upload);
+            map.insert(id.clone(), Arc::clone(&upload));
         }
+        tokio::spawn(expire_when_idle(
+            Arc::clone(&self.uploads),
+            id.clone(),
+            Arc::downgrade(&upload),
+            self.idle_timeout,
+            expiry,
+        ));
         tracing::debug!(upload_id = %id, path = %params.path, "upload started");
         Ok(FileWriteResult {
             bytes_written: size,
@@ -612,7 +675,9 @@ impl FileService {
             .filter(|u| u.session == session)
             .cloned()
             .ok_or_else(|| FileError::UnknownUpload { id: id.clone() })?;
+        upload.touch();
         let result = self.write_chunk_inner(&upload, &id, params, data).await;
+        upload.touch();
         if result.is_err() {
             // Any failed chunk aborts the upload; the staging file goes with the last reference.
             self.remove_if_same(&id, &upload);
@@ -702,6 +767,26 @@ impl FileService {
         .await
     }
 
+    /// Aborts the uploads idle for [`UPLOAD_IDLE_TIMEOUT`] or more (their
+    /// expiry tasks do it too; this makes a new upload see the slots free
+    /// even if a task has not run yet).
+    fn expire_idle(&self) {
+        let expired: Vec<(String, Arc<Upload>)> = {
+            let mut map = lock(&self.uploads);
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, u)| u.idle_for() >= self.idle_timeout)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| map.remove(&id).map(|u| (id, u)))
+                .collect()
+        };
+        for (id, upload) in expired {
+            tracing::warn!(upload_id = %id, path = %upload.path, "upload idle too long; aborted");
+        }
+    }
+
     /// Removes upload `id` if it is still `upload`; true if this call removed it.
     fn remove_if_same(&self, id: &str, upload: &Arc<Upload>) -> bool {
         let mut map = lock(&self.uploads);
@@ -748,6 +833,46 @@ impl FileService {
 impl Drop for FileService {
     fn drop(&mut self) {
         self.abort_all();
+    }
+}
+
+/// Sleeps until upload `id` has been idle for `timeout`, then aborts it
+/// (its staging file goes with the last reference). Ends at once when the
+/// upload goes (committed, aborted, session ended): `cancel` fires when the
+/// upload is dropped. One timer per open upload, none when there is none.
+async fn expire_when_idle(
+    uploads: Uploads,
+    id: String,
+    upload: Weak<Upload>,
+    timeout: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        // Not held across the sleep: holding it would keep the upload alive.
+        let Some(last) = upload.upgrade().map(|u| *lock(&u.last_active)) else {
+            return;
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep_until(last + timeout) => {}
+        }
+        let Some(current) = upload.upgrade() else {
+            return;
+        };
+        if current.idle_for() < timeout {
+            continue;
+        }
+        let removed = {
+            let mut map = lock(&uploads);
+            match map.get(&id) {
+                Some(u) if Arc::ptr_eq(u, &current) => map.remove(&id),
+                _ => None,
+            }
+        };
+        if removed.is_some() {
+            tracing::warn!(upload_id = %id, path = %current.path, "upload idle too long; aborted");
+        }
+        return;
     }
 }
 
@@ -930,50 +1055,228 @@ fn append_blocking(
     })
 }
 
-/// Creates the missing `allowed_write_paths` directories (mode 0755, with
-/// missing parents) at startup. Returns one warning per root that could not
-/// be created or looks unsafe (not a directory, or owned by another user).
-/// Every missing entry is created as a directory: to allow writing a single
-/// file, list a file that exists.
-pub fn ensure_write_roots(config: &Config) -> Vec<String> {
+/// Checks every allowed root by the safe walk at start-up (see `policy.rs`)
+/// and creates the missing `allowed_write_paths` directories (mode 0755,
+/// with missing parents) through it: each by `mkdirat` on the directory the
+/// walk holds, never through an existing link. Returns one warning per root
+/// that could not be created or is unsafe; an unsafe root is left as it is
+/// (never followed, "fixed" or removed) and refused, with the same reason,
+/// by every request under it until its owner fixes it. Every missing write
+/// root is created as a directory: to allow writing a single file, list a
+/// file that exists.
+pub fn prepare_roots(config: &Config) -> Vec<String> {
     let mut warnings = Vec::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    for root in &config.security.allowed_write_paths {
-        match std::fs::symlink_metadata(root) {
-            Ok(meta) => {
-                if meta.uid() != euid && meta.uid() != 0 {
-                    warnings.push(format!(
-                        "allowed write path {} is owned by uid {}, who can tamper with files the host writes there",
-                        root.display(),
-                        meta.uid()
-                    ));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let made = std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(WRITE_ROOT_MODE)
-                    .create(root);
-                // Exactly WRITE_ROOT_MODE for the root itself, whatever the umask.
-                let made = made.and_then(|()| {
-                    std::fs::set_permissions(root, std::fs::Permissions::from_mode(WRITE_ROOT_MODE))
-                });
-                match made {
-                    Ok(()) => tracing::info!(root = %root.display(), "created allowed write path"),
-                    Err(e) => warnings.push(format!(
-                        "cannot create allowed write path {}: {e}",
-                        root.display()
-                    )),
-                }
-            }
+    let roots = config
+        .security
+        .allowed_write_paths
+        .iter()
+        .map(|r| (r, Some(WRITE_ROOT_MODE)))
+        .chain(config.security.allowed_read_paths.iter().map(|r| (r, None)));
+    for (root, create) in roots {
+        let Some(Ok(norm)) = root.to_str().map(normalize_path) else {
+            continue;
+        };
+        match PathPolicy::check_root(&norm, create) {
+            Ok(_) => {}
+            Err(e @ PolicyError::UnsafeRoot { .. }) => warnings.push(format!(
+                "{e}; requests under it are refused until it is fixed"
+            )),
+            Err(e) if create.is_some() => warnings.push(format!(
+                "cannot create allowed write path {}: {}",
+                root.display(),
+                crate::error::chain(&e)
+            )),
             Err(e) => warnings.push(format!(
-                "cannot inspect allowed write path {}: {e}",
-                root.display()
+                "cannot check allowed read path {}: {}",
+                root.display(),
+                crate::error::chain(&e)
             )),
         }
     }
     warnings
+}
+
+/// Most directory entries [`remove_stale_staging`] visits, over all roots.
+pub const SWEEP_MAX_ENTRIES: usize = 100_000;
+
+/// What [`remove_stale_staging`] did.
+#[derive(Debug, Default)]
+pub struct StagingSweep {
+    /// The staging files removed (paths, for the log).
+    pub removed: Vec<String>,
+    /// Directory entries visited.
+    pub visited: usize,
+    /// The sweep stopped at [`SWEEP_MAX_ENTRIES`].
+    pub truncated: bool,
+}
+
+/// True if `name` is a staging file name, `.<name>.kvmtmp-<32 hex>` (with
+/// `prefix` as `<name>` if given).
+fn is_staging_name(name: &[u8], prefix: Option<&[u8]>) -> bool {
+    const TAG: &[u8] = b".kvmtmp-";
+    let Some(rest) = name.strip_prefix(b".") else {
+        return false;
+    };
+    if rest.len() < TAG.len() + 32 + 1 {
+        return false;
+    }
+    let (head, hex) = rest.split_at(rest.len() - 32);
+    let Some(stem) = head.strip_suffix(TAG) else {
+        return false;
+    };
+    !stem.is_empty()
+        && hex
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        && prefix.map_or(true, |p| stem == &p[..p.len().min(200)])
+}
+
+/// Removes the staging files a killed agent left behind (see the module
+/// documentation). Runs once at start-up, before any request is served, so
+/// it never meets a staging file of this agent's own uploads.
+pub fn remove_stale_staging(config: &Config) -> StagingSweep {
+    let mut sweep = StagingSweep::default();
+    let euid = sys::geteuid();
+    let roots: Vec<String> = config
+        .security
+        .allowed_write_paths
+        .iter()
+        .filter_map(|r| r.to_str().map(normalize_path)?.ok())
+        .collect();
+    for root in &roots {
+        // A root inside another write root is swept with it.
+        let nested = roots
+            .iter()
+            .any(|other| other != root && (other == "/" || root.starts_with(&format!("{other}/"))));
+        if nested {
+            continue;
+        }
+        let Ok(walked) = crate::policy::walk_root(root, root, None) else {
+            // Unsafe or unreadable: prepare_roots warned about it.
+            continue;
+        };
+        match walked.found {
+            Found::Dir(fd) => sweep_tree(root, &fd, euid, &mut sweep),
+            Found::Other(_) | Found::Missing { last: true } => {
+                // A file root: its staging files sit beside it.
+                let (dir, name) = match walked.named {
+                    Some(named) => named,
+                    None => (walked.dir, walked.name),
+                };
+                let parent = root.rsplit_once('/').map_or("/", |(p, _)| p);
+                sweep_dir(parent, &dir, Some(name.as_bytes()), euid, &mut sweep);
+            }
+            Found::Missing { last: false } => {}
+        }
+        if sweep.truncated {
+            break;
+        }
+    }
+    sweep
+}
+
+/// Sweeps the directory tree under `root` (an `O_PATH` descriptor): no
+/// symbolic link is followed and no mount point crossed.
+fn sweep_tree(root_path: &str, root: &OwnedFd, euid: u32, sweep: &mut StagingSweep) {
+    let mut stack: Vec<OsString> = vec![OsString::from(".")];
+    while let Some(rel) = stack.pop() {
+        let Ok(dir) = sys::openat2(
+            root.as_fd(),
+            &rel,
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+            sys::SWEEP,
+        ) else {
+            continue;
+        };
+        let shown = if rel == "." {
+            root_path.to_owned()
+        } else {
+            format!("{root_path}/{}", rel.to_string_lossy())
+        };
+        for name in sweep_dir(&shown, &dir, None, euid, sweep) {
+            let mut sub = if rel == "." {
+                OsString::new()
+            } else {
+                let mut s = rel.clone();
+                s.push("/");
+                s
+            };
+            sub.push(&name);
+            stack.push(sub);
+        }
+        if sweep.truncated {
+            return;
+        }
+    }
+}
+
+/// Removes the staging files in `dir` (an `O_PATH` descriptor shown as
+/// `shown`) that are regular files owned by `euid`, with names matching
+/// `prefix` if given; returns its subdirectories.
+fn sweep_dir(
+    shown: &str,
+    dir: &OwnedFd,
+    prefix: Option<&[u8]>,
+    euid: u32,
+    sweep: &mut StagingSweep,
+) -> Vec<OsString> {
+    let mut subdirs = Vec::new();
+    let Ok(readable) = sys::openat2(
+        dir.as_fd(),
+        OsStr::new("."),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+        sys::SWEEP,
+    ) else {
+        return subdirs;
+    };
+    let budget = SWEEP_MAX_ENTRIES.saturating_sub(sweep.visited);
+    let entries = match sys::read_dir(readable, budget) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::debug!(directory = shown, error = %e, "staging sweep cannot list a directory");
+            return subdirs;
+        }
+    };
+    sweep.visited += entries.len();
+    if sweep.visited >= SWEEP_MAX_ENTRIES {
+        sweep.truncated = true;
+    }
+    for (name, kind) in entries {
+        if kind == libc::DT_DIR {
+            subdirs.push(name);
+            continue;
+        }
+        if !matches!(kind, libc::DT_REG | libc::DT_UNKNOWN)
+            || !is_staging_name(name.as_bytes(), prefix)
+        {
+            if kind == libc::DT_UNKNOWN {
+                if let Ok(Some(st)) = sys::lstatat(dir.as_fd(), &name) {
+                    if sys::is_dir(&st) {
+                        subdirs.push(name);
+                    }
+                }
+            }
+            continue;
+        }
+        match sys::lstatat(dir.as_fd(), &name) {
+            Ok(Some(st)) if sys::is_regular(&st) && st.st_uid == euid => {}
+            Ok(Some(st)) if sys::is_dir(&st) => {
+                subdirs.push(name);
+                continue;
+            }
+            _ => continue,
+        }
+        let shown_file = format!("{}/{}", shown.trim_end_matches('/'), name.to_string_lossy());
+        match sys::unlinkat(dir.as_fd(), &name) {
+            Ok(()) => sweep.removed.push(shown_file),
+            Err(e) => {
+                tracing::warn!(file = %shown_file, error = %e, "cannot remove a stale staging file")
+            }
+        }
+    }
+    subdirs
 }
 
 /// Lists the staging files in `dir` (files named `.<name>.kvmtmp-<hex>`).
@@ -1009,6 +1312,7 @@ impl FileService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
     use std::path::PathBuf;
 
     struct Env {
@@ -1039,6 +1343,15 @@ mod tests {
 
     fn env() -> Env {
         env_with(1 << 20)
+    }
+
+    /// An env whose uploads expire after `timeout` idle.
+    fn env_expiring(timeout: Duration) -> Env {
+        let e = env();
+        Env {
+            svc: FileService::with_idle_timeout(Arc::clone(&e.svc.config), timeout),
+            ..e
+        }
     }
 
     fn wp(path: &str, content: &str) -> FileWriteParams {
@@ -1634,6 +1947,161 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
     }
 
+    fn staging_count(dir: &str) -> usize {
+        staging_files(Path::new(dir)).unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn idle_uploads_expire_and_chunks_keep_them_alive() {
+        let timeout = Duration::from_millis(300);
+        let e = env_expiring(timeout);
+        let p = format!("{}/slow.bin", e.root);
+        let id = start(&e, 1, &p, WriteMode::Truncate).await;
+        // A chunk every 100 ms keeps the upload alive past the timeout.
+        for i in 0..5u64 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            e.svc
+                .write_inline(1, chunk(&p, &id, 3 + i, b"x", true))
+                .await
+                .unwrap_or_else(|err| panic!("chunk {i}: {err}"));
+        }
+        assert_eq!(e.svc.open_uploads(), 1);
+        // Then silence: the upload is aborted and its staging file deleted,
+        // by its own timer (nothing else happens meanwhile).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while e.svc.open_uploads() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(e.svc.open_uploads(), 0);
+        assert_eq!(staging_count(&e.root), 0);
+        let err = e
+            .svc
+            .write_inline(1, chunk(&p, &id, 8, b"late", false))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FileError::UnknownUpload { .. }), "{err}");
+        assert!(!Path::new(&p).exists());
+    }
+
+    #[tokio::test]
+    async fn a_new_upload_expires_idle_ones_before_counting_slots() {
+        // The test runtime has one thread: while this test blocks it, no
+        // expiry task can run, so only the check at the start of an upload
+        // can free the slots.
+        let e = env_expiring(Duration::from_millis(100));
+        for i in 0..MAX_UPLOADS {
+            start(&e, 1, &format!("{}/u{i}", e.root), WriteMode::Truncate).await;
+        }
+        assert_eq!(staging_count(&e.root), MAX_UPLOADS);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(e.svc.open_uploads(), MAX_UPLOADS);
+        let id = start(&e, 2, &format!("{}/fresh", e.root), WriteMode::Truncate).await;
+        assert_eq!(e.svc.open_uploads(), 1);
+        assert_eq!(staging_count(&e.root), 1);
+        e.svc
+            .write_inline(2, chunk(&format!("{}/fresh", e.root), &id, 3, b"", false))
+            .await
+            .unwrap();
+        no_staging(&e.root);
+    }
+
+    #[tokio::test]
+    async fn a_finished_upload_leaves_no_timer_behind() {
+        let e = env_expiring(Duration::from_secs(3600));
+        let p = format!("{}/quick.bin", e.root);
+        let id = start(&e, 1, &p, WriteMode::Truncate).await;
+        let handle = tokio::runtime::Handle::current();
+        assert_eq!(handle.metrics().num_alive_tasks(), 1);
+        e.svc
+            .write_inline(1, chunk(&p, &id, 3, b"", false))
+            .await
+            .unwrap();
+        // The expiry task saw its upload go and ended.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while handle.metrics().num_alive_tasks() > 0 && std::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(handle.metrics().num_alive_tasks(), 0);
+        let id = start(&e, 1, &p, WriteMode::Truncate).await;
+        assert!(!id.is_empty());
+        e.svc.end_session(1);
+        while handle.metrics().num_alive_tasks() > 0 && std::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(handle.metrics().num_alive_tasks(), 0);
+    }
+
+    #[test]
+    fn staging_names_table() {
+        let hex = "0123456789abcdef0123456789abcdef";
+        let long = "n".repeat(250);
+        let cases: &[(String, Option<&[u8]>, bool)] = &[
+            (format!(".a.txt.kvmtmp-{hex}"), None, true),
+            (format!(".a.txt.kvmtmp-{hex}"), Some(b"a.txt"), true),
+            (format!(".a.txt.kvmtmp-{hex}"), Some(b"b.txt"), false),
+            (format!("..kvmtmp-{hex}"), None, false),
+            (format!("a.txt.kvmtmp-{hex}"), None, false),
+            (format!(".a.txt.kvmtmp-{}", hex.to_uppercase()), None, false),
+            (format!(".a.txt.kvmtmp-{}", &hex[1..]), None, false),
+            (format!(".a.txt.kvmtmp-{hex}0"), None, false),
+            (format!(".a.txt.kvmtmp-{hex}.x"), None, false),
+            (".a.txt.kvmtmp-".to_owned(), None, false),
+            (
+                format!(".{}.kvmtmp-{hex}", "n".repeat(200)),
+                Some(long.as_bytes()),
+                true,
+            ),
+        ];
+        for (name, prefix, want) in cases {
+            assert_eq!(
+                is_staging_name(name.as_bytes(), *prefix),
+                *want,
+                "{name} {prefix:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_staging_sweep_removes_only_the_agents_staging_files_and_follows_no_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        let hex = "00112233445566778899aabbccddeeff";
+        let root = b.join("root");
+        let outside = b.join("outside");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let stale = |d: &Path, n: &str| {
+            let p = d.join(format!(".{n}.kvmtmp-{hex}"));
+            std::fs::write(&p, "stale").unwrap();
+            p
+        };
+        let gone = [stale(&root, "x"), stale(&root.join("a/b"), "y")];
+        let kept = [
+            stale(&outside, "z"),
+            stale(&root, "users"),
+            stale(b, "other-file"),
+        ];
+        std::os::unix::fs::chown(&kept[1], Some(1000), Some(1000)).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a/link")).unwrap();
+        // A file root: its own staging files beside it go, others stay.
+        let file_root = b.join("single.txt");
+        let beside = stale(b, "single.txt");
+        let mut config = Config::default();
+        config.security.allowed_write_paths = vec![root.clone(), root.join("a"), file_root];
+        let sweep = remove_stale_staging(&config);
+        for p in gone.iter().chain([&beside]) {
+            assert!(!p.exists(), "{} was left", p.display());
+        }
+        for p in &kept {
+            assert!(p.exists(), "{} was removed", p.display());
+        }
+        assert_eq!(sweep.removed.len(), 3, "{:?}", sweep.removed);
+        assert!(!sweep.truncated);
+        assert!(sweep
+            .removed
+            .contains(&format!("{}/.x.kvmtmp-{hex}", root.display())));
+    }
+
     #[tokio::test]
     async fn too_many_uploads_is_busy() {
         let e = env();
@@ -1667,7 +2135,7 @@ mod tests {
     }
 
     #[test]
-    fn ensure_write_roots_creates_missing_directories() {
+    fn prepare_roots_creates_missing_directories() {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a/b");
         let file = dir.path().join("file");
@@ -1675,12 +2143,12 @@ mod tests {
         let blocked = file.join("sub");
         let mut config = Config::default();
         config.security.allowed_write_paths = vec![a.clone(), blocked];
-        let warnings = ensure_write_roots(&config);
+        let warnings = prepare_roots(&config);
         assert!(a.is_dir());
         assert_eq!(mode_of(a.to_str().unwrap()), WRITE_ROOT_MODE);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("file/sub"), "{warnings:?}");
-        assert!(ensure_write_roots(&Config {
+        assert!(prepare_roots(&Config {
             security: crate::config::SecurityConfig {
                 allowed_write_paths: vec![a],
                 ..Default::default()

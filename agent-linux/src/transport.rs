@@ -13,7 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -279,8 +279,41 @@ impl AsyncWrite for PortStream {
     }
 }
 
+/// Binds a Unix socket at `path` that only its owner can connect to (mode
+/// 0600) from the moment it appears there.
+///
+/// A socket file's mode comes from the umask at `bind`, and the umask is
+/// process-wide (the agent is multithreaded, so changing it around `bind`
+/// would race with every other thread creating files), while a `chmod`
+/// after `bind` leaves an instant in which others may connect. So the
+/// socket is bound inside a private directory (mode 0700, created beside
+/// `path`, so the same filesystem), made 0600 there, where nobody else can
+/// reach it, then renamed to `path` (which atomically replaces a stale
+/// socket) and the directory removed. The private path is about 20 bytes
+/// longer than `path`, within the 107 a socket path may have.
+fn bind_owner_only(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = parent.join(format!(".kvmsock-{}", crate::policy::sys::random_hex(4)?));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("s");
+    let bound = std::os::unix::net::UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
 /// Serves clients on a Unix socket at `path` until `stop` is cancelled.
-/// A stale socket file is replaced; the socket is made owner-only (0600).
+/// A stale socket file is replaced; the socket is owner-only (0600) from the
+/// start (see [`bind_owner_only`]).
 pub async fn serve_unix(
     agent: Arc<Agent>,
     path: PathBuf,
@@ -292,7 +325,8 @@ pub async fn serve_unix(
         source,
     };
     match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&path).map_err(listen_err)?,
+        // A stale socket: the rename in bind_owner_only replaces it.
+        Ok(m) if m.file_type().is_socket() => {}
         Ok(_) => {
             return Err(TransportError::NotASocket {
                 path: path.display().to_string(),
@@ -300,8 +334,12 @@ pub async fn serve_unix(
         }
         Err(_) => {}
     }
-    let listener = UnixListener::bind(&path).map_err(listen_err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    let listener = bind_owner_only(&path)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            UnixListener::from_std(l)
+        })
+        .map_err(listen_err)?;
     info!(socket = %path.display(), "listening on a Unix socket");
     loop {
         tokio::select! {
@@ -361,6 +399,33 @@ mod tests {
         };
         assert_eq!(&after[..], b"[\"after\"]");
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn the_socket_is_owner_only_from_the_start_and_replaces_a_stale_one() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        for round in 0..2 {
+            // The second round replaces the first socket, now stale.
+            let listener = bind_owner_only(&path).unwrap();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            assert!(m.file_type().is_socket(), "round {round}");
+            assert_eq!(m.mode() & 0o7777, 0o600, "round {round}");
+            // Nothing else is left beside it.
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, vec![std::ffi::OsString::from("agent.sock")]);
+            // It is the listening socket, under its final name.
+            let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            assert!(listener.accept().is_ok());
+        }
+        // A failed bind leaves no private directory behind.
+        let missing = dir.path().join("no/such/dir/agent.sock");
+        assert!(bind_owner_only(&missing).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

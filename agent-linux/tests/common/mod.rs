@@ -252,3 +252,44 @@ pub fn push_until_stalled(
     stream.set_nonblocking(false).unwrap();
     sent
 }
+
+impl AgentProcess {
+    /// Kills the agent with SIGKILL (by its pid) and reaps it.
+    pub fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL the agent");
+        self.child.wait().expect("reap the agent");
+    }
+
+    /// Starts the agent again on the same config, socket and log (appended),
+    /// after [`AgentProcess::sigkill`].
+    pub fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        self.child = Command::new(env!("CARGO_BIN_EXE_kvmmanager-agent"))
+            .arg("--foreground")
+            .arg("--config")
+            .arg(self.dir.path().join("config.json"))
+            .arg("--listen")
+            .arg(format!("unix:{}", self.socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("restart kvmmanager-agent");
+        self.wait_ready();
+    }
+}
+
+/// Names in `dir` that look like staging files (`.<name>.kvmtmp-<hex>`).
+pub fn staging_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n.contains(".kvmtmp-"))
+        .collect();
+    names.sort();
+    names
+}
