@@ -34,7 +34,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::Config;
 use crate::error::{to_error_object, RpcError};
-use crate::files::FileService;
+use crate::files::{CommitGate, FileService};
 use crate::power::PowerAction;
 use crate::{exec, sysinfo};
 
@@ -435,28 +435,39 @@ impl Agent {
             );
         };
         let started = Instant::now();
-        let work = self.run(session, method, req, cx, attachment);
-        let mut outcome = if method == Method::ExecCommand {
-            // Bounded by the command's own time limit inside exec.
-            tokio::select! {
-                biased;
-                () = self.abort.cancelled() => Outcome::err(shutting_down()),
-                o = work => o,
-            }
-        } else {
-            let limit = self.config.request_timeout;
-            tokio::select! {
-                biased;
-                () = self.abort.cancelled() => Outcome::err(shutting_down()),
-                o = tokio::time::timeout(limit, work) => o.unwrap_or_else(|_| Outcome::err(
-                    ErrorObject::new(
-                        ErrorKind::Timeout,
-                        format!("{method} did not finish within request_timeout_seconds ({} s)", limit.as_secs()),
-                    )
-                    .with_data("limit", limit.as_secs()),
-                )),
+        let gate = CommitGate::default();
+        let mut work = std::pin::pin!(self.run(session, method, req, cx, attachment, &gate));
+        // Bounded by the command's own time limit inside exec.
+        let limit = (method != Method::ExecCommand).then_some(self.config.request_timeout);
+        let expired = async {
+            match limit {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
             }
         };
+        let cut = tokio::select! {
+            biased;
+            () = self.abort.cancelled() => Cut::GaveUp(shutting_down()),
+            o = &mut work => Cut::Done(o),
+            () = expired => Cut::GaveUp(timed_out(method, limit.unwrap_or_default())),
+        };
+        let mut outcome = match cut {
+            Cut::Done(o) => o,
+            // The work never reaches a point of no return now: a file_write
+            // wrote nothing and never will.
+            Cut::GaveUp(e) if gate.cancel() => Outcome::err(if method == Method::FileWrite {
+                e.with_data("outcome", "not_written")
+            } else {
+                e
+            }),
+            // A file_write is past its point of no return: its reply is its
+            // own outcome, if that comes soon enough.
+            Cut::GaveUp(e) => match tokio::time::timeout(COMMIT_GRACE, &mut work).await {
+                Ok(o) => o,
+                Err(_) => Outcome::err(e.with_data("outcome", "unknown")),
+            },
+        };
+        log_outcome(method, &outcome, started);
         log_outcome(method, &outcome, started);
         // The slot stays taken until the reply has been written.
         outcome.slot = Some(slot);
@@ -470,6 +481,7 @@ impl Agent {
         req: &Request,
         cx: Context,
         attachment: Option<Bytes>,
+        gate: &CommitGate,
     ) -> Outcome {
         match method {
             Method::Ping | Method::Sync | Method::GetAgentInfo => {
@@ -522,7 +534,7 @@ impl Agent {
                 Ok(p) if p.encoding == Encoding::Attachment && cx == Context::Batch => {
                     Outcome::err(batch_attachment())
                 }
-                Ok(p) => Outcome::from(self.files.write(session.0, p, attachment).await),
+                Ok(p) => Outcome::from(self.files.write(session.0, p, attachment, gate).await),
                 Err(e) => Outcome::err(e),
             },
             Method::Shutdown | Method::Reboot => match req.params::<PowerParams>() {
@@ -658,6 +670,30 @@ impl<E: RpcError> RpcError for CallError<E> {
             CallError::Inner(e) => e.data(),
         }
     }
+}
+
+/// How long a request that gave up waits for a `file_write` already past
+/// its point of no return (an `fsync` and a rename, normally milliseconds)
+/// before it answers that the outcome is unknown.
+const COMMIT_GRACE: Duration = Duration::from_secs(10);
+
+/// How a request's work ended.
+enum Cut {
+    /// It finished.
+    Done(Outcome),
+    /// The request gave up on it (time limit, agent stopping).
+    GaveUp(ErrorObject),
+}
+
+fn timed_out(method: Method, limit: Duration) -> ErrorObject {
+    ErrorObject::new(
+        ErrorKind::Timeout,
+        format!(
+            "{method} did not finish within request_timeout_seconds ({} s)",
+            limit.as_secs()
+        ),
+    )
+    .with_data("limit", limit.as_secs())
 }
 
 fn shutting_down() -> ErrorObject {

@@ -60,6 +60,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -82,6 +83,10 @@ use crate::policy::{check_regular_single, normalize_path, sys, Found, PathPolicy
 /// Most chunked uploads open at once (all sessions together).
 pub const MAX_UPLOADS: usize = 16;
 
+/// Smallest `file_read` attachment chunk read into a pooled buffer (1 MiB
+/// each); smaller ones get a buffer of their own size.
+const POOLED_READ_MIN: usize = 64 * 1024;
+
 /// An upload that receives no chunk for this long is aborted and its
 /// staging file deleted, so that idle uploads cannot hold the
 /// [`MAX_UPLOADS`] slots forever. Long enough for a host that pauses
@@ -102,6 +107,13 @@ pub const WRITE_ROOT_MODE: u32 = 0o755;
 /// Why a file request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
+    /// The request gave up (its time limit, or the agent stopping) before
+    /// the write reached its point of no return: nothing was written.
+    #[error("the request was given up before {path} was written; nothing was written")]
+    Cancelled {
+        /// The path as requested.
+        path: String,
+    },
     /// The path policy refused or could not resolve the path.
     #[error(transparent)]
     Policy(#[from] PolicyError),
@@ -191,6 +203,7 @@ impl RpcError for FileError {
     fn kind(&self) -> ErrorKind {
         match self {
             FileError::Policy(e) => e.kind(),
+            FileError::Cancelled { .. } => ErrorKind::Timeout,
             FileError::Decode(_) | FileError::NotUtf8 { .. } => ErrorKind::InvalidEncoding,
             FileError::TooLarge { .. } => ErrorKind::TooLarge,
             FileError::BadPermissions { .. } | FileError::InvalidRequest { .. } => {
@@ -216,6 +229,10 @@ impl RpcError for FileError {
                 ("path", path.as_str().into()),
                 ("size", (*size).into()),
                 ("limit", (*limit).into()),
+            ],
+            FileError::Cancelled { path } => vec![
+                ("path", path.as_str().into()),
+                ("outcome", "not_written".into()),
             ],
             FileError::AlreadyExists { path }
             | FileError::NotRegularFile { path }
@@ -454,6 +471,52 @@ impl Upload {
 
 type Uploads = Arc<Mutex<HashMap<String, Arc<Upload>>>>;
 
+/// Decides which comes first for one `file_write`: the write reaching its
+/// point of no return (the rename into place, the first appended byte, a
+/// chunk written into its upload) or its request giving up (time limit,
+/// agent stopping). Work handed to a worker thread cannot be interrupted,
+/// so without it a write answered `timeout` could still take place
+/// afterwards. With it, exactly one of two things holds: the request gave
+/// up first and the write never happens ([`CommitGate::cancel`] returned
+/// true), or the write had begun and the request waits for its outcome.
+#[derive(Debug, Clone, Default)]
+pub struct CommitGate(Arc<AtomicU8>);
+
+impl CommitGate {
+    const OPEN: u8 = 0;
+    const BEGUN: u8 = 1;
+    const CANCELLED: u8 = 2;
+
+    /// Called by the write just before its point of no return: `Err` when
+    /// the request already gave up.
+    fn begin(&self, path: &str) -> Result<(), FileError> {
+        match self
+            .0
+            .compare_exchange(Self::OPEN, Self::BEGUN, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) | Err(Self::BEGUN) => Ok(()),
+            Err(_) => Err(FileError::Cancelled {
+                path: path.to_owned(),
+            }),
+        }
+    }
+
+    /// Called by the request when it gives up: true when the write will
+    /// never take place, false when it has begun (its outcome is then the
+    /// write's own).
+    pub fn cancel(&self) -> bool {
+        match self.0.compare_exchange(
+            Self::OPEN,
+            Self::CANCELLED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) | Err(Self::CANCELLED) => true,
+            Err(_) => false,
+        }
+    }
+}
+
 /// Serves `file_read` and `file_write`.
 pub struct FileService {
     config: Arc<Config>,
@@ -515,6 +578,7 @@ impl FileService {
         session: u64,
         params: FileWriteParams,
         attachment: Option<Bytes>,
+        gate: &CommitGate,
     ) -> Result<FileWriteResult, FileError> {
         let perms = match params.permissions {
             None => DEFAULT_PERMISSIONS,
@@ -548,7 +612,7 @@ impl FileService {
         };
         let limit = self.config.security.max_file_size;
         if let Some(id) = params.upload_id.clone() {
-            return self.write_chunk(session, id, params, data).await;
+            return self.write_chunk(session, id, params, data, gate).await;
         }
         if params.offset.is_some_and(|o| o != 0) {
             return Err(FileError::InvalidRequest {
@@ -569,9 +633,15 @@ impl FileService {
                 reason: "chunked uploads (more: true) need mode truncate or create_new".into(),
             }),
             (WriteMode::Append, false) => {
-                blocking(move || append_blocking(&policy, &params.path, &data, perms, limit)).await
+                let gate = gate.clone();
+                blocking(move || {
+                    gate.begin(&params.path)?;
+                    append_blocking(&policy, &params.path, &data, perms, limit)
+                })
+                .await
             }
             (mode, false) => {
+                let gate = gate.clone();
                 blocking(move || {
                     let (dir, name) = policy.open_parent_for_write(&params.path)?;
                     let target = inspect_target(&dir, &name, &params.path, mode, perms)?;
@@ -581,6 +651,7 @@ impl FileService {
                         .file
                         .write_all(&data)
                         .map_err(io_err("write", &params.path))?;
+                    gate.begin(&params.path)?;
                     staged.commit(mode, &params.path)?;
                     Ok(FileWriteResult {
                         bytes_written: len,
@@ -591,7 +662,10 @@ impl FileService {
                 })
                 .await
             }
-            (mode, true) => self.start_upload(session, params, mode, perms, data).await,
+            (mode, true) => {
+                self.start_upload(session, params, mode, perms, data, gate)
+                    .await
+            }
         }
     }
 
@@ -602,6 +676,7 @@ impl FileService {
         mode: WriteMode,
         perms: u32,
         data: Bytes,
+        gate: &CommitGate,
     ) -> Result<FileWriteResult, FileError> {
         self.expire_idle();
         if lock(&self.uploads).len() >= MAX_UPLOADS {
@@ -610,6 +685,7 @@ impl FileService {
         let norm = normalize_path(&params.path).ok();
         let policy = Arc::clone(&self.write_policy);
         let path = params.path.clone();
+        let gate = gate.clone();
         let staged = blocking(move || {
             let (dir, name) = policy.open_parent_for_write(&path)?;
             let target = inspect_target(&dir, &name, &path, mode, perms)?;
@@ -618,6 +694,8 @@ impl FileService {
                 .file
                 .write_all_at(&data, 0)
                 .map_err(io_err("write", &path))?;
+            // From here the upload is registered and its id answered.
+            gate.begin(&path)?;
             Ok(staged)
         })
         .await?;
@@ -669,6 +747,7 @@ impl FileService {
         id: String,
         params: FileWriteParams,
         data: Bytes,
+        gate: &CommitGate,
     ) -> Result<FileWriteResult, FileError> {
         let upload = lock(&self.uploads)
             .get(&id)
@@ -676,7 +755,9 @@ impl FileService {
             .cloned()
             .ok_or_else(|| FileError::UnknownUpload { id: id.clone() })?;
         upload.touch();
-        let result = self.write_chunk_inner(&upload, &id, params, data).await;
+        let result = self
+            .write_chunk_inner(&upload, &id, params, data, gate)
+            .await;
         upload.touch();
         if result.is_err() {
             // Any failed chunk aborts the upload; the staging file goes with the last reference.
@@ -691,6 +772,7 @@ impl FileService {
         id: &str,
         params: FileWriteParams,
         data: Bytes,
+        gate: &CommitGate,
     ) -> Result<FileWriteResult, FileError> {
         if normalize_path(&params.path).ok().as_deref() != Some(upload.path.as_str()) {
             return Err(FileError::InvalidRequest {
@@ -720,8 +802,16 @@ impl FileService {
         let upload = Arc::clone(upload);
         let id = id.to_owned();
         let path = params.path;
+        let gate = gate.clone();
         blocking(move || {
             let unknown = || FileError::UnknownUpload { id: id.clone() };
+            if let Err(e) = gate.begin(&path) {
+                // Given up before the chunk was written: like any failed
+                // chunk, it aborts the upload (its request's future, which
+                // would remove it, is gone).
+                *upload.staged.write().unwrap_or_else(|e| e.into_inner()) = None;
+                return Err(e);
+            }
             if commit {
                 let mut guard = upload.staged.write().unwrap_or_else(|e| e.into_inner());
                 let staged = guard.as_mut().ok_or_else(unknown)?;
@@ -917,9 +1007,19 @@ fn read_blocking(
     // At most MAX_READ_CHUNK (1 MiB).
     let want = size.saturating_sub(offset).min(length) as usize;
     if params.encoding == Encoding::Attachment {
-        let mut buf = buffers.take();
-        let filled = read_at_full(&file, &mut buf.space()[..want], offset, path)?;
-        buf.set_len(filled);
+        // Buffers are sized to what was asked: a pooled 1 MiB buffer only
+        // for a large chunk, an exact one otherwise.
+        let (data, filled) = if want >= POOLED_READ_MIN {
+            let mut buf = buffers.take();
+            let filled = read_at_full(&file, &mut buf.space()[..want], offset, path)?;
+            buf.set_len(filled);
+            (buf.into_bytes(), filled)
+        } else {
+            let mut buf = vec![0u8; want];
+            let filled = read_at_full(&file, &mut buf, offset, path)?;
+            buf.truncate(filled);
+            (Bytes::from(buf), filled)
+        };
         let bytes_read = filled as u64;
         let result = FileReadResult {
             content: String::new(),
@@ -929,7 +1029,7 @@ fn read_blocking(
             eof: offset.saturating_add(bytes_read) >= size,
             size,
         };
-        return Ok((result, Some(buf.into_bytes())));
+        return Ok((result, Some(data)));
     }
     let mut buf = vec![0u8; want];
     let filled = read_at_full(&file, &mut buf, offset, path)?;
@@ -1305,7 +1405,8 @@ impl FileService {
         session: u64,
         params: FileWriteParams,
     ) -> Result<FileWriteResult, FileError> {
-        self.write(session, params, None).await
+        self.write(session, params, None, &CommitGate::default())
+            .await
     }
 }
 
@@ -2129,7 +2230,7 @@ mod tests {
         fn assert_send<T: Send>(_: &T) {}
         let svc = FileService::new(Arc::new(Config::default()));
         assert_send(&svc.read(rp("/tmp/x")));
-        assert_send(&svc.write(1, wp("/tmp/x", ""), None));
+        assert_send(&svc.write(1, wp("/tmp/x", ""), None, &CommitGate::default()));
         let config = Config::default();
         assert_send(&crate::exec::exec_command(&config, Default::default()));
     }
@@ -2156,5 +2257,72 @@ mod tests {
             ..Default::default()
         })
         .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_write_given_up_first_never_takes_place() {
+        let e = env();
+        let p = format!("{}/gated", e.root);
+        // Whole writes, appends and the first chunk of an upload.
+        for params in [
+            wp(&p, "x"),
+            FileWriteParams {
+                mode: WriteMode::Append,
+                ..wp(&p, "x")
+            },
+            FileWriteParams {
+                more: true,
+                ..wp(&p, "x")
+            },
+        ] {
+            let gate = CommitGate::default();
+            assert!(gate.cancel());
+            let err = e.svc.write(1, params, None, &gate).await.unwrap_err();
+            assert!(matches!(err, FileError::Cancelled { .. }), "{err:?}");
+            assert!(!Path::new(&p).exists());
+            assert_eq!(e.svc.open_uploads(), 0);
+        }
+        assert!(staging_files(Path::new(&e.root)).unwrap().is_empty());
+        // A chunk given up aborts its upload; so does a commit.
+        for more in [true, false] {
+            let r = e
+                .svc
+                .write_inline(
+                    1,
+                    FileWriteParams {
+                        more: true,
+                        ..wp(&p, "ab")
+                    },
+                )
+                .await
+                .unwrap();
+            let id = r.upload_id.unwrap();
+            let gate = CommitGate::default();
+            assert!(gate.cancel());
+            let err = e
+                .svc
+                .write(1, chunk(&p, &id, 2, b"cd", more), None, &gate)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, FileError::Cancelled { .. }), "{err:?}");
+            assert!(!Path::new(&p).exists());
+            assert!(staging_files(Path::new(&e.root)).unwrap().is_empty());
+            let err = e
+                .svc
+                .write_inline(1, chunk(&p, &id, 2, b"cd", false))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, FileError::UnknownUpload { .. }), "{err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_has_begun_cannot_be_given_up() {
+        let e = env();
+        let p = format!("{}/begun", e.root);
+        let gate = CommitGate::default();
+        e.svc.write(1, wp(&p, "done"), None, &gate).await.unwrap();
+        assert!(!gate.cancel(), "a committed write reported as given up");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "done");
     }
 }

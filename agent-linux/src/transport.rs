@@ -265,7 +265,19 @@ impl AsyncWrite for PortStream {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             match guard.try_io(|inner| inner.get_ref().write(buf)) {
                 Ok(result) => return Poll::Ready(result),
-                Err(_would_block) => continue,
+                // The port takes nothing both while the host does not read
+                // and once it has gone; only the hang-up tells them apart.
+                // A writer blocked by a host that left must end the session
+                // (its reader may be waiting for this very write, under
+                // back-pressure, and never see the end of input).
+                Err(_would_block) => {
+                    if !host_attached(self.fd.get_ref())? {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "the host detached from the port",
+                        )));
+                    }
+                }
             }
         }
     }
