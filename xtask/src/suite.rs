@@ -371,15 +371,6 @@ echo "memory.max $(cat $own/memory.max)"
 /// configured limits apply, and `get_agent_info` says so. Fails on an agent
 /// with the process-group kill alone: the `setsid` sleep survives.
 fn contained_check(ctl: &Ctl) -> Result<()> {
-    let info = ctl.json(&["info"])?;
-    let limits = &info["limits"];
-    ensure(limits["command_containment"] == "cgroup", || {
-        format!("containment: {limits}")
-    })?;
-    ensure(
-        limits["command_max_processes"] == 64 && limits["command_memory_max"] == 256u64 << 20,
-        || format!("per-command limits: {limits}"),
-    )?;
     let r = ctl.run(
         true,
         &["exec", "--timeout", "2", "--", "sh", "-c", ESCAPERS],
@@ -419,7 +410,16 @@ fn contained_check(ctl: &Ctl) -> Result<()> {
     })?;
     ensure(lines.contains(&"memory.max 268435456"), || {
         format!("memory.max: {out}")
-    })
+    })?;
+    let info = ctl.json(&["info"])?;
+    let limits = &info["limits"];
+    ensure(limits["command_containment"] == "cgroup", || {
+        format!("containment: {limits}")
+    })?;
+    ensure(
+        limits["command_max_processes"] == 64 && limits["command_memory_max"] == 256u64 << 20,
+        || format!("per-command limits: {limits}"),
+    )
 }
 
 /// The full suite against a QEMU guest.
