@@ -17,7 +17,10 @@
 //!   limits need in `<own>/cgroup.subtree_control`, and makes each command's
 //!   cgroup as `<own>/exec-<agent pid>-<n>`.
 //!   The root of a cgroup namespace (systemd `ProtectControlGroups=private`,
-//!   where `/proc/self/cgroup` reads `0::/`) is treated the same way.
+//!   where `/proc/self/cgroup` reads `0::/`) is treated the same way, and so
+//!   is any other non-root cgroup the agent can write to (root started by
+//!   hand in a login session): that works, but outside a delegated unit it
+//!   changes a tree systemd considers its own.
 //! - Root cgroup (a busybox initramfs guest whose `/init` mounted cgroup2):
 //!   the agent stays in the root (exempt from the leaf rule) and makes the
 //!   commands' cgroups under one directory, `/kvmmanager-agent/exec-<agent
@@ -30,16 +33,19 @@
 //! at start and left out of `get_agent_info`'s `limits`.
 //!
 //! Killing: `cgroup.kill` (Linux 5.14+) SIGKILLs every member at once, new
-//! forks included. Older kernels: `cgroup.freeze`, then SIGKILL to each pid
-//! of `cgroup.procs`, repeated until the cgroup is empty. Removal is `rmdir`,
-//! retried (killing again between tries) for at most [`REMOVE_TIMEOUT`].
+//! forks included. Older kernels: `cgroup.freeze` (frozen processes cannot
+//! fork), then SIGKILL to each pid of `cgroup.procs`. Removal is `rmdir`,
+//! retried, killing again between tries, for at most [`REMOVE_TIMEOUT`];
+//! a cgroup still populated then is left with a warning. At start, the
+//! cgroups of agents that are gone (SIGKILLed or crashed while commands
+//! ran) are killed and removed.
 //!
 //! Where any step of the set-up fails (no cgroup2 mount, cgroup v1 only, no
 //! write access, read-only cgroupfs) the agent falls back to the process
 //! group alone and says so once, as a warning, at start; `get_agent_info`
-//! reports `command_containment: "process_group"`. Whether the commands'
-//! cgroups are then really contained is proven in the real-VM suite
-//! (`cargo xtask vm-test`, check `exec-setsid-contained`).
+//! reports `command_containment: "process_group"`. That commands in cgroups
+//! really die whole is proven in the real-VM suite (`cargo xtask vm-test`,
+//! check `exec-setsid-contained`), which fails on an agent without it.
 //!
 //! This module does plain file I/O on cgroupfs; it spawns nothing (that is
 //! `exec`'s job) and holds no `unsafe`.
