@@ -168,6 +168,17 @@ pub struct Limits {
     /// absent, from agents before attachments) means none: use base64.
     #[serde(default)]
     pub max_attachment_size: u64,
+    /// How each command's descendants are contained: `cgroup` (a cgroup v2
+    /// per command: every descendant dies with it) or `process_group` (a
+    /// descendant that calls `setsid()` escapes). Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_containment: Option<String>,
+    /// `memory.max` of each command's cgroup, bytes; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_memory_max: Option<u64>,
+    /// `pids.max` of each command's cgroup; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_max_processes: Option<u64>,
 }
 
 /// Result of `get_system_info`.

@@ -475,6 +475,8 @@ fn config_keys_and_defaults_match() {
         ("security.command_whitelist", "`null`"),
         ("security.max_file_size_mb", "`10`"),
         ("security.max_command_timeout_seconds", "`300`"),
+        ("security.command_memory_max_mb", "`null`"),
+        ("security.command_max_processes", "`null`"),
     ];
     let doc = doc();
     let text = section(&doc, "## Limits and configuration").expect("a limits section");

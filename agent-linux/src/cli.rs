@@ -158,6 +158,8 @@ async fn run(args: Args, config: Config) -> ExitCode {
         config = %args.config.display(),
         "kvmmanager-agent starting"
     );
+    // Once, before any command: may move the agent into a leaf cgroup.
+    crate::cgroup::init(config.command_limits());
     let agent = Agent::new(config);
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();

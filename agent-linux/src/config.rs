@@ -94,6 +94,12 @@ pub struct SecurityConfig {
     pub max_file_size: u64,
     /// Key `max_command_timeout_seconds` (1..=86400, default 300).
     pub max_command_timeout: Duration,
+    /// Key `command_memory_max_mb` (1..=1048576, default `null`: no
+    /// limit), in bytes here: `memory.max` of each command's cgroup.
+    pub command_memory_max: Option<u64>,
+    /// Key `command_max_processes` (1..=4194304, default `null`: no
+    /// limit): `pids.max` of each command's cgroup.
+    pub command_max_processes: Option<u64>,
 }
 
 impl Default for SecurityConfig {
@@ -107,6 +113,8 @@ impl Default for SecurityConfig {
             command_whitelist: None,
             max_file_size: 10 * 1024 * 1024,
             max_command_timeout: Duration::from_secs(300),
+            command_memory_max: None,
+            command_max_processes: None,
         }
     }
 }
@@ -197,6 +205,8 @@ struct RawSecurity {
     command_whitelist: Option<Vec<String>>,
     max_file_size_mb: Option<u64>,
     max_command_timeout_seconds: Option<u64>,
+    command_memory_max_mb: Option<u64>,
+    command_max_processes: Option<u64>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -216,6 +226,8 @@ const SECURITY_KEYS: &[&str] = &[
     "security.command_whitelist",
     "security.max_file_size_mb",
     "security.max_command_timeout_seconds",
+    "security.command_memory_max_mb",
+    "security.command_max_processes",
 ];
 
 /// Finds the key (of `known`, dotted with `prefix`) that makes `object` fail
@@ -303,6 +315,17 @@ fn ranged(
             format!("{v} is out of range {}..={}", range.start(), range.end()),
         ))
     }
+}
+
+/// Like [`ranged`] for a key whose default is "no limit" (`None`).
+fn ranged_opt(
+    key: &'static str,
+    value: Option<u64>,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, ConfigError> {
+    value
+        .map(|v| ranged(key, Some(v), *range.start(), range))
+        .transpose()
 }
 
 fn path_reason(e: PathSyntaxError) -> &'static str {
@@ -460,6 +483,17 @@ impl Config {
             300,
             1..=86400,
         )?;
+        let command_memory_max_mb = ranged_opt(
+            "security.command_memory_max_mb",
+            s.command_memory_max_mb,
+            1..=1_048_576,
+        )?;
+        // pid_max can be at most 2^22 (PID_MAX_LIMIT).
+        let command_max_processes = ranged_opt(
+            "security.command_max_processes",
+            s.command_max_processes,
+            1..=4_194_304,
+        )?;
 
         Ok(Config {
             log_level,
@@ -477,12 +511,26 @@ impl Config {
                 command_whitelist,
                 max_file_size: max_file_size_mb * 1024 * 1024,
                 max_command_timeout: Duration::from_secs(max_command_timeout),
+                command_memory_max: command_memory_max_mb.map(|mb| mb * 1024 * 1024),
+                command_max_processes,
             },
         })
     }
 
-    /// The limits in force, as reported by `get_agent_info`.
+    /// The per-command cgroup limits this config asks for.
+    pub fn command_limits(&self) -> crate::cgroup::CommandLimits {
+        crate::cgroup::CommandLimits {
+            memory_max: self.security.command_memory_max,
+            pids_max: self.security.command_max_processes,
+        }
+    }
+
+    /// The limits in force, as reported by `get_agent_info`. The command
+    /// containment and per-command limits are those set up at start
+    /// ([`crate::cgroup::init`]); without that, the process group alone.
     pub fn limits(&self) -> agent_common::methods::Limits {
+        let containment = crate::cgroup::current();
+        let in_force = containment.map(|c| c.limits()).unwrap_or_default();
         agent_common::methods::Limits {
             max_message_size: self.max_message_size as u64,
             max_response_size: agent_common::MAX_RESPONSE_SIZE as u64,
@@ -494,6 +542,9 @@ impl Config {
             // At most 1024 (validated).
             max_concurrent_requests: self.max_concurrent_requests.min(u32::MAX as usize) as u32,
             max_attachment_size: agent_common::MAX_ATTACHMENT_SIZE,
+            command_containment: Some(containment.map_or("process_group", |c| c.name()).to_owned()),
+            command_memory_max: in_force.memory_max,
+            command_max_processes: in_force.pids_max,
         }
     }
 }
@@ -526,11 +577,41 @@ mod tests {
         assert_eq!(c.security.command_whitelist, None);
         assert_eq!(c.security.max_file_size, 10 * 1024 * 1024);
         assert_eq!(c.security.max_command_timeout, Duration::from_secs(300));
+        assert_eq!(c.security.command_memory_max, None);
+        assert_eq!(c.security.command_max_processes, None);
         assert_eq!(Config::from_json(r#"{"security":{}}"#).unwrap(), c);
+        assert_eq!(
+            Config::from_json(
+                r#"{"security":{"command_memory_max_mb":null,"command_max_processes":null}}"#
+            )
+            .unwrap(),
+            c
+        );
         assert_eq!(
             Config::from_json(r#"{"security":null,"log_file":null}"#).unwrap(),
             c
         );
+    }
+
+    #[test]
+    fn the_packaged_config_is_the_default() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/config.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(Config::from_json(&text).unwrap(), Config::default());
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let mut keys: Vec<&str> = v["security"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut listed: Vec<&str> = SECURITY_KEYS
+            .iter()
+            .map(|k| k.trim_start_matches("security."))
+            .collect();
+        keys.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(keys, listed, "every security key is spelled out");
     }
 
     #[test]
@@ -549,7 +630,9 @@ mod tests {
                     "allowed_write_paths": [],
                     "command_whitelist": ["ls", "/usr//bin/cat", "ls"],
                     "max_file_size_mb": 1048576,
-                    "max_command_timeout_seconds": 1
+                    "max_command_timeout_seconds": 1,
+                    "command_memory_max_mb": 1048576,
+                    "command_max_processes": 1
                 }
             }"#,
         )
@@ -572,6 +655,15 @@ mod tests {
         );
         assert_eq!(c.security.max_file_size, 1 << 40);
         assert_eq!(c.security.max_command_timeout, Duration::from_secs(1));
+        assert_eq!(c.security.command_memory_max, Some(1 << 40));
+        assert_eq!(c.security.command_max_processes, Some(1));
+        assert_eq!(
+            c.command_limits(),
+            crate::cgroup::CommandLimits {
+                memory_max: Some(1 << 40),
+                pids_max: Some(1)
+            }
+        );
         let l = c.limits();
         assert_eq!(l.max_message_size, 16 * 1024 * 1024);
         assert_eq!(l.max_file_size, 1 << 40);
@@ -581,6 +673,13 @@ mod tests {
         assert_eq!(l.max_read_chunk, agent_common::MAX_READ_CHUNK);
         assert_eq!(l.max_exec_output, agent_common::MAX_EXEC_OUTPUT);
         assert_eq!(l.max_response_size, agent_common::MAX_RESPONSE_SIZE as u64);
+        // Unit tests never set up containment (cgroup::init moves the
+        // process): the process group alone, and no limits in force.
+        assert_eq!(l.command_containment.as_deref(), Some("process_group"));
+        assert_eq!(
+            (l.command_memory_max, l.command_max_processes),
+            (None, None)
+        );
     }
 
     #[test]
@@ -702,6 +801,30 @@ mod tests {
             (
                 r#"{"security":{"max_command_timeout_seconds":86401}}"#,
                 "security.max_command_timeout_seconds",
+            ),
+            (
+                r#"{"security":{"command_memory_max_mb":0}}"#,
+                "security.command_memory_max_mb",
+            ),
+            (
+                r#"{"security":{"command_memory_max_mb":1048577}}"#,
+                "security.command_memory_max_mb",
+            ),
+            (
+                r#"{"security":{"command_memory_max_mb":"1G"}}"#,
+                "security.command_memory_max_mb",
+            ),
+            (
+                r#"{"security":{"command_max_processes":0}}"#,
+                "security.command_max_processes",
+            ),
+            (
+                r#"{"security":{"command_max_processes":4194305}}"#,
+                "security.command_max_processes",
+            ),
+            (
+                r#"{"security":{"command_max_processes":-1}}"#,
+                "security.command_max_processes",
             ),
         ];
         for (text, key) in cases {

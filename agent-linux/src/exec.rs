@@ -2,17 +2,49 @@
 //!
 //! This is the only module that spawns processes. The program is resolved by
 //! [`CommandPolicy`] (bare names in [`SAFE_PATH`] only, optional whitelist)
-//! and started directly, never through a shell, in a new process group, with
-//! a minimal environment (`PATH`, `HOME`, `LANG`) plus the request's `env`.
+//! and started directly, never through a shell, in a new process group and,
+//! where the agent could set up cgroups at start ([`crate::cgroup`]), in a
+//! cgroup v2 of its own, with a minimal environment (`PATH`, `HOME`, `LANG`)
+//! plus the request's `env`.
 //!
-//! Lifetime of the process group:
-//! - on timeout the whole group gets SIGKILL and `timed_out` is true;
+//! Lifetime of the process group and the cgroup:
+//! - on timeout the whole group and the whole cgroup get SIGKILL
+//!   (`cgroup.kill`) and `timed_out` is true;
 //! - when the main process exits, descendants still holding stdout/stderr
-//!   get [`EXIT_GRACE`] to finish, then the group gets SIGKILL: when
-//!   `exec_command` returns, nothing of the command's process group is left
-//!   (use `systemd-run` or `setsid` to start long-lived services);
+//!   get [`EXIT_GRACE`] to finish, then the group and the cgroup get
+//!   SIGKILL: when `exec_command` returns, nothing of the command is left
+//!   and its cgroup is removed (use `systemd-run` to start long-lived
+//!   services);
 //! - when the request future is dropped (cancelled, agent stopping) a guard
-//!   kills the group and reaps the main process on a blocking thread.
+//!   kills the group and the cgroup, reaps the main process and removes the
+//!   cgroup on a blocking thread.
+//!
+//! Containment: the process group alone misses descendants that called
+//! `setsid()` or `setpgid()` (daemons, double forks); the cgroup catches
+//! them, since only a writer to the cgroup hierarchy can move a process out.
+//! `get_agent_info` reports which is in force (`limits.command_containment`,
+//! `cgroup` or `process_group`); see [`crate::cgroup`] for when cgroups are
+//! not available.
+//!
+//! How the child enters its cgroup: where the kernel has it (5.7+), the
+//! agent starts the child with `clone3(CLONE_INTO_CGROUP)`, so the program
+//! is born in its cgroup and nothing it forks can be outside: no window.
+//! std's `Command` has no hook for that, so this path is the agent's own
+//! ([`spawn_into_cgroup`]): a `fork`-like clone (no `CLONE_VM`, so the child
+//! runs on its own copy-on-write copy of this stack, as with `fork`) whose
+//! child calls only async-signal-safe functions (`dup2`, `setpgid`, `chdir`,
+//! `sigprocmask`, `execve`, and on failure `write` of errno to a
+//! close-on-exec pipe and `_exit`), with every string and array built before
+//! the clone. It costs the page-table copy that `posix_spawn` avoids (below);
+//! containment is worth it. Where `clone3` or `CLONE_INTO_CGROUP` is missing
+//! (kernel before 5.7, or a seccomp filter answering ENOSYS) the agent
+//! spawns through std and writes the child's pid to the cgroup's
+//! `cgroup.procs` as the very next step. That leaves a window: `posix_spawn`
+//! returns once the child has called `execve`, and the program runs until
+//! that write. On a busy machine that is long enough for a shell to fork
+//! several commands (seen in this module's tests), which then stay in the
+//! agent's cgroup: they still die with the process group unless they also
+//! called `setsid`, and under systemd when the agent's unit stops.
 //!
 //! The group is signalled while the main process is still unreaped (its exit
 //! is observed through a pidfd without reaping it), so the group id cannot
@@ -20,14 +52,15 @@
 //! 5.3) get the exit by polling every [`POLL_WITHOUT_PIDFD`]; there the group
 //! is killed after the main process was reaped.
 //!
-//! Spawning uses std's `Command` with `process_group(0)` and no `pre_exec`
-//! hook, so std spawns through `posix_spawn` (a `CLONE_VFORK` child sharing
-//! the agent's memory until `execve`) rather than `fork`, which would copy
-//! the page tables of this multi-threaded process. Resolution and the cwd
+//! Without cgroups, spawning uses std's `Command` with `process_group(0)`
+//! and no `pre_exec` hook, so std spawns through `posix_spawn` (a
+//! `CLONE_VFORK` child sharing the agent's memory until `execve`) rather
+//! than `fork`, which would copy the page tables of this multi-threaded
+//! process. Resolution and the cwd
 //! check run on the calling thread: a hop to the blocking pool costs more
-//! than their few `stat` calls. Processes that left the group
-//! (`setsid`) are out of reach; if they keep the output pipes open, output
-//! collection stops [`DRAIN_AFTER_KILL`] after the kill.
+//! than their few `stat` calls. Without cgroups, processes that left the
+//! group (`setsid`) are out of reach; if they keep the output pipes open,
+//! output collection stops [`DRAIN_AFTER_KILL`] after the kill.
 //!
 //! Limits: `timeout_seconds` defaults to `request_timeout_seconds` (capped at
 //! `max_command_timeout_seconds`); a larger value is refused as
@@ -41,11 +74,14 @@
 //! This list cannot be complete: whitelist only programs that do not take
 //! code from their environment.
 
+use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_common::encoding::{DecodeError, Encoding};
@@ -57,6 +93,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
+use crate::cgroup::{CgroupError, CommandCgroup, CommandCgroups};
 use crate::config::Config;
 use crate::error::{io_error_kind, RpcError};
 use crate::policy::{CommandPolicy, PolicyError, SAFE_PATH};
@@ -145,6 +182,16 @@ pub enum ExecError {
         #[source]
         source: io::Error,
     },
+    /// The command's cgroup could not be made or the program moved into it:
+    /// it is not run (or killed at once) rather than run uncontained.
+    #[error("cannot contain {command} in a cgroup")]
+    Containment {
+        /// The command as requested.
+        command: String,
+        /// The cause.
+        #[source]
+        source: CgroupError,
+    },
     /// Waiting for the program failed.
     #[error("cannot wait for {command}")]
     Wait {
@@ -176,6 +223,7 @@ impl RpcError for ExecError {
                 Some(libc::ENOENT) => ErrorKind::NotFound,
                 _ => ErrorKind::SpawnFailed,
             },
+            ExecError::Containment { .. } => ErrorKind::SpawnFailed,
             ExecError::Wait { .. } => ErrorKind::IoError,
             ExecError::Internal { .. } => ErrorKind::InternalError,
         }
@@ -187,7 +235,9 @@ impl RpcError for ExecError {
             ExecError::EnvRefused { key, .. } => vec![("env", key.as_str().into())],
             ExecError::TimeoutTooLong { limit, .. } => vec![("limit", (*limit).into())],
             ExecError::Cwd { cwd, .. } => vec![("cwd", cwd.as_str().into())],
-            ExecError::Spawn { command, .. } | ExecError::Wait { command, .. } => {
+            ExecError::Spawn { command, .. }
+            | ExecError::Wait { command, .. }
+            | ExecError::Containment { command, .. } => {
                 vec![("command", command.as_str().into())]
             }
             ExecError::InvalidRequest { .. }
@@ -307,23 +357,26 @@ pub const POLL_WITHOUT_PIDFD: Duration = Duration::from_millis(10);
 /// reaping it.
 ///
 /// Dropped before it was reaped (request cancelled, agent stopping, an
-/// error): the group gets SIGKILL while the main process is still unreaped,
-/// so the group id cannot name anyone else, and the main process is reaped
-/// off the runtime threads.
+/// error): the group and the cgroup get SIGKILL while the main process is
+/// still unreaped, so the group id cannot name anyone else, the main process
+/// is reaped off the runtime threads, and the cgroup is removed (its own
+/// drop guard).
 struct Running {
     /// `None` once reaped.
-    child: Option<std::process::Child>,
+    child: Option<MainProcess>,
     /// The process group id (the main process's pid).
     pgid: nix::unistd::Pid,
     /// False once the group must no longer be signalled.
     armed: bool,
     pidfd: Option<AsyncFd<PidFd>>,
+    /// The command's cgroup, if commands are contained in cgroups; taken
+    /// when it is removed at the end of the command.
+    cgroup: Option<CommandCgroup>,
 }
 
 impl Running {
-    fn new(child: std::process::Child) -> Running {
-        // A pid is a positive `pid_t`; `Child::id` returns it as u32.
-        let pgid = nix::unistd::Pid::from_raw(child.id() as libc::pid_t);
+    fn new(child: MainProcess, cgroup: Option<CommandCgroup>) -> Running {
+        let pgid = nix::unistd::Pid::from_raw(child.pid());
         let pidfd = match pidfd_open(pgid.as_raw()) {
             Ok(fd) => {
                 // SAFETY: `PidFd` owns the descriptor, so it stays open and
@@ -344,17 +397,22 @@ impl Running {
             pgid,
             armed: true,
             pidfd,
+            cgroup,
         }
     }
 
-    /// SIGKILL to the whole group, until [`Running::disarm`]. With a pidfd
-    /// the main process is still unreaped here, so the group id is ours;
-    /// without one it may have been reaped already (the old behaviour of
-    /// such kernels: a small risk that the id was reused).
+    /// SIGKILL to the whole group, until [`Running::disarm`], and to the
+    /// whole cgroup. With a pidfd the main process is still unreaped here,
+    /// so the group id is ours; without one it may have been reaped already
+    /// (the old behaviour of such kernels: a small risk that the id was
+    /// reused). The cgroup is ours until removed, whatever was reaped.
     fn kill_group(&self) {
         if self.armed {
             // ESRCH (nobody left) is fine.
             let _ = nix::sys::signal::killpg(self.pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.kill();
         }
     }
 
@@ -412,7 +470,8 @@ impl Drop for Running {
         self.kill_group();
         if let Some(mut child) = self.child.take() {
             // SIGKILLed, so it exits promptly; wait() still blocks until it
-            // has, which is not for a runtime thread.
+            // has, which is not for a runtime thread. (The cgroup, dropped
+            // with `self`, is removed by its own guard.)
             let reap = move || {
                 let _ = child.wait();
             };
@@ -422,6 +481,397 @@ impl Drop for Running {
             }
         }
     }
+}
+
+/// The command's main process, reaped through [`MainProcess::try_wait`] or
+/// [`MainProcess::wait`].
+enum MainProcess {
+    /// Started by std's `Command` (`posix_spawn`).
+    Std(std::process::Child),
+    /// Started by [`spawn_into_cgroup`]; `pid` is our unreaped child.
+    Raw {
+        /// The pid.
+        pid: libc::pid_t,
+    },
+}
+
+impl MainProcess {
+    fn pid(&self) -> libc::pid_t {
+        match self {
+            // A pid is a positive `pid_t`; `Child::id` returns it as u32.
+            MainProcess::Std(c) => c.id() as libc::pid_t,
+            MainProcess::Raw { pid } => *pid,
+        }
+    }
+
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        match self {
+            MainProcess::Std(c) => c.try_wait(),
+            MainProcess::Raw { pid } => waitpid(*pid, false),
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<ExitStatus> {
+        match self {
+            MainProcess::Std(c) => c.wait(),
+            MainProcess::Raw { pid } => waitpid(*pid, true)?
+                .ok_or_else(|| io::Error::other("waitpid returned without a status")),
+        }
+    }
+}
+
+/// `waitpid(pid)`, blocking or not (`WNOHANG`): `None` while it runs.
+fn waitpid(pid: libc::pid_t, block: bool) -> io::Result<Option<ExitStatus>> {
+    let flags = if block { 0 } else { libc::WNOHANG };
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes one int through a pointer to a live local.
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r == pid {
+            return Ok(Some(ExitStatus::from_raw(status)));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `clone_args` of `clone3(2)` up to `cgroup` (`CLONE_ARGS_SIZE_VER2`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Set once `clone3(CLONE_INTO_CGROUP)` turned out not to exist here (an
+/// old kernel, or a seccomp filter answering ENOSYS): from then on commands
+/// are spawned by std and moved into their cgroup (module docs).
+static NO_CLONE_INTO_CGROUP: AtomicBool = AtomicBool::new(false);
+
+/// Forks (no `CLONE_VM`: the child gets a copy-on-write copy, like `fork`)
+/// straight into the cgroup open as `cgroup`. Returns the child's pid in
+/// the parent and 0 in the child.
+///
+/// # Safety
+/// In the child (0 returned) the caller may only call async-signal-safe
+/// functions (this process has other threads, whose locks stay held in the
+/// copy) and must end with `execve` or `_exit`.
+unsafe fn clone_into_cgroup(cgroup: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
+    let mut args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        // A descriptor is a non-negative int.
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 reads `size_of::<CloneArgs>()` bytes of a live,
+    // properly laid out struct; without CLONE_VM or a stack the child runs
+    // on its own copy of this stack, so returning here in both processes is
+    // sound (as for fork). What the child may do next is the caller's
+    // contract above.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // A pid fits pid_t.
+    Ok(r as libc::pid_t)
+}
+
+/// The child's half of [`spawn_into_cgroup`]: wires stdio, makes its own
+/// process group, changes directory, resets SIGPIPE (std ignores it in the
+/// agent; `Command` resets it too) and the signal mask, and executes. On
+/// failure it writes `errno` to `err_fd` and exits 127.
+///
+/// # Safety
+/// Only in the child of [`clone_into_cgroup`]. Every pointer must be valid
+/// (NUL-terminated strings and NULL-terminated arrays, built before the
+/// clone). It calls only async-signal-safe functions and never returns.
+unsafe fn exec_child(
+    stdio: [RawFd; 3],
+    err_fd: RawFd,
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+) -> ! {
+    // SAFETY: plain syscalls on descriptors and on the caller's valid
+    // pointers; the errno read and write go through valid locals.
+    unsafe {
+        for (target, fd) in (0..).zip(stdio) {
+            // dup2 onto itself would keep O_CLOEXEC: clear it instead.
+            let r = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if r < 0 {
+                child_fail(err_fd);
+            }
+        }
+        if libc::setpgid(0, 0) < 0 || libc::chdir(cwd) < 0 {
+            child_fail(err_fd);
+        }
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::execve(program, argv, envp);
+        child_fail(err_fd)
+    }
+}
+
+/// Reports `errno` on `err_fd` and exits 127 (async-signal-safe).
+///
+/// # Safety
+/// Only in the child of [`clone_into_cgroup`].
+unsafe fn child_fail(err_fd: RawFd) -> ! {
+    // SAFETY: errno is this thread's; write reads 4 bytes of a live local;
+    // _exit ends the process without running any destructor.
+    unsafe {
+        let errno: libc::c_int = *libc::__errno_location();
+        libc::write(
+            err_fd,
+            (&errno as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>(),
+        );
+        libc::_exit(127)
+    }
+}
+
+/// What [`spawn`] started: the main process and our ends of its pipes.
+struct Spawned {
+    process: MainProcess,
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// What to run, as the child of [`spawn_into_cgroup`] needs it (every
+/// allocation happens before the clone).
+struct ExecPlan<'a> {
+    program: &'a std::path::Path,
+    argv0: &'a str,
+    args: &'a [String],
+    env: &'a BTreeMap<String, String>,
+    cwd: &'a std::path::Path,
+    stdin_piped: bool,
+}
+
+fn cstring(bytes: impl Into<Vec<u8>>) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Starts `plan` straight inside the cgroup open as `cgroup`, with
+/// `clone3(CLONE_INTO_CGROUP)`: the program never runs outside it, so it
+/// cannot fork anything that escapes. `Ok(None)` if this kernel cannot.
+fn spawn_into_cgroup(plan: &ExecPlan<'_>, cgroup: BorrowedFd<'_>) -> io::Result<Option<Spawned>> {
+    use std::os::unix::ffi::OsStrExt;
+    let program = cstring(plan.program.as_os_str().as_bytes())?;
+    let cwd = cstring(plan.cwd.as_os_str().as_bytes())?;
+    let argv: Vec<CString> = std::iter::once(cstring(plan.argv0))
+        .chain(plan.args.iter().map(|a| cstring(a.as_str())))
+        .collect::<io::Result<_>>()?;
+    let envp: Vec<CString> = plan
+        .env
+        .iter()
+        .map(|(k, v)| cstring(format!("{k}={v}")))
+        .collect::<io::Result<_>>()?;
+    let argv_ptrs: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp_ptrs: Vec<*const libc::c_char> = envp
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (stdin_child, stdin_ours): (OwnedFd, Option<OwnedFd>) = if plan.stdin_piped {
+        let (r, w) = nix::unistd::pipe2(cloexec)?;
+        (r, Some(w))
+    } else {
+        (std::fs::File::open("/dev/null")?.into(), None)
+    };
+    let (stdout_ours, stdout_child) = nix::unistd::pipe2(cloexec)?;
+    let (stderr_ours, stderr_child) = nix::unistd::pipe2(cloexec)?;
+    let (err_ours, err_child) = nix::unistd::pipe2(cloexec)?;
+    let stdio = [
+        stdin_child.as_raw_fd(),
+        stdout_child.as_raw_fd(),
+        stderr_child.as_raw_fd(),
+    ];
+    if stdio
+        .iter()
+        .chain([&err_child.as_raw_fd()])
+        .any(|fd| *fd < 3)
+    {
+        // The agent runs without fds 0-2 open: wiring stdio in the child
+        // could clobber one with another. Let std handle that rare case.
+        return Ok(None);
+    }
+    // SAFETY: in the child (0) only exec_child runs, which keeps to
+    // async-signal-safe calls on the pointers built above (alive in the
+    // child's copy of this frame) and never returns.
+    let pid = match unsafe { clone_into_cgroup(cgroup) } {
+        Ok(0) => {
+            // SAFETY: see above; this is the child of clone_into_cgroup.
+            unsafe {
+                exec_child(
+                    stdio,
+                    err_child.as_raw_fd(),
+                    program.as_ptr(),
+                    argv_ptrs.as_ptr(),
+                    envp_ptrs.as_ptr(),
+                    cwd.as_ptr(),
+                )
+            }
+        }
+        Ok(pid) => pid,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
+            ) =>
+        {
+            tracing::debug!(error = %e, "no clone3(CLONE_INTO_CGROUP); commands are moved after spawning");
+            NO_CLONE_INTO_CGROUP.store(true, Ordering::Relaxed);
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    // The child's ends close here, so the error pipe reads EOF at its exec.
+    drop((stdin_child, stdout_child, stderr_child, err_child));
+    let mut errno = [0u8; 4];
+    let mut got = 0;
+    let mut err_pipe = std::fs::File::from(err_ours);
+    while got < errno.len() {
+        match std::io::Read::read(&mut err_pipe, &mut errno[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // Cannot tell: do not leave the child running unwatched.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = waitpid(pid, true);
+                return Err(e);
+            }
+        }
+    }
+    if got > 0 {
+        // The child reported why execve (or its set-up) failed and exited.
+        let _ = waitpid(pid, true);
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+    }
+    Ok(Some(Spawned {
+        process: MainProcess::Raw { pid },
+        stdin: stdin_ours,
+        stdout: stdout_ours,
+        stderr: stderr_ours,
+    }))
+}
+
+/// Why [`spawn`] started nothing.
+enum SpawnFailure {
+    /// The program could not be started.
+    Start(io::Error),
+    /// The command's cgroup could not be opened.
+    Cgroup(CgroupError),
+}
+
+/// Starts `plan`: straight into `cgroup` where the kernel can
+/// ([`spawn_into_cgroup`]), else through std and, with a cgroup, moved into
+/// it at once (the second value says whether that worked).
+fn spawn(
+    plan: &ExecPlan<'_>,
+    cgroup: Option<&CommandCgroup>,
+) -> Result<(Spawned, Result<(), CgroupError>), SpawnFailure> {
+    if let Some(cg) = cgroup {
+        if !NO_CLONE_INTO_CGROUP.load(Ordering::Relaxed) {
+            let dir = cg.open_dir().map_err(|source| {
+                SpawnFailure::Cgroup(CgroupError::Read {
+                    path: cg.dir().to_owned(),
+                    source,
+                })
+            })?;
+            if let Some(s) = spawn_into_cgroup(plan, dir.as_fd()).map_err(SpawnFailure::Start)? {
+                return Ok((s, Ok(())));
+            }
+        }
+    }
+    spawn_std(plan, cgroup).map_err(SpawnFailure::Start)
+}
+
+/// Spawns through std's `Command` (`posix_spawn`); with `cgroup`, moves the
+/// child into it right after, which leaves the window the module docs
+/// describe.
+fn spawn_std(
+    plan: &ExecPlan<'_>,
+    cgroup: Option<&CommandCgroup>,
+) -> Result<(Spawned, Result<(), CgroupError>), io::Error> {
+    // std's Command, not tokio's: with no pre_exec hook std spawns through
+    // posix_spawn (clone with CLONE_VM|CLONE_VFORK, no page-table copy of
+    // this multi-threaded process), and the exit is watched through our
+    // pidfd alone, without tokio's SIGCHLD handling and second pidfd.
+    let mut cmd = std::process::Command::new(plan.program);
+    cmd.arg0(plan.argv0)
+        .args(plan.args)
+        .env_clear()
+        .envs(plan.env)
+        .current_dir(plan.cwd)
+        .stdin(if plan.stdin_piped {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn()?;
+    // First thing after the spawn: the window ends here.
+    let contained = cgroup.map_or(Ok(()), |cg| cg.add(child.id()));
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let spawned = match (stdout, stderr) {
+        (Some(stdout), Some(stderr)) => Spawned {
+            process: MainProcess::Std(child),
+            stdin: stdin.map(OwnedFd::from),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        },
+        // Both were set to piped above.
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other("std did not return the output pipes"));
+        }
+    };
+    Ok((spawned, contained))
 }
 
 /// Output kept from one pipe.
@@ -471,8 +921,21 @@ async fn feed(stdin: Option<pipe::Sender>, data: &[u8]) {
     }
 }
 
-/// Runs `params` under `config`'s command policy and limits.
+/// Runs `params` under `config`'s command policy and limits, contained as
+/// [`crate::cgroup::init`] set up at start (the process group alone if it
+/// did not run).
 pub async fn exec_command(config: &Config, params: ExecParams) -> Result<ExecResult, ExecError> {
+    let cgroups = crate::cgroup::current().and_then(|c| c.cgroups());
+    exec_command_in(config, params, cgroups).await
+}
+
+/// [`exec_command`] with each command in a cgroup under `cgroups` (`None`:
+/// the process group alone).
+pub async fn exec_command_in(
+    config: &Config,
+    params: ExecParams,
+    cgroups: Option<&CommandCgroups>,
+) -> Result<ExecResult, ExecError> {
     let policy = CommandPolicy::new(config.security.command_whitelist.as_deref());
     check_env(&params, policy.is_restricted())?;
     if let Some(i) = params.args.iter().position(|a| a.contains('\0')) {
@@ -492,7 +955,7 @@ pub async fn exec_command(config: &Config, params: ExecParams) -> Result<ExecRes
     // the calls, several times over in an emulated guest.
     let (program, argv0) = policy.resolve(&params.command)?;
     let cwd = check_cwd(params.cwd.as_deref())?;
-    run(program, argv0, cwd, limit, stdin_data, params).await
+    run(program, argv0, cwd, limit, stdin_data, params, cgroups).await
 }
 
 async fn run(
@@ -502,48 +965,65 @@ async fn run(
     limit: Duration,
     stdin_data: Vec<u8>,
     params: ExecParams,
+    cgroups: Option<&CommandCgroups>,
 ) -> Result<ExecResult, ExecError> {
-    // std's Command, not tokio's: with no pre_exec hook std spawns through
-    // posix_spawn (clone with CLONE_VM|CLONE_VFORK, no page-table copy of
-    // this multi-threaded process), and the exit is watched through our
-    // pidfd alone, without tokio's SIGCHLD handling and second pidfd.
-    let mut cmd = std::process::Command::new(&program);
-    cmd.arg0(&argv0)
-        .args(&params.args)
-        .env_clear()
-        .envs(base_env())
-        .envs(&params.env)
-        .current_dir(&cwd)
-        .stdin(if stdin_data.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    // The request's variables replace the base ones of the same name.
+    let mut env: BTreeMap<String, String> = base_env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    env.extend(params.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let plan = ExecPlan {
+        program: &program,
+        argv0: &argv0,
+        args: &params.args,
+        env: &env,
+        cwd: &cwd,
+        stdin_piped: !stdin_data.is_empty(),
+    };
     let start = Instant::now();
     let deadline = tokio::time::Instant::from_std(start + limit);
     let spawn_error = |source| ExecError::Spawn {
         command: params.command.clone(),
         source,
     };
-    let mut child = cmd.spawn().map_err(spawn_error)?;
-    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
-    let mut running = Running::new(child);
+    let containment_error = |source| ExecError::Containment {
+        command: params.command.clone(),
+        source,
+    };
+    let cgroup = cgroups
+        .map(CommandCgroups::create)
+        .transpose()
+        .map_err(containment_error)?;
+    let (spawned, contained) = match spawn(&plan, cgroup.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing runs in the cgroup: one rmdir.
+            if let Some(cg) = cgroup {
+                cg.remove_blocking();
+            }
+            return Err(match e {
+                SpawnFailure::Start(source) => spawn_error(source),
+                SpawnFailure::Cgroup(source) => containment_error(source),
+            });
+        }
+    };
+    let Spawned {
+        process,
+        stdin,
+        stdout,
+        stderr,
+    } = spawned;
+    let mut running = Running::new(process, cgroup);
+    // Not contained: dropping `running` kills and reaps it.
+    contained.map_err(containment_error)?;
     tracing::debug!(command = %params.command, pid = running.pgid.as_raw(), "command started");
     // Our ends of the pipes, non-blocking and registered with the runtime.
     // A failure here drops `running`, which kills and reaps the group.
-    let stdout = stdout
-        .map(|p| pipe::Receiver::from_owned_fd(p.into()))
-        .transpose()
-        .map_err(spawn_error)?;
-    let stderr = stderr
-        .map(|p| pipe::Receiver::from_owned_fd(p.into()))
-        .transpose()
-        .map_err(spawn_error)?;
+    let stdout = Some(pipe::Receiver::from_owned_fd(stdout).map_err(spawn_error)?);
+    let stderr = Some(pipe::Receiver::from_owned_fd(stderr).map_err(spawn_error)?);
     let stdin = stdin
-        .map(|p| pipe::Sender::from_owned_fd(p.into()))
+        .map(pipe::Sender::from_owned_fd)
         .transpose()
         .map_err(spawn_error)?;
 
@@ -594,7 +1074,7 @@ async fn run(
                 .await
                 .is_err()
         {
-            tracing::warn!(command = %params.command, "output pipes held open by processes outside the group; output cut");
+            tracing::warn!(command = %params.command, "output pipes held open by processes outside the group and cgroup; output cut");
         }
         early_status
     };
@@ -603,6 +1083,11 @@ async fn run(
         None => running.reap().await.map_err(wait_error)?,
     };
     running.disarm();
+    // Kills whatever is left in the cgroup (already SIGKILLed above) and
+    // waits, bounded, until it is empty and removed.
+    if let Some(cgroup) = running.cgroup.take() {
+        cgroup.remove().await;
+    }
     let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::debug!(command = %params.command, ?status, timed_out, duration_ms, "command finished");
     let encoding = params.output_encoding;
@@ -721,7 +1206,7 @@ mod tests {
 
     #[tokio::test]
     async fn pidfd_sees_the_exit_without_reaping() {
-        let mut running = Running::new(spawn("true", &[]));
+        let mut running = Running::new(MainProcess::Std(spawn("true", &[])), None);
         assert!(running.pidfd.is_some());
         let pid = running.pgid.as_raw();
         assert_eq!(running.exited().await.unwrap(), None);
@@ -735,7 +1220,10 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_pidfd_the_exit_is_polled_and_the_group_still_killed() {
-        let mut running = Running::new(spawn("sh", &["-c", "sleep 100 & exit 7"]));
+        let mut running = Running::new(
+            MainProcess::Std(spawn("sh", &["-c", "sleep 100 & exit 7"])),
+            None,
+        );
         running.pidfd = None;
         let pgid = running.pgid.as_raw();
         let status = running.exited().await.unwrap().unwrap();
@@ -753,7 +1241,10 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_a_running_command_kills_and_reaps_its_group() {
-        let running = Running::new(spawn("sh", &["-c", "sleep 100 & sleep 100"]));
+        let running = Running::new(
+            MainProcess::Std(spawn("sh", &["-c", "sleep 100 & sleep 100"])),
+            None,
+        );
         let pid = running.pgid.as_raw();
         // The background sleep is in the group too.
         let mut members = Vec::new();
@@ -1082,5 +1573,273 @@ mod tests {
             wait_dead(pid),
             "background sleep {pid} survived the dropped request"
         );
+    }
+
+    /// A parent for this test's command cgroups beneath the test process's
+    /// own cgroup (the process is not moved), removed on drop.
+    struct TestCgroups {
+        cgroups: Option<CommandCgroups>,
+        dir: PathBuf,
+    }
+
+    impl Drop for TestCgroups {
+        fn drop(&mut self) {
+            self.cgroups = None;
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+
+    /// The cgroups for a test, or why this machine has none for it (cgroup
+    /// v1 only, no cgroup2 mount, no write access).
+    fn test_cgroups(name: &str) -> Result<TestCgroups, String> {
+        let (own, _) = crate::cgroup::own_cgroup().map_err(|e| e.to_string())?;
+        let dir = own.join(format!("kvmm-test-{}-{name}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut t = TestCgroups {
+            cgroups: None,
+            dir: dir.clone(),
+        };
+        t.cgroups = Some(
+            CommandCgroups::new(dir, crate::cgroup::CommandLimits::default())
+                .map_err(|e| crate::error::chain(&e))?,
+        );
+        Ok(t)
+    }
+
+    /// Entries left under the test's parent cgroup (command cgroups that
+    /// were not removed).
+    fn leftovers(t: &TestCgroups) -> Vec<String> {
+        std::fs::read_dir(&t.dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Starts a `setsid` sleep (out of the process group) and a double
+    /// forked one, prints both pids, then waits.
+    const ESCAPERS: &str = "setsid sleep 100 & echo $!; (sleep 101 & echo $!) & sleep 100";
+
+    fn pids(stdout: &str) -> Vec<i32> {
+        stdout.lines().map(|l| l.trim().parse().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn setsid_escapes_the_process_group_but_not_the_cgroup() {
+        // Without a cgroup: the setsid child survives the timeout (what the
+        // cgroup is for), the double-forked one dies with the group.
+        let r = exec_command_in(
+            &Config::default(),
+            ExecParams {
+                timeout_seconds: Some(1),
+                ..sh(ESCAPERS)
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(r.timed_out);
+        let p = pids(&r.stdout);
+        assert_eq!(p.len(), 2, "{r:?}");
+        let escaped = !wait_dead(p[0]);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p[0]),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        assert!(escaped, "setsid child {} died with the group", p[0]);
+        assert!(wait_dead(p[1]), "double-forked child {} survived", p[1]);
+
+        let t = match test_cgroups("timeout") {
+            Ok(t) => t,
+            Err(reason) => {
+                // Honest: nothing to prove here; the real-VM suite proves it.
+                eprintln!("no cgroup v2 containment on this machine: {reason}");
+                return;
+            }
+        };
+        let r = exec_command_in(
+            &Config::default(),
+            ExecParams {
+                timeout_seconds: Some(1),
+                ..sh(ESCAPERS)
+            },
+            t.cgroups.as_ref(),
+        )
+        .await
+        .unwrap();
+        assert!(r.timed_out);
+        assert_eq!(r.signal, Some(libc::SIGKILL));
+        for pid in pids(&r.stdout) {
+            assert!(dead(pid), "{pid} survived the cgroup kill");
+        }
+        assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
+    }
+
+    #[tokio::test]
+    async fn the_cgroup_is_killed_at_the_end_and_on_drop() {
+        let t = match test_cgroups("end") {
+            Ok(t) => t,
+            Err(reason) => {
+                eprintln!("no cgroup v2 containment on this machine: {reason}");
+                return;
+            }
+        };
+        let config = Config::default();
+        // End of the request: the main process exits, setsid children die.
+        let r = exec_command_in(
+            &config,
+            sh("setsid sleep 100 >/dev/null 2>&1 & echo $!; cat /proc/self/cgroup"),
+            t.cgroups.as_ref(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.exit_code, r.timed_out), (Some(0), false), "{r:?}");
+        let mut lines = r.stdout.lines();
+        let pid: i32 = lines.next().unwrap().parse().unwrap();
+        assert!(
+            dead(pid),
+            "setsid child {pid} survived the end of the request"
+        );
+        let cg = lines.find_map(crate::cgroup::unified_path).unwrap();
+        let own = t.dir.file_name().unwrap().to_str().unwrap();
+        assert!(cg.contains(&format!("/{own}/exec-")), "{cg}");
+        assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
+
+        // Dropped request: the cgroup is killed and removed by the guards.
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!(
+            "setsid sleep 100 >/dev/null 2>&1 & echo $! > {}; sleep 100",
+            pidfile.display()
+        );
+        let mut fut = Box::pin(exec_command_in(&config, sh(&script), t.cgroups.as_ref()));
+        for _ in 0..250 {
+            tokio::select! {
+                _ = &mut fut => panic!("command finished"),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n')) {
+                break;
+            }
+        }
+        drop(fut);
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            wait_dead(pid),
+            "setsid child {pid} survived the dropped request"
+        );
+        for _ in 0..100 {
+            if leftovers(&t).is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
+    }
+
+    #[tokio::test]
+    async fn spawning_into_the_cgroup_behaves_like_std() {
+        let t = match test_cgroups("parity") {
+            Ok(t) => t,
+            Err(reason) => {
+                eprintln!("no cgroup v2 containment on this machine: {reason}");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, [0u8, 1, 2, 3]).unwrap();
+        std::fs::set_permissions(&junk, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let cwd = dir.path().canonicalize().unwrap();
+        let cases = vec![
+            ExecParams {
+                command: "cat".into(),
+                args: vec!["/proc/self/cmdline".into()],
+                ..Default::default()
+            },
+            ExecParams {
+                stdin: Some("aGVsbG8=".into()),
+                stdin_encoding: Encoding::Base64,
+                ..sh("cat; echo; env | sort; pwd; trap")
+            },
+            ExecParams {
+                env: BTreeMap::from([
+                    ("FOO".to_owned(), "bar baz".to_owned()),
+                    ("LANG".to_owned(), "C".to_owned()),
+                ]),
+                cwd: Some(cwd.to_str().unwrap().to_owned()),
+                ..sh("env | sort; pwd; echo err >&2; exit 3")
+            },
+            sh("kill -PIPE $$"),
+            sh("yes | head -c 3"),
+            ExecParams {
+                command: junk.to_str().unwrap().into(),
+                ..Default::default()
+            },
+        ];
+        let config = Config::default();
+        for params in cases {
+            let label = format!("{params:?}");
+            let std = exec_command_in(&config, params.clone(), None).await;
+            let contained = exec_command_in(&config, params, t.cgroups.as_ref()).await;
+            match (std, contained) {
+                (Ok(a), Ok(b)) => assert_eq!(
+                    (a.exit_code, a.signal, a.stdout, a.stderr),
+                    (b.exit_code, b.signal, b.stdout, b.stderr),
+                    "{label}"
+                ),
+                (Err(a), Err(b)) => assert_eq!(
+                    (a.kind(), a.to_string()),
+                    (b.kind(), b.to_string()),
+                    "{label}"
+                ),
+                (a, b) => panic!("{label}: {a:?} vs {b:?}"),
+            }
+        }
+        assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
+    }
+
+    #[tokio::test]
+    async fn the_std_fallback_moves_the_child() {
+        let t = match test_cgroups("std") {
+            Ok(t) => t,
+            Err(reason) => {
+                eprintln!("no cgroup v2 containment on this machine: {reason}");
+                return;
+            }
+        };
+        let cg = t.cgroups.as_ref().unwrap().create().unwrap();
+        let env = BTreeMap::new();
+        let plan = ExecPlan {
+            program: std::path::Path::new("/bin/sh"),
+            argv0: "sh",
+            args: &[
+                "-c".to_owned(),
+                "sleep 0.5; cat /proc/self/cgroup".to_owned(),
+            ],
+            env: &env,
+            cwd: std::path::Path::new("/"),
+            stdin_piped: false,
+        };
+        let (spawned, contained) = spawn_std(&plan, Some(&cg)).unwrap();
+        contained.unwrap();
+        let mut running = Running::new(spawned.process, None);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(spawned.stdout), &mut out).unwrap();
+        running.reap().await.unwrap();
+        running.disarm();
+        let path = crate::cgroup::unified_path(&out).unwrap();
+        assert!(
+            path.ends_with(cg.dir().file_name().unwrap().to_str().unwrap()),
+            "{out}"
+        );
+        cg.remove().await;
+        assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
     }
 }

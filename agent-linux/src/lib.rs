@@ -8,6 +8,7 @@
 //! apply the [`policy`] of the [`config`].
 
 pub mod buffers;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod dispatch;

@@ -56,6 +56,11 @@ impl Default for Dispatcher {
                 max_concurrent_requests: 10,
                 // No attachments yet: the host uses base64.
                 max_attachment_size: 0,
+                // Not reported until the Windows agent contains commands
+                // (a job object) and says so.
+                command_containment: None,
+                command_memory_max: None,
+                command_max_processes: None,
             },
         }
     }

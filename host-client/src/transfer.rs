@@ -530,6 +530,9 @@ mod tests {
             request_timeout_seconds: 30,
             max_concurrent_requests: 10,
             max_attachment_size: 0,
+            command_containment: None,
+            command_memory_max: None,
+            command_max_processes: None,
         }
     }
 
@@ -644,6 +647,9 @@ mod fake_fs_tests {
             request_timeout_seconds: 30,
             max_concurrent_requests: 16,
             max_attachment_size: if attachments { 1500 } else { 0 },
+            command_containment: None,
+            command_memory_max: None,
+            command_max_processes: None,
         }
     }
 

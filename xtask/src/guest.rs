@@ -54,7 +54,9 @@ const GUEST_CONFIG: &str = r#"{
     "allowed_write_paths": ["/tmp/kvmmanager"],
     "command_whitelist": null,
     "max_file_size_mb": 128,
-    "max_command_timeout_seconds": 300
+    "max_command_timeout_seconds": 300,
+    "command_memory_max_mb": 256,
+    "command_max_processes": 64
   }
 }
 "#;
@@ -71,6 +73,9 @@ const INIT: &str = r#"#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+# cgroup v2, so the agent can contain each command in a cgroup of its own
+# (it runs in the root cgroup here: see agent-linux/src/cgroup.rs).
+mount -t cgroup2 none /sys/fs/cgroup || echo "kvmm-init: no cgroup2"
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
@@ -574,6 +579,7 @@ mod tests {
         assert!(init.contains(GUEST_HOSTNAME));
         assert!(init.contains(AGENT_PORT));
         assert!(init.contains(QEMU_GA_PORT));
+        assert!(init.contains("mount -t cgroup2 none /sys/fs/cgroup"));
     }
 
     #[test]
@@ -583,5 +589,8 @@ mod tests {
         assert_eq!(v["security"]["allowed_write_paths"][0], "/tmp/kvmmanager");
         assert!(v["security"]["command_whitelist"].is_null());
         assert_eq!(v["channel_name"], AGENT_PORT);
+        // Per-command cgroup limits, checked by the containment check.
+        assert_eq!(v["security"]["command_memory_max_mb"], 256);
+        assert_eq!(v["security"]["command_max_processes"], 64);
     }
 }

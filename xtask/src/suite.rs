@@ -345,6 +345,83 @@ fn basic_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) -> Result<()> {
     Ok(())
 }
 
+/// A command whose descendants leave its process group: a `setsid` one and
+/// a double-forked one, each writing its pid to /tmp before it sleeps.
+const ESCAPERS: &str = r#"rm -f /tmp/kvmm-esc1 /tmp/kvmm-esc2
+setsid sh -c 'echo $$ > /tmp/kvmm-esc1; exec sleep 300' &
+(sh -c 'echo $$ > /tmp/kvmm-esc2; exec sleep 301' &)
+sleep 30"#;
+
+/// Reports each escaper's state (`gone`, or the state letter of
+/// /proc/PID/stat), the command cgroups present, and the limits of its own
+/// cgroup.
+const ESCAPER_REPORT: &str = r#"for n in 1 2; do
+    p=$(cat /tmp/kvmm-esc$n 2>/dev/null) || { echo "esc$n nopid"; continue; }
+    s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)
+    echo "esc$n $p ${s:-gone}"
+done
+for d in /sys/fs/cgroup/kvmmanager-agent/exec-*; do echo "cgroup ${d##*/}"; done
+own=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)
+echo "pids.max $(cat $own/pids.max)"
+echo "memory.max $(cat $own/memory.max)"
+"#;
+
+/// Commands are contained in cgroups (issue 10): `setsid` and double-forked
+/// descendants die with a timed-out command, its cgroup is removed, the
+/// configured limits apply, and `get_agent_info` says so. Fails on an agent
+/// with the process-group kill alone: the `setsid` sleep survives.
+fn contained_check(ctl: &Ctl) -> Result<()> {
+    let r = ctl.run(
+        true,
+        &["exec", "--timeout", "2", "--", "sh", "-c", ESCAPERS],
+        Duration::from_secs(60),
+    )?;
+    ensure(r.code == 124, || {
+        format!("ctl exit {} (want 124): {}", r.code, r.all_output())
+    })?;
+    let v = r.json()?;
+    ensure(exec_result(&v)["timed_out"] == true, || {
+        format!("result: {v}")
+    })?;
+    let v = ctl.json(&["exec", "--", "sh", "-c", ESCAPER_REPORT])?;
+    let out = exec_result(&v)["stdout"].as_str().unwrap_or("").to_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    for n in ["esc1", "esc2"] {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{n} ")))
+            .ok_or_else(|| format!("no {n} line: {out}"))?;
+        let state = line.rsplit(' ').next().unwrap_or("");
+        ensure(!line.ends_with("nopid"), || {
+            format!("{n} never started: {out}")
+        })?;
+        ensure(matches!(state, "gone" | "Z" | "X"), || {
+            format!("{n} survived the timeout: {line}\n{out}")
+        })?;
+    }
+    // Only the report's own cgroup is left.
+    let cgroups = lines
+        .iter()
+        .filter(|l| l.starts_with("cgroup exec-"))
+        .count();
+    ensure(cgroups == 1, || format!("command cgroups left over: {out}"))?;
+    ensure(lines.contains(&"pids.max 64"), || {
+        format!("pids.max: {out}")
+    })?;
+    ensure(lines.contains(&"memory.max 268435456"), || {
+        format!("memory.max: {out}")
+    })?;
+    let info = ctl.json(&["info"])?;
+    let limits = &info["limits"];
+    ensure(limits["command_containment"] == "cgroup", || {
+        format!("containment: {limits}")
+    })?;
+    ensure(
+        limits["command_max_processes"] == 64 && limits["command_memory_max"] == 256u64 << 20,
+        || format!("per-command limits: {limits}"),
+    )
+}
+
 /// The full suite against a QEMU guest.
 fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
     heading("vm-test: QEMU");
@@ -432,6 +509,7 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
             format!("result: {v}")
         })
     });
+    t.check("exec-setsid-contained", || contained_check(&ctl));
     t.check("refused-read", || {
         let r = ctl.run(true, &["cat", "/etc/shadow"], Duration::from_secs(60))?;
         ensure(r.code == 1, || {
