@@ -53,8 +53,8 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Directory made under the root cgroup for the commands' cgroups when the
@@ -445,7 +445,14 @@ pub struct CommandCgroups {
     kill: KillMethod,
     limits: CommandLimits,
     next: AtomicU64,
+    /// Empty cgroups of finished commands, kept for the next ones: making
+    /// and removing a cgroup per command was most of what containment
+    /// added to an `exec_command` (measured in `cargo xtask bench`).
+    free: Mutex<Vec<CommandCgroup>>,
 }
+
+/// Empty command cgroups kept for reuse.
+const KEEP_FREE: usize = 4;
 
 impl CommandCgroups {
     /// Commands' cgroups under `parent` (an existing cgroup directory whose
@@ -462,6 +469,7 @@ impl CommandCgroups {
             kill,
             limits,
             next: AtomicU64::new(0),
+            free: Mutex::new(Vec::new()),
         };
         // A probe: mkdir and rmdir work here (not read-only, not refused).
         let probe = c.create()?;
@@ -491,9 +499,30 @@ impl CommandCgroups {
                 dir: entry.path(),
                 kill: self.kill,
                 done: false,
+                killed: AtomicBool::new(false),
             }
             .remove_blocking();
         }
+    }
+
+    /// Takes back the cgroup of a finished command (already SIGKILLed):
+    /// kept for the next command when it is empty, else killed again and
+    /// removed in the background. Never waits.
+    pub fn recycle(&self, cg: CommandCgroup) {
+        if !cg.killed.load(Ordering::Relaxed) && cg.is_empty() {
+            let mut free = self.lock_free();
+            if free.len() < KEEP_FREE {
+                free.push(cg);
+                return;
+            }
+        }
+        // Dropping it kills what is left and removes it off this thread.
+        drop(cg);
+    }
+
+    fn lock_free(&self) -> std::sync::MutexGuard<'_, Vec<CommandCgroup>> {
+        // A Vec push/pop cannot leave the list inconsistent on a panic.
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The directory holding the commands' cgroups.
@@ -506,8 +535,12 @@ impl CommandCgroups {
         self.limits
     }
 
-    /// Makes a new, empty cgroup for one command, with the limits applied.
+    /// An empty cgroup for one command, with the limits applied: one kept
+    /// from a finished command, or a new one.
     pub fn create(&self) -> Result<CommandCgroup, CgroupError> {
+        if let Some(cg) = self.lock_free().pop() {
+            return Ok(cg);
+        }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let dir = self.parent.join(format!("exec-{}-{n}", std::process::id()));
         fs::create_dir(&dir).map_err(|source| CgroupError::Create {
@@ -518,6 +551,7 @@ impl CommandCgroups {
             dir,
             kill: self.kill,
             done: false,
+            killed: AtomicBool::new(false),
         };
         let limits = [
             ("memory.max", self.limits.memory_max),
@@ -545,6 +579,19 @@ pub struct CommandCgroup {
     kill: KillMethod,
     /// True once removed (or given up on, with a warning).
     done: bool,
+    /// True once `cgroup.kill` (or the freeze) was used on it. Such a
+    /// cgroup is never reused: on some kernels (seen on 6.18) a child
+    /// cloned into a cgroup that was once killed is killed at birth.
+    killed: AtomicBool,
+}
+
+impl Drop for CommandCgroups {
+    fn drop(&mut self) {
+        // Kept cgroups are empty: removed at once.
+        for cg in self.lock_free().drain(..) {
+            cg.remove_blocking();
+        }
+    }
 }
 
 impl Drop for CommandCgroup {
@@ -557,6 +604,7 @@ impl Drop for CommandCgroup {
             dir: std::mem::take(&mut self.dir),
             kill: self.kill,
             done: false,
+            killed: AtomicBool::new(false),
         };
         self.done = true;
         let remove = move || rest.remove_blocking();
@@ -597,8 +645,13 @@ impl CommandCgroup {
     }
 
     /// SIGKILLs every process in the cgroup (best effort: the removal
-    /// retries and reports what is left).
+    /// retries and reports what is left); nothing when it is empty, so that
+    /// a cgroup whose command ended by itself can be reused.
     pub fn kill(&self) {
+        if self.is_empty() {
+            return;
+        }
+        self.killed.store(true, Ordering::Relaxed);
         match self.kill {
             KillMethod::Kill => {
                 let _ = fs::write(self.dir.join("cgroup.kill"), "1");
@@ -616,6 +669,12 @@ impl CommandCgroup {
                 }
             }
         }
+    }
+
+    /// True when no process is left in the cgroup (`cgroup.events`).
+    fn is_empty(&self) -> bool {
+        fs::read_to_string(self.dir.join("cgroup.events"))
+            .is_ok_and(|events| events.lines().any(|l| l == "populated 0"))
     }
 
     /// One removal try: `Ok(true)` once the directory is gone, `Ok(false)`

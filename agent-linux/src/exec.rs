@@ -1083,10 +1083,11 @@ async fn run(
         None => running.reap().await.map_err(wait_error)?,
     };
     running.disarm();
-    // Kills whatever is left in the cgroup (already SIGKILLed above) and
-    // waits, bounded, until it is empty and removed.
-    if let Some(cgroup) = running.cgroup.take() {
-        cgroup.remove().await;
+    // Everything in the cgroup got SIGKILL above; an empty cgroup is kept
+    // for the next command, one with processes still dying is removed in
+    // the background, so the reply does not wait for either.
+    if let (Some(cgroup), Some(cgroups)) = (running.cgroup.take(), cgroups) {
+        cgroups.recycle(cgroup);
     }
     let duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::debug!(command = %params.command, ?status, timed_out, duration_ms, "command finished");
@@ -1606,15 +1607,28 @@ mod tests {
         Ok(t)
     }
 
-    /// Entries left under the test's parent cgroup (command cgroups that
-    /// were not removed).
+    /// Command cgroups under the test's parent that still hold processes
+    /// a moment after the call (empty ones are kept for reuse).
     fn leftovers(t: &TestCgroups) -> Vec<String> {
-        std::fs::read_dir(&t.dir)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()
+        let populated = || -> Vec<String> {
+            std::fs::read_dir(&t.dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .filter(|e| {
+                    !std::fs::read_to_string(e.path().join("cgroup.events"))
+                        .is_ok_and(|ev| ev.lines().any(|l| l == "populated 0"))
+                })
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        for _ in 0..100 {
+            if populated().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        populated()
     }
 
     /// Starts a `setsid` sleep (out of the process group) and a double
@@ -1671,7 +1685,8 @@ mod tests {
         assert!(r.timed_out);
         assert_eq!(r.signal, Some(libc::SIGKILL));
         for pid in pids(&r.stdout) {
-            assert!(dead(pid), "{pid} survived the cgroup kill");
+            // SIGKILLed before the reply; gone a moment later.
+            assert!(wait_dead(pid), "{pid} survived the cgroup kill");
         }
         assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
     }
@@ -1698,7 +1713,7 @@ mod tests {
         let mut lines = r.stdout.lines();
         let pid: i32 = lines.next().unwrap().parse().unwrap();
         assert!(
-            dead(pid),
+            wait_dead(pid),
             "setsid child {pid} survived the end of the request"
         );
         let cg = lines.find_map(crate::cgroup::unified_path).unwrap();
@@ -1738,6 +1753,57 @@ mod tests {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
+    }
+
+    #[tokio::test]
+    async fn cgroups_are_reused_only_when_never_killed() {
+        let t = match test_cgroups("reuse") {
+            Ok(t) => t,
+            Err(reason) => {
+                eprintln!("no cgroup v2 containment on this machine: {reason}");
+                return;
+            }
+        };
+        let config = Config::default();
+        let cgroups = t.cgroups.as_ref();
+        let which = || async {
+            let r = exec_command_in(&config, sh("echo ok; cat /proc/self/cgroup"), cgroups)
+                .await
+                .unwrap();
+            assert_eq!((r.exit_code, r.signal), (Some(0), None), "{r:?}");
+            r.stdout
+                .lines()
+                .skip(1)
+                .find_map(|l| crate::cgroup::unified_path(l).map(str::to_owned))
+                .unwrap()
+        };
+        // A command that ended by itself leaves its cgroup for the next one.
+        let first = which().await;
+        assert_eq!(which().await, first);
+        // One killed at its time limit is not reused, and the next command
+        // (in a fresh cgroup) runs normally.
+        let r = exec_command_in(
+            &config,
+            ExecParams {
+                timeout_seconds: Some(1),
+                ..sh("echo $$; cat /proc/self/cgroup; sleep 100")
+            },
+            cgroups,
+        )
+        .await
+        .unwrap();
+        assert!(r.timed_out, "{r:?}");
+        let killed = r
+            .stdout
+            .lines()
+            .skip(1)
+            .find_map(crate::cgroup::unified_path)
+            .unwrap()
+            .to_owned();
+        for _ in 0..3 {
+            assert_ne!(which().await, killed);
         }
         assert!(leftovers(&t).is_empty(), "{:?}", leftovers(&t));
     }
