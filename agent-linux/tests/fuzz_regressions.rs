@@ -1,6 +1,6 @@
 //! Replays the seeds and every input kept under `fuzz/regressions/` for the
-//! fuzz targets that drive the Linux agent (`dispatch`, `path_policy`)
-//! through their properties in `fuzz/src/agent.rs`, so they run
+//! fuzz targets that drive the Linux agent (`dispatch`, `path_policy`,
+//! `session`) through their properties in `fuzz/src/agent.rs`, so they run
 //! in `cargo test` without nightly or libFuzzer. (The `codec` and `jsonrpc`
 //! inputs are replayed by `agent-common/tests/fuzz_regressions.rs`.)
 //!
@@ -61,4 +61,9 @@ fn dispatch_inputs_hold_the_dispatch_properties() {
 #[test]
 fn path_policy_inputs_hold_the_policy_properties() {
     replay("path_policy", agent::check_path_policy);
+}
+
+#[test]
+fn session_inputs_hold_the_session_properties() {
+    replay("session", agent::check_session);
 }
