@@ -479,6 +479,10 @@ const MAX_ITEMS: usize = 24;
 /// Attachments over `MAX_ATTACHMENT_SIZE` (each sent whole: 1 MiB) per input.
 const MAX_TOO_LARGE: usize = 2;
 
+/// The smallest pipe that may carry an attachment over `MAX_ATTACHMENT_SIZE`:
+/// through a 1-byte pipe one takes over 10 s of real time.
+const TOO_LARGE_MIN_PIPE: usize = 4096;
+
 struct SessionEnv {
     scratch: Scratch,
     config: Config,
@@ -839,8 +843,8 @@ fn announce(
         }
         ends.push((data.len(), poison_words));
     }
-    if b.byte() % 16 == 15 && *too_large < MAX_TOO_LARGE {
-        *too_large += 1;
+    if b.byte() % 16 == 15 && *too_large > 0 {
+        *too_large -= 1;
         let target = agent_common::MAX_ATTACHMENT_SIZE as usize + 1 + usize::from(b.byte());
         if exact || !after_ff {
             let k = target.saturating_sub(data.len()) / poison.len();
@@ -876,15 +880,17 @@ fn announce(
     host.in_step = exact && !cut_short;
 }
 
-/// Decodes the fuzz input into what the host writes.
-fn host_stream(env: &SessionEnv, b: &mut Bytes<'_>) -> HostStream {
+/// Decodes the fuzz input into what the host writes; at most `too_large`
+/// attachments over `MAX_ATTACHMENT_SIZE`.
+fn host_stream(env: &SessionEnv, b: &mut Bytes<'_>, too_large: usize) -> HostStream {
     let mut host = HostStream {
         pieces: Vec::new(),
         attachment_words: 0,
         poison_words: 0,
         in_step: true,
     };
-    let mut too_large = 0;
+    // Counts down: announce() sends one while it is above zero.
+    let mut too_large = too_large;
     for n in 0..MAX_ITEMS {
         if b.0.is_empty() {
             break;
@@ -1015,7 +1021,12 @@ pub fn check_session(data: &[u8]) {
     let env = session_env();
     let mut b = Bytes(data);
     let capacity = 1 + usize::from(b.byte()) * 256;
-    let host = host_stream(env, &mut b);
+    let too_large = if capacity >= TOO_LARGE_MIN_PIPE {
+        MAX_TOO_LARGE
+    } else {
+        0
+    };
+    let host = host_stream(env, &mut b, too_large);
     if !host.is_sound() {
         return;
     }
