@@ -1,6 +1,8 @@
 //! Properties of the fuzz targets that need the Linux agent (`dispatch`,
-//! `path_policy`). Kept apart from `checks.rs`, which agent-common's test
-//! suite includes and which must not depend on agent-linux.
+//! `path_policy`, `session`). Kept apart from `checks.rs`, which
+//! agent-common's test suite includes and which must not depend on
+//! agent-linux; this file is included by `agent-linux/tests/fuzz_regressions.rs`,
+//! which replays these targets' seeds and regressions.
 
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
