@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod encoding;
+pub mod envelope;
 pub mod error;
 pub mod jsonrpc;
 pub mod methods;

@@ -22,8 +22,72 @@ pub trait Rpc {
     type Result: Serialize + DeserializeOwned + Send;
 }
 
+/// What the agent's dispatch, `get_agent_info`, the audit log and the policy
+/// need to know of a method, declared once beside its types (the table
+/// below), never in a hand-kept list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    /// Answered at once: no concurrency slot, never queued behind other
+    /// work, never `busy` or `timeout`.
+    pub instant: bool,
+    /// What bounds its time.
+    pub time_limit: TimeLimit,
+    /// Takes a request attachment (the data of a `file_write`).
+    pub attachment_in: bool,
+    /// May answer with an attachment (the data of a `file_read`).
+    pub attachment_out: bool,
+    /// Changes the guest: logged at info with its outcome (the audit
+    /// trail), and the kind of method a policy restricts.
+    pub changes_guest: bool,
+    /// May run while the guest's filesystems are frozen.
+    pub while_frozen: bool,
+}
+
+/// What bounds a method's time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeLimit {
+    /// Nothing: the method is instant.
+    None,
+    /// `request_timeout_seconds`.
+    Request,
+    /// Its own params (`exec_command`'s `timeout_seconds`).
+    Own,
+}
+
+impl Facts {
+    /// `ping`, `sync`, `get_agent_info`.
+    const INSTANT: Facts = Facts {
+        instant: true,
+        time_limit: TimeLimit::None,
+        attachment_in: false,
+        attachment_out: false,
+        changes_guest: false,
+        while_frozen: true,
+    };
+    /// A read of the guest's state that takes a slot.
+    const QUERY: Facts = Facts {
+        instant: false,
+        time_limit: TimeLimit::Request,
+        ..Facts::INSTANT
+    };
+    /// A method that changes the guest.
+    const CHANGE: Facts = Facts {
+        changes_guest: true,
+        while_frozen: false,
+        ..Facts::QUERY
+    };
+}
+
+/// Something done for every method's [`Rpc`] type (see
+/// [`for_each_rpc`]): for tests and tools that check each method's types,
+/// such as the PROTOCOL.md drift test.
+pub trait RpcVisitor {
+    /// Called once per method, in [`Method::ALL`] order.
+    fn visit<M: Rpc>(&mut self);
+}
+
 macro_rules! methods {
-    ($( $(#[$doc:meta])* $variant:ident => $name:literal, $ty:ident, $params:ty, $result:ty; )*) => {
+    ($( $(#[$doc:meta])* $variant:ident => $name:literal, $ty:ident, $params:ty, $result:ty, $facts:expr; )*) => {
         /// Every method the protocol defines.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Method {
@@ -43,6 +107,17 @@ macro_rules! methods {
             pub fn from_name(name: &str) -> Option<Method> {
                 match name { $( $name => Some(Method::$variant), )* _ => None }
             }
+
+            /// What is known of the method (see [`Facts`]).
+            pub const fn facts(self) -> Facts {
+                match self { $( Method::$variant => $facts, )* }
+            }
+        }
+
+        /// Calls `visitor` with every method's [`Rpc`] type, in
+        /// [`Method::ALL`] order.
+        pub fn for_each_rpc(visitor: &mut impl RpcVisitor) {
+            $( visitor.visit::<$ty>(); )*
         }
 
         $(
@@ -61,35 +136,36 @@ macro_rules! methods {
 
 methods! {
     /// `ping`: liveness check.
-    Ping => "ping", PingRpc, Empty, PingResult;
+    Ping => "ping", PingRpc, Empty, PingResult, Facts::INSTANT;
     /// `sync`: resynchronisation handshake; echoes the nonce.
-    Sync => "sync", SyncRpc, SyncParams, SyncResult;
+    Sync => "sync", SyncRpc, SyncParams, SyncResult, Facts::INSTANT;
     /// `get_agent_info`: version, protocol version, methods and limits.
-    GetAgentInfo => "get_agent_info", GetAgentInfoRpc, Empty, AgentInfo;
+    GetAgentInfo => "get_agent_info", GetAgentInfoRpc, Empty, AgentInfo, Facts::INSTANT;
     /// `get_system_info`: OS, kernel, hostname, CPUs, memory, uptime.
-    GetSystemInfo => "get_system_info", GetSystemInfoRpc, Empty, SystemInfo;
+    GetSystemInfo => "get_system_info", GetSystemInfoRpc, Empty, SystemInfo, Facts::QUERY;
     /// `get_network_info`: interfaces, addresses and counters.
-    GetNetworkInfo => "get_network_info", GetNetworkInfoRpc, Empty, NetworkInfo;
+    GetNetworkInfo => "get_network_info", GetNetworkInfoRpc, Empty, NetworkInfo, Facts::QUERY;
     /// `get_disk_usage`: mounted filesystems and their usage.
-    GetDiskUsage => "get_disk_usage", GetDiskUsageRpc, DiskUsageParams, DiskUsage;
+    GetDiskUsage => "get_disk_usage", GetDiskUsageRpc, DiskUsageParams, DiskUsage, Facts::QUERY;
     /// `exec_command`: run a command to completion and return its output.
-    ExecCommand => "exec_command", ExecCommandRpc, ExecParams, ExecResult;
+    ExecCommand => "exec_command", ExecCommandRpc, ExecParams, ExecResult,
+        Facts { time_limit: TimeLimit::Own, ..Facts::CHANGE };
     /// `file_read`: read (a range of) a file.
-    FileRead => "file_read", FileReadRpc, FileReadParams, FileReadResult;
+    FileRead => "file_read", FileReadRpc, FileReadParams, FileReadResult,
+        Facts { attachment_out: true, ..Facts::QUERY };
     /// `file_write`: write a file, whole or in chunks.
-    FileWrite => "file_write", FileWriteRpc, FileWriteParams, FileWriteResult;
+    FileWrite => "file_write", FileWriteRpc, FileWriteParams, FileWriteResult,
+        Facts { attachment_in: true, ..Facts::CHANGE };
     /// `shutdown`: power the guest off (after replying).
-    Shutdown => "shutdown", ShutdownRpc, PowerParams, PowerResult;
+    Shutdown => "shutdown", ShutdownRpc, PowerParams, PowerResult, Facts::CHANGE;
     /// `reboot`: reboot the guest (after replying).
-    Reboot => "reboot", RebootRpc, PowerParams, PowerResult;
+    Reboot => "reboot", RebootRpc, PowerParams, PowerResult, Facts::CHANGE;
 }
 
 impl Method {
-    /// True for the methods answered at once, without a concurrency slot
-    /// and never queued behind other work: `ping`, `sync`,
-    /// `get_agent_info`.
+    /// True for the methods answered at once (see [`Facts::instant`]).
     pub const fn is_instant(self) -> bool {
-        matches!(self, Method::Ping | Method::Sync | Method::GetAgentInfo)
+        self.facts().instant
     }
 }
 

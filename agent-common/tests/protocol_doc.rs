@@ -363,18 +363,19 @@ fn check_method<M: Rpc>(doc: &str) -> Vec<String> {
     problems
 }
 
-macro_rules! check_methods {
-    ($doc:expr, $($rpc:ty),* $(,)?) => {{
-        let mut problems = Vec::new();
-        let covered = [$(<$rpc as Rpc>::METHOD),*];
-        for m in Method::ALL {
-            if !covered.contains(m) {
-                problems.push(format!("{m}: add its Rpc type to the list in protocol_doc.rs"));
-            }
-        }
-        $( problems.extend(check_method::<$rpc>($doc)); )*
-        problems
-    }};
+/// Checks every method of the table (`for_each_rpc`), so no list here can
+/// miss one.
+struct CheckEvery<'d> {
+    doc: &'d str,
+    problems: Vec<String>,
+    seen: Vec<Method>,
+}
+
+impl RpcVisitor for CheckEvery<'_> {
+    fn visit<M: Rpc>(&mut self) {
+        self.seen.push(M::METHOD);
+        self.problems.extend(check_method::<M>(self.doc));
+    }
 }
 
 fn assert_no_problems(problems: Vec<String>) {
@@ -399,20 +400,18 @@ fn every_method_has_a_section_and_every_section_is_a_method() {
 #[test]
 fn every_field_value_and_example_of_every_method_is_documented() {
     let doc = doc();
-    assert_no_problems(check_methods!(
-        &doc,
-        PingRpc,
-        SyncRpc,
-        GetAgentInfoRpc,
-        GetSystemInfoRpc,
-        GetNetworkInfoRpc,
-        GetDiskUsageRpc,
-        ExecCommandRpc,
-        FileReadRpc,
-        FileWriteRpc,
-        ShutdownRpc,
-        RebootRpc,
-    ));
+    let mut check = CheckEvery {
+        doc: &doc,
+        problems: Vec::new(),
+        seen: Vec::new(),
+    };
+    for_each_rpc(&mut check);
+    assert_eq!(
+        check.seen,
+        Method::ALL,
+        "for_each_rpc visits every method once"
+    );
+    assert_no_problems(check.problems);
 }
 
 #[test]

@@ -1,28 +1,42 @@
-//! Request dispatch: from one decoded line to its reply.
+//! The method core: from one call to its outcome, and the JSON-RPC
+//! envelope around it.
 //!
-//! [`Agent::handle_line`] parses a line (single request or batch), runs each
-//! request through [`Agent::call`] — one `match` from method to a typed
-//! handler — and encodes the reply. Handlers know nothing of the transport,
-//! so tests call them directly. Concurrency and time limits are applied
-//! here, in one place:
-//! - `ping`, `sync` and `get_agent_info` are answered at once and never wait
-//!   behind other work;
-//! - every other request takes a slot of `max_concurrent_requests`; when all
-//!   are taken the request is answered `busy` at once;
-//! - every request but `exec_command` is bounded by `request_timeout_seconds`
-//!   (`exec_command` is bounded by its own `timeout_seconds`);
+//! [`Agent::handle`] takes a parsed line (the envelope,
+//! `agent_common::envelope`, sorted it into single requests, batches and
+//! notifications) and the [`Session`] it came on, runs each request through
+//! [`Agent::call`] and assembles the one reply line owed. `call` applies, in
+//! one place and from each method's [`Facts`](agent_common::methods::Facts)
+//! (declared beside its types in agent-common's method table, never in a
+//! list here):
+//! - instant methods (`ping`, `sync`, `get_agent_info`) are answered at once
+//!   and never wait behind other work;
+//! - every other request takes a slot of `max_concurrent_requests`, held
+//!   until its reply is written; when all are taken the request is answered
+//!   `busy` at once;
+//! - a method bounded by the request time limit gets
+//!   `request_timeout_seconds`; one with its own (`exec_command`) is bounded
+//!   inside; a `file_write` given up on never takes place afterwards
+//!   ([`CommitGate`]);
 //! - when the agent stops, requests still running are cancelled and
-//!   answered `shutting_down`.
+//!   answered `shutting_down`;
+//! - methods that change the guest are logged with their outcome.
+//!
+//! `run` is the one `match` from method to handler; each arm names the
+//! method's `Rpc` type, so a handler that takes or gives the wrong types
+//! does not compile. Handlers know nothing of the wire: a second envelope
+//! (another protocol) calls the same core.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_common::encoding::Encoding;
+use agent_common::envelope::{self, ReplyLine};
 use agent_common::error::{ErrorKind, ErrorObject};
-use agent_common::jsonrpc::{parse_message, Entry, Id, Incoming, Request, Response};
+use agent_common::jsonrpc::{parse_message, Entry, Incoming, Request, Response};
 use agent_common::methods::{
-    AgentInfo, DiskUsageParams, Empty, ExecParams, FileReadParams, FileWriteParams, Method,
-    PingResult, PowerParams, PowerResult, SyncParams, SyncResult,
+    AgentInfo, ExecCommandRpc, FileReadRpc, FileWriteRpc, GetAgentInfoRpc, GetDiskUsageRpc,
+    GetNetworkInfoRpc, GetSystemInfoRpc, Method, PingResult, PingRpc, PowerParams, PowerResult,
+    RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
@@ -36,6 +50,7 @@ use crate::config::Config;
 use crate::error::{to_error_object, RpcError};
 use crate::files::{CommitGate, FileService};
 use crate::power::PowerAction;
+use crate::session::Session;
 use crate::{exec, sysinfo};
 
 /// Name reported by `get_agent_info`.
@@ -50,9 +65,7 @@ pub struct Agent {
     abort: CancellationToken,
 }
 
-/// A connection's identity, for state that belongs to one host connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionId(pub u64);
+pub use crate::session::SessionId;
 
 /// An encoded reply line and what to do once it has been written.
 #[derive(Debug)]
@@ -70,6 +83,21 @@ pub struct Outgoing {
     pub hold: Vec<OwnedSemaphorePermit>,
 }
 
+impl Outgoing {
+    /// A reply that carries nothing else (a framing error).
+    pub fn reply(response: Response) -> Outgoing {
+        let (line, _) = ReplyLine::single(false, Some(response))
+            .map(|l| l.encode())
+            .unwrap_or_default();
+        Outgoing {
+            line,
+            attachment: None,
+            after: None,
+            hold: Vec::new(),
+        }
+    }
+}
+
 /// The outcome of one method call before encoding.
 struct Outcome {
     result: Result<Box<RawValue>, ErrorObject>,
@@ -82,9 +110,20 @@ struct Outcome {
 /// One request's reply before encoding, with what it holds.
 struct Answer {
     response: Response,
+    held: Held,
+}
+
+/// What an answer brings besides its reply: data, an action, its slot.
+struct Held {
     attachment: Option<Bytes>,
     after: Option<PowerAction>,
     slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Answer {
+    fn split(self) -> (Response, Held) {
+        (self.response, self.held)
+    }
 }
 
 /// What a call receives besides its params.
@@ -111,19 +150,17 @@ impl Outcome {
         }
     }
 
+    /// The result of method `M`.
+    fn of<M: Rpc>(value: &M::Result) -> Outcome {
+        Outcome::ok(value)
+    }
+
     fn err(e: ErrorObject) -> Outcome {
         Outcome {
             result: Err(e),
             attachment: None,
             after: None,
             slot: None,
-        }
-    }
-
-    fn from<T: Serialize, E: RpcError>(r: Result<T, E>) -> Outcome {
-        match r {
-            Ok(v) => Outcome::ok(&v),
-            Err(e) => Outcome::err(to_error_object(&e)),
         }
     }
 }
@@ -170,122 +207,44 @@ impl Agent {
 
     /// The reply to a line that exceeded `max_message_size_kb`.
     pub fn oversized_reply(&self) -> Outgoing {
-        let kb = self.config.max_message_size / 1024;
-        let resp = Response::error(
-            Id::null(),
-            ErrorObject::new(
-                ErrorKind::MessageTooLarge,
-                format!(
-                    "request line longer than max_message_size_kb ({kb} KiB) was discarded, with \
-                     the input up to the next resync byte: send 0xFF and sync, then retry with \
-                     shorter lines (large files in chunks)"
-                ),
-            )
-            .with_data("limit", self.config.max_message_size as u64)
-            .with_data("resync", true),
-        );
         warn!(
             limit = self.config.max_message_size,
-            "discarded an oversized request line"
+            "discarded an oversized request line and the input up to the next resync byte"
         );
-        encode(&resp, Id::null(), None, None)
+        Outgoing::reply(envelope::oversized(self.config.max_message_size as u64))
     }
 
-    /// The reply to a request whose attachment exceeds
-    /// [`agent_common::MAX_ATTACHMENT_SIZE`] (it is skipped, not read).
-    pub fn attachment_too_large(&self, incoming: &Incoming, len: u64) -> Outgoing {
-        let id = reply_id(incoming);
-        let limit = agent_common::MAX_ATTACHMENT_SIZE;
-        warn!(len, limit, "discarded an oversized attachment");
-        let resp = Response::error(
-            id.clone(),
-            ErrorObject::new(
-                ErrorKind::MessageTooLarge,
-                format!(
-                    "attachment of {len} bytes is larger than max_attachment_size ({limit}); \
-                     it was discarded: send the data in smaller chunks"
-                ),
-            )
-            .with_data("limit", limit),
-        );
-        encode(&resp, id, None, None)
-    }
-
-    /// The reply to a line whose attachment length cannot be known (a
-    /// malformed or repeated `attachment` member): the input up to the next
-    /// resync byte is dropped.
-    pub fn attachment_unknown(&self, incoming: &Incoming) -> Outgoing {
-        let id = reply_id(incoming);
-        warn!("a line announced an attachment of unknown length; dropping input up to the next resync byte");
-        let resp = Response::error(
-            id.clone(),
-            ErrorObject::new(
-                ErrorKind::InvalidRequest,
-                "the line's attachment member is not one integer >= 0, so where its data ends \
-                 is unknown: the line and the input up to the next resync byte were dropped; \
-                 send 0xFF and sync, then retry with one valid attachment member",
-            )
-            .with_data("resync", true),
-        );
-        encode(&resp, id, None, None)
-    }
-
-    /// The reply to a request whose attachment stopped arriving.
-    pub fn attachment_timeout(&self, incoming: &Incoming, after: Duration) -> Outgoing {
-        let id = reply_id(incoming);
-        let resp = Response::error(
-            id.clone(),
-            ErrorObject::new(
-                ErrorKind::Timeout,
-                format!(
-                    "the request's attachment did not arrive within {} s and was dropped, with \
-                     the input up to the next resync byte: send 0xFF and sync, then retry",
-                    after.as_secs()
-                ),
-            )
-            .with_data("limit", after.as_secs())
-            .with_data("resync", true),
-        );
-        encode(&resp, id, None, None)
-    }
-
-    /// Handles one request line that carries no attachment; `None` when
-    /// nothing is owed (notifications).
+    /// Handles one request line that carries no attachment, for a session
+    /// with no writer (tests and tools); `None` when nothing is owed.
     pub async fn handle_line(
         self: &Arc<Self>,
         session: SessionId,
         line: &[u8],
     ) -> Option<Outgoing> {
-        self.handle(session, parse_message(line), None).await
+        let session = Session::detached(session);
+        self.handle(&session, parse_message(line), None).await
     }
 
-    /// Handles one parsed line and the attachment that followed it; `None`
-    /// when nothing is owed (notifications).
+    /// Handles one parsed line and the attachment that followed it: the
+    /// JSON-RPC envelope (single, batch, notifications) around
+    /// [`Agent::call`]. `None` when nothing is owed (notifications).
     pub async fn handle(
         self: &Arc<Self>,
-        session: SessionId,
+        session: &Session,
         incoming: Incoming,
         attachment: Option<Bytes>,
     ) -> Option<Outgoing> {
-        match incoming {
+        let (answers, line) = match incoming {
             Incoming::Single(entry) => {
-                let sync = matches!(&entry, Ok(req) if req.method == Method::Sync.as_str());
+                let sync = envelope::is_sync(&entry);
                 let answer = self
                     .handle_entry(session, entry, Context::Single, attachment)
-                    .await?;
-                let id = answer.response.id.clone();
-                let mut out = encode(&answer.response, id, answer.attachment, answer.after);
-                out.hold.extend(answer.slot);
-                if sync {
-                    // The sync reply starts a line even when the stale output
-                    // before it (an attachment cut off when the last host
-                    // left) ended mid-line: hosts skip the empty line.
-                    let mut line = BytesMut::with_capacity(out.line.len() + 1);
-                    line.extend_from_slice(b"\n");
-                    line.extend_from_slice(&out.line);
-                    out.line = line;
-                }
-                Some(out)
+                    .await;
+                let (response, answer) = answer.map(Answer::split).unzip();
+                (
+                    answer.into_iter().collect::<Vec<_>>(),
+                    ReplyLine::single(sync, response),
+                )
             }
             Incoming::Batch(entries) => {
                 let answers = join_all(
@@ -294,31 +253,33 @@ impl Agent {
                         .map(|e| self.handle_entry(session, e, Context::Batch, None)),
                 )
                 .await;
-                let mut after = None;
-                let mut hold = Vec::new();
-                let resps: Vec<Response> = answers
-                    .into_iter()
-                    .flatten()
-                    .map(|a| {
-                        after = after.or(a.after);
-                        hold.extend(a.slot);
-                        a.response
-                    })
-                    .collect();
-                if resps.is_empty() {
-                    None
-                } else {
-                    let mut out = encode(&resps, Id::null(), None, after);
-                    out.hold = hold;
-                    Some(out)
-                }
+                let (responses, answers): (Vec<_>, Vec<_>) =
+                    answers.into_iter().flatten().map(Answer::split).unzip();
+                (answers, ReplyLine::batch(responses.into_iter().map(Some)))
             }
+        };
+        let line = line?;
+        let (bytes, whole) = line.encode();
+        let mut out = Outgoing {
+            line: bytes,
+            attachment: None,
+            after: None,
+            hold: Vec::new(),
+        };
+        for a in answers {
+            // Only a single request's reply carries data, and only whole.
+            if whole {
+                out.attachment = out.attachment.or(a.attachment);
+            }
+            out.after = out.after.or(a.after);
+            out.hold.extend(a.slot);
         }
+        Some(out)
     }
 
     async fn handle_entry(
         self: &Arc<Self>,
-        session: SessionId,
+        session: &Session,
         entry: Entry,
         cx: Context,
         attachment: Option<Bytes>,
@@ -328,9 +289,11 @@ impl Agent {
             Err(response) => {
                 return Some(Answer {
                     response,
-                    attachment: None,
-                    after: None,
-                    slot: None,
+                    held: Held {
+                        attachment: None,
+                        after: None,
+                        slot: None,
+                    },
                 })
             }
         };
@@ -356,15 +319,17 @@ impl Agent {
                 outcome: outcome.result,
                 attachment: data.as_ref().map(|d| d.len() as u64),
             },
-            attachment: data,
-            after: outcome.after,
-            slot: outcome.slot,
+            held: Held {
+                attachment: data,
+                after: outcome.after,
+                slot: outcome.slot,
+            },
         })
     }
 
     async fn call(
         self: &Arc<Self>,
-        session: SessionId,
+        session: &Session,
         req: &Request,
         cx: Context,
         attachment: Option<Bytes>,
@@ -395,32 +360,17 @@ impl Agent {
                 ),
             ));
         };
-        if attachment.is_some() && method != Method::FileWrite {
+        let facts = method.facts();
+        if attachment.is_some() && !facts.attachment_in {
             return Outcome::err(ErrorObject::new(
                 ErrorKind::InvalidParams,
                 format!("{method} takes no attachment (only file_write does); it was discarded"),
             ));
         }
-        // Cheap methods: answered at once, never queued.
-        match method {
-            Method::Ping => {
-                return self
-                    .typed(req, |_: Empty| async { Ok::<_, Never>(ping()) })
-                    .await
-            }
-            Method::Sync => {
-                return self
-                    .typed(req, |p: SyncParams| async move {
-                        Ok::<_, Never>(SyncResult { nonce: p.nonce })
-                    })
-                    .await
-            }
-            Method::GetAgentInfo => {
-                return self
-                    .typed(req, |_: Empty| async { Ok::<_, Never>(self.agent_info()) })
-                    .await
-            }
-            _ => {}
+        let gate = CommitGate::default();
+        if facts.instant {
+            // Answered at once, never queued, no slot and no time limit.
+            return self.run(session, method, req, cx, attachment, &gate).await;
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Outcome::err(
@@ -435,10 +385,9 @@ impl Agent {
             );
         };
         let started = Instant::now();
-        let gate = CommitGate::default();
         let mut work = std::pin::pin!(self.run(session, method, req, cx, attachment, &gate));
-        // Bounded by the command's own time limit inside exec.
-        let limit = (method != Method::ExecCommand).then_some(self.config.request_timeout);
+        // A method with a limit of its own (exec_command) is bounded inside.
+        let limit = (facts.time_limit == TimeLimit::Request).then_some(self.config.request_timeout);
         let expired = async {
             match limit {
                 Some(limit) => tokio::time::sleep(limit).await,
@@ -468,7 +417,6 @@ impl Agent {
             },
         };
         log_outcome(method, &outcome, started);
-        log_outcome(method, &outcome, started);
         // The slot stays taken until the reply has been written.
         outcome.slot = Some(slot);
         outcome
@@ -476,33 +424,49 @@ impl Agent {
 
     async fn run(
         self: &Arc<Self>,
-        session: SessionId,
+        session: &Session,
         method: Method,
         req: &Request,
         cx: Context,
         attachment: Option<Bytes>,
         gate: &CommitGate,
     ) -> Outcome {
+        // The one match from method to handler. Each arm names the method's
+        // Rpc type, whose params and result types the handler must take and
+        // give: a mismatch does not compile.
         match method {
-            Method::Ping | Method::Sync | Method::GetAgentInfo => {
-                unreachable!("answered before taking a slot")
+            Method::Ping => {
+                self.typed::<PingRpc, _, _, _>(req, |_| async { Ok::<_, Never>(ping()) })
+                    .await
+            }
+            Method::Sync => {
+                self.typed::<SyncRpc, _, _, _>(req, |p| async move {
+                    Ok::<_, Never>(SyncResult { nonce: p.nonce })
+                })
+                .await
+            }
+            Method::GetAgentInfo => {
+                self.typed::<GetAgentInfoRpc, _, _, _>(req, |_| async {
+                    Ok::<_, Never>(self.agent_info())
+                })
+                .await
             }
             Method::GetSystemInfo => {
-                self.typed(req, |_: Empty| blocking(sysinfo::system_info))
+                self.typed::<GetSystemInfoRpc, _, _, _>(req, |_| blocking(sysinfo::system_info))
                     .await
             }
             Method::GetNetworkInfo => {
-                self.typed(req, |_: Empty| blocking(sysinfo::network_info))
+                self.typed::<GetNetworkInfoRpc, _, _, _>(req, |_| blocking(sysinfo::network_info))
                     .await
             }
             Method::GetDiskUsage => {
-                self.typed(req, |p: DiskUsageParams| {
+                self.typed::<GetDiskUsageRpc, _, _, _>(req, |p| {
                     blocking(move || sysinfo::disk_usage(p.include_virtual))
                 })
                 .await
             }
             Method::ExecCommand => {
-                self.typed(req, |p: ExecParams| async move {
+                self.typed::<ExecCommandRpc, _, _, _>(req, |p| async move {
                     if !(p.stdin_encoding.is_inline() && p.output_encoding.is_inline()) {
                         return Err(CallError::Params(
                             "exec_command carries stdin and output in strings: \
@@ -516,13 +480,13 @@ impl Agent {
                 })
                 .await
             }
-            Method::FileRead => match req.params::<FileReadParams>() {
+            Method::FileRead => match req.params::<<FileReadRpc as Rpc>::Params>() {
                 Ok(p) if p.encoding == Encoding::Attachment && cx == Context::Batch => {
                     Outcome::err(batch_attachment())
                 }
                 Ok(p) => match self.files.read(p).await {
                     Ok((result, data)) => {
-                        let mut o = Outcome::ok(&result);
+                        let mut o = Outcome::of::<FileReadRpc>(&result);
                         o.attachment = data;
                         o
                     }
@@ -530,44 +494,54 @@ impl Agent {
                 },
                 Err(e) => Outcome::err(e),
             },
-            Method::FileWrite => match req.params::<FileWriteParams>() {
+            Method::FileWrite => match req.params::<<FileWriteRpc as Rpc>::Params>() {
                 Ok(p) if p.encoding == Encoding::Attachment && cx == Context::Batch => {
                     Outcome::err(batch_attachment())
                 }
-                Ok(p) => Outcome::from(self.files.write(session.0, p, attachment, gate).await),
+                Ok(p) => match self.files.write(session.id().0, p, attachment, gate).await {
+                    Ok(result) => Outcome::of::<FileWriteRpc>(&result),
+                    Err(e) => Outcome::err(to_error_object(&e)),
+                },
                 Err(e) => Outcome::err(e),
             },
-            Method::Shutdown | Method::Reboot => match req.params::<PowerParams>() {
-                Ok(p) => {
-                    let action = if method == Method::Shutdown {
-                        PowerAction::Shutdown {
-                            delay_seconds: p.delay_seconds,
-                        }
-                    } else {
-                        PowerAction::Reboot {
-                            delay_seconds: p.delay_seconds,
-                        }
-                    };
-                    let mut o = Outcome::ok(&PowerResult { accepted: true });
-                    o.after = Some(action);
-                    o
-                }
-                Err(e) => Outcome::err(e),
-            },
+            Method::Shutdown => self
+                .power::<ShutdownRpc>(req, |delay_seconds| PowerAction::Shutdown { delay_seconds }),
+            Method::Reboot => {
+                self.power::<RebootRpc>(req, |delay_seconds| PowerAction::Reboot { delay_seconds })
+            }
         }
     }
 
-    /// Decodes the params into `P`, runs `f`, and encodes its result.
-    async fn typed<P, T, E, F, Fut>(&self, req: &Request, f: F) -> Outcome
+    /// A power action: answered first, started once the reply is written.
+    fn power<M: Rpc<Params = PowerParams, Result = PowerResult>>(
+        &self,
+        req: &Request,
+        action: impl FnOnce(u64) -> PowerAction,
+    ) -> Outcome {
+        match req.params::<M::Params>() {
+            Ok(p) => {
+                let mut o = Outcome::of::<M>(&PowerResult { accepted: true });
+                o.after = Some(action(p.delay_seconds));
+                o
+            }
+            Err(e) => Outcome::err(e),
+        }
+    }
+
+    /// Decodes the params of method `M`, runs `f`, and encodes its result:
+    /// `f` takes exactly `M`'s params and gives exactly its result.
+    async fn typed<M, E, F, Fut>(&self, req: &Request, f: F) -> Outcome
     where
-        P: serde::de::DeserializeOwned,
-        T: Serialize,
+        M: Rpc,
         E: RpcError,
-        F: FnOnce(P) -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
+        F: FnOnce(M::Params) -> Fut,
+        Fut: std::future::Future<Output = Result<M::Result, E>>,
     {
-        match req.params::<P>() {
-            Ok(p) => Outcome::from(f(p).await),
+        match req.params::<M::Params>() {
+            Ok(p) => match f(p).await {
+                Ok(v) => Outcome::of::<M>(&v),
+                Err(e) => Outcome::err(to_error_object(&e)),
+            },
             Err(e) => Outcome::err(e),
         }
     }
@@ -600,16 +574,6 @@ fn ping() -> PingResult {
         timestamp: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-    }
-}
-
-/// The id a reply about a line's attachment goes to: the request's (as far
-/// as it could be read), or null for a batch.
-fn reply_id(incoming: &Incoming) -> Id {
-    match incoming {
-        Incoming::Single(Ok(req)) => req.id.clone().unwrap_or_else(Id::null),
-        Incoming::Single(Err(resp)) => resp.id.clone(),
-        Incoming::Batch(_) => Id::null(),
     }
 }
 
@@ -741,10 +705,7 @@ impl<E: RpcError> RpcError for BlockingError<E> {
 
 /// Methods that change the guest are logged at info with their outcome.
 fn log_outcome(method: Method, outcome: &Outcome, started: Instant) {
-    let changes_guest = matches!(
-        method,
-        Method::ExecCommand | Method::FileWrite | Method::Shutdown | Method::Reboot
-    );
+    let changes_guest = method.facts().changes_guest;
     let ms = started.elapsed().as_millis() as u64;
     match (&outcome.result, changes_guest) {
         (Ok(raw), true) => {
@@ -767,55 +728,6 @@ fn summarize(result: &str) -> String {
             .collect::<Vec<_>>()
             .join(" "),
         Err(_) => String::new(),
-    }
-}
-
-/// Encodes a reply line. A reply larger than the protocol allows is replaced
-/// by a `too_large` error for `id` (null for a batch), so the host never
-/// receives a line it must drop.
-fn encode<T: Serialize + ?Sized>(
-    value: &T,
-    id: Id,
-    attachment: Option<Bytes>,
-    after: Option<PowerAction>,
-) -> Outgoing {
-    let mut line = BytesMut::new();
-    let replacement = match agent_common::codec::encode_line(value, &mut line) {
-        Ok(()) if line.len() <= agent_common::MAX_RESPONSE_SIZE => {
-            return Outgoing {
-                line,
-                attachment,
-                after,
-                hold: Vec::new(),
-            }
-        }
-        Ok(()) => Response::error(
-            id,
-            ErrorObject::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "the reply would exceed {} bytes; ask for less (a smaller length, or output_encoding base64)",
-                    agent_common::MAX_RESPONSE_SIZE
-                ),
-            ),
-        ),
-        Err(e) => Response::error(
-            Id::null(),
-            ErrorObject::new(
-                ErrorKind::InternalError,
-                format!("could not encode the reply: {e}"),
-            ),
-        ),
-    };
-    line.clear();
-    // Invariant: a small error reply (a raw id and a short message) always
-    // serialises.
-    let _ = agent_common::codec::encode_line(&replacement, &mut line);
-    Outgoing {
-        line,
-        attachment: None,
-        after,
-        hold: Vec::new(),
     }
 }
 
@@ -971,15 +883,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r["error"]["data"]["kind"], "shutting_down");
-    }
-
-    #[test]
-    fn oversized_replies_become_errors() {
-        let big = "x".repeat(agent_common::MAX_RESPONSE_SIZE + 1);
-        let out = encode(&serde_json::json!({ "s": big }), Id::number(4), None, None);
-        let v: Value = serde_json::from_slice(&out.line).unwrap();
-        assert_eq!(v["error"]["data"]["kind"], "too_large");
-        assert_eq!(v["id"], 4);
     }
 
     #[test]

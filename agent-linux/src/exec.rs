@@ -1785,13 +1785,14 @@ mod tests {
         // A command that ended by itself leaves its cgroup for the next one.
         let first = which().await;
         assert_eq!(which().await, first);
-        // One killed at its time limit is not reused, and the next command
-        // (in a fresh cgroup) runs normally.
+        // One that needed cgroup.kill at its time limit (a setsid child
+        // outlived the process group's kill) is not reused, and the next
+        // command (in another cgroup) runs normally.
         let r = exec_command_in(
             &config,
             ExecParams {
                 timeout_seconds: Some(1),
-                ..sh("echo $$; cat /proc/self/cgroup; sleep 100")
+                ..sh("setsid sleep 100 & echo $$; cat /proc/self/cgroup; sleep 100")
             },
             cgroups,
         )

@@ -19,5 +19,6 @@ pub mod logging;
 pub mod policy;
 pub mod power;
 pub mod server;
+pub mod session;
 pub mod sysinfo;
 pub mod transport;

@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_common::codec::{Frame, JsonLinesCodec};
+use agent_common::envelope;
 use agent_common::jsonrpc::{announced_attachment, parse_message, Announced, Incoming};
 use agent_common::methods::Method;
 use agent_common::MAX_ATTACHMENT_SIZE;
@@ -60,6 +61,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dispatch::{Agent, Outgoing, SessionId};
+use crate::session::Session;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -181,6 +183,11 @@ pub async fn serve<R, W>(
     let (bulk_tx, bulk_rx) = mpsc::channel::<Outgoing>(REPLY_QUEUE);
     let write_timeout = agent.config().request_timeout.max(Duration::from_secs(30));
     let budget = Budget::new(agent.config());
+    let context = Arc::new(Session::new(
+        session,
+        tx.downgrade(),
+        Arc::clone(&budget.pending),
+    ));
     let requests = TaskTracker::new();
     let mut writer_task = tokio::spawn(write_loop(writer, rx, bulk_rx, write_timeout));
     let mut frames = FramedRead::new(reader, JsonLinesCodec::new(agent.config().max_message_size));
@@ -220,7 +227,10 @@ pub async fn serve<R, W>(
             frames.read_buffer_mut().clear();
             frames.decoder_mut().discard_until_resync();
             if let Some(incoming) = awaiting.take() {
-                let reply = agent.attachment_timeout(&incoming, ATTACHMENT_TIMEOUT);
+                let reply = Outgoing::reply(envelope::attachment_timeout(
+                    &incoming,
+                    ATTACHMENT_TIMEOUT.as_secs(),
+                ));
                 if or_end!(tx.send(reply)).is_err() {
                     break;
                 }
@@ -252,7 +262,12 @@ pub async fn serve<R, W>(
                     Announced::Nothing => (incoming, None),
                     Announced::Unknown => {
                         frames.decoder_mut().discard_until_resync();
-                        if or_end!(tx.send(agent.attachment_unknown(&incoming))).is_err() {
+                        warn!(
+                            session = session.0,
+                            "a line announced an attachment of unknown length; dropping input up to the next resync byte"
+                        );
+                        let reply = Outgoing::reply(envelope::attachment_unknown(&incoming));
+                        if or_end!(tx.send(reply)).is_err() {
                             break;
                         }
                         continue;
@@ -270,7 +285,12 @@ pub async fn serve<R, W>(
                             // Refused for another reason: its own reply.
                             (incoming, None)
                         } else {
-                            let reply = agent.attachment_too_large(&incoming, len);
+                            warn!(
+                                session = session.0,
+                                len, "discarded an oversized attachment"
+                            );
+                            let reply =
+                                Outgoing::reply(envelope::attachment_too_large(&incoming, len));
                             if or_end!(tx.send(reply)).is_err() {
                                 break;
                             }
@@ -295,7 +315,7 @@ pub async fn serve<R, W>(
         spawn_request(
             &requests,
             &agent,
-            session,
+            &context,
             (incoming, data.map(BytesMut::freeze)),
             permit,
             (&tx, &bulk_tx),
@@ -316,6 +336,7 @@ pub async fn serve<R, W>(
         requests.wait().await;
         let _ = writer_task.await;
     }
+    context.end();
     agent.end_session(session);
     // What the session's requests allocated goes back to the kernel once
     // the last of them is done (they may outlive a host that went away).
@@ -331,15 +352,16 @@ pub async fn serve<R, W>(
 fn spawn_request(
     requests: &TaskTracker,
     agent: &Arc<Agent>,
-    session: SessionId,
+    session: &Arc<Session>,
     (incoming, data): (Incoming, Option<Bytes>),
     permit: OwnedSemaphorePermit,
     (tx, bulk_tx): (&mpsc::Sender<Outgoing>, &mpsc::Sender<Outgoing>),
 ) {
     let agent = agent.clone();
+    let session = Arc::clone(session);
     let (tx, bulk_tx) = (tx.clone(), bulk_tx.clone());
     requests.spawn(async move {
-        if let Some(mut out) = agent.handle(session, incoming, data).await {
+        if let Some(mut out) = agent.handle(&session, incoming, data).await {
             out.hold.push(permit);
             let queue = if out.attachment.is_some() {
                 bulk_tx

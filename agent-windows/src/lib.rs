@@ -11,7 +11,8 @@
 use std::io::{self, Read, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use agent_common::codec::{encode_line, CodecError, Frame, JsonLinesCodec};
+use agent_common::codec::{CodecError, Frame, JsonLinesCodec};
+use agent_common::envelope;
 use agent_common::error::{ErrorKind, ErrorObject};
 use agent_common::jsonrpc::{parse_message, Announced, Entry, Id, Incoming, Request, Response};
 use agent_common::methods::{AgentInfo, Empty, Limits, Method, PingResult, SyncParams, SyncResult};
@@ -66,31 +67,9 @@ impl Default for Dispatcher {
     }
 }
 
-/// What goes back for one incoming line.
-#[derive(Debug)]
-pub enum Reply {
-    /// One reply object.
-    Single(Response),
-    /// The reply to a single `sync`: written after a `\n`, so that it starts
-    /// a line even if stale output before it ended mid-line.
-    Sync(Response),
-    /// The replies of a batch (never empty).
-    Batch(Vec<Response>),
-}
-
-impl Reply {
-    /// Appends the reply as one line to `dst`.
-    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), CodecError> {
-        match self {
-            Reply::Single(r) => encode_line(r, dst),
-            Reply::Sync(r) => {
-                dst.extend_from_slice(b"\n");
-                encode_line(r, dst)
-            }
-            Reply::Batch(rs) => encode_line(rs, dst),
-        }
-    }
-}
+/// What goes back for one incoming line: the envelope's reply line,
+/// shared with the Linux agent (`agent_common::envelope`).
+pub use agent_common::envelope::ReplyLine as Reply;
 
 impl Dispatcher {
     /// The limits in force.
@@ -102,39 +81,21 @@ impl Dispatcher {
     pub fn handle_line(&self, line: &[u8]) -> Option<Reply> {
         match parse_message(line) {
             Incoming::Single(entry) => {
-                let sync = matches!(&entry, Ok(req) if req.method == Method::Sync.as_str());
-                let reply = self.handle_entry(entry)?;
-                Some(if sync {
-                    Reply::Sync(reply)
-                } else {
-                    Reply::Single(reply)
-                })
+                let sync = envelope::is_sync(&entry);
+                Reply::single(sync, self.handle_entry(entry))
             }
             Incoming::Batch(entries) => {
-                let replies: Vec<Response> = entries
-                    .into_iter()
-                    .filter_map(|e| self.handle_entry(e))
-                    .collect();
-                (!replies.is_empty()).then_some(Reply::Batch(replies))
+                Reply::batch(entries.into_iter().map(|e| self.handle_entry(e)))
             }
         }
     }
 
     /// The reply owed for an oversized line.
     pub fn oversized(&self) -> Reply {
-        let limit = self.limits.max_message_size;
-        Reply::Single(Response::error(
-            Id::null(),
-            ErrorObject::new(
-                ErrorKind::MessageTooLarge,
-                format!(
-                    "request line is longer than {limit} bytes; it was discarded, with the \
-                     input up to the next resync byte: send 0xFF and sync, then retry"
-                ),
-            )
-            .with_data("limit", limit)
-            .with_data("resync", true),
-        ))
+        Reply::Single {
+            response: envelope::oversized(self.limits.max_message_size),
+            sync: false,
+        }
     }
 
     fn handle_entry(&self, entry: Entry) -> Option<Response> {
@@ -249,7 +210,6 @@ pub fn serve<R: Read, W: Write>(
     let mut codec = JsonLinesCodec::new(max);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
-    let mut out = BytesMut::new();
     loop {
         let n = match input.read(&mut chunk) {
             Ok(n) => n,
@@ -288,8 +248,7 @@ pub fn serve<R: Read, W: Write>(
                 Err(e) => return Err(ServeError::Encode(e)),
             };
             if let Some(reply) = reply {
-                out.clear();
-                reply.encode(&mut out).map_err(ServeError::Encode)?;
+                let (out, _) = reply.encode();
                 output.write_all(&out).map_err(ServeError::Write)?;
                 output.flush().map_err(ServeError::Write)?;
             }
@@ -308,7 +267,7 @@ mod tests {
 
     fn call(line: &str) -> Response {
         match Dispatcher::default().handle_line(line.as_bytes()) {
-            Some(Reply::Single(r) | Reply::Sync(r)) => r,
+            Some(Reply::Single { response, .. }) => response,
             other => panic!("expected one reply to {line}, got {other:?}"),
         }
     }
