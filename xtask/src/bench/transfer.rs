@@ -1,0 +1,276 @@
+//! Transfer figures: the raw port ceiling (`raw`), the test file's
+//! `read` and `write`, the chunk `window`, a tiny `push`, and the write with
+//! larger request lines (`bigmsg`).
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use host_client::{Client, ClientOptions, PushOptions};
+
+use super::harness::{client_options, mibs, ms, proc_status, sh, status_kb, Bench};
+use super::latency::pull_with_pings;
+use super::stats::{Figure, Spread};
+use super::vm::RAW_PORT;
+use super::{err, FILE_SIZE, GUEST_FILE};
+use crate::util::{bail, heading, Result};
+
+impl Bench<'_> {
+    /// `raw`: three guest `dd`s into the raw port. Its row comes last
+    /// ([`Bench::finish`]); `read` reports its share of it.
+    pub(crate) async fn raw(&mut self) -> Result<()> {
+        heading("bench: raw port ceiling");
+        let mut raw = Vec::new();
+        for _ in 0..3 {
+            raw.push(raw_ceiling(&self.c, &self.vm.raw).await?);
+        }
+        self.raw = Some(Spread::of(&raw));
+        Ok(())
+    }
+
+    /// Writes the 32 MiB test file in the guest and pulls it to the host,
+    /// `pulls` times (the pulls are `read`'s figure); with `theirs`, also
+    /// reads it through qemu-ga for the read figures' reference.
+    pub(crate) async fn test_file(&mut self, pulls: usize, theirs: bool) -> Result<()> {
+        heading("bench: read 32 MiB");
+        sh(
+            &self.c,
+            &format!("head -c {FILE_SIZE} /dev/urandom > {GUEST_FILE}"),
+        )
+        .await?;
+        for _ in 0..pulls {
+            let t = Instant::now();
+            self.c
+                .pull(GUEST_FILE, &self.local, |_| {})
+                .await
+                .map_err(err("pull"))?;
+            self.read_rates.push(mibs(FILE_SIZE, t));
+        }
+        self.reference = fs::read(&self.local)?;
+        if self.reference.len() as u64 != FILE_SIZE {
+            bail!("pull gave {} bytes", self.reference.len());
+        }
+        // qemu-ga's best read rate, the reference of the read figures.
+        if theirs {
+            let mut theirs_4k = Vec::new();
+            let data = self.q.read_file(GUEST_FILE, 4096, &mut theirs_4k)?;
+            if data != self.reference {
+                bail!("qemu-ga read gave other bytes than our pull");
+            }
+            let mut theirs_4m = Vec::new();
+            for _ in 0..3 {
+                self.q.read_file(GUEST_FILE, 4 << 20, &mut theirs_4m)?;
+            }
+            let theirs_4k = Spread::of(&theirs_4k);
+            let theirs_4m = Spread::of(&theirs_4m);
+            eprintln!(
+                "bench: qemu-ga read at 4 KiB: {:.2} MiB/s, at 4 MiB: {:.2} MiB/s",
+                theirs_4k.median, theirs_4m.median
+            );
+            self.best = Some(if theirs_4m.median >= theirs_4k.median {
+                theirs_4m
+            } else {
+                theirs_4k
+            });
+        }
+        Ok(())
+    }
+
+    /// `read`: the rows of the pulls [`Bench::test_file`] timed.
+    pub(crate) fn read(&mut self) {
+        let ours_read = Spread::of(&self.read_rates);
+        self.figures.push(Figure::new(
+            "read 32 MiB to host (MiB/s)",
+            ours_read,
+            self.best,
+            ">= 10x",
+            |r| r >= 10.0,
+        ));
+        if let Some(raw_spread) = self.raw {
+            self.figures.push(Figure::new(
+                "read: share of raw port ceiling (%)",
+                ours_read.scale(100.0 / raw_spread.median),
+                None,
+                ">= 40%",
+                |_| ours_read.median * 100.0 / raw_spread.median >= 40.0,
+            ));
+        }
+    }
+
+    /// `write`: the test file pushed into the guest by both agents.
+    pub(crate) async fn write(&mut self) -> Result<()> {
+        heading("bench: write 32 MiB");
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let t = Instant::now();
+            self.c
+                .push(
+                    &self.local,
+                    "/tmp/kvmmanager/bench-w",
+                    PushOptions::default(),
+                    |_| {},
+                )
+                .await
+                .map_err(err("push"))?;
+            ours.push(mibs(FILE_SIZE, t));
+            sh(&self.c, "rm -f /tmp/kvmmanager/bench-w").await?;
+            let t = Instant::now();
+            self.q
+                .write_file("/tmp/bench-w", &self.reference, 1 << 20)?;
+            theirs.push(mibs(FILE_SIZE, t));
+            sh(&self.c, "rm -f /tmp/bench-w").await?;
+        }
+        self.theirs_write = Some(Spread::of(&theirs));
+        self.figures.push(Figure::new(
+            "write 32 MiB into guest (MiB/s)",
+            Spread::of(&ours),
+            self.theirs_write,
+            ">= 10x",
+            |r| r >= 10.0,
+        ));
+        Ok(())
+    }
+
+    /// `window`: the same pull with other chunk windows
+    /// (`ClientOptions::max_in_flight_chunks`).
+    pub(crate) async fn window(&mut self) -> Result<()> {
+        for window in [1usize, 2, 8] {
+            heading(&format!("bench: read 32 MiB, {window} chunk(s) in flight"));
+            // One host connection per port at a time: replace the client.
+            self.c = Client::lazy(
+                &self.vm.ours,
+                ClientOptions {
+                    max_in_flight_chunks: window,
+                    ..client_options()
+                },
+            );
+            let (mut rates, mut p99s) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                let t = Instant::now();
+                let p99 = pull_with_pings(&self.c, &self.local).await?;
+                rates.push(mibs(FILE_SIZE, t));
+                p99s.push(p99);
+            }
+            let p99 = Spread::of(&p99s);
+            self.figures.push(
+                Figure::new(
+                    &format!("  read with {window} chunk(s) in flight (MiB/s)"),
+                    Spread::of(&rates),
+                    self.best,
+                    "(experiment)",
+                    |_| true,
+                )
+                .with_note(format!("ping p99 {:.0} ms", p99.median)),
+            );
+        }
+        self.disconnect();
+        Ok(())
+    }
+
+    /// `push`: fixed cost of a tiny push (connection already open).
+    pub(crate) async fn push(&mut self) -> Result<()> {
+        let tiny = self.out_dir.join("tiny.bin");
+        fs::write(&tiny, [7u8; 1024])?;
+        let mut ours = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            self.c
+                .push(
+                    &tiny,
+                    "/tmp/kvmmanager/tiny",
+                    PushOptions::default(),
+                    |_| {},
+                )
+                .await
+                .map_err(err("push"))?;
+            ours.push(ms(t));
+        }
+        let _ = fs::remove_file(&tiny);
+        self.figures.push(Figure::new(
+            "push 1 KiB, connection open (ms)",
+            Spread::of(&ours),
+            None,
+            "(report)",
+            |_| true,
+        ));
+        Ok(())
+    }
+
+    /// `bigmsg`: the write again with larger request lines (the agent
+    /// restarted with max_message_size_kb raised).
+    pub(crate) async fn bigmsg(&mut self) -> Result<()> {
+        heading("bench: write 32 MiB with max_message_size_kb = 1024");
+        self.restart_agent(r#"s/"max_message_size_kb": 64/"max_message_size_kb": 1024/"#)
+            .await?;
+        let limits = self.c.limits().await.map_err(err("limits"))?;
+        if limits.max_message_size < 1024 * 1024 {
+            bail!("agent restarted without the larger max_message_size: {limits:?}");
+        }
+        let mut ours = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            self.c
+                .push(
+                    &self.local,
+                    "/tmp/kvmmanager/bench-w",
+                    PushOptions::default(),
+                    |_| {},
+                )
+                .await
+                .map_err(err("push"))?;
+            ours.push(mibs(FILE_SIZE, t));
+            sh(&self.c, "rm -f /tmp/kvmmanager/bench-w").await?;
+        }
+        let st = proc_status(&self.c, self.our_pid).await?;
+        let hwm = status_kb(&st, "VmHWM").unwrap_or(0.0) / 1024.0;
+        self.figures.push(
+            Figure::new(
+                "  write, max_message_size_kb 1024 (MiB/s)",
+                Spread::of(&ours),
+                self.theirs_write,
+                "(experiment)",
+                |_| true,
+            )
+            .with_note(format!("agent peak RSS {hwm:.1} MB")),
+        );
+        Ok(())
+    }
+}
+
+/// One guest `dd` of 32 MiB into the raw port, timed on the host (MiB/s).
+async fn raw_ceiling(c: &Client, raw: &Path) -> Result<f64> {
+    let mut s = UnixStream::connect(raw)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let reader = std::thread::spawn(move || -> std::io::Result<(u64, Duration)> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        let mut first = None;
+        while got < FILE_SIZE {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            first.get_or_insert_with(Instant::now);
+            got += n as u64;
+        }
+        Ok((got, first.map(|f| f.elapsed()).unwrap_or_default()))
+    });
+    sh(
+        c,
+        &format!(
+            "dd if=/dev/zero of=/dev/virtio-ports/{RAW_PORT} bs=64k count={} 2>/dev/null",
+            FILE_SIZE / 65536
+        ),
+    )
+    .await?;
+    let (got, took) = reader
+        .join()
+        .map_err(|_| "raw reader panicked")?
+        .map_err(err("raw read"))?;
+    if got < FILE_SIZE {
+        bail!("raw port gave {got} bytes");
+    }
+    Ok(FILE_SIZE as f64 / 1048576.0 / took.as_secs_f64().max(1e-9))
+}
