@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod blocking;
+#[cfg(feature = "cli")]
 pub mod cli;
 mod client;
 mod error;
