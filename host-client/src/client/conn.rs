@@ -24,6 +24,7 @@ use tokio::sync::{oneshot, Mutex as AsyncMutex};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
+use super::notify::{self, Subscribers};
 use super::Client;
 use crate::error::ClientError;
 
@@ -126,17 +127,27 @@ impl Shared {
     }
 }
 
-async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>) {
+/// What the next attachment frame belongs to.
+enum Awaiting {
+    Reply(Response),
+    Notification(notify::Header),
+}
+
+async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>, subscribers: Arc<Subscribers>) {
     let mut frames = FramedRead::new(read, JsonLinesCodec::new(MAX_RESPONSE_SIZE));
-    // A response waiting for its attachment.
-    let mut awaiting: Option<Response> = None;
+    // A response or notification waiting for its attachment.
+    let mut awaiting: Option<Awaiting> = None;
     while let Some(frame) = frames.next().await {
         match frame {
             Ok(Frame::Line(line)) => {
                 let resp = match parse_response(&line) {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::debug!("dropping a line that is not a response: {e}");
+                        if let Some(n) = notify::Header::parse(&line) {
+                            awaiting = notification(&mut frames, &shared, &subscribers, n);
+                        } else {
+                            tracing::debug!("dropping a line that is not a response: {e}");
+                        }
                         continue;
                     }
                 };
@@ -150,7 +161,7 @@ async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>) {
                     Some(len) if len <= MAX_ATTACHMENT_SIZE => {
                         // Within the limit, so it fits in usize.
                         frames.decoder_mut().expect_attachment(len as usize);
-                        awaiting = Some(resp);
+                        awaiting = Some(Awaiting::Reply(resp));
                     }
                     Some(len) => {
                         tracing::warn!(
@@ -161,11 +172,13 @@ async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>) {
                     }
                 }
             }
-            Ok(Frame::Attachment(data)) => {
-                if let Some(resp) = awaiting.take() {
-                    shared.dispatch(resp, Some(data.freeze()));
+            Ok(Frame::Attachment(data)) => match awaiting.take() {
+                Some(Awaiting::Reply(resp)) => shared.dispatch(resp, Some(data.freeze())),
+                Some(Awaiting::Notification(n)) => {
+                    subscribers.deliver(n.into_notification(Some(data.freeze())));
                 }
-            }
+                None => {}
+            },
             Ok(Frame::Oversized) => {
                 tracing::warn!("dropping a reply longer than {MAX_RESPONSE_SIZE} bytes");
             }
@@ -177,6 +190,49 @@ async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>) {
     }
     tracing::debug!("agent connection closed");
     shared.close();
+}
+
+/// Handles a notification line: delivers it, or sets the decoder up to
+/// read (or skip) its attachment first. Returns what then awaits the
+/// attachment.
+///
+/// While syncing, notifications are dropped with their `attachment` member
+/// untrusted, like stale replies: they may be an earlier host's. Once in
+/// sync, an announced attachment is always consumed, subscribed to or not,
+/// so the stream stays in step.
+fn notification(
+    frames: &mut FramedRead<OwnedReadHalf, JsonLinesCodec>,
+    shared: &Shared,
+    subscribers: &Subscribers,
+    n: notify::Header,
+) -> Option<Awaiting> {
+    if shared.lock().sync.is_some() {
+        tracing::debug!(method = %n.method, "dropping a notification while syncing");
+        return None;
+    }
+    match n.attachment {
+        None => {
+            subscribers.deliver(n.into_notification(None));
+            None
+        }
+        Some(len) if len <= MAX_ATTACHMENT_SIZE && subscribers.wants(&n.method) => {
+            // Within the limit, so it fits in usize.
+            frames.decoder_mut().expect_attachment(len as usize);
+            Some(Awaiting::Notification(n))
+        }
+        Some(len) => {
+            if len > MAX_ATTACHMENT_SIZE {
+                tracing::warn!(
+                    method = %n.method,
+                    "dropping a notification whose attachment of {len} bytes is over {MAX_ATTACHMENT_SIZE}"
+                );
+            } else {
+                tracing::debug!(method = %n.method, "dropping a notification nobody subscribed to");
+            }
+            frames.decoder_mut().skip_attachment(len);
+            None
+        }
+    }
 }
 
 impl Conn {
@@ -368,7 +424,11 @@ impl Client {
         tracing::debug!(path = %path.display(), "connected");
         let (read, write) = stream.into_split();
         let shared = Arc::new(Shared::default());
-        let reader = tokio::spawn(read_loop(read, shared.clone()));
+        let reader = tokio::spawn(read_loop(
+            read,
+            shared.clone(),
+            self.inner.subscribers.clone(),
+        ));
         Ok(Arc::new(Conn {
             writer: Arc::new(AsyncMutex::new(Writer {
                 half: write,

@@ -19,11 +19,17 @@
 //! - When the reader sees the end of the stream (VM rebooted, agent
 //!   restarted, QEMU gone), every pending call fails with
 //!   [`ClientError::ConnectionLost`] and the next call reconnects and syncs.
+//! - Lines without `id` are notifications: once in sync, the reader hands
+//!   them (and their attachments, always read off the wire) to the client's
+//!   subscriptions by method, without ever waiting for one (`notify`).
 
 mod conn;
+mod notify;
 
 pub(crate) use conn::random_u64;
 use conn::Conn;
+use notify::Subscribers;
+pub use notify::{Notification, Subscription, DEFAULT_SUBSCRIPTION_CAPACITY};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -126,6 +132,8 @@ struct Inner {
     closed: AtomicBool,
     next_id: AtomicU64,
     limits: StdMutex<Option<Limits>>,
+    /// Subscriptions to notifications; they outlive connections.
+    subscribers: Arc<Subscribers>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(method: &str, raw: &RawValue) -> Result<T, ClientError> {
@@ -189,6 +197,7 @@ impl Client {
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(start),
                 limits: StdMutex::new(None),
+                subscribers: Arc::default(),
             }),
         }
     }
@@ -213,6 +222,44 @@ impl Client {
     /// ```
     pub fn options(&self) -> &ClientOptions {
         &self.inner.opts
+    }
+
+    /// Subscribes to the agent's notifications of `method`, holding up to
+    /// [`DEFAULT_SUBSCRIPTION_CAPACITY`] that were not received yet.
+    ///
+    /// A notification is a request object without `id` that the agent
+    /// sends of its own accord, possibly with an attachment. Each
+    /// subscription to its method gets a copy; with none, it is dropped.
+    /// The subscription lasts until it is dropped, across reconnects; what
+    /// arrives while the client (re)syncs is dropped, as it may be stale.
+    /// The reader never waits for a subscriber: when a subscription's
+    /// channel is full, further notifications are dropped for it and
+    /// counted in [`Subscription::dropped`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) {
+    /// let mut sub = client.subscribe("stream_data");
+    /// while let Some(n) = sub.recv().await {
+    ///     let params: serde_json::Value = n.params().unwrap_or_default();
+    ///     println!("{params} and {} raw bytes", n.attachment.map_or(0, |a| a.len()));
+    /// }
+    /// # }
+    /// ```
+    pub fn subscribe(&self, method: &str) -> Subscription {
+        self.subscribe_with_capacity(method, DEFAULT_SUBSCRIPTION_CAPACITY)
+    }
+
+    /// [`Client::subscribe`] with a channel of `capacity` (at least 1)
+    /// notifications.
+    ///
+    /// ```
+    /// # use host_client::{Client, ClientOptions};
+    /// let client = Client::lazy("/tmp/vm.sock", ClientOptions::default());
+    /// let sub = client.subscribe_with_capacity("stream_data", 4096);
+    /// assert_eq!(sub.method(), "stream_data");
+    /// ```
+    pub fn subscribe_with_capacity(&self, method: &str, capacity: usize) -> Subscription {
+        self.inner.subscribers.subscribe(method, capacity)
     }
 
     /// Calls method `M` with its typed params and the default time limit.
