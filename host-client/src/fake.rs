@@ -214,3 +214,18 @@ pub(crate) async fn serve_raw(mut conn: FakeConn, h: RawHandler) {
         });
     }
 }
+
+/// Writes a notification (a request without `id`) and the attachment it
+/// announces.
+pub(crate) async fn notify(conn: &FakeConn, method: &str, params: Value, data: Option<&[u8]>) {
+    let mut msg = serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params});
+    if let Some(d) = data {
+        msg["attachment"] = d.len().into();
+    }
+    let mut buf = serde_json::to_vec(&msg).unwrap();
+    buf.push(b'\n');
+    if let Some(d) = data {
+        buf.extend_from_slice(d);
+    }
+    conn.send_raw(&buf).await;
+}

@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod blocking;
+#[cfg(feature = "cli")]
 pub mod cli;
 mod client;
 mod error;
@@ -34,6 +35,8 @@ mod transfer;
 mod fake;
 
 pub use agent_common;
-pub use client::{Client, ClientOptions};
+pub use client::{
+    Client, ClientOptions, Notification, Subscription, DEFAULT_SUBSCRIPTION_CAPACITY,
+};
 pub use error::ClientError;
 pub use transfer::{Progress, PushOptions, TransferSummary};
