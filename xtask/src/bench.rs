@@ -229,12 +229,13 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
     for &(name, _) in SECTIONS {
         if name == "read" {
             // From here on, figures run only if one of these is picked: all
-            // of them but `push` and `wake` use the 32 MiB test file, put
-            // in the guest and pulled to the host once (three times, timed,
-            // for `read`).
+            // of them but `push`, `wake` and `flood` use the 32 MiB test
+            // file, put in the guest and pulled to the host once (three
+            // times, timed, for `read`).
             if !only.any(&[
-                "read", "write", "load", "rss", "window", "push", "wake", "bigmsg",
+                "read", "write", "load", "rss", "window", "push", "wake", "flood", "bigmsg",
             ]) {
+                b.finish();
                 return Ok(());
             }
             let pulls = if only.has("read") { 3 } else { 1 };
