@@ -78,7 +78,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::error::{io_error_kind, RpcError};
-use crate::policy::{check_regular_single, normalize_path, sys, Found, PathPolicy, PolicyError};
+use crate::policy::{check_regular_single, normalize_path, Found, PathPolicy, PolicyError};
+use crate::sys;
 
 /// Most chunked uploads open at once (all sessions together).
 pub const MAX_UPLOADS: usize = 16;

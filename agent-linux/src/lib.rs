@@ -5,7 +5,8 @@
 //! ARCHITECTURE.md for the map: [`transport`] reads the port, [`server`]
 //! runs a connection, [`dispatch`] turns a line into a reply through one
 //! `match`, and the handlers ([`sysinfo`], [`exec`], [`files`], [`power`])
-//! apply the [`policy`] of the [`config`].
+//! apply the [`policy`] of the [`config`]. Every `unsafe` system call
+//! wrapper is in `sys`, and every process is spawned by [`exec`].
 
 pub mod buffers;
 pub mod cgroup;
@@ -19,5 +20,6 @@ pub mod logging;
 pub mod policy;
 pub mod power;
 pub mod server;
+mod sys;
 pub mod sysinfo;
 pub mod transport;
