@@ -104,12 +104,7 @@ impl Drop for PooledBuffer {
 /// arenas to the kernel, so memory a host made the agent allocate stayed
 /// resident after the host left. Called once at start.
 pub fn use_one_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt sets an allocator tunable; it takes no pointers and
-    // is called before the runtime starts its threads.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
+    crate::sys::one_malloc_arena();
 }
 
 /// Hands the heap memory freed since the last call back to the kernel,
@@ -118,12 +113,7 @@ pub fn use_one_heap() {
 /// would leave it resident); musl's returns it by itself. Called when a
 /// session ends.
 pub fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks and trims the allocator's own free
-    // lists; it takes no pointers and is safe to call at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::sys::malloc_trim();
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! `exec_command`: run a program to completion and return its output.
 //!
-//! This is the only module that spawns processes. The program is resolved by
+//! This is the only module that spawns processes: commands here, and the
+//! init system's power command for [`crate::power`]
+//! ([`run_power_command`]). The program is resolved by
 //! [`CommandPolicy`] (bare names in [`SAFE_PATH`] only, optional whitelist)
 //! and started directly, never through a shell, in a new process group and,
 //! where the agent could set up cgroups at start ([`crate::cgroup`]), in a
@@ -30,7 +32,9 @@
 //! agent starts the child with `clone3(CLONE_INTO_CGROUP)`, so the program
 //! is born in its cgroup and nothing it forks can be outside: no window.
 //! std's `Command` has no hook for that, so this path is the agent's own
-//! ([`spawn_into_cgroup`]): a `fork`-like clone (no `CLONE_VM`, so the child
+//! ([`spawn_into_cgroup`], over the system call wrapper
+//! `sys::clone_exec_into_cgroup`, which holds the child's code): a
+//! `fork`-like clone (no `CLONE_VM`, so the child
 //! runs on its own copy-on-write copy of this stack, as with `fork`) whose
 //! child calls only async-signal-safe functions (`dup2`, `setpgid`, `chdir`,
 //! `sigprocmask`, `execve`, and on failure `write` of errno to a
@@ -77,7 +81,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -97,6 +101,7 @@ use crate::cgroup::{CgroupError, CommandCgroup, CommandCgroups};
 use crate::config::Config;
 use crate::error::{io_error_kind, RpcError};
 use crate::policy::{CommandPolicy, PolicyError, SAFE_PATH};
+use crate::sys;
 
 /// How long descendants may keep the output pipes open after the main
 /// process exits.
@@ -326,28 +331,6 @@ fn check_cwd(cwd: Option<&str>) -> Result<PathBuf, ExecError> {
     }
 }
 
-/// `pidfd_open(pid, 0)`: a descriptor that becomes readable when `pid` exits.
-fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // A descriptor is int-sized.
-    let fd = ret as libc::c_int;
-    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// A wrapper so `AsyncFd` can hold an `OwnedFd`.
-struct PidFd(OwnedFd);
-
-impl AsRawFd for PidFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
 /// How often the main process is polled for its exit when no pidfd is
 /// available (kernels before 5.3).
 pub const POLL_WITHOUT_PIDFD: Duration = Duration::from_millis(10);
@@ -368,7 +351,7 @@ struct Running {
     pgid: nix::unistd::Pid,
     /// False once the group must no longer be signalled.
     armed: bool,
-    pidfd: Option<AsyncFd<PidFd>>,
+    pidfd: Option<AsyncFd<sys::PidFd>>,
     /// The command's cgroup, if commands are contained in cgroups; taken
     /// when it is removed at the end of the command.
     cgroup: Option<CommandCgroup>,
@@ -377,16 +360,8 @@ struct Running {
 impl Running {
     fn new(child: MainProcess, cgroup: Option<CommandCgroup>) -> Running {
         let pgid = nix::unistd::Pid::from_raw(child.pid());
-        let pidfd = match pidfd_open(pgid.as_raw()) {
-            Ok(fd) => {
-                // SAFETY: `PidFd` owns the descriptor, so it stays open and
-                // the same for the whole life of the `AsyncFd`, and
-                // `as_raw_fd` always returns it.
-                let registered = unsafe {
-                    AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE)
-                };
-                registered.ok()
-            }
+        let pidfd = match sys::pidfd_open(pgid.as_raw()) {
+            Ok(fd) => sys::watch_pidfd(fd).ok(),
             Err(e) => {
                 tracing::debug!(error = %e, "no pidfd; the group is killed after reaping");
                 None
@@ -507,159 +482,23 @@ impl MainProcess {
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         match self {
             MainProcess::Std(c) => c.try_wait(),
-            MainProcess::Raw { pid } => waitpid(*pid, false),
+            MainProcess::Raw { pid } => sys::waitpid(*pid, false),
         }
     }
 
     fn wait(&mut self) -> io::Result<ExitStatus> {
         match self {
             MainProcess::Std(c) => c.wait(),
-            MainProcess::Raw { pid } => waitpid(*pid, true)?
+            MainProcess::Raw { pid } => sys::waitpid(*pid, true)?
                 .ok_or_else(|| io::Error::other("waitpid returned without a status")),
         }
     }
 }
 
-/// `waitpid(pid)`, blocking or not (`WNOHANG`): `None` while it runs.
-fn waitpid(pid: libc::pid_t, block: bool) -> io::Result<Option<ExitStatus>> {
-    let flags = if block { 0 } else { libc::WNOHANG };
-    loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid writes one int through a pointer to a live local.
-        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
-        if r == pid {
-            return Ok(Some(ExitStatus::from_raw(status)));
-        }
-        if r == 0 {
-            return Ok(None);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// `clone_args` of `clone3(2)` up to `cgroup` (`CLONE_ARGS_SIZE_VER2`).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
-
-/// `CLONE_INTO_CGROUP` (Linux 5.7).
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-
 /// Set once `clone3(CLONE_INTO_CGROUP)` turned out not to exist here (an
 /// old kernel, or a seccomp filter answering ENOSYS): from then on commands
 /// are spawned by std and moved into their cgroup (module docs).
 static NO_CLONE_INTO_CGROUP: AtomicBool = AtomicBool::new(false);
-
-/// Forks (no `CLONE_VM`: the child gets a copy-on-write copy, like `fork`)
-/// straight into the cgroup open as `cgroup`. Returns the child's pid in
-/// the parent and 0 in the child.
-///
-/// # Safety
-/// In the child (0 returned) the caller may only call async-signal-safe
-/// functions (this process has other threads, whose locks stay held in the
-/// copy) and must end with `execve` or `_exit`.
-unsafe fn clone_into_cgroup(cgroup: BorrowedFd<'_>) -> io::Result<libc::pid_t> {
-    let mut args = CloneArgs {
-        flags: CLONE_INTO_CGROUP,
-        exit_signal: libc::SIGCHLD as u64,
-        // A descriptor is a non-negative int.
-        cgroup: cgroup.as_raw_fd() as u64,
-        ..CloneArgs::default()
-    };
-    // SAFETY: clone3 reads `size_of::<CloneArgs>()` bytes of a live,
-    // properly laid out struct; without CLONE_VM or a stack the child runs
-    // on its own copy of this stack, so returning here in both processes is
-    // sound (as for fork). What the child may do next is the caller's
-    // contract above.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // A pid fits pid_t.
-    Ok(r as libc::pid_t)
-}
-
-/// The child's half of [`spawn_into_cgroup`]: wires stdio, makes its own
-/// process group, changes directory, resets SIGPIPE (std ignores it in the
-/// agent; `Command` resets it too) and the signal mask, and executes. On
-/// failure it writes `errno` to `err_fd` and exits 127.
-///
-/// # Safety
-/// Only in the child of [`clone_into_cgroup`]. Every pointer must be valid
-/// (NUL-terminated strings and NULL-terminated arrays, built before the
-/// clone). It calls only async-signal-safe functions and never returns.
-unsafe fn exec_child(
-    stdio: [RawFd; 3],
-    err_fd: RawFd,
-    program: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-    cwd: *const libc::c_char,
-) -> ! {
-    // SAFETY: plain syscalls on descriptors and on the caller's valid
-    // pointers; the errno read and write go through valid locals.
-    unsafe {
-        for (target, fd) in (0..).zip(stdio) {
-            // dup2 onto itself would keep O_CLOEXEC: clear it instead.
-            let r = if fd == target {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, target)
-            };
-            if r < 0 {
-                child_fail(err_fd);
-            }
-        }
-        if libc::setpgid(0, 0) < 0 || libc::chdir(cwd) < 0 {
-            child_fail(err_fd);
-        }
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        libc::execve(program, argv, envp);
-        child_fail(err_fd)
-    }
-}
-
-/// Reports `errno` on `err_fd` and exits 127 (async-signal-safe).
-///
-/// # Safety
-/// Only in the child of [`clone_into_cgroup`].
-unsafe fn child_fail(err_fd: RawFd) -> ! {
-    // SAFETY: errno is this thread's; write reads 4 bytes of a live local;
-    // _exit ends the process without running any destructor.
-    unsafe {
-        let errno: libc::c_int = *libc::__errno_location();
-        libc::write(
-            err_fd,
-            (&errno as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>(),
-        );
-        libc::_exit(127)
-    }
-}
 
 /// What [`spawn`] started: the main process and our ends of its pipes.
 struct Spawned {
@@ -699,16 +538,6 @@ fn spawn_into_cgroup(plan: &ExecPlan<'_>, cgroup: BorrowedFd<'_>) -> io::Result<
         .iter()
         .map(|(k, v)| cstring(format!("{k}={v}")))
         .collect::<io::Result<_>>()?;
-    let argv_ptrs: Vec<*const libc::c_char> = argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp_ptrs: Vec<*const libc::c_char> = envp
-        .iter()
-        .map(|e| e.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
     let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
     let (stdin_child, stdin_ours): (OwnedFd, Option<OwnedFd>) = if plan.stdin_piped {
         let (r, w) = nix::unistd::pipe2(cloexec)?;
@@ -733,23 +562,19 @@ fn spawn_into_cgroup(plan: &ExecPlan<'_>, cgroup: BorrowedFd<'_>) -> io::Result<
         // could clobber one with another. Let std handle that rare case.
         return Ok(None);
     }
-    // SAFETY: in the child (0) only exec_child runs, which keeps to
-    // async-signal-safe calls on the pointers built above (alive in the
-    // child's copy of this frame) and never returns.
-    let pid = match unsafe { clone_into_cgroup(cgroup) } {
-        Ok(0) => {
-            // SAFETY: see above; this is the child of clone_into_cgroup.
-            unsafe {
-                exec_child(
-                    stdio,
-                    err_child.as_raw_fd(),
-                    program.as_ptr(),
-                    argv_ptrs.as_ptr(),
-                    envp_ptrs.as_ptr(),
-                    cwd.as_ptr(),
-                )
-            }
-        }
+    let pid = match sys::clone_exec_into_cgroup(
+        cgroup,
+        [
+            stdin_child.as_fd(),
+            stdout_child.as_fd(),
+            stderr_child.as_fd(),
+        ],
+        err_child.as_fd(),
+        &program,
+        &argv,
+        &envp,
+        &cwd,
+    ) {
         Ok(pid) => pid,
         Err(e)
             if matches!(
@@ -779,14 +604,14 @@ fn spawn_into_cgroup(plan: &ExecPlan<'_>, cgroup: BorrowedFd<'_>) -> io::Result<
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
-                let _ = waitpid(pid, true);
+                let _ = sys::waitpid(pid, true);
                 return Err(e);
             }
         }
     }
     if got > 0 {
         // The child reported why execve (or its set-up) failed and exited.
-        let _ = waitpid(pid, true);
+        let _ = sys::waitpid(pid, true);
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
     }
     Ok(Some(Spawned {
@@ -1132,6 +957,25 @@ fn encode_output(encoding: Encoding, data: &[u8]) -> (String, bool) {
         }
     }
     (text, false)
+}
+
+/// Runs the init system's power command (`systemctl poweroff`, `reboot`,
+/// ...) for [`crate::power`] and waits for it: a bare name looked up in
+/// [`SAFE_PATH`], an empty environment but that `PATH`, stdio on
+/// `/dev/null`. Unlike `exec_command` it gets no process group, cgroup or
+/// timeout: the command asks the init system to bring the guest down, and
+/// the caller falls back to `reboot(2)` after a grace period whatever
+/// happens to it.
+pub(crate) async fn run_power_command(program: &str, args: &[&str]) -> io::Result<ExitStatus> {
+    tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
 }
 
 #[cfg(test)]

@@ -3,9 +3,11 @@
 //! The binary (`main.rs`) only calls [`cli::main`]; everything else lives
 //! here so that tests, benches and fuzzers call the same code. See
 //! ARCHITECTURE.md for the map: [`transport`] reads the port, [`server`]
-//! runs a connection, [`dispatch`] turns a line into a reply through one
-//! `match`, and the handlers ([`sysinfo`], [`exec`], [`files`], [`power`])
-//! apply the [`policy`] of the [`config`].
+//! runs a connection (framing, back-pressure, the [`session`] context),
+//! [`dispatch`] is the method core behind the JSON-RPC envelope, and the
+//! handlers ([`sysinfo`], [`exec`], [`files`], [`power`])
+//! apply the [`policy`] of the [`config`]. Every `unsafe` system call
+//! wrapper is in `sys`, and every process is spawned by [`exec`].
 
 pub mod buffers;
 pub mod cgroup;
@@ -20,5 +22,6 @@ pub mod policy;
 pub mod power;
 pub mod server;
 pub mod session;
+mod sys;
 pub mod sysinfo;
 pub mod transport;

@@ -6,15 +6,14 @@
 //! is one (systemd, or a `poweroff`/`reboot` command for sysvinit, OpenRC
 //! and busybox init) and falls back to `sync` + the `reboot(2)` system call
 //! when PID 1 is a plain shell script (a minimal guest) or when the init
-//! system has not brought the guest down in time.
+//! system has not brought the guest down in time. The init system's command
+//! is started by [`crate::exec::run_power_command`], like every process
+//! the agent starts.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
-
-use crate::policy::SAFE_PATH;
 
 /// How long the init system gets before the agent falls back to the syscall.
 const INIT_GRACE: Duration = Duration::from_secs(20);
@@ -87,15 +86,7 @@ impl PowerAction {
             Init::None => None,
         };
         if let Some((program, args)) = command {
-            let status = tokio::process::Command::new(program)
-                .args(&args)
-                .env_clear()
-                .env("PATH", SAFE_PATH)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
+            let status = crate::exec::run_power_command(program, &args).await;
             match status {
                 Ok(s) if s.success() => {
                     // The init system is bringing the guest down; wait for it.

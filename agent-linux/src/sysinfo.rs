@@ -108,8 +108,7 @@ pub fn system_info() -> Result<SystemInfo, SysInfoError> {
             .and_then(|l| l.split_once(':'))
             .map(|(_, v)| v.trim().to_owned())
     });
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cpus = crate::sys::online_cpus();
     Ok(SystemInfo {
         os_type: "linux".into(),
         os_name: os.get("NAME").cloned(),

@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::dispatch::Agent;
 use crate::server::{serve, OnEof};
+use crate::sys;
 
 /// Where sysfs lists virtio-serial ports.
 const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
@@ -79,27 +80,14 @@ fn host_attached(file: &File) -> io::Result<bool> {
     Ok(!revents.contains(PollFlags::POLLHUP))
 }
 
-/// `fcntl(fd, cmd, arg)` with an integer argument.
-fn fcntl_int(file: &File, cmd: libc::c_int, arg: libc::c_int) -> io::Result<libc::c_int> {
-    // SAFETY: `file` keeps the descriptor open for the call, and the commands
-    // used here (F_GETFL, F_SETFL, F_SETOWN) take an integer argument and
-    // touch no memory of ours.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, arg) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
 fn set_async(file: &File, on: bool) -> io::Result<()> {
-    let flags = fcntl_int(file, libc::F_GETFL, 0)?;
+    let flags = sys::fcntl_int(file, libc::F_GETFL, 0)?;
     let flags = if on {
         flags | libc::O_ASYNC
     } else {
         flags & !libc::O_ASYNC
     };
-    fcntl_int(file, libc::F_SETFL, flags)?;
+    sys::fcntl_int(file, libc::F_SETFL, flags)?;
     Ok(())
 }
 
@@ -109,7 +97,7 @@ fn open_port(path: &Path) -> io::Result<File> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
-    fcntl_int(&file, libc::F_SETOWN, nix::unistd::getpid().as_raw())?;
+    sys::fcntl_int(&file, libc::F_SETOWN, nix::unistd::getpid().as_raw())?;
     Ok(file)
 }
 
@@ -205,10 +193,7 @@ struct PortStream {
 
 impl PortStream {
     fn new(file: File) -> io::Result<PortStream> {
-        // SAFETY: `File` owns its descriptor, which stays open and refers to
-        // the same file description until the `AsyncFd` (and the `File` in
-        // it) is dropped.
-        let fd = unsafe { AsyncFd::register(file) }.map_err(io::Error::from)?;
+        let fd = sys::register(file)?;
         Ok(PortStream { fd })
     }
 }
@@ -221,32 +206,10 @@ impl AsyncRead for PortStream {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            // Read straight into the uninitialised space: zeroing it first
-            // (`initialize_unfilled`) cost a memset of the whole space per
-            // read, and with room reserved for a 1 MiB attachment and 4 KiB
-            // per read from the port, that was most of a transfer's time.
-            // SAFETY: only `read(2)` writes to `unfilled`, and the bytes it
-            // reports are marked initialised below and no others.
-            let unfilled = unsafe { buf.unfilled_mut() };
-            let result = guard.try_io(|inner| {
-                // SAFETY: the pointer and length describe `unfilled`, which
-                // lives for the call; read(2) writes at most that many bytes.
-                let n = unsafe {
-                    libc::read(
-                        inner.get_ref().as_raw_fd(),
-                        unfilled.as_mut_ptr().cast(),
-                        unfilled.len(),
-                    )
-                };
-                usize::try_from(n).map_err(|_| io::Error::last_os_error())
-            });
+            // One read straight into the uninitialised space (see sys::read_into).
+            let result = guard.try_io(|inner| sys::read_into(inner.get_ref().as_fd(), buf));
             match result {
-                Ok(Ok(n)) => {
-                    // SAFETY: read(2) initialised the first `n` bytes.
-                    unsafe { buf.assume_init(n) };
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+                Ok(Ok(_)) => return Poll::Ready(Ok(())),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 Err(_would_block) => continue,
@@ -308,7 +271,7 @@ fn bind_owner_only(path: &Path) -> io::Result<std::os::unix::net::UnixListener> 
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let private = parent.join(format!(".kvmsock-{}", crate::policy::sys::random_hex(4)?));
+    let private = parent.join(format!(".kvmsock-{}", sys::random_hex(4)?));
     std::fs::DirBuilder::new().mode(0o700).create(&private)?;
     let staged = private.join("s");
     let bound = std::os::unix::net::UnixListener::bind(&staged).and_then(|listener| {

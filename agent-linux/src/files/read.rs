@@ -1,0 +1,249 @@
+//! `file_read`: whole files and ranges, inline or as an attachment read
+//! into a pooled buffer.
+
+use super::*;
+
+/// Smallest `file_read` attachment chunk read into a pooled buffer (1 MiB
+/// each); smaller ones get a buffer of their own size.
+const POOLED_READ_MIN: usize = 64 * 1024;
+
+impl FileService {
+    /// `file_read`; with `encoding: attachment` the bytes are returned
+    /// beside the result, which then has an empty `content`.
+    pub async fn read(
+        &self,
+        params: FileReadParams,
+    ) -> Result<(FileReadResult, Option<Bytes>), FileError> {
+        let policy = Arc::clone(&self.read_policy);
+        let limit = self.config.security.max_file_size;
+        let buffers = Arc::clone(&self.read_buffers);
+        blocking(move || read_blocking(&policy, &params, limit, &buffers)).await
+    }
+}
+
+/// Reads into `buf` from `offset` until it is full or the file ends;
+/// returns the bytes read.
+fn read_at_full(file: &File, buf: &mut [u8], offset: u64, path: &str) -> Result<usize, FileError> {
+    let mut filled = 0usize;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break, // The file shrank.
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("read", path)(e)),
+        }
+    }
+    Ok(filled)
+}
+
+fn read_blocking(
+    policy: &PathPolicy,
+    params: &FileReadParams,
+    limit: u64,
+    buffers: &Arc<BufferPool>,
+) -> Result<(FileReadResult, Option<Bytes>), FileError> {
+    let path = params.path.as_str();
+    let file = policy.open_read(path)?;
+    let size = file.metadata().map_err(io_err("read", path))?.len();
+    if size > limit {
+        return Err(FileError::TooLarge {
+            path: path.to_owned(),
+            size,
+            limit,
+        });
+    }
+    let length = params.length.unwrap_or(MAX_READ_CHUNK).min(MAX_READ_CHUNK);
+    let offset = params.offset;
+    // At most MAX_READ_CHUNK (1 MiB).
+    let want = size.saturating_sub(offset).min(length) as usize;
+    if params.encoding == Encoding::Attachment {
+        // Buffers are sized to what was asked: a pooled 1 MiB buffer only
+        // for a large chunk, an exact one otherwise.
+        let (data, filled) = if want >= POOLED_READ_MIN {
+            let mut buf = buffers.take();
+            let filled = read_at_full(&file, &mut buf.space()[..want], offset, path)?;
+            buf.set_len(filled);
+            (buf.into_bytes(), filled)
+        } else {
+            let mut buf = vec![0u8; want];
+            let filled = read_at_full(&file, &mut buf, offset, path)?;
+            buf.truncate(filled);
+            (Bytes::from(buf), filled)
+        };
+        let bytes_read = filled as u64;
+        let result = FileReadResult {
+            content: String::new(),
+            encoding: Encoding::Attachment,
+            offset,
+            bytes_read,
+            eof: offset.saturating_add(bytes_read) >= size,
+            size,
+        };
+        return Ok((result, Some(data)));
+    }
+    let mut buf = vec![0u8; want];
+    let filled = read_at_full(&file, &mut buf, offset, path)?;
+    buf.truncate(filled);
+    let content = match params.encoding {
+        // Returned above.
+        Encoding::Attachment => String::new(),
+        Encoding::Base64 => Encoding::Base64.encode_lossy(&buf),
+        Encoding::Utf8 => match std::str::from_utf8(&buf) {
+            Ok(s) => s.to_owned(),
+            // The chunk ends inside a character the file completes: return
+            // the whole characters only; bytes_read says how many.
+            Err(e)
+                if e.error_len().is_none()
+                    && e.valid_up_to() > 0
+                    && offset + (filled as u64) < size =>
+            {
+                buf.truncate(e.valid_up_to());
+                // Valid up to here by construction.
+                String::from_utf8_lossy(&buf).into_owned()
+            }
+            Err(e) => {
+                return Err(FileError::NotUtf8 {
+                    path: path.to_owned(),
+                    at: offset + e.valid_up_to() as u64,
+                })
+            }
+        },
+    };
+    let bytes_read = buf.len() as u64;
+    let result = FileReadResult {
+        content,
+        encoding: params.encoding,
+        offset,
+        bytes_read,
+        eof: offset.saturating_add(bytes_read) >= size,
+        size,
+    };
+    Ok((result, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::test_env::*;
+
+    #[tokio::test]
+    async fn read_ranges_and_eof() {
+        let e = env();
+        let p = format!("{}/f.txt", e.root);
+        std::fs::write(&p, "hello world").unwrap();
+        let cases: &[(u64, Option<u64>, &str, bool)] = &[
+            (0, None, "hello world", true),
+            (0, Some(5), "hello", false),
+            (6, Some(5), "world", true),
+            (6, Some(100), "world", true),
+            (11, None, "", true),
+            (50, None, "", true),
+            (3, Some(0), "", false),
+        ];
+        for (offset, length, want, eof) in cases {
+            let r = e
+                .svc
+                .read_inline(FileReadParams {
+                    offset: *offset,
+                    length: *length,
+                    ..rp(&p)
+                })
+                .await
+                .unwrap();
+            assert_eq!(r.content, *want, "{offset} {length:?}");
+            assert_eq!(r.bytes_read, want.len() as u64);
+            assert_eq!(r.eof, *eof, "{offset} {length:?}");
+            assert_eq!(r.size, 11);
+            assert_eq!(r.offset, *offset);
+        }
+    }
+
+    #[tokio::test]
+    async fn read_utf8_boundaries_and_base64() {
+        let e = env();
+        let p = format!("{}/u.txt", e.root);
+        std::fs::write(&p, "a\u{e9}b").unwrap(); // 61 c3 a9 62
+        let r = e
+            .svc
+            .read_inline(FileReadParams {
+                length: Some(2),
+                ..rp(&p)
+            })
+            .await
+            .unwrap();
+        assert_eq!((r.content.as_str(), r.bytes_read, r.eof), ("a", 1, false));
+        let r = e
+            .svc
+            .read_inline(FileReadParams {
+                offset: 1,
+                length: Some(2),
+                ..rp(&p)
+            })
+            .await
+            .unwrap();
+        assert_eq!((r.content.as_str(), r.bytes_read), ("\u{e9}", 2));
+        // Starting inside a character is invalid UTF-8.
+        let err = e
+            .svc
+            .read_inline(FileReadParams {
+                offset: 2,
+                ..rp(&p)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
+        let bin = format!("{}/bin", e.root);
+        std::fs::write(&bin, [0u8, 0xff, 0xfe, b'x']).unwrap();
+        let err = e.svc.read_inline(rp(&bin)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
+        assert!(err.to_string().contains("use encoding base64"), "{err}");
+        let r = e
+            .svc
+            .read_inline(FileReadParams {
+                encoding: Encoding::Base64,
+                ..rp(&bin)
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            Encoding::Base64.decode(&r.content).unwrap(),
+            [0u8, 0xff, 0xfe, b'x']
+        );
+        assert_eq!(r.encoding, Encoding::Base64);
+        // A truncated character at the end of the file is invalid too.
+        let cut = format!("{}/cut", e.root);
+        std::fs::write(&cut, [b'a', 0xc3]).unwrap();
+        let err = e.svc.read_inline(rp(&cut)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidEncoding);
+    }
+
+    #[tokio::test]
+    async fn read_refusals() {
+        let e = env_with(10);
+        let big = format!("{}/big", e.root);
+        std::fs::write(&big, "0123456789A").unwrap();
+        let err = e.svc.read_inline(rp(&big)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        let obj = crate::error::to_error_object(&err);
+        let data = obj.data.unwrap();
+        assert_eq!(
+            (data["size"].as_u64(), data["limit"].as_u64()),
+            (Some(11), Some(10))
+        );
+        let fifo = format!("{}/fifo", e.root);
+        nix::unistd::mkfifo(
+            fifo.as_str(),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        for (path, kind) in [
+            (fifo, ErrorKind::NotARegularFile),
+            (format!("{}/sub", e.root), ErrorKind::NotARegularFile),
+            (format!("{}/x", e.outside), ErrorKind::PolicyDenied),
+            (format!("{}/nope", e.root), ErrorKind::NotFound),
+        ] {
+            let err = e.svc.read_inline(rp(&path)).await.unwrap_err();
+            assert_eq!(err.kind(), kind, "{path}: {err}");
+        }
+    }
+}

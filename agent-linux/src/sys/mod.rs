@@ -1,0 +1,57 @@
+//! Every `unsafe` system call wrapper of the agent, and nothing else.
+//!
+//! Each wrapper is a small safe function over one system call (or a few
+//! that belong together), with a `// SAFETY:` comment on every `unsafe`
+//! block; the rest of the crate calls these and holds no `unsafe` of its
+//! own. The one place that cannot be made safe inside a function, the code
+//! the child of `clone3` runs until `execve`, is `unsafe fn`s private to
+//! [`process`], behind the safe [`clone_exec_into_cgroup`].
+//! `tests/tidy.rs` fails the build when `unsafe` appears anywhere else in
+//! `src/`.
+//!
+//! - [`fs`]: files and directories for [`crate::policy`] and
+//!   [`crate::files`] (`openat2`, `renameat2`, `fstatat`, `readlinkat`,
+//!   `getrandom`, a bounded `readdir`);
+//! - [`process`]: pidfds, `waitpid` and `clone3(CLONE_INTO_CGROUP)` for
+//!   [`crate::exec`];
+//! - [`port`]: `fcntl`, reactor registration and reads into uninitialised
+//!   buffers for [`crate::transport`];
+//! - here: the allocator tunables of [`crate::buffers`] and the CPU count of
+//!   [`crate::sysinfo`].
+
+mod fs;
+mod port;
+mod process;
+
+pub(crate) use fs::*;
+pub(crate) use port::*;
+pub(crate) use process::*;
+
+/// The number of CPUs online (`sysconf(_SC_NPROCESSORS_ONLN)`; -1 if the
+/// system cannot tell).
+pub(crate) fn online_cpus() -> libc::c_long {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
+}
+
+/// `mallopt(M_ARENA_MAX, 1)` under glibc (one heap for every thread); a
+/// no-op under other C libraries.
+pub(crate) fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt sets an allocator tunable; it takes no pointers and
+    // is called before the runtime starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// `malloc_trim(0)` under glibc (freed heap memory back to the kernel); a
+/// no-op under other C libraries.
+pub(crate) fn malloc_trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and trims the allocator's own free
+    // lists; it takes no pointers and is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
