@@ -99,12 +99,16 @@ impl Outgoing {
 }
 
 /// The outcome of one method call before encoding.
-struct Outcome {
-    result: Result<Box<RawValue>, ErrorObject>,
-    attachment: Option<Bytes>,
-    after: Option<PowerAction>,
+/// What the core answers for one call, before any envelope encodes it.
+pub(crate) struct Outcome {
+    /// The method's result as JSON, or its error.
+    pub(crate) result: Result<Box<RawValue>, ErrorObject>,
+    /// Data for the reply's attachment (`file_read`).
+    pub(crate) attachment: Option<Bytes>,
+    /// A power action to start once the reply is written.
+    pub(crate) after: Option<PowerAction>,
     /// The concurrency slot the call took, held until its reply is written.
-    slot: Option<OwnedSemaphorePermit>,
+    pub(crate) slot: Option<OwnedSemaphorePermit>,
 }
 
 /// One request's reply before encoding, with what it holds.
@@ -128,7 +132,7 @@ impl Answer {
 
 /// What a call receives besides its params.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Context {
+pub(crate) enum Context {
     /// A request on its own line: it may carry and return attachments.
     Single,
     /// A request inside a batch: no attachments either way.
@@ -327,7 +331,9 @@ impl Agent {
         })
     }
 
-    async fn call(
+    /// The core: one typed call, whatever envelope it came in. The seam a
+    /// second dialect plugs into (ARCHITECTURE.md).
+    pub(crate) async fn call(
         self: &Arc<Self>,
         session: &Session,
         req: &Request,
