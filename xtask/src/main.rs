@@ -50,7 +50,8 @@ Tasks:
   fuzz                 run every cargo-fuzz target in fuzz/ (nightly)
       --seconds N      per target (default 300; the test command uses 30)
   soak                 leak soak at full size: 1,000,000 pings, 10,000 each of
-                       write/read/exec, 1,000 connections; RSS and fds checked
+                       write/read/exec, 1,000 connections, 50 floods; RSS,
+                       peak against the memory bound, and fds checked
   help                 this text
 
 Environment: CI=true makes a missing prerequisite a failure, never a skip;

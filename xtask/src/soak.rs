@@ -3,15 +3,17 @@
 //! The test suite runs a short version of `agent-linux/tests/soak.rs`; this
 //! task runs the same test, optimised, with the figures of the hardening
 //! issue: 1,000,000 pings, 10,000 each of file write, file read and exec over
-//! one connection, and 1,000 connect/disconnect cycles. The agent's RSS may
-//! grow by at most 500 kB after warm-up and its descriptor count must return
+//! one connection, 1,000 connect/disconnect cycles and 50 floods (hosts that
+//! send requests until the agent stops reading them, then leave). The
+//! agent's RSS may grow by at most 500 kB after warm-up, its peak must stay
+//! within the documented memory bound, and its descriptor count must return
 //! to its starting value; the test prints the figures.
 
 use crate::util::{cargo, heading, run, Result};
 
 /// Runs the full soak.
 pub(crate) fn soak() -> Result<()> {
-    heading("soak: 1,000,000 pings, 10,000 write/read/exec, 1,000 connections");
+    heading("soak: 1,000,000 pings, 10,000 write/read/exec, 1,000 connections, 50 floods");
     run(cargo()
         .args([
             "test",
