@@ -18,6 +18,18 @@ use agent_linux::dispatch::{Agent, SessionId};
 use agent_linux::policy::{CommandPolicy, PathPolicy};
 use serde_json::{json, Value};
 
+/// Ignores SIGPIPE, as the agent's own process does (Rust's runtime sets
+/// that up before `main`; a libFuzzer binary has no Rust `main`). Without
+/// it, writing a command's stdin after the command exited (an ordinary
+/// EPIPE for the agent) kills the fuzzer with SIGPIPE.
+fn ignore_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler
+    // and touches no memory of ours.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 const SENTINEL_TEXT: &str = "sentinel: must never change\n";
 
 /// A scratch tree made once per process:
@@ -112,6 +124,7 @@ struct DispatchEnv {
 fn dispatch_env() -> &'static DispatchEnv {
     static ENV: OnceLock<DispatchEnv> = OnceLock::new();
     ENV.get_or_init(|| {
+        ignore_sigpipe();
         let scratch = make_scratch("dispatch").expect("creating the scratch tree");
         let config = Config {
             request_timeout: Duration::from_secs(2),
@@ -404,6 +417,7 @@ struct PolicyEnv {
 fn policy_env() -> &'static PolicyEnv {
     static ENV: OnceLock<PolicyEnv> = OnceLock::new();
     ENV.get_or_init(|| {
+        ignore_sigpipe();
         let scratch = make_scratch("policy").expect("creating the scratch tree");
         let policy = PathPolicy::new(std::slice::from_ref(&scratch.read));
         PolicyEnv { scratch, policy }
@@ -497,6 +511,7 @@ struct SessionEnv {
 fn session_env() -> &'static SessionEnv {
     static ENV: OnceLock<SessionEnv> = OnceLock::new();
     ENV.get_or_init(|| {
+        ignore_sigpipe();
         let scratch = make_scratch("session").expect("creating the scratch tree");
         let config = Config {
             request_timeout: Duration::from_secs(2),
