@@ -358,6 +358,29 @@ fn encode_request<P: Serialize>(
     Ok(buf)
 }
 
+/// Undoes a `sync` that did not complete (failed, timed out, or its future
+/// was dropped): the reader stops waiting for its nonce, and the next call
+/// resyncs.
+struct SyncGuard<'a> {
+    conn: &'a Conn,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for SyncGuard<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut st = self.conn.shared.lock();
+        if matches!(&st.sync, Some((id, _, _)) if *id == self.id) {
+            st.sync = None;
+        }
+        drop(st);
+        self.conn.needs_resync.store(true, Ordering::Release);
+    }
+}
+
 impl Client {
     fn next_id(&self) -> u64 {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
@@ -441,6 +464,11 @@ impl Client {
     }
 
     /// 0xFF + `sync` with a fresh nonce; waits for the reply with that nonce.
+    ///
+    /// Cancellation-safe: if this future is dropped (an embedder's own
+    /// timeout around a call), a guard forgets the sync in progress and
+    /// marks the connection for a resync, so the next call syncs again
+    /// instead of finding the reader still waiting for this nonce.
     async fn sync(&self, conn: &Conn) -> Result<(), ClientError> {
         let nonce = random_u64();
         let id = self.next_id();
@@ -453,6 +481,11 @@ impl Client {
             }
             st.sync = Some((id, nonce, tx));
         }
+        let mut guard = SyncGuard {
+            conn,
+            id,
+            done: false,
+        };
         let after = self.inner.opts.sync_timeout;
         let outcome = tokio::time::timeout(after, async {
             conn.send(&line, true, None).await?;
@@ -467,14 +500,16 @@ impl Client {
         })
         .await;
         match outcome {
-            Ok(r) => r,
-            Err(_) => {
-                conn.shared.lock().sync = None;
-                Err(ClientError::Timeout {
-                    method: SYNC.to_owned(),
-                    after,
-                })
+            Ok(Ok(())) => {
+                guard.done = true;
+                Ok(())
             }
+            // The guard forgets the sync and asks for another.
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Timeout {
+                method: SYNC.to_owned(),
+                after,
+            }),
         }
     }
 
@@ -676,6 +711,38 @@ mod tests {
             assert_eq!(client.ping().await.unwrap().timestamp, 42);
         }
         assert_eq!(resyncs.load(Ordering::SeqCst), 1, "0xFF precedes the sync");
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_during_its_resync_leaves_the_connection_in_step() {
+        // The agent answers the first sync and ping, never the second ping
+        // (the client's call times out: resync needed) nor the second sync
+        // (the next call is dropped by the embedder while it resyncs), and
+        // then everything.
+        let agent = fake::spawn(|mut c: FakeConn, _| async move {
+            let (id, nonce) = c.expect_sync().await;
+            reply(&c, id, json!({ "nonce": nonce })).await;
+            let req = c.next_request().await.unwrap();
+            reply(&c, req.id.unwrap(), json!({"pong": true, "timestamp": 1})).await;
+            let _ignored_ping = c.next_request().await.unwrap();
+            let _ignored_sync = c.expect_sync().await;
+            let (id, nonce) = c.expect_sync().await;
+            reply(&c, id, json!({ "nonce": nonce })).await;
+            serve(c, echo_agent()).await;
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        assert_eq!(client.ping().await.unwrap().timestamp, 1);
+        let e = client
+            .call_raw_with_timeout("ping", json!({}), Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
+        // Dropped while resyncing (the agent does not answer that sync).
+        let dropped = tokio::time::timeout(Duration::from_millis(300), client.ping()).await;
+        assert!(dropped.is_err(), "the call was expected to be dropped");
+        // The connection is still usable: the next call resyncs first.
+        assert_eq!(client.ping().await.unwrap().timestamp, 42);
+        assert_eq!(agent.connections.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
