@@ -18,6 +18,25 @@ use agent_linux::dispatch::{Agent, SessionId};
 use agent_linux::policy::{CommandPolicy, PathPolicy};
 use serde_json::{json, Value};
 
+/// The agent's config over a scratch tree: its roots, a whitelist of `true`,
+/// small limits so the fuzzers reach them.
+fn agent_config(scratch: &Scratch, max_message_size: usize) -> Config {
+    Config {
+        request_timeout: Duration::from_secs(2),
+        max_concurrent_requests: 4,
+        max_message_size,
+        security: SecurityConfig {
+            allowed_read_paths: vec![scratch.read.clone()],
+            allowed_write_paths: vec![scratch.write.clone()],
+            command_whitelist: Some(vec!["true".into()]),
+            max_file_size: 4096,
+            max_command_timeout: Duration::from_secs(1),
+            ..SecurityConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
 /// Ignores SIGPIPE, as the agent's own process does (Rust's runtime sets
 /// that up before `main`; a libFuzzer binary has no Rust `main`). Without
 /// it, writing a command's stdin after the command exited (an ordinary
@@ -126,20 +145,7 @@ fn dispatch_env() -> &'static DispatchEnv {
     ENV.get_or_init(|| {
         ignore_sigpipe();
         let scratch = make_scratch("dispatch").expect("creating the scratch tree");
-        let config = Config {
-            request_timeout: Duration::from_secs(2),
-            max_concurrent_requests: 4,
-            max_message_size: 64 * 1024,
-            security: SecurityConfig {
-                allowed_read_paths: vec![scratch.read.clone()],
-                allowed_write_paths: vec![scratch.write.clone()],
-                command_whitelist: Some(vec!["true".into()]),
-                max_file_size: 4096,
-                max_command_timeout: Duration::from_secs(1),
-                ..SecurityConfig::default()
-            },
-            ..Config::default()
-        };
+        let config = agent_config(&scratch, 64 * 1024);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -513,20 +519,7 @@ fn session_env() -> &'static SessionEnv {
     ENV.get_or_init(|| {
         ignore_sigpipe();
         let scratch = make_scratch("session").expect("creating the scratch tree");
-        let config = Config {
-            request_timeout: Duration::from_secs(2),
-            max_concurrent_requests: 4,
-            max_message_size: SESSION_MAX_MESSAGE,
-            security: SecurityConfig {
-                allowed_read_paths: vec![scratch.read.clone()],
-                allowed_write_paths: vec![scratch.write.clone()],
-                command_whitelist: Some(vec!["true".into()]),
-                max_file_size: 4096,
-                max_command_timeout: Duration::from_secs(1),
-                ..SecurityConfig::default()
-            },
-            ..Config::default()
-        };
+        let config = agent_config(&scratch, SESSION_MAX_MESSAGE);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)

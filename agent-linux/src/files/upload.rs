@@ -176,15 +176,7 @@ impl FileService {
             if commit {
                 let mut guard = upload.staged.write().unwrap_or_else(|e| e.into_inner());
                 let staged = guard.as_mut().ok_or_else(unknown)?;
-                staged
-                    .file
-                    .write_all_at(&data, offset)
-                    .map_err(io_err("write", &path))?;
-                let size = staged
-                    .file
-                    .metadata()
-                    .map_err(io_err("write", &path))?
-                    .len();
+                let size = write_chunk_at(staged, &data, offset, &path)?;
                 staged.commit(upload.mode, &path)?;
                 // Committed: nothing more may be written to it.
                 *guard = None;
@@ -198,15 +190,7 @@ impl FileService {
             } else {
                 let guard = upload.staged.read().unwrap_or_else(|e| e.into_inner());
                 let staged = guard.as_ref().ok_or_else(unknown)?;
-                staged
-                    .file
-                    .write_all_at(&data, offset)
-                    .map_err(io_err("write", &path))?;
-                let size = staged
-                    .file
-                    .metadata()
-                    .map_err(io_err("write", &path))?
-                    .len();
+                let size = write_chunk_at(staged, &data, offset, &path)?;
                 Ok(FileWriteResult {
                     bytes_written: len,
                     size,
@@ -319,6 +303,16 @@ async fn expire_when_idle(
         }
         return;
     }
+}
+
+/// Writes a chunk at `offset` into the staging file; returns the staged
+/// size so far.
+fn write_chunk_at(staged: &Staged, data: &[u8], offset: u64, path: &str) -> Result<u64, FileError> {
+    staged
+        .file
+        .write_all_at(data, offset)
+        .map_err(io_err("write", path))?;
+    Ok(staged.file.metadata().map_err(io_err("write", path))?.len())
 }
 
 #[cfg(test)]
