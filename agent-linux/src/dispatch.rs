@@ -204,6 +204,14 @@ impl Agent {
         self.files.abort_all();
     }
 
+    /// Frees the memory kept for reuse (pooled read buffers) and hands the
+    /// heap's free memory back to the kernel: once a session's last request
+    /// is done.
+    pub fn release_memory(&self) {
+        self.files.release_buffers();
+        crate::buffers::release_free_memory();
+    }
+
     /// Forgets what belongs to a closed connection (its staged uploads).
     pub fn end_session(&self, session: SessionId) {
         self.files.end_session(session.0);

@@ -339,10 +339,11 @@ pub async fn serve<R, W>(
     context.end();
     agent.end_session(session);
     // What the session's requests allocated goes back to the kernel once
-    // the last of them is done (they may outlive a host that went away).
+    // the last of them is done (they may outlive a host that went away, and
+    // return their read buffers to the pool after the session ended).
     tokio::spawn(async move {
         requests.wait().await;
-        crate::buffers::release_free_memory();
+        agent.release_memory();
     });
     debug!(session = session.0, "session ended");
 }

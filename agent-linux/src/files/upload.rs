@@ -258,6 +258,12 @@ impl FileService {
         drop(removed);
     }
 
+    /// Frees the pooled read buffers (they are kept only while transfers
+    /// run).
+    pub fn release_buffers(&self) {
+        self.read_buffers.clear();
+    }
+
     /// Aborts every upload (agent shutdown).
     pub fn abort_all(&self) {
         let removed: Vec<Arc<Upload>> = lock(&self.uploads).drain().map(|(_, u)| u).collect();
