@@ -1482,7 +1482,9 @@ mod tests {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         };
-        for _ in 0..100 {
+        // SIGKILLed processes leave their cgroup when they have exited: up
+        // to 10 s on a loaded machine.
+        for _ in 0..500 {
             if populated().is_empty() {
                 break;
             }
