@@ -21,6 +21,17 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::codec::Decoder;
 
+/// Client options for tests against a fake agent: short connect and sync
+/// limits, so a broken script fails fast.
+pub(crate) fn client_opts() -> crate::ClientOptions {
+    crate::ClientOptions {
+        call_timeout: std::time::Duration::from_secs(5),
+        connect_timeout: std::time::Duration::from_secs(2),
+        sync_timeout: std::time::Duration::from_secs(2),
+        ..crate::ClientOptions::default()
+    }
+}
+
 pub(crate) struct FakeAgent {
     _dir: tempfile::TempDir,
     pub(crate) path: PathBuf,

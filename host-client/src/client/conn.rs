@@ -648,14 +648,7 @@ mod tests {
     use serde_json::{json, Value};
     use std::sync::atomic::AtomicUsize;
 
-    fn opts() -> ClientOptions {
-        ClientOptions {
-            call_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(2),
-            sync_timeout: Duration::from_secs(2),
-            ..ClientOptions::default()
-        }
-    }
+    use crate::fake::client_opts as opts;
 
     fn echo_agent() -> fake::Handler {
         fake::handler(|method, params| async move {

@@ -266,16 +266,9 @@ mod tests {
 
     use super::*;
     use crate::fake::{self, notify, reply, FakeConn};
-    use crate::{Client, ClientOptions};
+    use crate::Client;
 
-    fn opts() -> ClientOptions {
-        ClientOptions {
-            call_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(2),
-            sync_timeout: Duration::from_secs(2),
-            ..ClientOptions::default()
-        }
-    }
+    use crate::fake::client_opts as opts;
 
     async fn synced(c: &mut FakeConn) {
         let (id, nonce) = c.expect_sync().await;

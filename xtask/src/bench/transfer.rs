@@ -99,23 +99,30 @@ impl Bench<'_> {
         }
     }
 
+    /// Pushes the test file into the guest through our agent once and
+    /// removes it again; the rate in MiB/s.
+    async fn push_test_file(&mut self) -> Result<f64> {
+        let t = Instant::now();
+        self.c
+            .push(
+                &self.local,
+                "/tmp/kvmmanager/bench-w",
+                PushOptions::default(),
+                |_| {},
+            )
+            .await
+            .map_err(err("push"))?;
+        let rate = mibs(FILE_SIZE, t);
+        sh(&self.c, "rm -f /tmp/kvmmanager/bench-w").await?;
+        Ok(rate)
+    }
+
     /// `write`: the test file pushed into the guest by both agents.
     pub(crate) async fn write(&mut self) -> Result<()> {
         heading("bench: write 32 MiB");
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..3 {
-            let t = Instant::now();
-            self.c
-                .push(
-                    &self.local,
-                    "/tmp/kvmmanager/bench-w",
-                    PushOptions::default(),
-                    |_| {},
-                )
-                .await
-                .map_err(err("push"))?;
-            ours.push(mibs(FILE_SIZE, t));
-            sh(&self.c, "rm -f /tmp/kvmmanager/bench-w").await?;
+            ours.push(self.push_test_file().await?);
             let t = Instant::now();
             self.q
                 .write_file("/tmp/bench-w", &self.reference, 1 << 20)?;
@@ -210,18 +217,7 @@ impl Bench<'_> {
         }
         let mut ours = Vec::new();
         for _ in 0..3 {
-            let t = Instant::now();
-            self.c
-                .push(
-                    &self.local,
-                    "/tmp/kvmmanager/bench-w",
-                    PushOptions::default(),
-                    |_| {},
-                )
-                .await
-                .map_err(err("push"))?;
-            ours.push(mibs(FILE_SIZE, t));
-            sh(&self.c, "rm -f /tmp/kvmmanager/bench-w").await?;
+            ours.push(self.push_test_file().await?);
         }
         let st = proc_status(&self.c, self.our_pid).await?;
         let hwm = status_kb(&st, "VmHWM").unwrap_or(0.0) / 1024.0;
