@@ -8,7 +8,7 @@ use crate::deps::{self, Group};
 use crate::guest::{self, GuestOptions};
 use crate::suite::{build_ctl, Ctl, Target};
 use crate::util::{heading, quote, Result};
-use crate::vm::{QemuOptions, QemuVm};
+use crate::vm::{DebianBoot, QemuOptions, QemuVm};
 
 /// Prints how to reach a kept VM and how to stop it.
 fn print_keep(vm: QemuVm) {
@@ -82,18 +82,8 @@ fn step(ctl: &Ctl, args: &[&str]) -> Result<bool> {
     Ok(r.code == 0)
 }
 
-/// `cargo xtask demo [--keep]`.
-pub(crate) fn demo(keep: bool) -> Result<()> {
-    deps::ensure(&[Group::Guest, Group::Qemu])?;
-    let image = guest::build(GuestOptions::default())?;
-    heading("demo: building kvmmanager-ctl");
-    let ctl_bin = build_ctl()?;
-    heading("demo: booting the guest (QEMU, TCG)");
-    let vm = QemuVm::boot(&image, "demo", &QemuOptions::default())?;
-    let ctl = Ctl {
-        bin: ctl_bin,
-        target: Target::Socket(vm.socket.clone()),
-    };
+/// The tour's steps; the number that failed.
+fn tour(ctl: &Ctl) -> Result<u32> {
     heading("demo: a tour of kvmmanager-ctl");
     let local = std::env::temp_dir().join(format!("kvmm-demo-{}.txt", std::process::id()));
     let back = std::env::temp_dir().join(format!("kvmm-demo-{}.back", std::process::id()));
@@ -116,18 +106,105 @@ pub(crate) fn demo(keep: bool) -> Result<()> {
         vec!["pull", "/tmp/kvmmanager/hello.txt", &back_s],
     ];
     for args in &tour {
-        if !step(&ctl, args)? {
+        if !step(ctl, args)? {
             failures += 1;
         }
     }
     println!("\nThe policy refuses paths outside its allowlists:");
-    if step(&ctl, &["cat", "/etc/shadow"])? {
+    if step(ctl, &["cat", "/etc/shadow"])? {
         println!("(unexpected: the refused read succeeded)");
         failures += 1;
     }
     let _ = std::fs::remove_file(&local);
     let _ = std::fs::remove_file(&back);
+    Ok(failures)
+}
+
+/// Which guest the demo boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Distro {
+    /// The small initramfs guest (busybox, the agent started by `/init`).
+    Initramfs,
+    /// The Debian 12 guest with the `.deb` installed by apt.
+    Debian,
+}
+
+/// `cargo xtask demo [--distro debian] [--keep]`.
+pub(crate) fn demo(distro: Distro, keep: bool) -> Result<()> {
+    if distro == Distro::Debian {
+        return demo_debian(keep);
+    }
+    deps::ensure(&[Group::Guest, Group::Qemu])?;
+    let image = guest::build(GuestOptions::default())?;
+    heading("demo: building kvmmanager-ctl");
+    let ctl_bin = build_ctl()?;
+    heading("demo: booting the guest (QEMU, TCG)");
+    let vm = QemuVm::boot(&image, "demo", &QemuOptions::default())?;
+    let ctl = Ctl {
+        bin: ctl_bin,
+        target: Target::Socket(vm.socket.clone()),
+    };
+    let failures = tour(&ctl)?;
     if keep {
+        print_keep(vm);
+    } else {
+        drop(vm);
+        println!("\nDemo done; the VM was stopped (use --keep to leave it running).");
+    }
+    if failures > 0 {
+        return Err(format!("{failures} demo step(s) failed").into());
+    }
+    Ok(())
+}
+
+/// The demo on the Debian 12 guest: the `.deb` installed by apt at first
+/// boot, the agent started by udev and systemd, then the tour.
+fn demo_debian(keep: bool) -> Result<()> {
+    deps::ensure(&[Group::Qemu])?;
+    let image = crate::debian::build()?;
+    let pkgs = crate::dist::build()?;
+    heading("demo: building kvmmanager-ctl");
+    let ctl_bin = build_ctl()?;
+    heading("demo: booting the Debian 12 guest (QEMU, TCG); apt installs the .deb at first boot");
+    let prov = crate::util::target_dir().join("guest/debian-demo-provision.img");
+    std::fs::create_dir_all(prov.parent().unwrap_or(Path::new(".")))?;
+    crate::debian::provision_disk(&prov, &[&pkgs.deb], crate::debian::INSTALL_SCRIPT)?;
+    let vm = QemuVm::boot_debian(
+        &image,
+        "demo-debian",
+        &DebianBoot {
+            extra_disks: vec![prov],
+            agent_port: true,
+            cpus: 2,
+            console_socket: true,
+        },
+    )?;
+    let done = crate::debian_suite::wait_provisioned(|| {
+        vm.console_lines(crate::debian::PROVISIONED_MARKER)
+    })?;
+    println!(
+        "apt install in the guest: {}; kvmmanager-agent.service: {}",
+        done.join(" "),
+        vm.console_lines(crate::debian::AGENT_STATE_MARKER)
+            .join(" ")
+    );
+    let ctl = Ctl {
+        bin: ctl_bin,
+        target: Target::Socket(vm.socket.clone()),
+    };
+    ctl.wait_ping(Duration::from_secs(120))?;
+    let failures = tour(&ctl)?;
+    if keep {
+        let console = vm.console.with_file_name("console.sock");
+        println!();
+        println!(
+            "Serial console (log in as root, password {:?}; leave with Ctrl-]):",
+            crate::debian::ROOT_PASSWORD
+        );
+        println!(
+            "  socat -,raw,echo=0,escape=0x1d UNIX-CONNECT:{}",
+            console.display()
+        );
         print_keep(vm);
     } else {
         drop(vm);

@@ -36,6 +36,8 @@ pub(crate) enum Group {
     Review,
     /// `cargo fuzz` (it runs on the nightly toolchain the machines carry).
     Fuzz,
+    /// Building the Debian guest image: debootstrap, mkfs.ext4.
+    Distro,
 }
 
 impl Group {
@@ -49,6 +51,7 @@ impl Group {
         Group::Lint,
         Group::Review,
         Group::Fuzz,
+        Group::Distro,
     ];
 
     fn apt_packages(self) -> &'static [&'static str] {
@@ -56,13 +59,14 @@ impl Group {
             Group::Guest => &["busybox-static", "cpio", "binutils"],
             // qemu-ga's shared libraries, copied from the host into the guest.
             Group::QemuGa => &["libglib2.0-0", "libnuma1", "liburing2", "libudev1"],
-            Group::Qemu => &["qemu-system-x86", "socat"],
+            Group::Qemu => &["qemu-system-x86", "qemu-utils", "socat"],
             Group::Libvirt => &[
                 "libvirt-daemon",
                 "libvirt-daemon-driver-qemu",
                 "libvirt-clients",
             ],
             Group::Dist => &["rpm", "busybox-static", "binutils"],
+            Group::Distro => &["debootstrap", "e2fsprogs"],
             Group::Windows | Group::Lint | Group::Review | Group::Fuzz => &[],
         }
     }

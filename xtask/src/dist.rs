@@ -42,8 +42,10 @@ const CONFIG_FILE: &str = "/etc/kvmmanager-agent/config.json";
 /// Built packages.
 #[derive(Debug)]
 pub(crate) struct Packages {
-    deb: PathBuf,
-    rpm: PathBuf,
+    /// The `.deb`.
+    pub(crate) deb: PathBuf,
+    /// The `.rpm`.
+    pub(crate) rpm: PathBuf,
 }
 
 /// Lines of `packaging/metadata.toml` (tables and keys, no comments) missing
@@ -167,6 +169,31 @@ pub(crate) fn build() -> Result<Packages> {
     };
     eprintln!("dist: {}\ndist: {}", pkgs.deb.display(), pkgs.rpm.display());
     Ok(pkgs)
+}
+
+/// The same package again with Debian revision `revision` (cargo-deb's
+/// default is 1), in `target/dist-rev<revision>/`: a newer build of the
+/// same binary, for the upgrade check. Needs [`build`] first.
+pub(crate) fn build_deb_revision(revision: u32) -> Result<PathBuf> {
+    let out = target_dir().join(format!("dist-rev{revision}"));
+    if out.exists() {
+        fs::remove_dir_all(&out)?;
+    }
+    fs::create_dir_all(&out)?;
+    run(cargo()
+        .args([
+            "deb",
+            "-p",
+            "agent-linux",
+            "--target",
+            MUSL_TARGET,
+            "--no-build",
+            "--deb-revision",
+            &revision.to_string(),
+            "-o",
+        ])
+        .arg(&out))?;
+    find_ext(&out, "deb")
 }
 
 /// Fails unless every `want` path is in `listing`.

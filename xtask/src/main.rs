@@ -5,6 +5,8 @@
 //! prints the exact command to run and fails.
 
 mod bench;
+mod debian;
+mod debian_suite;
 mod demo;
 mod deps;
 mod dist;
@@ -12,6 +14,7 @@ mod fuzz;
 mod guest;
 mod pipeline;
 mod probe;
+mod qmp;
 mod soak;
 mod suite;
 mod util;
@@ -33,13 +36,18 @@ Tasks:
   boot                 boot the guest under QEMU, ping the agent through the raw
                        port, and leave it running (prints socket, pid)
       --with-qemu-ga   also run Debian's qemu-ga on org.qemu.guest_agent.0
-  vm-test              boot the guest and run the integration suite through
-                       kvmmanager-ctl, under QEMU then libvirt
-      --qemu-only | --libvirt-only
+  vm-test              boot the guests and run the integration suite through
+                       kvmmanager-ctl, under QEMU then libvirt: the initramfs
+                       guest, then a Debian 12 guest (systemd, the .deb
+                       installed by apt; image cached outside the clone)
+      --qemu-only | --libvirt-only | --initramfs-only | --debian-only
+  debian-image         build (or find cached) the Debian 12 guest image
   dist                 release build (static musl) and .deb/.rpm in target/dist/
       --check          also inspect both packages and install the .deb into a
                        scratch root
   demo                 boot the demo guest and tour kvmmanager-ctl against it
+      --distro debian  the Debian 12 guest instead, the .deb installed by apt
+                       (its serial console is served for a person to log in)
       --keep           leave the VM running and print how to reach it
   test                 everything CI runs: fmt, clippy, unit tests, Windows
                        check, packages, real-VM tests (QEMU and libvirt)
@@ -98,15 +106,29 @@ fn run(args: &[String]) -> Result<()> {
             })
             .map(|_| ())
         }
+        "debian-image" => {
+            flags(rest, &[])?;
+            debian::build().map(|_| ())
+        }
         "boot" => {
             let f = flags(rest, &["--with-qemu-ga"])?;
             demo::boot_only(f.contains(&"--with-qemu-ga"))
         }
         "vm-test" => {
-            let f = flags(rest, &["--qemu-only", "--libvirt-only"])?;
+            let f = flags(
+                rest,
+                &[
+                    "--qemu-only",
+                    "--libvirt-only",
+                    "--initramfs-only",
+                    "--debian-only",
+                ],
+            )?;
             suite::vm_test(suite::VmTestOptions {
                 qemu: !f.contains(&"--libvirt-only"),
                 libvirt: !f.contains(&"--qemu-only"),
+                initramfs: !f.contains(&"--debian-only"),
+                debian: !f.contains(&"--initramfs-only"),
             })
         }
         "dist" => {
@@ -114,8 +136,25 @@ fn run(args: &[String]) -> Result<()> {
             dist::dist(f.contains(&"--check"))
         }
         "demo" => {
-            let f = flags(rest, &["--keep"])?;
-            demo::demo(f.contains(&"--keep"))
+            let mut distro = demo::Distro::Initramfs;
+            let mut keep = false;
+            let mut it = rest.iter();
+            while let Some(a) = it.next() {
+                match (a.as_str(), it.clone().next().map(String::as_str)) {
+                    ("--keep", _) => keep = true,
+                    ("--distro", Some("debian")) => {
+                        distro = demo::Distro::Debian;
+                        it.next();
+                    }
+                    ("--distro", Some("initramfs")) => {
+                        it.next();
+                    }
+                    _ => bail!(
+                        "unknown option {a:?}; usage: cargo xtask demo [--distro initramfs|debian] [--keep]"
+                    ),
+                }
+            }
+            demo::demo(distro, keep)
         }
         "test" => {
             flags(rest, &[])?;

@@ -82,12 +82,7 @@ pub(crate) fn test() -> Result<()> {
         crate::dist::check_packages(&pkgs)
     });
     if deps_ok {
-        stage("vm-test", &mut || {
-            vm_test(VmTestOptions {
-                qemu: true,
-                libvirt: true,
-            })
-        });
+        stage("vm-test", &mut || vm_test(VmTestOptions::ALL));
     }
 
     println!("\n==> test: summary");

@@ -195,7 +195,7 @@ pub(crate) fn build_ctl() -> Result<PathBuf> {
 }
 
 /// The exec result object in ctl's JSON (the result itself, or under `result`).
-fn exec_result(v: &Value) -> &Value {
+pub(crate) fn exec_result(v: &Value) -> &Value {
     if v.get("exit_code").is_some() || v.get("timed_out").is_some() {
         v
     } else {
@@ -204,7 +204,7 @@ fn exec_result(v: &Value) -> &Value {
 }
 
 /// Fails with a message unless `cond`.
-fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {
         Ok(())
     } else {
@@ -213,7 +213,7 @@ fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
 }
 
 /// A file of `len` random bytes.
-fn random_file(path: &Path, len: u64) -> Result<()> {
+pub(crate) fn random_file(path: &Path, len: u64) -> Result<()> {
     let mut src = fs::File::open("/dev/urandom")?.take(len);
     let mut dst = fs::File::create(path)?;
     let n = std::io::copy(&mut src, &mut dst)?;
@@ -221,7 +221,7 @@ fn random_file(path: &Path, len: u64) -> Result<()> {
 }
 
 /// Compares two files byte for byte.
-fn same_content(a: &Path, b: &Path) -> Result<()> {
+pub(crate) fn same_content(a: &Path, b: &Path) -> Result<()> {
     let (ma, mb) = (fs::metadata(a)?.len(), fs::metadata(b)?.len());
     ensure(ma == mb, || {
         format!(
@@ -259,7 +259,7 @@ fn read_full(f: &mut fs::File, buf: &mut [u8]) -> Result<usize> {
 }
 
 /// Scratch folder on the host for file transfers.
-fn scratch(name: &str) -> Result<PathBuf> {
+pub(crate) fn scratch(name: &str) -> Result<PathBuf> {
     let d = std::env::temp_dir().join(format!("kvmm-xtask-{}-{name}", std::process::id()));
     fs::create_dir_all(&d)?;
     Ok(d)
@@ -280,7 +280,7 @@ fn remove_scratch() {
 }
 
 /// The checks every target gets (QEMU and libvirt).
-fn basic_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) -> Result<()> {
+pub(crate) fn basic_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) -> Result<()> {
     let n = |s: &str| format!("{prefix}{s}");
     t.check(&n("ping"), || {
         let v = ctl.json(&["ping"])?;
@@ -360,8 +360,8 @@ const ESCAPER_REPORT: &str = r#"for n in 1 2; do
     s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)
     echo "esc$n $p ${s:-gone}"
 done
-for d in /sys/fs/cgroup/kvmmanager-agent/exec-*; do echo "cgroup ${d##*/}"; done
 own=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)
+for d in ${own%/*}/exec-*; do echo "cgroup ${d##*/}"; done
 echo "pids.max $(cat $own/pids.max)"
 echo "memory.max $(cat $own/memory.max)"
 "#;
@@ -422,36 +422,42 @@ fn contained_check(ctl: &Ctl) -> Result<()> {
     )
 }
 
-/// The full suite against a QEMU guest.
-fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
-    heading("vm-test: QEMU");
-    // No -no-reboot: the reboot check needs QEMU to survive a guest reboot.
-    let mut vm = match QemuVm::boot(image, "test", &QemuOptions::default()) {
-        Ok(vm) => vm,
-        Err(e) => {
-            t.fail("qemu-boot", &e);
-            return Ok(());
-        }
-    };
-    t.check("qemu-boot", || Ok(()));
-    let ctl = Ctl {
-        bin: ctl_bin.to_owned(),
-        target: Target::Socket(vm.socket.clone()),
-    };
-    t.check("raw-probe-ping", || {
-        probe::wait_ping(&vm.socket, Duration::from_secs(30)).map(|_| ())
-    });
-    t.check("socat-manual-ping", || {
-        crate::probe::socat_ping(&vm.socket).map(|_| ())
-    });
-    basic_checks(t, &ctl, "")?;
-    t.check("sysinfo", || {
+/// What the checks expect of a guest.
+#[derive(Debug)]
+pub(crate) struct GuestFacts {
+    /// Its host name.
+    pub(crate) hostname: &'static str,
+    /// Its vCPUs.
+    pub(crate) cpus: u64,
+    /// Mount points `df --all` must list, with their filesystem types.
+    pub(crate) filesystems: &'static [(&'static str, &'static str)],
+}
+
+/// The initramfs guest.
+const INITRAMFS_FACTS: GuestFacts = GuestFacts {
+    hostname: GUEST_HOSTNAME,
+    cpus: 1,
+    filesystems: &[("/tmp", "tmpfs")],
+};
+
+/// Every check that neither reboots nor stops the guest: methods, policy
+/// refusals, large transfers, disconnects and an agent killed mid-run
+/// (whoever restarts it: the initramfs `/init` or systemd).
+pub(crate) fn guest_checks(
+    t: &mut Tally,
+    ctl: &Ctl,
+    facts: &GuestFacts,
+    prefix: &str,
+) -> Result<()> {
+    let n = |s: &str| format!("{prefix}{s}");
+    basic_checks(t, ctl, prefix)?;
+    t.check(&n("sysinfo"), || {
         let v = ctl.json(&["sysinfo"])?;
-        ensure(v["hostname"] == GUEST_HOSTNAME, || format!("hostname: {v}"))?;
-        ensure(v["cpu_count"] == 1, || format!("cpu_count: {v}"))?;
+        ensure(v["hostname"] == facts.hostname, || format!("hostname: {v}"))?;
+        ensure(v["cpu_count"] == facts.cpus, || format!("cpu_count: {v}"))?;
         ensure(v["os_type"] == "linux", || format!("os_type: {v}"))
     });
-    t.check("net", || {
+    t.check(&n("net"), || {
         let v = ctl.json(&["net"])?;
         let ifs = v["interfaces"].as_array().cloned().unwrap_or_default();
         let lo = ifs
@@ -465,19 +471,22 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
         ensure(has, || format!("lo lacks 127.0.0.1/8: {lo}"))?;
         ensure(lo["is_up"] == true, || format!("lo is not up: {lo}"))
     });
-    t.check("df", || {
+    t.check(&n("df"), || {
         let v = ctl.json(&["df", "--all"])?;
         let fss = v["filesystems"].as_array().cloned().unwrap_or_default();
-        let tmp = fss
-            .iter()
-            .find(|f| f["mount_point"] == "/tmp")
-            .ok_or_else(|| format!("no /tmp in {v}"))?;
-        ensure(tmp["fs_type"] == "tmpfs", || format!("/tmp: {tmp}"))?;
-        ensure(tmp["total_bytes"].as_u64().unwrap_or(0) > 0, || {
-            format!("/tmp: {tmp}")
-        })
+        for (mount, fs_type) in facts.filesystems {
+            let f = fss
+                .iter()
+                .find(|f| f["mount_point"] == *mount)
+                .ok_or_else(|| format!("no {mount} in {v}"))?;
+            ensure(f["fs_type"] == *fs_type, || format!("{mount}: {f}"))?;
+            ensure(f["total_bytes"].as_u64().unwrap_or(0) > 0, || {
+                format!("{mount}: {f}")
+            })?;
+        }
+        Ok(())
     });
-    t.check("exec-nonzero-exit", || {
+    t.check(&n("exec-nonzero-exit"), || {
         let r = ctl.run(
             true,
             &["exec", "--", "sh", "-c", "echo oops >&2; exit 3"],
@@ -492,7 +501,7 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
             format!("result: {v}")
         })
     });
-    t.check("exec-timeout", || {
+    t.check(&n("exec-timeout"), || {
         let start = Instant::now();
         let r = ctl.run(
             true,
@@ -509,8 +518,8 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
             format!("result: {v}")
         })
     });
-    t.check("exec-setsid-contained", || contained_check(&ctl));
-    t.check("refused-read", || {
+    t.check(&n("exec-setsid-contained"), || contained_check(ctl));
+    t.check(&n("refused-read"), || {
         let r = ctl.run(true, &["cat", "/etc/shadow"], Duration::from_secs(60))?;
         ensure(r.code == 1, || {
             format!("ctl exit {} (want 1): {}", r.code, r.all_output())
@@ -519,8 +528,8 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
             format!("no policy_denied in: {}", r.all_output())
         })
     });
-    t.check("refused-write", || {
-        let dir = scratch("refused")?;
+    t.check(&n("refused-write"), || {
+        let dir = scratch(&n("refused"))?;
         let f = dir.join("x");
         fs::write(&f, b"nope\n")?;
         let r = ctl.run(
@@ -545,8 +554,8 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
             || "the refused file exists in the guest".to_owned(),
         )
     });
-    t.check("push-pull-64MiB", || {
-        let dir = scratch("big")?;
+    t.check(&n("push-pull-64MiB"), || {
+        let dir = scratch(&n("big"))?;
         let (src, back) = (dir.join("src"), dir.join("back"));
         random_file(&src, 64 << 20)?;
         let guest_path = "/tmp/kvmmanager/big.bin";
@@ -581,7 +590,7 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
         );
         Ok(())
     });
-    t.check("disconnect-reconnect", || {
+    t.check(&n("disconnect-reconnect"), || {
         let mut child = ctl
             .command(true, &["exec", "--", "sleep", "5"])
             .stdin(Stdio::null())
@@ -599,7 +608,7 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
         let v = ctl.json(&["ping"])?;
         ensure(v["pong"] == true, || format!("ping after reconnect: {v}"))
     });
-    t.check("agent-restart", || {
+    t.check(&n("agent-restart"), || {
         let pid_of = || -> Result<String> {
             let v = ctl.json(&["exec", "--", "pidof", "kvmmanager-agent"])?;
             let pid = exec_result(&v)["stdout"]
@@ -623,6 +632,32 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
             format!("agent pid unchanged ({before})")
         })
     });
+    Ok(())
+}
+
+/// The full suite against a QEMU guest.
+fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
+    heading("vm-test: QEMU");
+    // No -no-reboot: the reboot check needs QEMU to survive a guest reboot.
+    let mut vm = match QemuVm::boot(image, "test", &QemuOptions::default()) {
+        Ok(vm) => vm,
+        Err(e) => {
+            t.fail("qemu-boot", &e);
+            return Ok(());
+        }
+    };
+    t.check("qemu-boot", || Ok(()));
+    let ctl = Ctl {
+        bin: ctl_bin.to_owned(),
+        target: Target::Socket(vm.socket.clone()),
+    };
+    t.check("raw-probe-ping", || {
+        probe::wait_ping(&vm.socket, Duration::from_secs(30)).map(|_| ())
+    });
+    t.check("socat-manual-ping", || {
+        crate::probe::socat_ping(&vm.socket).map(|_| ())
+    });
+    guest_checks(t, &ctl, &INITRAMFS_FACTS, "")?;
     t.check("reboot", || {
         let markers = crate::vm::count_markers(&vm.console);
         ctl.run(true, &["reboot"], Duration::from_secs(60))?.ok()?;
@@ -681,16 +716,7 @@ fn libvirt_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()
     t.check("libvirt-shutdown", || {
         ctl.run(true, &["shutdown"], Duration::from_secs(60))?
             .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match dom.state().as_deref() {
-                Some("shut off") | None => return Ok(()),
-                Some(s) if Instant::now() >= deadline => {
-                    bail!("domain state still {s:?} after 60 s")
-                }
-                _ => std::thread::sleep(Duration::from_millis(250)),
-            }
-        }
+        dom.wait_shut_off(Duration::from_secs(60))
     });
     drop(dom);
     drop(lv);
@@ -704,18 +730,57 @@ pub(crate) struct VmTestOptions {
     pub(crate) qemu: bool,
     /// Run the libvirt pass.
     pub(crate) libvirt: bool,
+    /// Against the fast initramfs guest.
+    pub(crate) initramfs: bool,
+    /// Against the Debian 12 guest with the package installed by apt.
+    pub(crate) debian: bool,
+}
+
+impl VmTestOptions {
+    /// Everything: both guests, QEMU and libvirt.
+    pub(crate) const ALL: VmTestOptions = VmTestOptions {
+        qemu: true,
+        libvirt: true,
+        initramfs: true,
+        debian: true,
+    };
+}
+
+/// The Debian guest and the packages it installs, or the failure that
+/// stops its checks.
+fn debian_inputs(t: &mut Tally) -> Option<(crate::debian::DebianImage, crate::debian_suite::Debs)> {
+    let image = match crate::debian::build() {
+        Ok(i) => i,
+        Err(e) => {
+            t.fail("debian-image", &e);
+            return None;
+        }
+    };
+    let debs = crate::dist::build().and_then(|p| {
+        Ok(crate::debian_suite::Debs {
+            current: p.deb,
+            newer: crate::dist::build_deb_revision(2)?,
+        })
+    });
+    match debs {
+        Ok(d) => Some((image, d)),
+        Err(e) => {
+            t.fail("debian-packages", &e);
+            None
+        }
+    }
 }
 
 /// `cargo xtask vm-test`.
 pub(crate) fn vm_test(opts: VmTestOptions) -> Result<()> {
     let mut groups = vec![crate::deps::Group::Qemu];
-    if opts.libvirt && (is_root() || is_ci()) {
+    let libvirt = opts.libvirt && (is_root() || is_ci());
+    if libvirt {
         groups.push(crate::deps::Group::Libvirt);
     }
     crate::deps::ensure(&groups)?;
-    let image = guest::build(GuestOptions::default())?;
-    heading("vm-test: building kvmmanager-ctl");
     let mut t = Tally::default();
+    heading("vm-test: building kvmmanager-ctl");
     // A broken ctl build fails its checks, not the raw-port ones.
     let ctl = match build_ctl() {
         Ok(p) => p,
@@ -724,11 +789,31 @@ pub(crate) fn vm_test(opts: VmTestOptions) -> Result<()> {
             target_dir().join("debug/kvmmanager-ctl")
         }
     };
-    if opts.qemu {
-        qemu_suite(&mut t, &image, &ctl)?;
+    if opts.initramfs {
+        let image = guest::build(GuestOptions::default())?;
+        if opts.qemu {
+            qemu_suite(&mut t, &image, &ctl)?;
+        }
+        if opts.libvirt {
+            libvirt_suite(&mut t, &image, &ctl)?;
+        }
     }
-    if opts.libvirt {
-        libvirt_suite(&mut t, &image, &ctl)?;
+    if opts.debian {
+        if !is_root() && !is_ci() {
+            println!("SKIP Debian guest: building and booting it needs root (under CI=true this is a failure)");
+        } else if let Some((image, debs)) = debian_inputs(&mut t) {
+            if opts.qemu {
+                crate::debian_suite::qemu_debian_suite(&mut t, &image, &debs, &ctl)?;
+            }
+            if libvirt {
+                match Libvirt::start() {
+                    Ok(lv) => {
+                        crate::debian_suite::libvirt_debian_suite(&mut t, &lv, &image, &debs, &ctl)?
+                    }
+                    Err(e) => t.fail("libvirt-daemons", &e),
+                }
+            }
+        }
     }
     remove_scratch();
     t.finish()

@@ -167,12 +167,18 @@ pub(crate) fn have_command(name: &str) -> bool {
 
 /// Runs a command with captured output, killing it (by pid) after `timeout`.
 pub(crate) fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run `{}`: {e}", render(cmd)))?;
+    wait_output(child, timeout).map_err(|e| format!("`{}`: {e}", render(cmd)).into())
+}
+
+/// Collects a spawned child's piped output, killing it (by pid) after
+/// `timeout`.
+pub(crate) fn wait_output(mut child: std::process::Child, timeout: Duration) -> Result<Output> {
     // Drain both pipes on threads so a chatty child never blocks on a full pipe.
     let mut out_pipe = child.stdout.take();
     let mut err_pipe = child.stderr.take();
@@ -196,7 +202,7 @@ pub(crate) fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Resul
         None => {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("`{}` did not finish within {timeout:?}", render(cmd));
+            bail!("did not finish within {timeout:?}");
         }
     };
     let stdout = out_thread.join().unwrap_or_default();

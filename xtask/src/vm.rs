@@ -17,6 +17,14 @@ const CMDLINE: &str = "console=ttyS0 panic=-1 edd=off quiet";
 /// How long a TCG boot may take to reach the marker.
 pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Kernel command line of the Debian guest. The root disk is found by its
+/// label: QEMU does not number virtio disks in command-line order.
+const DEBIAN_CMDLINE: &str = "root=LABEL=kvmm-root rw console=ttyS0 quiet";
+
+/// How long the Debian guest may take to boot under TCG (about 40-50 s
+/// measured; a loaded machine takes longer).
+pub(crate) const DEBIAN_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A folder for one VM's sockets and logs, short enough for a Unix socket path.
 fn run_dir(name: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("kvmm-xtask-{}-{name}", std::process::id()));
@@ -27,16 +35,38 @@ fn run_dir(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Counts marker lines in a console log.
+/// Counts the initramfs guest's marker lines in a console log.
 pub(crate) fn count_markers(console: &Path) -> usize {
+    count_lines(console, READY_MARKER)
+}
+
+/// Where `marker` stands in a console line as a word of its own (followed
+/// by the end of the line or a space), and what follows it. A marker may
+/// come after other output on the same line: the serial console is shared
+/// with the kernel and getty.
+fn find_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    let line = line.trim_end();
+    line.match_indices(marker).find_map(|(i, _)| {
+        let rest = &line[i + marker.len()..];
+        (rest.is_empty() || rest.starts_with(' ')).then(|| rest.trim())
+    })
+}
+
+/// Counts console lines that hold `marker` (see [`find_marker`]).
+pub(crate) fn count_lines(console: &Path, marker: &str) -> usize {
+    marker_lines(console, marker).len()
+}
+
+/// What follows `marker` on each console line that holds it.
+pub(crate) fn marker_lines(console: &Path, marker: &str) -> Vec<String> {
     fs::read(console)
         .map(|b| {
             String::from_utf8_lossy(&b)
                 .lines()
-                .filter(|l| l.trim_end().ends_with(READY_MARKER))
-                .count()
+                .filter_map(|l| find_marker(l, marker).map(str::to_owned))
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 /// Options for a QEMU boot.
@@ -46,6 +76,21 @@ pub(crate) struct QemuOptions {
     pub(crate) no_reboot: bool,
     /// Also attach a qemu-ga port (`org.qemu.guest_agent.0`).
     pub(crate) qemu_ga_port: bool,
+}
+
+/// Options for booting the Debian guest under QEMU.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DebianBoot {
+    /// Extra raw disk images, attached read-only after the root and data disks.
+    pub(crate) extra_disks: Vec<PathBuf>,
+    /// Attach the agent's port at start; otherwise it is hot-plugged later
+    /// with [`QemuVm::hotplug_agent_port`].
+    pub(crate) agent_port: bool,
+    /// vCPUs.
+    pub(crate) cpus: u32,
+    /// Serve the serial console on a Unix socket (`console.sock`, for a
+    /// person with socat) besides logging it.
+    pub(crate) console_socket: bool,
 }
 
 /// A running QEMU guest. Dropping it kills QEMU (unless [`QemuVm::keep`]).
@@ -60,6 +105,10 @@ pub(crate) struct QemuVm {
     pub(crate) console: PathBuf,
     /// QEMU's own stdout/stderr.
     pub(crate) qemu_log: PathBuf,
+    /// The QMP socket (Debian guests), for hot-plugging.
+    pub(crate) qmp: Option<PathBuf>,
+    /// The console line that ends a boot.
+    marker: &'static str,
     dir: PathBuf,
     keep: bool,
 }
@@ -125,6 +174,8 @@ impl QemuVm {
             qga_socket,
             console,
             qemu_log,
+            qmp: None,
+            marker: READY_MARKER,
             dir,
             keep: false,
         };
@@ -141,6 +192,139 @@ impl QemuVm {
         Ok(vm)
     }
 
+    /// Boots the Debian guest (TCG, direct kernel boot from its own kernel
+    /// and initramfs) on qcow2 overlays of the cached disks, and waits for
+    /// its boot marker. The data disk carries the serial
+    /// [`crate::debian::DATA_SERIAL`].
+    pub(crate) fn boot_debian(
+        image: &crate::debian::DebianImage,
+        name: &str,
+        opts: &DebianBoot,
+    ) -> Result<QemuVm> {
+        if !crate::util::have_command("qemu-system-x86_64") {
+            bail!("qemu-system-x86_64 is not installed (cargo xtask deps)");
+        }
+        let dir = run_dir(name)?;
+        let socket = dir.join("agent.sock");
+        let console = dir.join("console.log");
+        let qemu_log = dir.join("qemu.log");
+        let qmp = dir.join("qmp.sock");
+        let (root, data) = (dir.join("root.qcow2"), dir.join("data.qcow2"));
+        crate::debian::overlay(&image.root, &root)?;
+        crate::debian::overlay(&image.data, &data)?;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-m", "1024", "-nographic"])
+            .args(["-smp", &opts.cpus.max(1).to_string()])
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&image.initrd)
+            .args(["-append", DEBIAN_CMDLINE])
+            .args(["-nic", "none", "-monitor", "none"]);
+        if opts.console_socket {
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=ser0,path={},server=on,wait=off,logfile={},logappend=on",
+                    dir.join("console.sock").display(),
+                    console.display()
+                ))
+                .args(["-serial", "chardev:ser0"]);
+        } else {
+            cmd.arg("-serial")
+                .arg(format!("file:{}", console.display()));
+        }
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=qcow2", root.display()))
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=data,format=qcow2",
+                data.display()
+            ))
+            .arg("-device")
+            .arg(format!(
+                "virtio-blk-pci,drive=data,serial={}",
+                crate::debian::DATA_SERIAL
+            ));
+        for d in &opts.extra_disks {
+            cmd.arg("-drive").arg(format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                d.display()
+            ));
+        }
+        cmd.args(["-device", "virtio-serial-pci,id=vser0"]);
+        if opts.agent_port {
+            cmd.arg("-chardev").arg(format!(
+                "socket,path={},server=on,wait=off,id=ch0",
+                socket.display()
+            ));
+            cmd.arg("-device")
+                .arg(format!("virtserialport,chardev=ch0,name={AGENT_PORT}"));
+        }
+        let log = fs::File::create(&qemu_log)?;
+        eprintln!("$ {}", render(&cmd));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start QEMU: {e}"))?;
+        let mut vm = QemuVm {
+            child: Some(child),
+            socket,
+            qga_socket: None,
+            console,
+            qemu_log,
+            qmp: Some(qmp),
+            marker: crate::debian::UP_MARKER,
+            dir,
+            keep: false,
+        };
+        let started = Instant::now();
+        vm.wait_for_markers(1, DEBIAN_BOOT_TIMEOUT)?;
+        eprintln!(
+            "vm: Debian guest (QEMU pid {}) booted in {:.1} s",
+            vm.pid(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(vm)
+    }
+
+    /// Hot-plugs the agent's port (chardev + virtserialport) through QMP.
+    pub(crate) fn hotplug_agent_port(&self) -> Result<()> {
+        let qmp = self.qmp.as_ref().ok_or("this VM has no QMP socket")?;
+        let mut q = crate::qmp::Qmp::connect(qmp)?;
+        q.execute(
+            "chardev-add",
+            serde_json::json!({
+                "id": "ch0",
+                "backend": {"type": "socket", "data": {
+                    "addr": {"type": "unix", "data": {"path": self.socket.display().to_string()}},
+                    "server": true, "wait": false
+                }}
+            }),
+        )?;
+        q.execute(
+            "device_add",
+            serde_json::json!({
+                "driver": "virtserialport", "bus": "vser0.0", "chardev": "ch0",
+                "name": AGENT_PORT, "id": "agentport"
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// The console log's lines that start with `marker`.
+    pub(crate) fn console_lines(&self, marker: &str) -> Vec<String> {
+        marker_lines(&self.console, marker)
+    }
+
+    /// Boot markers seen so far.
+    pub(crate) fn boots(&self) -> usize {
+        count_lines(&self.console, self.marker)
+    }
+
     /// QEMU's pid.
     pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
@@ -150,7 +334,7 @@ impl QemuVm {
     pub(crate) fn wait_for_markers(&mut self, n: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if count_markers(&self.console) >= n {
+            if count_lines(&self.console, self.marker) >= n {
                 return Ok(());
             }
             if let Some(status) = self.try_wait()? {
@@ -162,7 +346,8 @@ impl QemuVm {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "no {READY_MARKER} marker #{n} within {timeout:?}\n--- console (last 40 lines) ---\n{}",
+                    "no {} marker #{n} within {timeout:?}\n--- console (last 40 lines) ---\n{}",
+                    self.marker,
                     tail(&self.console, 40)
                 );
             }
@@ -440,17 +625,126 @@ pub(crate) fn domain_xml(name: &str, image: &GuestImage, console: &Path) -> Stri
     )
 }
 
+/// The Debian guest's domain: its disks (overlays in `dir`, the data disk
+/// with its serial, the provisioning disk read-only), 2 vCPUs, ACPI.
+pub(crate) fn debian_domain_xml(
+    name: &str,
+    image: &crate::debian::DebianImage,
+    dir: &Path,
+    provision: &Path,
+    console: &Path,
+) -> String {
+    let e = |p: &Path| xml_escape(&p.display().to_string());
+    format!(
+        r#"<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>1024</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{DEBIAN_CMDLINE}</cmdline>
+  </os>
+  <features>
+    <acpi/>
+    <apic/>
+  </features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{root}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{data}'/>
+      <target dev='vdb' bus='virtio'/>
+      <serial>{serial}</serial>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{provision}'/>
+      <target dev='vdc' bus='virtio'/>
+      <readonly/>
+    </disk>
+    <controller type='virtio-serial' index='0'/>
+    <channel type='unix'>
+      <source mode='bind'/>
+      <target type='virtio' name='{AGENT_PORT}'/>
+    </channel>
+    <serial type='pty'>
+      <log file='{console}' append='off'/>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"#,
+        name = xml_escape(name),
+        kernel = e(&image.kernel),
+        initrd = e(&image.initrd),
+        root = e(&dir.join("root.qcow2")),
+        data = e(&dir.join("data.qcow2")),
+        serial = crate::debian::DATA_SERIAL,
+        provision = e(provision),
+        console = e(console),
+    )
+}
+
 impl Domain {
     /// Defines and starts a domain, waits for the marker.
     pub(crate) fn start(_lv: &Libvirt, image: &GuestImage, name: &str) -> Result<Domain> {
         let dir = run_dir(name)?;
         let console = dir.join("console.log");
-        let xml = dir.join("domain.xml");
-        fs::write(&xml, domain_xml(name, image, &console))?;
+        let xml = domain_xml(name, image, &console);
+        Domain::define_and_boot(name, dir, console, &xml, READY_MARKER, BOOT_TIMEOUT)
+    }
+
+    /// Defines and starts the Debian guest on overlays of its disks, with
+    /// the provisioning disk attached; waits for its boot marker.
+    pub(crate) fn start_debian(
+        _lv: &Libvirt,
+        image: &crate::debian::DebianImage,
+        name: &str,
+        provision: &Path,
+    ) -> Result<Domain> {
+        let dir = run_dir(name)?;
+        let console = dir.join("console.log");
+        crate::debian::overlay(&image.root, &dir.join("root.qcow2"))?;
+        crate::debian::overlay(&image.data, &dir.join("data.qcow2"))?;
+        let xml = debian_domain_xml(name, image, &dir, provision, &console);
+        Domain::define_and_boot(
+            name,
+            dir,
+            console,
+            &xml,
+            crate::debian::UP_MARKER,
+            DEBIAN_BOOT_TIMEOUT,
+        )
+    }
+
+    fn define_and_boot(
+        name: &str,
+        dir: PathBuf,
+        console: PathBuf,
+        xml: &str,
+        marker: &str,
+        timeout: Duration,
+    ) -> Result<Domain> {
+        let xml_path = dir.join("domain.xml");
+        fs::write(&xml_path, xml)?;
         // A leftover from an interrupted run would block the define.
         let _ = succeeds(virsh().args(["destroy", name]));
         let _ = succeeds(virsh().args(["undefine", name]));
-        crate::util::run(virsh().arg("define").arg(&xml))?;
+        crate::util::run(virsh().arg("define").arg(&xml_path))?;
         let dom = Domain {
             name: name.to_owned(),
             console,
@@ -458,11 +752,11 @@ impl Domain {
         };
         crate::util::run(virsh().args(["start", name]))?;
         let started = Instant::now();
-        let deadline = started + BOOT_TIMEOUT;
-        while count_markers(&dom.console) < 1 {
+        let deadline = started + timeout;
+        while count_lines(&dom.console, marker) < 1 {
             if Instant::now() >= deadline {
                 bail!(
-                    "libvirt domain {name}: no {READY_MARKER} within {BOOT_TIMEOUT:?}\n--- console ---\n{}",
+                    "libvirt domain {name}: no {marker} within {timeout:?}\n--- console ---\n{}",
                     tail(&dom.console, 40)
                 );
             }
@@ -480,6 +774,20 @@ impl Domain {
         );
         std::thread::sleep(Duration::from_millis(1500));
         Ok(dom)
+    }
+
+    /// Waits until the domain is shut off (or gone).
+    pub(crate) fn wait_shut_off(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.state().as_deref() {
+                Some("shut off") | None => return Ok(()),
+                Some(s) if Instant::now() >= deadline => {
+                    bail!("domain state still {s:?} after {timeout:?}")
+                }
+                _ => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
     }
 
     /// `virsh domstate`.
@@ -528,12 +836,37 @@ mod tests {
             ("KVMM-GUEST-READY\n", 1),
             ("x\r\nKVMM-GUEST-READY\r\nagent\nKVMM-GUEST-READY\n", 2),
             ("echo \"KVMM-GUEST-READY\" is in /init\n", 0),
+            ("kvmm-debian login: KVMM-GUEST-READY\n", 1),
         ];
         for (text, want) in cases {
             fs::write(&f, text).unwrap();
             assert_eq!(count_markers(&f), want, "{text:?}");
         }
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn markers_after_other_output_are_found_with_what_follows() {
+        assert_eq!(
+            find_marker(
+                "kvmm-debian login: KVMM-AGENT-STATE inactive\r",
+                "KVMM-AGENT-STATE"
+            ),
+            Some("inactive")
+        );
+        assert_eq!(
+            find_marker("KVMM-PROVISIONED rc=0", "KVMM-PROVISIONED"),
+            Some("rc=0")
+        );
+        assert_eq!(
+            find_marker("KVMM-PROVISIONED", "KVMM-PROVISIONED"),
+            Some("")
+        );
+        assert_eq!(
+            find_marker("KVMM-PROVISIONEDX rc=0", "KVMM-PROVISIONED"),
+            None
+        );
+        assert_eq!(find_marker("no marker here", "KVMM-PROVISIONED"), None);
     }
 
     #[test]
