@@ -1,7 +1,10 @@
 //! `cargo xtask deps`: installs what the other tasks need, idempotently.
 //!
 //! Debian packages via `apt-get` (as root; otherwise the exact command is
-//! printed and the task fails), Rust targets via `rustup target add`, and the
+//! printed and the task fails), never removing a package the machine has:
+//! apt's plan is simulated first, a package it would remove is upgraded
+//! alongside instead, and if that does not help the task stops and says
+//! which packages and why. Rust targets via `rustup target add`, and the
 //! packagers via `cargo install --locked`. Each check is cheap, so every task
 //! calls [`ensure`] for the groups it needs.
 
@@ -22,8 +25,12 @@ pub(crate) enum Group {
     Guest,
     /// Extra libraries for Debian's `qemu-ga` in the guest image (bench).
     QemuGa,
-    /// Booting it under QEMU, and socat for the manual ping.
+    /// Booting it under QEMU (qemu-img for disk overlays), and socat for
+    /// the manual ping.
     Qemu,
+    /// Building the Debian guest image: debootstrap, and mkfs.ext4 for its
+    /// disks.
+    Distro,
     /// libvirt daemons and `virsh`.
     Libvirt,
     /// Packages: rpm tools, cargo-deb, cargo-generate-rpm.
@@ -36,8 +43,6 @@ pub(crate) enum Group {
     Review,
     /// `cargo fuzz` (it runs on the nightly toolchain the machines carry).
     Fuzz,
-    /// Building the Debian guest image: debootstrap, mkfs.ext4.
-    Distro,
 }
 
 impl Group {
@@ -45,13 +50,13 @@ impl Group {
     pub(crate) const ALL: &'static [Group] = &[
         Group::Guest,
         Group::Qemu,
+        Group::Distro,
         Group::Libvirt,
         Group::Dist,
         Group::Windows,
         Group::Lint,
         Group::Review,
         Group::Fuzz,
-        Group::Distro,
     ];
 
     fn apt_packages(self) -> &'static [&'static str] {
@@ -60,13 +65,13 @@ impl Group {
             // qemu-ga's shared libraries, copied from the host into the guest.
             Group::QemuGa => &["libglib2.0-0", "libnuma1", "liburing2", "libudev1"],
             Group::Qemu => &["qemu-system-x86", "qemu-utils", "socat"],
+            Group::Distro => &["debootstrap", "e2fsprogs"],
             Group::Libvirt => &[
                 "libvirt-daemon",
                 "libvirt-daemon-driver-qemu",
                 "libvirt-clients",
             ],
             Group::Dist => &["rpm", "busybox-static", "binutils"],
-            Group::Distro => &["debootstrap", "e2fsprogs"],
             Group::Windows | Group::Lint | Group::Review | Group::Fuzz => &[],
         }
     }
@@ -142,6 +147,98 @@ fn missing_apt(pkgs: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Packages `apt-get install -s` (a simulation) says it would remove:
+/// its `Remv PKG [VERSION]` lines (`Purg` with `--purge`).
+fn parse_removals(simulation: &str) -> Vec<String> {
+    let mut out: Vec<String> = simulation
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("Remv" | "Purg"), Some(pkg)) => Some(pkg.to_owned()),
+                _ => None,
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `apt-get install` of `pkgs` with these options.
+fn apt_install(opts: &[&str], pkgs: &[String]) -> Command {
+    let mut c = Command::new("apt-get");
+    c.env("DEBIAN_FRONTEND", "noninteractive")
+        .arg("install")
+        .args(opts)
+        .args(pkgs);
+    c
+}
+
+/// How many times a simulation may add packages to upgrade alongside.
+const SIMULATION_ROUNDS: usize = 3;
+
+/// What to install so that `missing` gets installed and nothing is removed:
+/// `missing` plus every installed package apt would otherwise remove (it
+/// is upgraded alongside, as a newer dependency usually needs). Fails,
+/// naming the packages, if apt would still remove some.
+fn plan_install(missing: &[String]) -> Result<Vec<String>> {
+    let first = crate::util::render(&apt_install(&["-s", "-q"], missing));
+    let stop = |removals: &[String], why: String| -> Result<Vec<String>> {
+        bail!(
+            "installing {} would remove {}: {why}\n\
+             Nothing was changed. See apt's plan with:\n  {first}\n\
+             then upgrade or remove those packages yourself and run the task again",
+            missing.join(" "),
+            removals.join(" "),
+        )
+    };
+    let mut list: Vec<String> = missing.to_vec();
+    let mut removals: Vec<String> = Vec::new();
+    for _ in 0..SIMULATION_ROUNDS {
+        let mut sim = apt_install(&["-s", "-q"], &list);
+        let plan = match output(&mut sim) {
+            Ok(plan) => plan,
+            // The first simulation failing is apt's own error, as is.
+            Err(e) if removals.is_empty() => return Err(e),
+            Err(e) => {
+                return stop(
+                    &removals,
+                    format!("apt cannot upgrade them alongside:\n{e}"),
+                )
+            }
+        };
+        removals = parse_removals(&plan);
+        if removals.is_empty() {
+            return Ok(list);
+        }
+        let new: Vec<String> = removals
+            .iter()
+            .filter(|r| !list.contains(r))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return stop(
+                &removals,
+                "apt removes them even when asked to upgrade them alongside".to_owned(),
+            );
+        }
+        eprintln!(
+            "deps: apt would remove {} to install {}: upgrading {} alongside instead",
+            removals.join(" "),
+            list.join(" "),
+            new.join(" ")
+        );
+        list.extend(new);
+    }
+    stop(
+        &removals,
+        format!(
+            "still plans removals after {SIMULATION_ROUNDS} rounds of upgrading packages alongside"
+        ),
+    )
+}
+
 fn ensure_apt(pkgs: &[&str]) -> Result<()> {
     if pkgs.is_empty() {
         return Ok(());
@@ -153,22 +250,23 @@ fn ensure_apt(pkgs: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let line = format!(
-        "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {}",
-        missing.join(" ")
-    );
     if !is_root() {
+        // --no-remove: apt stops rather than remove a package.
         bail!(
-            "missing Debian packages: {}\nrun as root:\n  {line}",
+            "missing Debian packages: {}\nrun as root:\n  apt-get update && \
+             DEBIAN_FRONTEND=noninteractive apt-get install -y --no-remove {}\n\
+             (if apt refuses because it would remove a package, add that package \
+             to the list to upgrade it alongside)",
+            missing.join(" "),
             missing.join(" ")
         );
     }
-    eprintln!("deps: installing Debian packages: {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q"])
-        .args(&missing))?;
+    let list = plan_install(&missing)?;
+    eprintln!("deps: installing Debian packages: {}", list.join(" "));
+    // --no-remove as well: should the real run differ from the simulation,
+    // apt stops instead of removing anything.
+    run(&mut apt_install(&["-y", "-q", "--no-remove"], &list))?;
     let still = missing_apt(pkgs);
     if !still.is_empty() {
         bail!("apt-get did not install: {}", still.join(" "));
@@ -277,5 +375,47 @@ mod tests {
                 + g.rust_components().len();
             assert!(n > 0, "{g:?} is empty");
         }
+    }
+
+    #[test]
+    fn parse_removals_reads_remv_and_purg_lines() {
+        // Shaped after `apt-get install -s qemu-system-x86` on a machine with
+        // an older qemu-utils (issue 12).
+        let sim = "\
+NOTE: This is only a simulation!
+      apt-get needs root privileges for real execution.
+Reading package lists...
+The following packages will be REMOVED:
+  qemu-utils
+The following NEW packages will be installed:
+  qemu-system-x86
+The following packages will be upgraded:
+  qemu-system-common
+1 upgraded, 1 newly installed, 1 to remove and 0 not upgraded.
+Remv qemu-utils [1:7.2+dfsg-7+deb12u6]
+Inst qemu-system-common [1:7.2+dfsg-7+deb12u6] (1:7.2+dfsg-7+deb12u18 Debian:12.15/oldstable [amd64])
+Inst qemu-system-x86 (1:7.2+dfsg-7+deb12u18 Debian:12.15/oldstable [amd64])
+Purg libfoo1:i386 [2.0-1]
+Remv qemu-utils [1:7.2+dfsg-7+deb12u6]
+Conf qemu-system-common (1:7.2+dfsg-7+deb12u18 Debian:12.15/oldstable [amd64])
+";
+        assert_eq!(parse_removals(sim), ["libfoo1:i386", "qemu-utils"]);
+        let cases = [
+            "",
+            "0 upgraded, 0 newly installed, 0 to remove and 3 not upgraded.\n",
+            "Inst socat (1.7.4.4-2 Debian:12.15/oldstable [amd64])\nConf socat (1.7.4.4-2)\n",
+            // Only a line's first word counts.
+            "Inst Remv (1.0)\n  Remv\n",
+        ];
+        for sim in cases {
+            assert!(parse_removals(sim).is_empty(), "{sim:?}");
+        }
+    }
+
+    #[test]
+    fn simulation_is_never_the_real_thing() {
+        let sim = apt_install(&["-s", "-q"], &["socat".to_owned()]);
+        let args: Vec<_> = sim.get_args().collect();
+        assert_eq!(args, ["install", "-s", "-q", "socat"]);
     }
 }

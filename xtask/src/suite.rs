@@ -771,8 +771,9 @@ fn debian_inputs(t: &mut Tally) -> Option<(crate::debian::DebianImage, crate::de
     }
 }
 
-/// `cargo xtask vm-test`.
-pub(crate) fn vm_test(opts: VmTestOptions) -> Result<()> {
+/// `cargo xtask vm-test`: the number of checks that passed, or an error
+/// naming those that failed.
+pub(crate) fn vm_test(opts: VmTestOptions) -> Result<u32> {
     let mut groups = vec![crate::deps::Group::Qemu];
     let libvirt = opts.libvirt && (is_root() || is_ci());
     if libvirt {
@@ -816,7 +817,8 @@ pub(crate) fn vm_test(opts: VmTestOptions) -> Result<()> {
         }
     }
     remove_scratch();
-    t.finish()
+    t.finish()?;
+    Ok(t.passed)
 }
 
 #[cfg(test)]
