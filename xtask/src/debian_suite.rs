@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::debian::{self, DebianImage, AGENT_STATE_MARKER, DATA_MOUNT, PROVISIONED_MARKER};
 use crate::suite::{basic_checks, ensure, exec_result, guest_checks, scratch, GuestFacts};
 use crate::suite::{Ctl, Tally, Target};
@@ -108,6 +110,100 @@ fn wait_new_main_pid(ctl: &Ctl, old: &str, timeout: Duration) -> Result<String> 
     }
 }
 
+/// `systemctl restart kvmmanager-agent` through the agent, queued with
+/// `--no-block`. Stopping the agent kills its commands, so the reply may
+/// say the command died of SIGTERM: that is the restart under way.
+fn restart_unit(ctl: &Ctl) -> Result<()> {
+    let r = ctl.run(
+        true,
+        &[
+            "exec",
+            "--",
+            "systemctl",
+            "--no-block",
+            "restart",
+            "kvmmanager-agent.service",
+        ],
+        Duration::from_secs(60),
+    )?;
+    match r.code {
+        // Exit 0, or killed by SIGTERM (128 + 15) as the agent stopped.
+        0 | 143 => Ok(()),
+        // The reply was lost with the agent: also the restart under way.
+        3 | 5 | 255 => Ok(()),
+        c => bail!(
+            "systemctl restart through the agent: exit {c}: {}",
+            r.all_output()
+        ),
+    }
+}
+
+/// The guest owner's edit: the test policy (the initramfs guest's config:
+/// 128 MiB files, per-command cgroup limits) copied over the packaged
+/// default, checked with `--check-config`, and the unit restarted.
+fn owner_edits_config(ctl: &Ctl) -> Result<()> {
+    let dir = scratch("deb-config")?;
+    let cfg = dir.join("config.json");
+    // At debug level the journal shows every session and request, for
+    // the failure report `save_journal` writes.
+    fs::write(
+        &cfg,
+        crate::guest::GUEST_CONFIG.replace("\"log_level\": \"info\"", "\"log_level\": \"debug\""),
+    )?;
+    ctl.run(
+        true,
+        &[
+            "push",
+            &cfg.display().to_string(),
+            "/tmp/kvmmanager/test-config.json",
+        ],
+        Duration::from_secs(60),
+    )?
+    .ok()?;
+    let before = unit_props(ctl)?.get("MainPID").cloned().unwrap_or_default();
+    sh(
+        ctl,
+        "kvmmanager-agent --check-config --config /tmp/kvmmanager/test-config.json \
+         && cp /tmp/kvmmanager/test-config.json /etc/kvmmanager-agent/config.json",
+    )?;
+    restart_unit(ctl)?;
+    wait_new_main_pid(ctl, &before, Duration::from_secs(60))?;
+    ctl.wait_ping(Duration::from_secs(60))?;
+    let info = ctl.json(&["info"])?;
+    ensure(info["limits"]["max_file_size"] == 128u64 << 20, || {
+        format!("limits after the restart: {}", info["limits"])
+    })?;
+    let _ = fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Saves the agent's journal (read through the agent) under
+/// `target/vm-test-logs/` when a check of this pass failed, and says where.
+fn save_journal(ctl: &Ctl, t: &Tally, failed_before: usize, name: &str) {
+    if t.failed_count() == failed_before {
+        return;
+    }
+    let dir = crate::util::target_dir().join("vm-test-logs");
+    let path = dir.join(format!("{name}-journal.txt"));
+    let r = fs::create_dir_all(&dir)
+        .map_err(crate::util::XtaskError::from)
+        .and_then(|()| {
+            let out = sh(
+                ctl,
+                "journalctl -u kvmmanager-agent.service --no-pager -o short-precise",
+            )?;
+            fs::write(&path, out)?;
+            Ok(())
+        });
+    match r {
+        Ok(()) => println!(
+            "  a check failed: the agent's journal is in {}",
+            path.display()
+        ),
+        Err(e) => println!("  a check failed; the agent's journal could not be read: {e}"),
+    }
+}
+
 /// The journal of the agent's unit, read through the agent.
 fn journal_check(ctl: &Ctl) -> Result<()> {
     let out = sh(
@@ -135,40 +231,33 @@ fn random_in(dir: &Path, name: &str, len: u64) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// `systemctl restart` while a 64 MiB push runs: the push either completes
+/// `systemctl restart` while a 128 MiB push runs: the push either completes
 /// intact or fails with a clear error, and the next push succeeds.
 fn restart_mid_transfer(ctl: &Ctl) -> Result<()> {
     let dir = scratch("deb-restart")?;
-    let src = random_in(&dir, "src", 64 << 20)?;
+    // As large as the test policy allows (128 MiB), so the transfer runs
+    // for seconds under TCG.
+    let src = random_in(&dir, "src", 128 << 20)?;
     let back = dir.join("back");
     let guest = "/tmp/kvmmanager/restart.bin";
     let before = unit_props(ctl)?.get("MainPID").cloned().unwrap_or_default();
-    let push = ctl
+    let mut push = ctl
         .command(true, &["push", &src.display().to_string(), guest])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
     // Let the transfer get going, then restart the unit under it.
-    std::thread::sleep(Duration::from_secs(2));
-    let r = ctl.run(
-        true,
-        &[
-            "exec",
-            "--",
-            "systemctl",
-            "--no-block",
-            "restart",
-            "kvmmanager-agent.service",
-        ],
-        Duration::from_secs(60),
-    )?;
-    let restart_reply = r.code;
+    std::thread::sleep(Duration::from_secs(1));
+    if let Some(status) = push.try_wait()? {
+        bail!("the push ended ({status}) before the restart: this check would prove nothing");
+    }
+    restart_unit(ctl)?;
     let out = crate::util::wait_output(push, Duration::from_secs(600))?;
     let after = wait_new_main_pid(ctl, &before, Duration::from_secs(60))?;
     let push_code = out.status.code().unwrap_or(-1);
     println!(
-        "  restart (ctl exit {restart_reply}) during a 64 MiB push: push exit {push_code}; agent pid {before} -> {after}"
+        "  restart during a 128 MiB push: push exit {push_code}; agent pid {before} -> {after}"
     );
     if push_code == 0 {
         ctl.run(
@@ -277,8 +366,9 @@ fn upgrade_keeps_config(ctl: &Ctl, newer: &Path) -> Result<()> {
 
 /// The hardened drop-in from the package's examples, with a whitelist:
 /// a whitelisted command runs, another is refused, a write the policy
-/// allows but the sandbox does not gives a clear error at once, and the
-/// agent starts although `/tmp/kvmmanager` was missing.
+/// allows but the sandbox does not gives a clear error at once. It also
+/// puts `/tmp` on a tmpfs from the next boot on (Debian's `tmp.mount`), for
+/// the reboot check that follows.
 fn hardened_dropin(ctl: &Ctl) -> Result<()> {
     let dir = scratch("deb-hardened")?;
     let cfg = dir.join("config.json");
@@ -310,8 +400,9 @@ fn hardened_dropin(ctl: &Ctl) -> Result<()> {
         "d=/etc/systemd/system/kvmmanager-agent.service.d && mkdir -p $d /var/tmp/kvmm-outside \
          && cp /usr/share/doc/kvmmanager-agent/examples/hardened.conf $d/ \
          && cp /tmp/kvmmanager/hardened-config.json /etc/kvmmanager-agent/config.json \
+         && systemctl enable /usr/share/systemd/tmp.mount \
          && systemd-run --unit=kvmm-harden --collect --no-block sh -c \
-            'rm -rf /tmp/kvmmanager; systemctl daemon-reload; systemctl restart kvmmanager-agent.service'",
+            'systemctl daemon-reload; systemctl restart kvmmanager-agent.service'",
     )?;
     // The unit's state cannot be read through the agent any more (systemctl
     // is not whitelisted): wait until a command outside the whitelist is
@@ -320,7 +411,8 @@ fn hardened_dropin(ctl: &Ctl) -> Result<()> {
     loop {
         let r = ctl.run(true, &["exec", "--", "ls", "/"], Duration::from_secs(30));
         match r {
-            Ok(r) if r.code == 1 && r.all_output().contains("policy_denied") => break,
+            // `exec` exits 255 when kvmmanager-ctl, not the command, failed.
+            Ok(r) if r.code == 255 && r.all_output().contains("policy_denied") => break,
             _ if Instant::now() >= deadline => {
                 bail!("the hardened agent did not answer (refusing `ls`) within 120 s: {r:?}")
             }
@@ -362,7 +454,7 @@ fn hardened_dropin(ctl: &Ctl) -> Result<()> {
         took.as_secs_f64(),
         r.stderr.trim()
     );
-    // Inside ReadWritePaths it works (the agent re-created the missing root).
+    // Inside ReadWritePaths it works.
     ctl.run(
         true,
         &["push", &f.display().to_string(), "/tmp/kvmmanager/x"],
@@ -509,12 +601,18 @@ pub(crate) fn qemu_debian_suite(
             || format!("agent's cgroup: {own}"),
         )
     });
+    if !t.check("debian-owner-edits-config", || owner_edits_config(&ctl)) {
+        return Ok(());
+    }
+    let failed_before = t.failed_count();
     guest_checks(t, &ctl, &DEBIAN_FACTS, "debian-")?;
     t.check("debian-journal", || journal_check(&ctl));
     t.check("debian-restart-mid-transfer", || restart_mid_transfer(&ctl));
     t.check("debian-upgrade-keeps-config", || {
         upgrade_keeps_config(&ctl, &debs.newer)
     });
+    save_journal(&ctl, t, failed_before, "debian-qemu");
+    t.check("debian-hardened-dropin", || hardened_dropin(&ctl));
     t.check("debian-reboot", || {
         let boots = vm.boots();
         ctl.run(true, &["reboot"], Duration::from_secs(60))?.ok()?;
@@ -528,9 +626,34 @@ pub(crate) fn qemu_debian_suite(
         let v = ctl.json(&["sysinfo"])?;
         ensure(v["uptime_seconds"].as_f64().unwrap_or(1e9) < 300.0, || {
             format!("uptime after reboot: {}", v["uptime_seconds"])
-        })
+        })?;
+        // Rebooted with the hardened drop-in and /tmp on a fresh tmpfs
+        // (tmp.mount, enabled by the hardened check): tmpfiles.d made
+        // /tmp/kvmmanager, so the sandboxed agent can write there.
+        let df = ctl.json(&["df", "--all"])?;
+        let tmp_fs = df["filesystems"]
+            .as_array()
+            .and_then(|a| a.iter().find(|f| f["mount_point"] == "/tmp"))
+            .map(|f| f["fs_type"].clone());
+        ensure(tmp_fs == Some(Value::from("tmpfs")), || {
+            format!("/tmp after the reboot: {tmp_fs:?}")
+        })?;
+        let dir = scratch("deb-reboot")?;
+        let f = dir.join("after-reboot");
+        fs::write(&f, b"written after a reboot onto a tmpfs /tmp\n")?;
+        ctl.run(
+            true,
+            &[
+                "push",
+                &f.display().to_string(),
+                "/tmp/kvmmanager/after-reboot",
+            ],
+            Duration::from_secs(60),
+        )?
+        .ok()?;
+        let _ = fs::remove_dir_all(&dir);
+        Ok(())
     });
-    t.check("debian-hardened-dropin", || hardened_dropin(&ctl));
     t.check("debian-apt-remove-purge", || {
         remove_and_purge(&ctl, &mut vm)
     });

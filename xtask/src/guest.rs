@@ -41,7 +41,7 @@ const MODULES: &[&str] = &[
 ];
 
 /// The agent configuration inside the test guest.
-const GUEST_CONFIG: &str = r#"{
+pub(crate) const GUEST_CONFIG: &str = r#"{
   "log_level": "info",
   "log_file": null,
   "channel_name": "org.kvmmanager.agent.0",

@@ -46,6 +46,11 @@ impl Tally {
         }
     }
 
+    /// Checks failed so far.
+    pub(crate) fn failed_count(&self) -> usize {
+        self.failed.len()
+    }
+
     /// Records a failure that happened outside a check (e.g. the VM did not boot).
     pub(crate) fn fail(&mut self, name: &str, e: &dyn std::fmt::Display) {
         println!("FAIL {name}: {e}");

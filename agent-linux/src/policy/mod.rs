@@ -189,8 +189,14 @@ pub enum PolicyError {
         /// The path as requested.
         path: String,
     },
-    /// The kernel has no `openat2` (Linux < 5.6).
-    #[error("this kernel lacks openat2 (Linux 5.6 or later is needed for file access)")]
+    /// `openat2` fails with `ENOSYS`: the kernel lacks it (Linux < 5.6), or
+    /// a seccomp filter blocks it (systemd's `RestrictSUIDSGID=yes` does,
+    /// since it cannot inspect `openat2`'s mode).
+    #[error(
+        "openat2 is unavailable, so no file can be opened safely: the kernel lacks it \
+         (Linux 5.6 or later is needed) or a seccomp filter blocks it (systemd's \
+         RestrictSUIDSGID=yes does: remove it from the unit)"
+    )]
     Unsupported,
     /// An operating-system error while resolving or opening the path.
     #[error("cannot open {path}")]

@@ -290,9 +290,13 @@ pub(crate) fn walk_root(
 ) -> Result<Walked, PolicyError> {
     let euid = sys::geteuid();
     let trusted = |uid: u32| uid == 0 || uid == euid;
-    let io_err = |source| PolicyError::Io {
-        path: path.to_owned(),
-        source,
+    // ENOSYS: openat2 is missing or filtered (see PolicyError::Unsupported).
+    let io_err = |source: io::Error| match source.raw_os_error() {
+        Some(libc::ENOSYS) => PolicyError::Unsupported,
+        _ => PolicyError::Io {
+            path: path.to_owned(),
+            source,
+        },
     };
     let flawed = |component: String, flaw: RootFlaw| PolicyError::UnsafeRoot {
         path: path.to_owned(),
