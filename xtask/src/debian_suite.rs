@@ -9,8 +9,9 @@
 //! edited config, the hardened drop-in, a reboot, and `apt remove` /
 //! `apt purge` (reported on the console, since the agent is gone then).
 //! Under libvirt the port is there from boot: the package's postinst starts
-//! the agent at once; then the basic checks, the journal, a reboot and a
-//! shutdown through the agent.
+//! the agent at once; then the owner's config edit, every check of
+//! `guest_checks` again, the journal, a reboot and a shutdown through the
+//! agent.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::debian::{self, DebianImage, AGENT_STATE_MARKER, DATA_MOUNT, PROVISIONED_MARKER};
-use crate::suite::{basic_checks, ensure, exec_result, guest_checks, scratch, GuestFacts};
+use crate::suite::{ensure, exec_result, guest_checks, scratch, GuestFacts};
 use crate::suite::{Ctl, Tally, Target};
 use crate::util::{bail, heading, Result};
 use crate::vm::{DebianBoot, QemuVm, DEBIAN_BOOT_TIMEOUT};
@@ -699,8 +700,15 @@ pub(crate) fn libvirt_debian_suite(
     if !installed {
         return Ok(());
     }
-    basic_checks(t, &ctl, "libvirt-debian-")?;
+    if !t.check("libvirt-debian-owner-edits-config", || {
+        owner_edits_config(&ctl)
+    }) {
+        return Ok(());
+    }
+    let failed_before = t.failed_count();
+    guest_checks(t, &ctl, &DEBIAN_FACTS, "libvirt-debian-")?;
     t.check("libvirt-debian-journal", || journal_check(&ctl));
+    save_journal(&ctl, t, failed_before, "debian-libvirt");
     t.check("libvirt-debian-reboot", || {
         let boots = crate::vm::count_lines(&dom.console, debian::UP_MARKER);
         ctl.run(true, &["reboot"], Duration::from_secs(60))?.ok()?;
