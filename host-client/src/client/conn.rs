@@ -68,9 +68,16 @@ struct Reply {
 #[derive(Default)]
 struct ConnState {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
-    /// The sync in progress: (request id, nonce, waiter).
-    sync: Option<(u64, u64, SyncWaiter)>,
+    /// The sync in progress.
+    sync: Option<PendingSync>,
     dead: bool,
+}
+
+/// A sync in progress: every `sync` request sent for it (id, nonce), and
+/// who waits for the first answer to any of them.
+struct PendingSync {
+    attempts: Vec<(u64, u64)>,
+    tx: SyncWaiter,
 }
 
 impl Shared {
@@ -83,26 +90,20 @@ impl Shared {
     /// Hands a response (and its attachment) to the call waiting for it.
     fn dispatch(&self, resp: Response, attachment: Option<Bytes>) {
         let mut st = self.lock();
-        if let Some((sync_id, nonce, _)) = &st.sync {
-            let (sync_id, nonce) = (*sync_id, *nonce);
-            match &resp.outcome {
-                Ok(raw) => {
-                    if serde_json::from_str::<SyncResult>(raw.get()).is_ok_and(|r| r.nonce == nonce)
-                    {
-                        if let Some((_, _, tx)) = st.sync.take() {
-                            let _ = tx.send(Ok(()));
-                        }
-                        return;
-                    }
+        if let Some(sync) = &st.sync {
+            let ours = match &resp.outcome {
+                Ok(raw) => serde_json::from_str::<SyncResult>(raw.get())
+                    .is_ok_and(|r| sync.attempts.iter().any(|&(_, n)| n == r.nonce)),
+                Err(_) => resp
+                    .id
+                    .as_u64()
+                    .is_some_and(|id| sync.attempts.iter().any(|&(i, _)| i == id)),
+            };
+            if ours {
+                if let Some(sync) = st.sync.take() {
+                    let _ = sync.tx.send(resp.outcome.map(|_| ()));
                 }
-                Err(e) if resp.id.as_u64() == Some(sync_id) => {
-                    let e = e.clone();
-                    if let Some((_, _, tx)) = st.sync.take() {
-                        let _ = tx.send(Err(e));
-                    }
-                    return;
-                }
-                Err(_) => {}
+                return;
             }
         }
         if let Some(tx) = resp.id.as_u64().and_then(|id| st.pending.remove(&id)) {
@@ -361,6 +362,10 @@ fn encode_request<P: Serialize>(
 /// Undoes a `sync` that did not complete (failed, timed out, or its future
 /// was dropped): the reader stops waiting for its nonce, and the next call
 /// resyncs.
+/// How long a sync waits before it sends another (PROTOCOL.md,
+/// implementer's checklist, step 1).
+const SYNC_RESEND: Duration = Duration::from_secs(1);
+
 struct SyncGuard<'a> {
     conn: &'a Conn,
     id: u64,
@@ -373,7 +378,7 @@ impl Drop for SyncGuard<'_> {
             return;
         }
         let mut st = self.conn.shared.lock();
-        if matches!(&st.sync, Some((id, _, _)) if *id == self.id) {
+        if matches!(&st.sync, Some(p) if p.attempts.first().is_some_and(|&(id, _)| id == self.id)) {
             st.sync = None;
         }
         drop(st);
@@ -463,45 +468,78 @@ impl Client {
         }))
     }
 
-    /// 0xFF + `sync` with a fresh nonce; waits for the reply with that nonce.
+    /// 0xFF + `sync` with a fresh nonce; waits for the reply with that
+    /// nonce, sending 0xFF + `sync` again with a new nonce after
+    /// [`SYNC_RESEND`] (then twice as long each time, at most 4 s) until
+    /// `sync_timeout`; a reply to any of them ends the sync.
+    ///
+    /// Resending matters: the guest kernel can deliver a new host's first
+    /// bytes before it reports that the previous host left, so the agent's
+    /// session for the previous host may read them and end, dropping its
+    /// replies (PROTOCOL.md, "Resynchronisation").
     ///
     /// Cancellation-safe: if this future is dropped (an embedder's own
     /// timeout around a call), a guard forgets the sync in progress and
     /// marks the connection for a resync, so the next call syncs again
     /// instead of finding the reader still waiting for this nonce.
     async fn sync(&self, conn: &Conn) -> Result<(), ClientError> {
-        let nonce = random_u64();
-        let id = self.next_id();
-        let line = encode_request(SYNC, &SyncParams { nonce }, id, None)?;
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut st = conn.shared.lock();
-            if st.dead {
-                return Err(ClientError::ConnectionLost);
-            }
-            st.sync = Some((id, nonce, tx));
-        }
-        let mut guard = SyncGuard {
-            conn,
-            id,
-            done: false,
-        };
+        let (tx, mut rx) = oneshot::channel();
+        let mut tx = Some(tx);
+        let mut guard: Option<SyncGuard<'_>> = None;
         let after = self.inner.opts.sync_timeout;
+        let mut wait = SYNC_RESEND;
         let outcome = tokio::time::timeout(after, async {
-            conn.send(&line, true, None).await?;
-            match rx.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(ClientError::Agent {
-                    method: SYNC.to_owned(),
-                    error,
-                }),
-                Err(_) => Err(ClientError::ConnectionLost),
+            loop {
+                let nonce = random_u64();
+                let id = self.next_id();
+                let line = encode_request(SYNC, &SyncParams { nonce }, id, None)?;
+                {
+                    let mut st = conn.shared.lock();
+                    if st.dead {
+                        return Err(ClientError::ConnectionLost);
+                    }
+                    match (&mut st.sync, tx.take()) {
+                        // The first attempt.
+                        (None, Some(tx)) => {
+                            st.sync = Some(PendingSync {
+                                attempts: vec![(id, nonce)],
+                                tx,
+                            });
+                            guard = Some(SyncGuard {
+                                conn,
+                                id,
+                                done: false,
+                            });
+                        }
+                        // Another one for the same sync.
+                        (Some(pending), None) => pending.attempts.push((id, nonce)),
+                        // Answered meanwhile: the answer is in `rx`.
+                        _ => {}
+                    }
+                }
+                conn.send(&line, true, None).await?;
+                match tokio::time::timeout(wait, &mut rx).await {
+                    Ok(Ok(Ok(()))) => return Ok(()),
+                    Ok(Ok(Err(error))) => {
+                        return Err(ClientError::Agent {
+                            method: SYNC.to_owned(),
+                            error,
+                        })
+                    }
+                    Ok(Err(_)) => return Err(ClientError::ConnectionLost),
+                    Err(_) => {
+                        tracing::debug!(?wait, "no reply to sync yet; sending another");
+                        wait = (wait * 2).min(Duration::from_secs(4));
+                    }
+                }
             }
         })
         .await;
         match outcome {
             Ok(Ok(())) => {
-                guard.done = true;
+                if let Some(g) = guard.as_mut() {
+                    g.done = true;
+                }
                 Ok(())
             }
             // The guard forgets the sync and asks for another.
@@ -704,6 +742,37 @@ mod tests {
             assert_eq!(client.ping().await.unwrap().timestamp, 42);
         }
         assert_eq!(resyncs.load(Ordering::SeqCst), 1, "0xFF precedes the sync");
+    }
+
+    #[tokio::test]
+    async fn a_sync_the_agent_never_saw_is_sent_again() {
+        // The first 0xFF + sync is lost, as when the agent's session for the
+        // previous host reads it and ends: the client sends another, with a
+        // new nonce, and is in sync once that one is answered.
+        let agent = fake::spawn(|mut c: FakeConn, _| async move {
+            let (_lost_id, lost_nonce) = c.expect_sync().await;
+            let (id, nonce) = c.expect_sync().await;
+            assert_ne!(nonce, lost_nonce, "a resent sync carries a new nonce");
+            reply(&c, id, json!({ "nonce": nonce })).await;
+            serve(c, echo_agent()).await;
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        assert_eq!(client.ping().await.unwrap().timestamp, 42);
+        assert_eq!(agent.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_to_an_earlier_sync_attempt_also_ends_the_sync() {
+        // A slow agent answers the first sync only after the second was
+        // sent: either answer will do, and the other is dropped as stale.
+        let agent = fake::spawn(|mut c: FakeConn, _| async move {
+            let (id1, nonce1) = c.expect_sync().await;
+            let (_id2, _nonce2) = c.expect_sync().await;
+            reply(&c, id1, json!({ "nonce": nonce1 })).await;
+            serve(c, echo_agent()).await;
+        });
+        let client = Client::connect_with(&agent.path, opts()).await.unwrap();
+        assert_eq!(client.ping().await.unwrap().timestamp, 42);
     }
 
     #[tokio::test]
