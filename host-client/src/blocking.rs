@@ -1,7 +1,11 @@
 //! A synchronous facade over [`crate::Client`], for callers without tokio.
 //!
-//! [`Client`] owns a current-thread runtime and runs each call to completion
-//! on it. Do not use it from inside an async runtime (it would block it).
+//! [`Client`] owns a runtime with one worker thread, which keeps reading the
+//! connection between calls (so [`Client::as_async`] works from any other
+//! runtime too), and blocks the calling thread until each call is done.
+//! Called from inside a tokio runtime, where blocking would stall it, its
+//! methods return [`ClientError::InsideRuntime`] instead (see the
+//! [embedding guide](crate::embedding)).
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), host_client::ClientError> {
@@ -56,12 +60,24 @@ impl Client {
         path: impl AsRef<Path>,
         opts: ClientOptions,
     ) -> Result<Client, ClientError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        outside_runtime()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("host-client")
             .enable_all()
             .build()
             .map_err(ClientError::Io)?;
         let inner = rt.block_on(crate::Client::connect_with(path, opts))?;
         Ok(Client { rt, inner })
+    }
+
+    /// Runs `call` to completion on the client's runtime.
+    fn block<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        outside_runtime()?;
+        self.rt.block_on(call)
     }
 
     /// The async client inside, e.g. to spawn work on [`Client::runtime`].
@@ -92,7 +108,7 @@ impl Client {
     /// let pong = c.call::<PingRpc>(&Empty {});
     /// ```
     pub fn call<M: Rpc>(&self, params: &M::Params) -> Result<M::Result, ClientError> {
-        self.rt.block_on(self.inner.call::<M>(params))
+        self.block(self.inner.call::<M>(params))
     }
 
     /// See [`crate::Client::call_raw`].
@@ -106,7 +122,7 @@ impl Client {
         method: &str,
         params: serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
-        self.rt.block_on(self.inner.call_raw(method, params))
+        self.block(self.inner.call_raw(method, params))
     }
 
     /// See [`crate::Client::ping`].
@@ -117,7 +133,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn ping(&self) -> Result<PingResult, ClientError> {
-        self.rt.block_on(self.inner.ping())
+        self.block(self.inner.ping())
     }
 
     /// See [`crate::Client::agent_info`].
@@ -128,7 +144,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn agent_info(&self) -> Result<AgentInfo, ClientError> {
-        self.rt.block_on(self.inner.agent_info())
+        self.block(self.inner.agent_info())
     }
 
     /// See [`crate::Client::system_info`].
@@ -139,7 +155,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn system_info(&self) -> Result<SystemInfo, ClientError> {
-        self.rt.block_on(self.inner.system_info())
+        self.block(self.inner.system_info())
     }
 
     /// See [`crate::Client::network_info`].
@@ -150,7 +166,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn network_info(&self) -> Result<NetworkInfo, ClientError> {
-        self.rt.block_on(self.inner.network_info())
+        self.block(self.inner.network_info())
     }
 
     /// See [`crate::Client::disk_usage`].
@@ -161,7 +177,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn disk_usage(&self, include_virtual: bool) -> Result<DiskUsage, ClientError> {
-        self.rt.block_on(self.inner.disk_usage(include_virtual))
+        self.block(self.inner.disk_usage(include_virtual))
     }
 
     /// See [`crate::Client::exec`].
@@ -173,7 +189,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn exec(&self, params: &ExecParams) -> Result<ExecResult, ClientError> {
-        self.rt.block_on(self.inner.exec(params))
+        self.block(self.inner.exec(params))
     }
 
     /// See [`crate::Client::read_chunk`].
@@ -185,7 +201,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn read_chunk(&self, params: &FileReadParams) -> Result<FileReadResult, ClientError> {
-        self.rt.block_on(self.inner.read_chunk(params))
+        self.block(self.inner.read_chunk(params))
     }
 
     /// See [`crate::Client::write_chunk`].
@@ -197,7 +213,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn write_chunk(&self, params: &FileWriteParams) -> Result<FileWriteResult, ClientError> {
-        self.rt.block_on(self.inner.write_chunk(params))
+        self.block(self.inner.write_chunk(params))
     }
 
     /// See [`crate::Client::pull`].
@@ -213,8 +229,7 @@ impl Client {
         local_path: impl AsRef<Path>,
         progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
-        self.rt
-            .block_on(self.inner.pull(guest_path, local_path, progress))
+        self.block(self.inner.pull(guest_path, local_path, progress))
     }
 
     /// See [`crate::Client::push`].
@@ -231,8 +246,7 @@ impl Client {
         options: PushOptions,
         progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
-        self.rt
-            .block_on(self.inner.push(local_path, guest_path, options, progress))
+        self.block(self.inner.push(local_path, guest_path, options, progress))
     }
 
     /// See [`crate::Client::shutdown`].
@@ -243,7 +257,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn shutdown(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
-        self.rt.block_on(self.inner.shutdown(delay_seconds))
+        self.block(self.inner.shutdown(delay_seconds))
     }
 
     /// See [`crate::Client::reboot`].
@@ -254,7 +268,16 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn reboot(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
-        self.rt.block_on(self.inner.reboot(delay_seconds))
+        self.block(self.inner.reboot(delay_seconds))
+    }
+}
+
+/// Blocking inside a tokio runtime would stall it (and `block_on` there
+/// panics): refuse instead.
+fn outside_runtime() -> Result<(), ClientError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => Err(ClientError::InsideRuntime),
+        Err(_) => Ok(()),
     }
 }
 
@@ -283,6 +306,15 @@ mod tests {
         let client = Client::connect(&agent.path).unwrap();
         assert_eq!(client.ping().unwrap().timestamp, 7);
         assert_eq!(client.call_raw("ping", json!({})).unwrap()["timestamp"], 7);
+        // Inside a runtime: an error, not a panic, whether connecting or
+        // calling; and the async client inside works from that runtime.
+        rt.block_on(async {
+            let e = Client::connect(&agent.path).unwrap_err();
+            assert!(matches!(e, ClientError::InsideRuntime), "{e:?}");
+            let e = client.ping().unwrap_err();
+            assert!(matches!(e, ClientError::InsideRuntime), "{e:?}");
+            assert_eq!(client.as_async().ping().await.unwrap().timestamp, 7);
+        });
         drop(client);
         rt.block_on(async { drop(agent) });
     }

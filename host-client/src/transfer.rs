@@ -146,6 +146,24 @@ pub(crate) fn read_chunk_size(limits: &Limits) -> u64 {
         .max(1)
 }
 
+/// An open chunked upload of a push: aborted on the agent (`cancel` with
+/// its `upload_id`) unless the push committed it, whether the push failed
+/// or its future was dropped. Otherwise it would hold one of the agent's 16
+/// upload places until it expired or the connection ended.
+struct UploadGuard<'a> {
+    client: &'a Client,
+    /// `None` once committed.
+    upload_id: Option<String>,
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.upload_id.take() {
+            self.client.abort_upload(id);
+        }
+    }
+}
+
 /// Reads until `buf` holds `want` bytes or the reader ends.
 async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, want: usize) -> std::io::Result<Bytes> {
     let mut buf = vec![0u8; want];
@@ -327,7 +345,9 @@ impl Client {
     /// Copies a local file to `guest_path`, in chunks sized from the agent's
     /// `max_message_size`, several in flight; the last chunk commits the
     /// upload (an atomic rename on the guest for `truncate` and
-    /// `create_new`). With [`WriteMode::Append`] the chunks are appended one
+    /// `create_new`). A push that fails, or whose future is dropped, before
+    /// the commit aborts its upload on the agent: the guest file is left as
+    /// it was. The progress callback tells how far a push got. With [`WriteMode::Append`] the chunks are appended one
     /// after the other instead (not atomic: the protocol cannot stage an
     /// append).
     ///
@@ -466,6 +486,12 @@ impl Client {
                 "file_write to {guest_path} with more=true returned no upload_id"
             ))
         })?;
+        // From here until the commit, a failure or a drop of this future
+        // aborts the upload on the agent instead of leaving it open.
+        let mut upload = UploadGuard {
+            client: self,
+            upload_id: Some(upload_id.clone()),
+        };
         let mut done = first.len() as u64;
         let mut offset = done;
         progress(Progress { done, total });
@@ -490,6 +516,7 @@ impl Client {
                         "the last file_write to {guest_path} did not commit the upload"
                     )));
                 }
+                upload.upload_id = None;
                 done += current.len() as u64;
                 progress(Progress { done, total });
                 return Ok(TransferSummary {

@@ -131,6 +131,7 @@ pub struct Cli {
 
 /// `--mode` of `write` and `push`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[non_exhaustive]
 pub enum ModeArg {
     /// Replace the file atomically.
     Truncate,
@@ -192,6 +193,7 @@ pub struct ExecArgs {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[non_exhaustive]
 pub enum Command {
     /// Check the agent answers, and print the round-trip time.
     Ping,
@@ -301,6 +303,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CliError {
     /// A call or transfer failed.
     #[error(transparent)]
@@ -341,12 +344,14 @@ impl CliError {
                 ClientError::Connect { .. }
                 | ClientError::ConnectTimeout { .. }
                 | ClientError::ConnectionLost
+                | ClientError::RequestLost { .. }
                 | ClientError::Io(_) => EXIT_CONNECT,
                 ClientError::Timeout { .. } => EXIT_TIMEOUT,
                 ClientError::Protocol(_)
                 | ClientError::BadResult { .. }
                 | ClientError::Encode { .. } => EXIT_PROTOCOL,
                 ClientError::LocalFile { .. } => EXIT_LOCAL,
+                ClientError::InsideRuntime => EXIT_USAGE,
             },
             CliError::Libvirt(_) => EXIT_CONNECT,
             CliError::NoTarget | CliError::BadParams(_) => EXIT_USAGE,
@@ -367,7 +372,7 @@ impl CliError {
                     "run as root or as a user allowed to open the socket".to_owned()
                 }
                 ClientError::Connect { .. } | ClientError::ConnectTimeout { .. } => channel_hint,
-                ClientError::ConnectionLost | ClientError::Io(_) => {
+                ClientError::ConnectionLost | ClientError::RequestLost { .. } | ClientError::Io(_) => {
                     "the VM may have shut down or rebooted, or the agent restarted; retry".to_owned()
                 }
                 ClientError::Timeout { method, .. } if method == "sync" => {
@@ -398,6 +403,7 @@ impl CliError {
                     "kvmmanager-ctl and the agent disagree on the protocol; compare versions with `kvmmanager-ctl info`".to_owned()
                 }
                 ClientError::LocalFile { .. } => "check the local path and its permissions".to_owned(),
+                ClientError::InsideRuntime => "use the async host_client::Client inside a tokio runtime".to_owned(),
             },
             CliError::Libvirt(LibvirtError::NoChannel { .. }) => {
                 "add the channel with `virsh edit` (see `kvmmanager-ctl channel-xml`)".to_owned()
