@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
+use agent_common::encoding::Encoding;
 use agent_common::methods::{
-    CancelParams, CancelRpc, Empty, ExecParams, FileWriteParams, GetSystemInfoRpc,
+    CancelParams, CancelRpc, Empty, ExecParams, FileReadParams, FileWriteParams, GetSystemInfoRpc,
 };
 use common::{error_kind, AgentProcess};
 use host_client::{CallOptions, Client, ClientError, ClientOptions, PushOptions};
@@ -249,13 +250,34 @@ fn op<'a>(client: &'a Client, which: usize, files: &'a Files) -> Op<'a> {
                 .await
                 .map(|_| ())
         }),
+        7 => Box::pin(async move {
+            // Connecting and syncing, then a call on the new connection.
+            let other = Client::connect(&files.socket).await?;
+            other.call::<GetSystemInfoRpc>(&Empty {}).await.map(|_| ())
+        }),
+        8 => Box::pin(async move {
+            let p = FileReadParams {
+                path: files.guest_src.clone(),
+                length: Some(1 << 20),
+                encoding: Encoding::Base64,
+                ..Default::default()
+            };
+            client.read_chunk(&p).await.map(|_| ())
+        }),
+        9 => Box::pin(async move {
+            client
+                .call_raw("get_disk_usage", json!({"include_virtual": false}))
+                .await
+                .map(|_| ())
+        }),
         _ => unreachable!(),
     }
 }
 
-const OPS: usize = 7;
+const OPS: usize = 10;
 
 struct Files {
+    socket: PathBuf,
     local_src: PathBuf,
     local_dst: PathBuf,
     guest_src: String,
@@ -287,6 +309,7 @@ async fn futures_dropped_at_every_await_point_leave_the_connection_in_step_and_t
     let agent = AgentProcess::start();
     let local = tempfile::tempdir().unwrap();
     let files = Files {
+        socket: agent.socket.clone(),
         local_src: local.path().join("src.bin"),
         local_dst: local.path().join("dst.bin"),
         guest_src: agent.write_dir().join("src.bin").display().to_string(),
