@@ -118,6 +118,21 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// A push or pull ([`crate::Client::push`], [`crate::Client::pull`],
+    /// `push_from`, `read_to`) failed; `source` says why (look through it
+    /// with [`ClientError::root`]; the helpers such as
+    /// [`ClientError::kind`] and [`ClientError::is_transient`] do).
+    #[error("the transfer of {guest_path} stopped after {done} bytes")]
+    Transfer {
+        /// The guest file.
+        guest_path: String,
+        /// Bytes done when it failed: acknowledged by the agent for a push,
+        /// written locally for a pull (a failed pull leaves no file).
+        done: u64,
+        /// What failed.
+        #[source]
+        source: Box<ClientError>,
+    },
     /// A [`crate::blocking::Client`] was used from inside a tokio runtime,
     /// where blocking would stall the runtime. Nothing was sent.
     #[error("blocking::Client cannot be used inside a tokio runtime (it would block it); use the async host_client::Client there")]
@@ -135,6 +150,59 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    pub(crate) fn in_transfer(guest_path: &str, done: u64, e: ClientError) -> ClientError {
+        ClientError::Transfer {
+            guest_path: guest_path.to_owned(),
+            done,
+            source: Box::new(e),
+        }
+    }
+
+    /// The error behind any [`ClientError::Transfer`] wrapping.
+    ///
+    /// ```
+    /// # use host_client::ClientError;
+    /// let e = ClientError::Transfer {
+    ///     guest_path: "/tmp/x".into(),
+    ///     done: 1 << 20,
+    ///     source: Box::new(ClientError::ConnectionLost),
+    /// };
+    /// assert!(matches!(e.root(), ClientError::ConnectionLost));
+    /// ```
+    pub fn root(&self) -> &ClientError {
+        let mut e = self;
+        while let ClientError::Transfer { source, .. } = e {
+            e = source;
+        }
+        e
+    }
+
+    /// [`ClientError::root`], by value.
+    ///
+    /// ```
+    /// # use host_client::ClientError;
+    /// assert!(matches!(ClientError::ConnectionLost.into_root(), ClientError::ConnectionLost));
+    /// ```
+    pub fn into_root(self) -> ClientError {
+        match self {
+            ClientError::Transfer { source, .. } => source.into_root(),
+            e => e,
+        }
+    }
+
+    /// Bytes a failed transfer had done ([`ClientError::Transfer`]).
+    ///
+    /// ```
+    /// # use host_client::ClientError;
+    /// assert_eq!(ClientError::ConnectionLost.transfer_done(), None);
+    /// ```
+    pub fn transfer_done(&self) -> Option<u64> {
+        match self {
+            ClientError::Transfer { done, .. } => Some(*done),
+            _ => None,
+        }
+    }
+
     /// The agent's error kind, for [`ClientError::Agent`].
     ///
     /// ```
@@ -142,7 +210,7 @@ impl ClientError {
     /// assert_eq!(ClientError::ConnectionLost.kind(), None);
     /// ```
     pub fn kind(&self) -> Option<ErrorKind> {
-        match self {
+        match self.root() {
             ClientError::Agent { error, .. } => error.kind(),
             _ => None,
         }
@@ -155,7 +223,7 @@ impl ClientError {
     /// assert!(ClientError::ConnectionLost.agent_error().is_none());
     /// ```
     pub fn agent_error(&self) -> Option<&ErrorObject> {
-        match self {
+        match self.root() {
             ClientError::Agent { error, .. } => Some(error),
             _ => None,
         }
@@ -174,7 +242,7 @@ impl ClientError {
     /// ```
     pub fn is_transient(&self) -> bool {
         use std::io::ErrorKind as Io;
-        match self {
+        match self.root() {
             ClientError::Connect { source, .. } => matches!(
                 source.kind(),
                 Io::NotFound
@@ -209,7 +277,7 @@ impl ClientError {
     /// assert!(ClientError::RequestLost { method: "exec_command".into() }.may_have_run());
     /// ```
     pub fn may_have_run(&self) -> bool {
-        match self {
+        match self.root() {
             ClientError::RequestLost { .. } | ClientError::Timeout { .. } => true,
             ClientError::Agent { error, .. } => error
                 .data
@@ -267,7 +335,7 @@ impl ClientError {
     /// ```
     pub fn is_timeout(&self) -> bool {
         matches!(
-            self,
+            self.root(),
             ClientError::Timeout { .. } | ClientError::ConnectTimeout { .. }
         ) || self.kind() == Some(ErrorKind::Timeout)
     }

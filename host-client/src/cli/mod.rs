@@ -337,7 +337,9 @@ impl CliError {
     /// ```
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Client(e) => match e {
+            CliError::Client(e) => match e.root() {
+                // Never a root.
+                ClientError::Transfer { .. } => EXIT_PROTOCOL,
                 ClientError::Agent { .. }
                 | ClientError::FileChanged { .. }
                 | ClientError::RequestTooLarge { .. } => EXIT_AGENT,
@@ -365,7 +367,8 @@ impl CliError {
             "is the VM running and does it have the {DEFAULT_CHANNEL_NAME} channel? see `kvmmanager-ctl channel-xml`"
         );
         Some(match self {
-            CliError::Client(e) => match e {
+            CliError::Client(e) => match e.root() {
+                ClientError::Transfer { .. } => return None,
                 ClientError::Connect { source, .. }
                     if source.kind() == std::io::ErrorKind::PermissionDenied =>
                 {
@@ -685,12 +688,15 @@ async fn cat(client: &Client, path: &str) -> Result<(), CliError> {
     client
         .read_to(path, &mut stdout, Path::new("stdout"), |_| {})
         .await
-        .map_err(|e| match e {
-            ClientError::LocalFile { source, .. } => CliError::Local {
-                what: "cannot write to stdout".into(),
-                source,
+        .map_err(|e| match e.root() {
+            ClientError::LocalFile { .. } => match e.into_root() {
+                ClientError::LocalFile { source, .. } => CliError::Local {
+                    what: "cannot write to stdout".into(),
+                    source,
+                },
+                e => e.into(),
             },
-            e => e.into(),
+            _ => e.into(),
         })?;
     Ok(())
 }
