@@ -1364,6 +1364,32 @@ mod tests {
     }
 
     #[test]
+    fn only_an_upload_left_open_is_aborted_for_a_call_given_up() {
+        let ok = |v: Value| Response::ok(Id::number(1), &v);
+        let cases = [
+            (
+                ok(json!({"upload_id": "u1", "committed": false, "bytes_written": 1, "size": 1})),
+                Some("u1"),
+            ),
+            (ok(json!({"upload_id": "u2"})), Some("u2")),
+            (
+                ok(json!({"committed": true, "bytes_written": 1, "size": 1})),
+                None,
+            ),
+            (ok(json!({"upload_id": "u3", "committed": true})), None),
+            (ok(json!({"pong": true})), None),
+            (ok(json!([1, 2])), None),
+            (
+                Response::error(Id::number(1), ErrorObject::new(ErrorKind::Busy, "busy")),
+                None,
+            ),
+        ];
+        for (resp, want) in cases {
+            assert_eq!(opened_upload(&resp).as_deref(), want, "{:?}", resp.outcome);
+        }
+    }
+
+    #[test]
     fn random_values_differ() {
         let a: std::collections::HashSet<u64> = (0..100).map(|_| random_u64()).collect();
         assert_eq!(a.len(), 100);

@@ -22,6 +22,11 @@
 //! - Lines without `id` are notifications: once in sync, the reader hands
 //!   them (and their attachments, always read off the wire) to the client's
 //!   subscriptions by method, without ever waiting for one (`notify`).
+//! - Calls that take one of the agent's slots first take one of as many
+//!   permits (flow control, `call`), so a burst queues instead of getting
+//!   `busy`. A call given up after its request may have reached the agent
+//!   keeps its permit until the agent's late reply, and the agent is asked
+//!   to stop it (`cancel`); see the embedding guide (`crate::embedding`).
 
 mod call;
 mod conn;
@@ -247,7 +252,9 @@ impl Client {
         }
     }
 
-    /// The socket path this client connects to.
+    /// The socket path this client connects to (for a client made by
+    /// [`Client::from_stream`] or [`Client::with_connector`], the name
+    /// given there).
     ///
     /// ```
     /// # use host_client::{Client, ClientOptions};
