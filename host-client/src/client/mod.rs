@@ -18,7 +18,10 @@
 //!   dropped.
 //! - When the reader sees the end of the stream (VM rebooted, agent
 //!   restarted, QEMU gone), every pending call fails with
-//!   [`ClientError::ConnectionLost`] and the next call reconnects and syncs.
+//!   [`ClientError::RequestLost`] (its request was sent: it may have run;
+//!   a call whose request was not sent gets [`ClientError::ConnectionLost`],
+//!   or is sent again once on a new connection) and the next call
+//!   reconnects and syncs.
 //! - Lines without `id` are notifications: once in sync, the reader hands
 //!   them (and their attachments, always read off the wire) to the client's
 //!   subscriptions by method, without ever waiting for one (`notify`).
