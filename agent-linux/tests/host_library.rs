@@ -448,3 +448,60 @@ async fn futures_dropped_at_every_await_point_leave_the_connection_in_step_and_t
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_dropped_mid_transfer_do_not_use_up_the_agents_uploads() {
+    // Issue 18: after 16 pushes dropped mid-transfer, every push failed
+    // with `busy` (for every host) until the connection closed.
+    let agent = AgentProcess::start();
+    let local = tempfile::tempdir().unwrap();
+    let src = local.path().join("src.bin");
+    pattern_file(&src, 4 * (1 << 20));
+    let client = Client::connect(&agent.socket).await.unwrap();
+    for i in 0..20 {
+        let guest = agent
+            .write_dir()
+            .join(format!("d{i}"))
+            .display()
+            .to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut tx = Some(tx);
+        let push = client.push(&src, &guest, PushOptions::default(), |p| {
+            // Dropped once the agent acknowledged the first chunk: the
+            // upload is open.
+            if p.done > 0 {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        tokio::select! {
+            r = push => panic!("push {i} was to be dropped, it ended: {r:?}"),
+            _ = rx => {}
+        }
+        assert!(!Path::new(&guest).exists(), "push {i} left its file");
+    }
+    // The connection stays open: only the aborts free the upload places.
+    // Another host pushes with no busy retries (hang guard: the aborts are
+    // written by the client's tasks).
+    let other = Client::connect_with(
+        &agent.socket,
+        ClientOptions {
+            busy_retries: 0,
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let guest = agent.write_dir().join("after").display().to_string();
+    eventually("a push after 20 dropped ones", || async {
+        other
+            .push(&src, &guest, PushOptions::default(), |_| {})
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    client.ping().await.unwrap();
+    assert_eq!(std::fs::read(&guest).unwrap(), std::fs::read(&src).unwrap());
+}
