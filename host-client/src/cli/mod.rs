@@ -49,6 +49,8 @@ pub const EXIT_PROTOCOL: i32 = 5;
 pub const EXIT_LOCAL: i32 = 6;
 /// Exit status of `exec` when kvmmanager-ctl itself failed.
 pub const EXIT_EXEC_FAILED: i32 = 255;
+/// Interrupted by Ctrl-C (SIGINT); the agent was asked to stop the call.
+pub const EXIT_INTERRUPTED: i32 = 130;
 /// Exit status of `exec` when the command timed out.
 pub const EXIT_EXEC_TIMEOUT: i32 = 124;
 
@@ -317,6 +319,10 @@ pub enum CliError {
     /// `call` params are not JSON.
     #[error("the params of call are not valid JSON")]
     BadParams(#[source] serde_json::Error),
+    /// Interrupted (Ctrl-C, SIGINT) before the command finished; the agent
+    /// was asked to stop the call.
+    #[error("interrupted; the agent was asked to stop the call")]
+    Interrupted,
     /// Our own stdin/stdout failed.
     #[error("{what}")]
     Local {
@@ -357,6 +363,7 @@ impl CliError {
             },
             CliError::Libvirt(_) => EXIT_CONNECT,
             CliError::NoTarget | CliError::BadParams(_) => EXIT_USAGE,
+            CliError::Interrupted => EXIT_INTERRUPTED,
             CliError::Local { .. } => EXIT_LOCAL,
         }
     }
@@ -418,7 +425,7 @@ impl CliError {
                 "pass --socket PATH or --domain NAME, or set KVMMANAGER_SOCKET".to_owned()
             }
             CliError::BadParams(_) => "pass a JSON object, e.g. '{\"path\":\"/etc/hostname\"}'".to_owned(),
-            CliError::Local { .. } => return None,
+            CliError::Local { .. } | CliError::Interrupted => return None,
         })
     }
 
@@ -500,7 +507,7 @@ pub fn run(cli: Cli) -> i32 {
         }
         Err(e) => {
             eprintln!("kvmmanager-ctl: error: {}", e.message());
-            if is_exec {
+            if is_exec && !matches!(e, CliError::Interrupted) {
                 EXIT_EXEC_FAILED
             } else {
                 e.exit_code()
@@ -566,6 +573,20 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         _ => {}
     }
     let client = connect(&cli).await?;
+    let result = tokio::select! {
+        r = execute(&client, cli) => r,
+        _ = tokio::signal::ctrl_c() => Err(CliError::Interrupted),
+    };
+    // Before the runtime goes: the agent is asked to stop what this run
+    // gave up on (an interrupted or timed-out call), which the client's
+    // own notification tasks could not do once the runtime is gone. Bounded,
+    // as an agent that does not read cannot be told anything.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.close()).await;
+    result
+}
+
+/// Runs `cli`'s command on `client`.
+async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
     let json = cli.json;
     match cli.command {
         Command::Ping => {
@@ -613,9 +634,9 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
                 out(&render_df(&d))?;
             }
         }
-        Command::Exec(args) => return exec(&client, args, json).await,
-        Command::Read { path, output } if output.as_os_str() == "-" => cat(&client, &path).await?,
-        Command::Cat { path } => cat(&client, &path).await?,
+        Command::Exec(args) => return exec(client, args, json).await,
+        Command::Read { path, output } if output.as_os_str() == "-" => cat(client, &path).await?,
+        Command::Cat { path } => cat(client, &path).await?,
         Command::Read { path, output }
         | Command::Pull {
             guest: path,
