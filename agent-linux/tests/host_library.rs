@@ -26,6 +26,21 @@ fn sleep_params(seconds: &str) -> ExecParams {
     }
 }
 
+/// A call that takes the only slot, sent after a `ping` so that the
+/// previous reply's slot is free: the agent lets go of a slot once its
+/// reply is written, and the ping's reply comes from the same writer after
+/// that (a host sending the instant it reads a reply may find it taken).
+fn slot_call(
+    c: &mut common::Conn,
+    id: u64,
+    method: &str,
+    params: serde_json::Value,
+) -> serde_json::Value {
+    let r = c.call(1_000 + id, "ping", json!({}));
+    assert_eq!(r["result"]["pong"], true, "{r}");
+    c.call(id, method, params)
+}
+
 #[test]
 fn cancel_stops_a_running_command_and_aborts_an_upload() {
     let agent = AgentProcess::start_with(json!({}), json!({"max_concurrent_requests": 1}));
@@ -70,15 +85,18 @@ fn cancel_stops_a_running_command_and_aborts_an_upload() {
     // A cancel that overtakes its request (each line runs on a task of its
     // own) still stops it, as it starts.
     c.send(&json!({"jsonrpc":"2.0","method":"cancel","params":{"id":31}}));
-    let r = c.call(31, "exec_command", json!({"command":"sleep","args":["30"]}));
+    let r = slot_call(
+        &mut c,
+        31,
+        "exec_command",
+        json!({"command":"sleep","args":["30"]}),
+    );
     assert_eq!(error_kind(&r), "cancelled", "{r}");
-    // (The ping barrier again: the only slot is free once the writer let
-    // go of that reply.)
-    c.call(32, "ping", json!({}));
 
     // An upload given up is aborted: its next chunk finds nothing.
     let path = agent.write_dir().join("up.bin");
-    let r = c.call(
+    let r = slot_call(
+        &mut c,
         11,
         "file_write",
         json!({"path": path, "content": "aGVsbG8=", "encoding": "base64", "more": true}),
@@ -89,7 +107,8 @@ fn cancel_stops_a_running_command_and_aborts_an_upload() {
         r["result"],
         json!({"cancelled": false, "upload_aborted": true})
     );
-    let r = c.call(
+    let r = slot_call(
+        &mut c,
         13,
         "file_write",
         json!({"path": path, "content": "aGVsbG8=", "encoding": "base64",
@@ -98,7 +117,8 @@ fn cancel_stops_a_running_command_and_aborts_an_upload() {
     assert_eq!(error_kind(&r), "not_found", "{r}");
     assert!(!path.exists());
     // Another connection's upload is not this one's to abort.
-    let r = c.call(
+    let r = slot_call(
+        &mut c,
         14,
         "file_write",
         json!({"path": path, "content": "aGVsbG8=", "encoding": "base64", "more": true}),

@@ -471,6 +471,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_given_up_whose_reply_never_comes_frees_its_permit_after_a_grace() {
+        // The agent never answers `hold`, nor acts on `cancel` (as after
+        // an agent restart behind a connection QEMU kept open).
+        let a = agent(1, Seen::default(), Arc::default(), Arc::default());
+        let client = Client::connect_with(&a.path, flow_opts()).await.unwrap();
+        let e = client
+            .timeout(Duration::from_millis(100))
+            .call_raw("hold", json!({}))
+            .await
+            .unwrap_err();
+        assert!(e.is_timeout(), "{e:?}");
+        // The only permit comes back after the grace (2 s in tests),
+        // within this call's 5 s.
+        assert_eq!(
+            client.call_raw("echo", json!({"n": 3})).await.unwrap(),
+            json!({"n": 3})
+        );
+    }
+
+    #[tokio::test]
     async fn a_dropped_call_is_cancelled_on_the_agent() {
         let seen = Seen::default();
         let a = agent(4, seen.clone(), Arc::default(), Arc::default());

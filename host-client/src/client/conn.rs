@@ -468,6 +468,8 @@ struct PendingGuard {
     answered: bool,
     /// Ask the agent to stop the request if it is abandoned.
     cancel: bool,
+    /// How long an abandoned entry waits for its reply at most.
+    grace: Duration,
     permit: Option<OwnedSemaphorePermit>,
     /// Where the reply arrives.
     rx: oneshot::Receiver<Reply>,
@@ -508,7 +510,59 @@ impl Drop for PendingGuard {
                 upload_id: None,
             });
         }
+        if abandoned {
+            forget_after(&self.conn.shared, self.id, self.grace);
+        }
     }
+}
+
+/// Extra time an abandoned call's entry (and its flow-control permit) waits
+/// for the agent's reply beyond what the agent's own limits allow.
+const ABANDON_MARGIN: Duration = if cfg!(test) {
+    Duration::from_secs(2)
+} else {
+    Duration::from_secs(15)
+};
+
+/// How long an abandoned call may wait for its late reply: a live agent
+/// answers a cancelled call at once (a `file_write` past its point of no
+/// return within 10 s), and any other within its own time limit. A reply
+/// that never comes (the agent restarted behind a connection that stayed
+/// open, as QEMU's chardev does across a guest reboot) must not hold a
+/// permit for ever.
+fn abandon_grace(limits: Option<&agent_common::methods::Limits>, cancelled: bool) -> Duration {
+    if cancelled {
+        return ABANDON_MARGIN;
+    }
+    let own = limits.map_or(300, |l| {
+        l.max_command_timeout_seconds.max(l.request_timeout_seconds)
+    });
+    Duration::from_secs(own) + ABANDON_MARGIN
+}
+
+/// Drops abandoned entry `id` (and the permit it keeps) after `grace` if
+/// its reply has not come by then.
+fn forget_after(shared: &Arc<Shared>, id: u64, grace: Duration) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let shared = Arc::downgrade(shared);
+    handle.spawn(async move {
+        tokio::time::sleep(grace).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut st = shared.lock();
+        if matches!(st.pending.get(&id), Some(Waiter::Abandoned(_))) {
+            let waiter = st.pending.remove(&id);
+            drop(st);
+            tracing::debug!(
+                id,
+                "no reply to a call given up in {grace:?}; forgetting it"
+            );
+            drop(waiter);
+        }
+    });
 }
 
 /// A random `u64` from the standard library's randomly seeded hasher.
@@ -903,12 +957,14 @@ impl Client {
             st.pending.insert(id, Waiter::Call(tx));
         }
         let sent = Arc::new(AtomicBool::new(false));
+        let grace = abandon_grace(self.limits_slot().as_ref(), cancel);
         let mut guard = PendingGuard {
             conn: conn.clone(),
             id,
             sent: sent.clone(),
             answered: false,
             cancel,
+            grace,
             permit,
             rx,
         };
