@@ -36,8 +36,21 @@ use crate::{ClientError, ClientOptions, Progress, PushOptions, TransferSummary};
 /// ```
 #[derive(Debug)]
 pub struct Client {
-    rt: tokio::runtime::Runtime,
+    /// `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
     inner: crate::Client,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks until its tasks stop, which panics
+        // inside another runtime: there, let them stop in the background.
+        if let Some(rt) = self.rt.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            }
+        }
+    }
 }
 
 impl Client {
@@ -68,7 +81,10 @@ impl Client {
             .build()
             .map_err(ClientError::Io)?;
         let inner = rt.block_on(crate::Client::connect_with(path, opts))?;
-        Ok(Client { rt, inner })
+        Ok(Client {
+            rt: Some(rt),
+            inner,
+        })
     }
 
     /// Runs `call` to completion on the client's runtime.
@@ -77,7 +93,7 @@ impl Client {
         call: impl std::future::Future<Output = Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
         outside_runtime()?;
-        self.rt.block_on(call)
+        self.runtime().block_on(call)
     }
 
     /// The async client inside, e.g. to spawn work on [`Client::runtime`].
@@ -97,7 +113,11 @@ impl Client {
     /// let pong = c.runtime().block_on(c.as_async().ping());
     /// ```
     pub fn runtime(&self) -> &tokio::runtime::Runtime {
-        &self.rt
+        match &self.rt {
+            Some(rt) => rt,
+            // Invariant: only `drop` takes the runtime.
+            None => unreachable!("the blocking client's runtime is taken only when it is dropped"),
+        }
     }
 
     /// See [`crate::Client::call`].
@@ -315,7 +335,8 @@ mod tests {
             assert!(matches!(e, ClientError::InsideRuntime), "{e:?}");
             assert_eq!(client.as_async().ping().await.unwrap().timestamp, 7);
         });
-        drop(client);
+        // Dropped inside a runtime: no panic either.
+        rt.block_on(async { drop(client) });
         rt.block_on(async { drop(agent) });
     }
 }
