@@ -20,6 +20,16 @@ use super::connector::{AgentStream, Connector};
 use super::{Client, ClientOptions, ConnectionState};
 use crate::error::ClientError;
 
+/// What flow control gave a call.
+pub(super) enum Flow {
+    /// One of the agent's slots, until the call ends.
+    Permit(OwnedSemaphorePermit),
+    /// Go ahead unbounded (the agent's limits are unknown).
+    Unbounded,
+    /// The call's deadline passed while it waited.
+    TimedOut,
+}
+
 /// Settings of the calls made through one [`Client`] handle; `None` takes
 /// the [`ClientOptions`] value.
 ///
@@ -145,15 +155,21 @@ impl Client {
         Box::pin(self.limits())
     }
 
-    /// Waits (first come, first served) for one of the agent's slots; `None`
-    /// if `deadline` passes first.
+    /// Waits (first come, first served) for one of the agent's slots.
     pub(super) async fn flow_permit(
         &self,
         deadline: tokio::time::Instant,
-    ) -> Result<Option<OwnedSemaphorePermit>, ClientError> {
+    ) -> Result<Flow, ClientError> {
         let limits = match tokio::time::timeout_at(deadline, self.limits_boxed()).await {
-            Ok(l) => l?,
-            Err(_) => return Ok(None),
+            Ok(Ok(l)) => l,
+            // An agent whose limits cannot be had (or read) still serves
+            // calls: without flow control.
+            Ok(Err(e @ (ClientError::Agent { .. } | ClientError::BadResult { .. }))) => {
+                tracing::debug!("no flow control: the agent's limits are unknown ({e})");
+                return Ok(Flow::Unbounded);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(Flow::TimedOut),
         };
         let n = usize::try_from(limits.max_concurrent_requests)
             .unwrap_or(usize::MAX)
@@ -170,10 +186,10 @@ impl Client {
             }
         };
         match tokio::time::timeout_at(deadline, semaphore.acquire_owned()).await {
-            Ok(Ok(p)) => Ok(Some(p)),
+            Ok(Ok(p)) => Ok(Flow::Permit(p)),
             // Never closed.
             Ok(Err(_)) => Err(ClientError::ConnectionLost),
-            Err(_) => Ok(None),
+            Err(_) => Ok(Flow::TimedOut),
         }
     }
 
@@ -517,6 +533,38 @@ mod tests {
             client.call_raw("echo", json!({"n": 2})).await.unwrap(),
             json!({"n": 2})
         );
+    }
+
+    #[tokio::test]
+    async fn an_agent_without_readable_limits_is_served_without_flow_control() {
+        for info in [
+            Err(agent_common::error::ErrorObject::new(
+                agent_common::error::ErrorKind::MethodNotFound,
+                "no such method",
+            )),
+            Ok(json!({"limits": "unreadable"})),
+        ] {
+            let a = fake::spawn(move |c: FakeConn, _| {
+                let info = info.clone();
+                fake::serve(
+                    c,
+                    fake::handler(move |m, p| {
+                        let info = info.clone();
+                        async move {
+                            match m.as_str() {
+                                "get_agent_info" => info,
+                                _ => Ok(p),
+                            }
+                        }
+                    }),
+                )
+            });
+            let client = Client::connect_with(&a.path, flow_opts()).await.unwrap();
+            assert_eq!(
+                client.call_raw("echo", json!({"n": 4})).await.unwrap(),
+                json!({"n": 4})
+            );
+        }
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@ use tokio::sync::{oneshot, Mutex as AsyncMutex, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
+use super::call::Flow;
 use super::connector::{ReadHalf, WriteHalf};
 use super::notify::{self, Subscribers};
 use super::state::{ConnectionState, StateTx};
@@ -866,7 +867,11 @@ impl Client {
         let mut backoff = BUSY_BACKOFF;
         loop {
             let permit = if slot && self.inner.opts.flow_control {
-                Some(self.flow_permit(deadline).await?.ok_or_else(timed_out)?)
+                match self.flow_permit(deadline).await? {
+                    Flow::Permit(p) => Some(p),
+                    Flow::Unbounded => None,
+                    Flow::TimedOut => return Err(timed_out()),
+                }
             } else {
                 None
             };
