@@ -51,6 +51,8 @@ pub enum ErrorKind {
     AccessDenied,
     /// -32014: the content is not valid in the requested encoding (for example not UTF-8).
     InvalidEncoding,
+    /// -32015: the host cancelled the request (`cancel`) before it finished.
+    Cancelled,
 }
 
 impl ErrorKind {
@@ -76,6 +78,7 @@ impl ErrorKind {
         ErrorKind::NoSpace,
         ErrorKind::AccessDenied,
         ErrorKind::InvalidEncoding,
+        ErrorKind::Cancelled,
     ];
 
     /// The numeric JSON-RPC error code.
@@ -101,6 +104,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => -32012,
             ErrorKind::AccessDenied => -32013,
             ErrorKind::InvalidEncoding => -32014,
+            ErrorKind::Cancelled => -32015,
         }
     }
 
@@ -127,6 +131,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => "no_space",
             ErrorKind::AccessDenied => "access_denied",
             ErrorKind::InvalidEncoding => "invalid_encoding",
+            ErrorKind::Cancelled => "cancelled",
         }
     }
 

@@ -160,6 +160,8 @@ methods! {
     Shutdown => "shutdown", ShutdownRpc, PowerParams, PowerResult, Facts::CHANGE;
     /// `reboot`: reboot the guest (after replying).
     Reboot => "reboot", RebootRpc, PowerParams, PowerResult, Facts::CHANGE;
+    /// `cancel`: stop a request of this connection, or abort one of its uploads.
+    Cancel => "cancel", CancelRpc, CancelParams, CancelResult, Facts::INSTANT;
 }
 
 impl Method {
@@ -603,4 +605,28 @@ mod tests {
         assert!(p.args.is_empty());
         assert_eq!(p.output_encoding, Encoding::Utf8);
     }
+}
+
+/// Params of `cancel`: what to stop, of the requests and uploads of the
+/// connection it comes on. At least one member.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelParams {
+    /// The (numeric) id of a request still running: it is stopped and
+    /// answered `cancelled`, and its slot is freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// A chunked upload still open: it is aborted and its staging file
+    /// removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+}
+
+/// Result of `cancel`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelResult {
+    /// A request with that id was running and has been stopped.
+    pub cancelled: bool,
+    /// The upload was open and has been aborted.
+    pub upload_aborted: bool,
 }

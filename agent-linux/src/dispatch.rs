@@ -8,7 +8,7 @@
 //! one place and from each method's [`Facts`](agent_common::methods::Facts)
 //! (declared beside its types in agent-common's method table, never in a
 //! list here):
-//! - instant methods (`ping`, `sync`, `get_agent_info`) are answered at once
+//! - instant methods (`ping`, `sync`, `get_agent_info`, `cancel`) are answered at once
 //!   and never wait behind other work;
 //! - every other request takes a slot of `max_concurrent_requests`, held
 //!   until its reply is written; when all are taken the request is answered
@@ -18,7 +18,9 @@
 //!   inside; a `file_write` given up on never takes place afterwards
 //!   ([`CommitGate`]);
 //! - when the agent stops, requests still running are cancelled and
-//!   answered `shutting_down`;
+//!   answered `shutting_down`; a request the host cancels (`cancel` with
+//!   its id, `crate::cancel`) is given up the same way and answered
+//!   `cancelled`;
 //! - methods that change the guest are logged with their outcome.
 //!
 //! `run` is the one `match` from method to handler; each arm names the
@@ -34,9 +36,9 @@ use agent_common::envelope::{self, ReplyLine};
 use agent_common::error::{ErrorKind, ErrorObject};
 use agent_common::jsonrpc::{parse_message, Entry, Incoming, Request, Response};
 use agent_common::methods::{
-    AgentInfo, ExecCommandRpc, FileReadRpc, FileWriteRpc, GetAgentInfoRpc, GetDiskUsageRpc,
-    GetNetworkInfoRpc, GetSystemInfoRpc, Method, PingResult, PingRpc, PowerParams, PowerResult,
-    RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
+    AgentInfo, CancelResult, CancelRpc, ExecCommandRpc, FileReadRpc, FileWriteRpc, GetAgentInfoRpc,
+    GetDiskUsageRpc, GetNetworkInfoRpc, GetSystemInfoRpc, Method, PingResult, PingRpc, PowerParams,
+    PowerResult, RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
@@ -398,6 +400,18 @@ impl Agent {
                 .with_data("limit", self.config.max_concurrent_requests as u64),
             );
         };
+        // A `cancel` naming this request's id stops it (`cancel.rs`).
+        let registration = req
+            .id
+            .as_ref()
+            .and_then(|id| id.as_u64())
+            .map(|id| session.running().register(id));
+        let cancelled = async {
+            match &registration {
+                Some(r) => r.token().cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         let started = Instant::now();
         let mut work = std::pin::pin!(self.run(session, method, req, cx, attachment, &gate));
         // A method with a limit of its own (exec_command) is bounded inside.
@@ -411,6 +425,7 @@ impl Agent {
         let cut = tokio::select! {
             biased;
             () = self.abort.cancelled() => Cut::GaveUp(shutting_down()),
+            () = cancelled => Cut::GaveUp(cancelled_by_host(method)),
             o = &mut work => Cut::Done(o),
             () = expired => Cut::GaveUp(timed_out(method, limit.unwrap_or_default())),
         };
@@ -430,6 +445,7 @@ impl Agent {
                 Err(_) => Outcome::err(e.with_data("outcome", "unknown")),
             },
         };
+        drop(registration);
         log_outcome(method, &outcome, started);
         // The slot stays taken until the reply has been written.
         outcome.slot = Some(slot);
@@ -522,6 +538,23 @@ impl Agent {
                 .power::<ShutdownRpc>(req, |delay_seconds| PowerAction::Shutdown { delay_seconds }),
             Method::Reboot => {
                 self.power::<RebootRpc>(req, |delay_seconds| PowerAction::Reboot { delay_seconds })
+            }
+            Method::Cancel => {
+                self.typed::<CancelRpc, _, _, _>(req, |p| async move {
+                    if p.id.is_none() && p.upload_id.is_none() {
+                        return Err(CallError::<Never>::Params(
+                            "cancel needs `id` (a running request) or `upload_id` (an open upload)"
+                                .into(),
+                        ));
+                    }
+                    Ok(CancelResult {
+                        cancelled: p.id.is_some_and(|id| session.running().cancel(id)),
+                        upload_aborted: p
+                            .upload_id
+                            .is_some_and(|u| self.files.abort_upload(session.id().0, &u)),
+                    })
+                })
+                .await
             }
         }
     }
@@ -672,6 +705,13 @@ fn timed_out(method: Method, limit: Duration) -> ErrorObject {
         ),
     )
     .with_data("limit", limit.as_secs())
+}
+
+fn cancelled_by_host(method: Method) -> ErrorObject {
+    ErrorObject::new(
+        ErrorKind::Cancelled,
+        format!("{method} was cancelled by the host (cancel); it was stopped"),
+    )
 }
 
 fn shutting_down() -> ErrorObject {

@@ -10,6 +10,7 @@
 //! wrapper is in `sys`, and every process is spawned by [`exec`].
 
 pub mod buffers;
+pub mod cancel;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

@@ -28,8 +28,8 @@
 //!
 //! Every request read holds a permit of its session until its reply has
 //! been written (or, for a notification, until it has run): at most
-//! [`pending_limit`] requests, plus [`INSTANT_RESERVE`] for `ping`, `sync`
-//! and `get_agent_info`, so that a health check needs no place behind
+//! [`pending_limit`] requests, plus [`INSTANT_RESERVE`] for `ping`, `sync`,
+//! `get_agent_info` and `cancel`, so that a health check needs no place behind
 //! queued work. When the permits are gone the session stops reading, and
 //! the port's and the kernel's buffers push back on the host instead of the
 //! agent's heap growing. Requests that do work also hold one of the agent's
@@ -77,7 +77,7 @@ const REPLY_QUEUE: usize = 2;
 /// is dropped up to the next resync byte.
 pub const ATTACHMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Permits of a session kept for `ping`, `sync` and `get_agent_info`
+/// Permits of a session kept for `ping`, `sync`, `get_agent_info` and `cancel`
 /// (single requests without an attachment), besides [`pending_limit`].
 pub const INSTANT_RESERVE: usize = 4;
 

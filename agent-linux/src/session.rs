@@ -5,7 +5,8 @@
 //! is keyed by it), a [`Notifier`] that sends messages of the handler's own
 //! (notifications, with attachments) through the session's writer under the
 //! same back-pressure as replies, and a cancellation signal that fires when
-//! the session ends. Whatever a handler starts that outlives its reply (a
+//! the session ends, and its running requests that a `cancel` can stop.
+//! Whatever a handler starts that outlives its reply (a
 //! stream, a forward, a watchdog) watches [`Session::ended`] and ends with
 //! the session; uploads end through `FileService::end_session`.
 
@@ -17,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::Running;
 use crate::dispatch::Outgoing;
 
 /// A connection's identity, for state that belongs to one host connection.
@@ -29,6 +31,7 @@ pub struct Session {
     id: SessionId,
     notifier: Notifier,
     ended: CancellationToken,
+    running: Running,
 }
 
 impl Session {
@@ -48,6 +51,7 @@ impl Session {
                 budget,
             },
             ended: CancellationToken::new(),
+            running: Running::default(),
         }
     }
 
@@ -61,6 +65,7 @@ impl Session {
                 budget: Arc::new(Semaphore::new(0)),
             },
             ended: CancellationToken::new(),
+            running: Running::default(),
         }
     }
 
@@ -77,6 +82,11 @@ impl Session {
     /// Cancelled when the session ends (the host left, the agent stops).
     pub fn ended(&self) -> &CancellationToken {
         &self.ended
+    }
+
+    /// The session's running requests, which `cancel` can stop.
+    pub fn running(&self) -> &Running {
+        &self.running
     }
 
     /// Ends the session: everything watching [`Session::ended`] stops.

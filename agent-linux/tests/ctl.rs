@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use common::AgentProcess;
 use serde_json::Value;
@@ -126,4 +126,46 @@ fn push_pull_cat_and_refusals() {
         "{err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn ctrl_c_stops_the_command_on_the_agent_and_exits_130() {
+    let agent = AgentProcess::start_with(
+        serde_json::json!({}),
+        serde_json::json!({"max_concurrent_requests": 1}),
+    );
+    let started = agent.write_dir().join("started");
+    let script = format!("touch {}; exec sleep 30", started.display());
+    let child = Command::new(ctl_binary())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exec", "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kvmmanager-ctl");
+    // Hang guard: wait for the command to run in the agent's only slot.
+    for _ in 0..2000 {
+        if started.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(started.exists(), "the command did not start");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    // The command was stopped, not left running for 30 s in the only slot.
+    let out = ctl(&agent, &["exec", "--", "true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,7 +1,11 @@
 //! A synchronous facade over [`crate::Client`], for callers without tokio.
 //!
-//! [`Client`] owns a current-thread runtime and runs each call to completion
-//! on it. Do not use it from inside an async runtime (it would block it).
+//! [`Client`] owns a runtime with one worker thread, which keeps reading the
+//! connection between calls (so [`Client::as_async`] works from any other
+//! runtime too), and blocks the calling thread until each call is done.
+//! Called from inside a tokio runtime, where blocking would stall it, its
+//! methods return [`ClientError::InsideRuntime`] instead (see the
+//! [embedding guide](crate::embedding)).
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), host_client::ClientError> {
@@ -32,8 +36,21 @@ use crate::{ClientError, ClientOptions, Progress, PushOptions, TransferSummary};
 /// ```
 #[derive(Debug)]
 pub struct Client {
-    rt: tokio::runtime::Runtime,
+    /// `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
     inner: crate::Client,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks until its tasks stop, which panics
+        // inside another runtime: there, let them stop in the background.
+        if let Some(rt) = self.rt.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            }
+        }
+    }
 }
 
 impl Client {
@@ -56,12 +73,27 @@ impl Client {
         path: impl AsRef<Path>,
         opts: ClientOptions,
     ) -> Result<Client, ClientError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        outside_runtime()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("host-client")
             .enable_all()
             .build()
             .map_err(ClientError::Io)?;
         let inner = rt.block_on(crate::Client::connect_with(path, opts))?;
-        Ok(Client { rt, inner })
+        Ok(Client {
+            rt: Some(rt),
+            inner,
+        })
+    }
+
+    /// Runs `call` to completion on the client's runtime.
+    fn block<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        outside_runtime()?;
+        self.runtime().block_on(call)
     }
 
     /// The async client inside, e.g. to spawn work on [`Client::runtime`].
@@ -81,7 +113,11 @@ impl Client {
     /// let pong = c.runtime().block_on(c.as_async().ping());
     /// ```
     pub fn runtime(&self) -> &tokio::runtime::Runtime {
-        &self.rt
+        match &self.rt {
+            Some(rt) => rt,
+            // Invariant: only `drop` takes the runtime.
+            None => unreachable!("the blocking client's runtime is taken only when it is dropped"),
+        }
     }
 
     /// See [`crate::Client::call`].
@@ -92,7 +128,7 @@ impl Client {
     /// let pong = c.call::<PingRpc>(&Empty {});
     /// ```
     pub fn call<M: Rpc>(&self, params: &M::Params) -> Result<M::Result, ClientError> {
-        self.rt.block_on(self.inner.call::<M>(params))
+        self.block(self.inner.call::<M>(params))
     }
 
     /// See [`crate::Client::call_raw`].
@@ -106,7 +142,7 @@ impl Client {
         method: &str,
         params: serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
-        self.rt.block_on(self.inner.call_raw(method, params))
+        self.block(self.inner.call_raw(method, params))
     }
 
     /// See [`crate::Client::ping`].
@@ -117,7 +153,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn ping(&self) -> Result<PingResult, ClientError> {
-        self.rt.block_on(self.inner.ping())
+        self.block(self.inner.ping())
     }
 
     /// See [`crate::Client::agent_info`].
@@ -128,7 +164,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn agent_info(&self) -> Result<AgentInfo, ClientError> {
-        self.rt.block_on(self.inner.agent_info())
+        self.block(self.inner.agent_info())
     }
 
     /// See [`crate::Client::system_info`].
@@ -139,7 +175,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn system_info(&self) -> Result<SystemInfo, ClientError> {
-        self.rt.block_on(self.inner.system_info())
+        self.block(self.inner.system_info())
     }
 
     /// See [`crate::Client::network_info`].
@@ -150,7 +186,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn network_info(&self) -> Result<NetworkInfo, ClientError> {
-        self.rt.block_on(self.inner.network_info())
+        self.block(self.inner.network_info())
     }
 
     /// See [`crate::Client::disk_usage`].
@@ -161,7 +197,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn disk_usage(&self, include_virtual: bool) -> Result<DiskUsage, ClientError> {
-        self.rt.block_on(self.inner.disk_usage(include_virtual))
+        self.block(self.inner.disk_usage(include_virtual))
     }
 
     /// See [`crate::Client::exec`].
@@ -173,7 +209,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn exec(&self, params: &ExecParams) -> Result<ExecResult, ClientError> {
-        self.rt.block_on(self.inner.exec(params))
+        self.block(self.inner.exec(params))
     }
 
     /// See [`crate::Client::read_chunk`].
@@ -185,7 +221,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn read_chunk(&self, params: &FileReadParams) -> Result<FileReadResult, ClientError> {
-        self.rt.block_on(self.inner.read_chunk(params))
+        self.block(self.inner.read_chunk(params))
     }
 
     /// See [`crate::Client::write_chunk`].
@@ -197,7 +233,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn write_chunk(&self, params: &FileWriteParams) -> Result<FileWriteResult, ClientError> {
-        self.rt.block_on(self.inner.write_chunk(params))
+        self.block(self.inner.write_chunk(params))
     }
 
     /// See [`crate::Client::pull`].
@@ -213,8 +249,7 @@ impl Client {
         local_path: impl AsRef<Path>,
         progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
-        self.rt
-            .block_on(self.inner.pull(guest_path, local_path, progress))
+        self.block(self.inner.pull(guest_path, local_path, progress))
     }
 
     /// See [`crate::Client::push`].
@@ -231,8 +266,7 @@ impl Client {
         options: PushOptions,
         progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
-        self.rt
-            .block_on(self.inner.push(local_path, guest_path, options, progress))
+        self.block(self.inner.push(local_path, guest_path, options, progress))
     }
 
     /// See [`crate::Client::shutdown`].
@@ -243,7 +277,7 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn shutdown(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
-        self.rt.block_on(self.inner.shutdown(delay_seconds))
+        self.block(self.inner.shutdown(delay_seconds))
     }
 
     /// See [`crate::Client::reboot`].
@@ -254,7 +288,16 @@ impl Client {
     /// # Ok::<(), host_client::ClientError>(())
     /// ```
     pub fn reboot(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
-        self.rt.block_on(self.inner.reboot(delay_seconds))
+        self.block(self.inner.reboot(delay_seconds))
+    }
+}
+
+/// Blocking inside a tokio runtime would stall it (and `block_on` there
+/// panics): refuse instead.
+fn outside_runtime() -> Result<(), ClientError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => Err(ClientError::InsideRuntime),
+        Err(_) => Ok(()),
     }
 }
 
@@ -283,7 +326,17 @@ mod tests {
         let client = Client::connect(&agent.path).unwrap();
         assert_eq!(client.ping().unwrap().timestamp, 7);
         assert_eq!(client.call_raw("ping", json!({})).unwrap()["timestamp"], 7);
-        drop(client);
+        // Inside a runtime: an error, not a panic, whether connecting or
+        // calling; and the async client inside works from that runtime.
+        rt.block_on(async {
+            let e = Client::connect(&agent.path).unwrap_err();
+            assert!(matches!(e, ClientError::InsideRuntime), "{e:?}");
+            let e = client.ping().unwrap_err();
+            assert!(matches!(e, ClientError::InsideRuntime), "{e:?}");
+            assert_eq!(client.as_async().ping().await.unwrap().timestamp, 7);
+        });
+        // Dropped inside a runtime: no panic either.
+        rt.block_on(async { drop(client) });
         rt.block_on(async { drop(agent) });
     }
 }

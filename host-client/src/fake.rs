@@ -28,6 +28,11 @@ pub(crate) fn client_opts() -> crate::ClientOptions {
         call_timeout: std::time::Duration::from_secs(5),
         connect_timeout: std::time::Duration::from_secs(2),
         sync_timeout: std::time::Duration::from_secs(2),
+        // The fakes serve neither `get_agent_info` (which flow control
+        // asks for) nor `cancel`: the tests that need those say so.
+        flow_control: false,
+        cancel_abandoned: false,
+        busy_retries: 0,
         ..crate::ClientOptions::default()
     }
 }

@@ -27,16 +27,24 @@ pub mod blocking;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod client;
+#[doc = include_str!("../docs/embedding.md")]
+pub mod embedding {}
 mod error;
 pub mod libvirt;
 mod transfer;
+
+/// The README's examples, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
 
 #[cfg(test)]
 mod fake;
 
 pub use agent_common;
 pub use client::{
-    Client, ClientOptions, Notification, Subscription, DEFAULT_SUBSCRIPTION_CAPACITY,
+    AgentStream, BoxedStream, CallOptions, Client, ClientOptions, ConnectFuture, ConnectionState,
+    Notification, Subscription, DEFAULT_SUBSCRIPTION_CAPACITY,
 };
 pub use error::ClientError;
 pub use transfer::{Progress, PushOptions, TransferSummary};

@@ -1,6 +1,14 @@
 //! libvirt helpers: find a domain's agent channel socket, and the `<channel>`
 //! XML that gives a domain the agent's port.
 //!
+//! A platform that holds the domain XML already (from the `virt` crate, or
+//! its own libvirt connection) reads the socket from it with
+//! [`channel_socket_from_xml`], without running anything;
+//! [`channel_socket_for`] asks `virsh` with a given connection URI
+//! (`qemu:///system`, `qemu:///session`, a remote one) without blocking the
+//! async runtime; [`channel_socket`] is the blocking form used by
+//! `kvmmanager-ctl`.
+//!
 //! ```no_run
 //! let path = host_client::libvirt::channel_socket("vm1")?;
 //! println!("{}", path.display());
@@ -18,6 +26,7 @@ pub const CHANNEL_TARGET_DIR: &str = "/var/lib/libvirt/qemu/channel/target";
 
 /// Why a domain's channel socket could not be found.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LibvirtError {
     /// `virsh dumpxml` failed and no socket was found under [`CHANNEL_TARGET_DIR`].
     #[error("cannot read the definition of domain {domain}: {reason}")]
@@ -72,26 +81,87 @@ pub fn channel_socket(domain: &str) -> Result<PathBuf, LibvirtError> {
     cmd.args(["dumpxml", "--", domain]);
     let reason = match cmd.output() {
         Ok(out) if out.status.success() => {
-            let xml = String::from_utf8_lossy(&out.stdout);
-            let domain = domain.to_owned();
-            return match socket_from_xml(&xml, DEFAULT_CHANNEL_NAME) {
-                Ok(Some(p)) => Ok(PathBuf::from(p)),
-                Ok(None) => Err(LibvirtError::NoPath { domain }),
-                Err(()) => Err(LibvirtError::NoChannel { domain }),
-            };
+            return channel_socket_from_xml(domain, &String::from_utf8_lossy(&out.stdout));
         }
-        Ok(out) => String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .map(|l| l.trim().trim_start_matches("error: "))
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join(": "),
+        Ok(out) => virsh_reason(&out.stderr),
         Err(e) => format!("cannot run virsh: {e}"),
     };
     find_in_target_dir(Path::new(CHANNEL_TARGET_DIR), domain).ok_or(LibvirtError::Virsh {
         domain: domain.to_owned(),
         reason,
     })
+}
+
+/// The agent channel's socket in `domain`'s XML (`virsh dumpxml`,
+/// `virDomainGetXMLDesc`): the source path of its `<channel type='unix'>`
+/// whose target is named `org.kvmmanager.agent.0`. `domain` names the
+/// domain in errors.
+///
+/// ```
+/// use host_client::libvirt::{channel_socket_from_xml, LibvirtError};
+/// let xml = "<domain><devices><channel type='unix'>\
+///   <source mode='bind' path='/run/vm1.sock'/>\
+///   <target type='virtio' name='org.kvmmanager.agent.0'/></channel></devices></domain>";
+/// assert_eq!(channel_socket_from_xml("vm1", xml)?, std::path::PathBuf::from("/run/vm1.sock"));
+/// assert!(matches!(
+///     channel_socket_from_xml("vm2", "<domain/>"),
+///     Err(LibvirtError::NoChannel { .. })
+/// ));
+/// # Ok::<(), LibvirtError>(())
+/// ```
+pub fn channel_socket_from_xml(domain: &str, xml: &str) -> Result<PathBuf, LibvirtError> {
+    let domain = domain.to_owned();
+    match socket_from_xml(xml, DEFAULT_CHANNEL_NAME) {
+        Ok(Some(p)) => Ok(PathBuf::from(p)),
+        Ok(None) => Err(LibvirtError::NoPath { domain }),
+        Err(()) => Err(LibvirtError::NoChannel { domain }),
+    }
+}
+
+/// The host socket of `domain`'s agent channel, asking `virsh -c URI
+/// dumpxml DOMAIN` without blocking the runtime; `uri` `None` uses virsh's
+/// default (`LIBVIRT_DEFAULT_URI`, else libvirt's own choice: the session
+/// for an unprivileged user). If virsh is missing or fails, looks under
+/// [`CHANNEL_TARGET_DIR`] (system domains only).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), host_client::libvirt::LibvirtError> {
+/// let p = host_client::libvirt::channel_socket_for(Some("qemu:///session"), "vm1").await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn channel_socket_for(uri: Option<&str>, domain: &str) -> Result<PathBuf, LibvirtError> {
+    let mut cmd = tokio::process::Command::new("virsh");
+    if let Some(uri) = uri {
+        cmd.args(["-c", uri]);
+    }
+    cmd.args(["dumpxml", "--", domain]).kill_on_drop(true);
+    let reason = match cmd.output().await {
+        Ok(out) if out.status.success() => {
+            return channel_socket_from_xml(domain, &String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(out) => virsh_reason(&out.stderr),
+        Err(e) => format!("cannot run virsh: {e}"),
+    };
+    let (dir, name) = (Path::new(CHANNEL_TARGET_DIR), domain.to_owned());
+    let found = tokio::task::spawn_blocking(move || find_in_target_dir(dir, &name))
+        .await
+        .ok()
+        .flatten();
+    found.ok_or(LibvirtError::Virsh {
+        domain: domain.to_owned(),
+        reason,
+    })
+}
+
+/// What virsh said on stderr, on one line.
+fn virsh_reason(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .map(|l| l.trim().trim_start_matches("error: "))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 struct Channel {

@@ -5,6 +5,7 @@
 //! one read ahead) are buffered at a time.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_common::encoding::Encoding;
@@ -146,6 +147,24 @@ pub(crate) fn read_chunk_size(limits: &Limits) -> u64 {
         .max(1)
 }
 
+/// An open chunked upload of a push: aborted on the agent (`cancel` with
+/// its `upload_id`) unless the push committed it, whether the push failed
+/// or its future was dropped. Otherwise it would hold one of the agent's 16
+/// upload places until it expired or the connection ended.
+struct UploadGuard<'a> {
+    client: &'a Client,
+    /// `None` once committed.
+    upload_id: Option<String>,
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.upload_id.take() {
+            self.client.abort_upload(id);
+        }
+    }
+}
+
 /// Reads until `buf` holds `want` bytes or the reader ends.
 async fn read_full<R: AsyncRead + Unpin>(reader: &mut R, want: usize) -> std::io::Result<Bytes> {
     let mut buf = vec![0u8; want];
@@ -231,6 +250,22 @@ impl Client {
         local_name: &Path,
         mut progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
+        let done = AtomicU64::new(0);
+        self.read_to_inner(guest_path, writer, local_name, |p| {
+            done.store(p.done, Ordering::Relaxed);
+            progress(p);
+        })
+        .await
+        .map_err(|e| ClientError::in_transfer(guest_path, done.load(Ordering::Relaxed), e))
+    }
+
+    async fn read_to_inner<W: AsyncWrite + Unpin>(
+        &self,
+        guest_path: &str,
+        writer: &mut W,
+        local_name: &Path,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
         let start = Instant::now();
         let local_err = |source| ClientError::LocalFile {
             path: local_name.to_path_buf(),
@@ -283,9 +318,24 @@ impl Client {
         &self,
         guest_path: &str,
         local_path: impl AsRef<Path>,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        let done = AtomicU64::new(0);
+        self.pull_inner(guest_path, local_path.as_ref(), |p| {
+            done.store(p.done, Ordering::Relaxed);
+            progress(p);
+        })
+        .await
+        .map_err(|e| ClientError::in_transfer(guest_path, done.load(Ordering::Relaxed), e))
+    }
+
+    async fn pull_inner(
+        &self,
+        guest_path: &str,
+        local_path: &Path,
         progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
-        let mut local = local_path.as_ref().to_path_buf();
+        let mut local = local_path.to_path_buf();
         if local.is_dir() {
             if let Some(name) = Path::new(guest_path).file_name() {
                 local.push(name);
@@ -311,7 +361,7 @@ impl Client {
         let std_file = temp.as_file().try_clone().map_err(local_err)?;
         let mut file = tokio::io::BufWriter::new(tokio::fs::File::from_std(std_file));
         let summary = self
-            .read_to(guest_path, &mut file, &local, progress)
+            .read_to_inner(guest_path, &mut file, &local, progress)
             .await?;
         file.flush().await.map_err(local_err)?;
         drop(file);
@@ -327,7 +377,10 @@ impl Client {
     /// Copies a local file to `guest_path`, in chunks sized from the agent's
     /// `max_message_size`, several in flight; the last chunk commits the
     /// upload (an atomic rename on the guest for `truncate` and
-    /// `create_new`). With [`WriteMode::Append`] the chunks are appended one
+    /// `create_new`). A push that fails, or whose future is dropped, before
+    /// the commit aborts its upload on the agent: the guest file is left as
+    /// it was. A failed push is a [`ClientError::Transfer`] saying how many
+    /// bytes the agent had acknowledged. With [`WriteMode::Append`] the chunks are appended one
     /// after the other instead (not atomic: the protocol cannot stage an
     /// append).
     ///
@@ -343,9 +396,24 @@ impl Client {
         local_path: impl AsRef<Path>,
         guest_path: &str,
         options: PushOptions,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        let done = AtomicU64::new(0);
+        self.push_inner(local_path.as_ref(), guest_path, options, |p| {
+            done.store(p.done, Ordering::Relaxed);
+            progress(p);
+        })
+        .await
+        .map_err(|e| ClientError::in_transfer(guest_path, done.load(Ordering::Relaxed), e))
+    }
+
+    async fn push_inner(
+        &self,
+        local: &Path,
+        guest_path: &str,
+        options: PushOptions,
         progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
-        let local = local_path.as_ref();
         let local_err = |source| ClientError::LocalFile {
             path: local.to_path_buf(),
             source,
@@ -353,7 +421,7 @@ impl Client {
         let file = tokio::fs::File::open(local).await.map_err(local_err)?;
         let size = file.metadata().await.map_err(local_err)?.len();
         let mut reader = tokio::io::BufReader::new(file);
-        self.push_from(
+        self.push_from_inner(
             &mut reader,
             local,
             Some(size),
@@ -379,6 +447,25 @@ impl Client {
     /// # }
     /// ```
     pub async fn push_from<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+        local_name: &Path,
+        total: Option<u64>,
+        guest_path: &str,
+        options: PushOptions,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        let done = AtomicU64::new(0);
+        let track = |p: Progress| {
+            done.store(p.done, Ordering::Relaxed);
+            progress(p);
+        };
+        self.push_from_inner(reader, local_name, total, guest_path, options, track)
+            .await
+            .map_err(|e| ClientError::in_transfer(guest_path, done.load(Ordering::Relaxed), e))
+    }
+
+    async fn push_from_inner<R: AsyncRead + Unpin>(
         &self,
         reader: &mut R,
         local_name: &Path,
@@ -466,6 +553,12 @@ impl Client {
                 "file_write to {guest_path} with more=true returned no upload_id"
             ))
         })?;
+        // From here until the commit, a failure or a drop of this future
+        // aborts the upload on the agent instead of leaving it open.
+        let mut upload = UploadGuard {
+            client: self,
+            upload_id: Some(upload_id.clone()),
+        };
         let mut done = first.len() as u64;
         let mut offset = done;
         progress(Progress { done, total });
@@ -490,6 +583,7 @@ impl Client {
                         "the last file_write to {guest_path} did not commit the upload"
                     )));
                 }
+                upload.upload_id = None;
                 done += current.len() as u64;
                 progress(Progress { done, total });
                 return Ok(TransferSummary {
@@ -1036,13 +1130,18 @@ mod fake_fs_tests {
             .unwrap_err();
         assert!(
             matches!(
-                e,
+                e.root(),
                 ClientError::FileChanged {
                     expected: 20_000,
                     actual: 20_001,
                     ..
                 }
             ),
+            "{e:?}"
+        );
+        // It says how far it got: part of the file, not all of it.
+        assert!(
+            matches!(e.transfer_done(), Some(d) if d > 0 && d < 20_000),
             "{e:?}"
         );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -1069,6 +1168,7 @@ mod fake_fs_tests {
             )
             .await
             .unwrap_err();
-        assert!(matches!(e, ClientError::LocalFile { .. }), "{e:?}");
+        assert!(matches!(e.root(), ClientError::LocalFile { .. }), "{e:?}");
+        assert_eq!(e.transfer_done(), Some(0));
     }
 }

@@ -258,6 +258,23 @@ impl FileService {
         drop(removed);
     }
 
+    /// Aborts `session`'s upload `id` (a host's `cancel`) and deletes its
+    /// staging file; false if no such upload of that session is open.
+    pub fn abort_upload(&self, session: u64, id: &str) -> bool {
+        let removed = {
+            let mut map = lock(&self.uploads);
+            match map.get(id) {
+                Some(u) if u.session == session => map.remove(id),
+                _ => None,
+            }
+        };
+        if let Some(u) = &removed {
+            tracing::debug!(upload_id = %id, path = %u.path, "upload aborted by the host");
+        }
+        // Dropped outside the lock (see `end_session`).
+        removed.is_some()
+    }
+
     /// Frees the pooled read buffers (they are kept only while transfers
     /// run).
     pub fn release_buffers(&self) {

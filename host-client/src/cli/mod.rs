@@ -49,6 +49,8 @@ pub const EXIT_PROTOCOL: i32 = 5;
 pub const EXIT_LOCAL: i32 = 6;
 /// Exit status of `exec` when kvmmanager-ctl itself failed.
 pub const EXIT_EXEC_FAILED: i32 = 255;
+/// Interrupted by Ctrl-C (SIGINT); the agent was asked to stop the call.
+pub const EXIT_INTERRUPTED: i32 = 130;
 /// Exit status of `exec` when the command timed out.
 pub const EXIT_EXEC_TIMEOUT: i32 = 124;
 
@@ -131,6 +133,7 @@ pub struct Cli {
 
 /// `--mode` of `write` and `push`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[non_exhaustive]
 pub enum ModeArg {
     /// Replace the file atomically.
     Truncate,
@@ -192,6 +195,7 @@ pub struct ExecArgs {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[non_exhaustive]
 pub enum Command {
     /// Check the agent answers, and print the round-trip time.
     Ping,
@@ -301,6 +305,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CliError {
     /// A call or transfer failed.
     #[error(transparent)]
@@ -314,6 +319,10 @@ pub enum CliError {
     /// `call` params are not JSON.
     #[error("the params of call are not valid JSON")]
     BadParams(#[source] serde_json::Error),
+    /// Interrupted (Ctrl-C, SIGINT) before the command finished; the agent
+    /// was asked to stop the call.
+    #[error("interrupted; the agent was asked to stop the call")]
+    Interrupted,
     /// Our own stdin/stdout failed.
     #[error("{what}")]
     Local {
@@ -334,22 +343,27 @@ impl CliError {
     /// ```
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Client(e) => match e {
+            CliError::Client(e) => match e.root() {
+                // Never a root.
+                ClientError::Transfer { .. } => EXIT_PROTOCOL,
                 ClientError::Agent { .. }
                 | ClientError::FileChanged { .. }
                 | ClientError::RequestTooLarge { .. } => EXIT_AGENT,
                 ClientError::Connect { .. }
                 | ClientError::ConnectTimeout { .. }
                 | ClientError::ConnectionLost
+                | ClientError::RequestLost { .. }
                 | ClientError::Io(_) => EXIT_CONNECT,
                 ClientError::Timeout { .. } => EXIT_TIMEOUT,
                 ClientError::Protocol(_)
                 | ClientError::BadResult { .. }
                 | ClientError::Encode { .. } => EXIT_PROTOCOL,
                 ClientError::LocalFile { .. } => EXIT_LOCAL,
+                ClientError::InsideRuntime => EXIT_USAGE,
             },
             CliError::Libvirt(_) => EXIT_CONNECT,
             CliError::NoTarget | CliError::BadParams(_) => EXIT_USAGE,
+            CliError::Interrupted => EXIT_INTERRUPTED,
             CliError::Local { .. } => EXIT_LOCAL,
         }
     }
@@ -360,14 +374,15 @@ impl CliError {
             "is the VM running and does it have the {DEFAULT_CHANNEL_NAME} channel? see `kvmmanager-ctl channel-xml`"
         );
         Some(match self {
-            CliError::Client(e) => match e {
+            CliError::Client(e) => match e.root() {
+                ClientError::Transfer { .. } => return None,
                 ClientError::Connect { source, .. }
                     if source.kind() == std::io::ErrorKind::PermissionDenied =>
                 {
                     "run as root or as a user allowed to open the socket".to_owned()
                 }
                 ClientError::Connect { .. } | ClientError::ConnectTimeout { .. } => channel_hint,
-                ClientError::ConnectionLost | ClientError::Io(_) => {
+                ClientError::ConnectionLost | ClientError::RequestLost { .. } | ClientError::Io(_) => {
                     "the VM may have shut down or rebooted, or the agent restarted; retry".to_owned()
                 }
                 ClientError::Timeout { method, .. } if method == "sync" => {
@@ -398,6 +413,7 @@ impl CliError {
                     "kvmmanager-ctl and the agent disagree on the protocol; compare versions with `kvmmanager-ctl info`".to_owned()
                 }
                 ClientError::LocalFile { .. } => "check the local path and its permissions".to_owned(),
+                ClientError::InsideRuntime => "use the async host_client::Client inside a tokio runtime".to_owned(),
             },
             CliError::Libvirt(LibvirtError::NoChannel { .. }) => {
                 "add the channel with `virsh edit` (see `kvmmanager-ctl channel-xml`)".to_owned()
@@ -409,7 +425,7 @@ impl CliError {
                 "pass --socket PATH or --domain NAME, or set KVMMANAGER_SOCKET".to_owned()
             }
             CliError::BadParams(_) => "pass a JSON object, e.g. '{\"path\":\"/etc/hostname\"}'".to_owned(),
-            CliError::Local { .. } => return None,
+            CliError::Local { .. } | CliError::Interrupted => return None,
         })
     }
 
@@ -491,7 +507,7 @@ pub fn run(cli: Cli) -> i32 {
         }
         Err(e) => {
             eprintln!("kvmmanager-ctl: error: {}", e.message());
-            if is_exec {
+            if is_exec && !matches!(e, CliError::Interrupted) {
                 EXIT_EXEC_FAILED
             } else {
                 e.exit_code()
@@ -557,6 +573,20 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         _ => {}
     }
     let client = connect(&cli).await?;
+    let result = tokio::select! {
+        r = execute(&client, cli) => r,
+        _ = tokio::signal::ctrl_c() => Err(CliError::Interrupted),
+    };
+    // Before the runtime goes: the agent is asked to stop what this run
+    // gave up on (an interrupted or timed-out call), which the client's
+    // own notification tasks could not do once the runtime is gone. Bounded,
+    // as an agent that does not read cannot be told anything.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.close()).await;
+    result
+}
+
+/// Runs `cli`'s command on `client`.
+async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
     let json = cli.json;
     match cli.command {
         Command::Ping => {
@@ -604,9 +634,9 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
                 out(&render_df(&d))?;
             }
         }
-        Command::Exec(args) => return exec(&client, args, json).await,
-        Command::Read { path, output } if output.as_os_str() == "-" => cat(&client, &path).await?,
-        Command::Cat { path } => cat(&client, &path).await?,
+        Command::Exec(args) => return exec(client, args, json).await,
+        Command::Read { path, output } if output.as_os_str() == "-" => cat(client, &path).await?,
+        Command::Cat { path } => cat(client, &path).await?,
         Command::Read { path, output }
         | Command::Pull {
             guest: path,
@@ -679,12 +709,15 @@ async fn cat(client: &Client, path: &str) -> Result<(), CliError> {
     client
         .read_to(path, &mut stdout, Path::new("stdout"), |_| {})
         .await
-        .map_err(|e| match e {
-            ClientError::LocalFile { source, .. } => CliError::Local {
-                what: "cannot write to stdout".into(),
-                source,
+        .map_err(|e| match e.root() {
+            ClientError::LocalFile { .. } => match e.into_root() {
+                ClientError::LocalFile { source, .. } => CliError::Local {
+                    what: "cannot write to stdout".into(),
+                    source,
+                },
+                e => e.into(),
             },
-            e => e.into(),
+            _ => e.into(),
         })?;
     Ok(())
 }

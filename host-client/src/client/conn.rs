@@ -11,20 +11,21 @@ use std::time::Duration;
 use agent_common::codec::{encode_line, Frame, JsonLinesCodec};
 use agent_common::error::ErrorObject;
 use agent_common::jsonrpc::{parse_response, Id, OutgoingRequest, Response};
-use agent_common::methods::{SyncParams, SyncResult};
+use agent_common::methods::{CancelParams, Method, SyncParams, SyncResult};
 use agent_common::{MAX_ATTACHMENT_SIZE, MAX_RESPONSE_SIZE, RESYNC_BYTE};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
-use tokio::sync::{oneshot, Mutex as AsyncMutex};
+use tokio::sync::{oneshot, Mutex as AsyncMutex, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
+use super::call::Flow;
+use super::connector::{ReadHalf, WriteHalf};
 use super::notify::{self, Subscribers};
+use super::state::{ConnectionState, StateTx};
 use super::Client;
 use crate::error::ClientError;
 
@@ -33,7 +34,7 @@ pub(super) struct Conn {
     writer: Arc<AsyncMutex<Writer>>,
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
-    needs_resync: AtomicBool,
+    pub(super) needs_resync: AtomicBool,
 }
 
 impl Drop for Conn {
@@ -43,7 +44,7 @@ impl Drop for Conn {
 }
 
 struct Writer {
-    half: OwnedWriteHalf,
+    half: WriteHalf,
     /// True while a line is being written; still true if that write was
     /// cancelled half-way, so the next write starts with the resync byte.
     dirty: bool,
@@ -53,6 +54,8 @@ struct Writer {
 #[derive(Default)]
 struct Shared {
     state: StdMutex<ConnState>,
+    /// The connection's writer, for the `cancel` the reader sends itself.
+    writer: std::sync::OnceLock<std::sync::Weak<AsyncMutex<Writer>>>,
 }
 
 type SyncWaiter = oneshot::Sender<Result<(), ErrorObject>>;
@@ -65,9 +68,19 @@ struct Reply {
     attachment: Option<Bytes>,
 }
 
+/// A call waiting for its reply, or one given up after it was sent.
+enum Waiter {
+    /// The caller waits.
+    Call(oneshot::Sender<Reply>),
+    /// Nobody waits any more: the reply, when it comes, is dropped, and
+    /// with it the flow-control permit kept until then (the agent holds the
+    /// request's slot until it has written that reply).
+    Abandoned(Option<OwnedSemaphorePermit>),
+}
+
 #[derive(Default)]
 struct ConnState {
-    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    pending: HashMap<u64, Waiter>,
     /// The sync in progress.
     sync: Option<PendingSync>,
     dead: bool,
@@ -106,11 +119,35 @@ impl Shared {
                 return;
             }
         }
-        if let Some(tx) = resp.id.as_u64().and_then(|id| st.pending.remove(&id)) {
-            let _ = tx.send(Reply {
-                response: resp,
-                attachment,
-            });
+        if let Some(waiter) = resp.id.as_u64().and_then(|id| st.pending.remove(&id)) {
+            match waiter {
+                Waiter::Call(tx) => {
+                    let _ = tx.send(Reply {
+                        response: resp,
+                        attachment,
+                    });
+                }
+                Waiter::Abandoned(permit) => {
+                    tracing::debug!(id = %resp.id, "the reply to a call given up came");
+                    drop(st);
+                    drop(permit);
+                    // A chunked upload that call opened (the first chunk
+                    // of a push given up) is nobody's: abort it.
+                    if let Some(upload_id) = opened_upload(&resp) {
+                        tracing::debug!(%upload_id, "aborting an upload opened by a call given up");
+                        if let Some(writer) = self.writer.get().and_then(std::sync::Weak::upgrade) {
+                            spawn_cancel(
+                                writer,
+                                None,
+                                CancelParams {
+                                    id: None,
+                                    upload_id: Some(upload_id),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
         } else if let (true, Err(e)) = (resp.id.is_null(), &resp.outcome) {
             // E.g. message_too_large or parse_error: not addressable to a call.
             tracing::warn!("the agent reported an error for no call: {e}");
@@ -123,8 +160,16 @@ impl Shared {
     fn close(&self) {
         let mut st = self.lock();
         st.dead = true;
-        st.pending.clear();
+        let pending = std::mem::take(&mut st.pending);
         st.sync = None;
+        drop(st);
+        // Outside the lock: dropping a permit wakes a queued call.
+        drop(pending);
+    }
+
+    /// The ids of calls still waiting or given up unanswered.
+    fn unanswered(&self) -> Vec<u64> {
+        self.lock().pending.keys().copied().collect()
     }
 }
 
@@ -134,7 +179,14 @@ enum Awaiting {
     Notification(notify::Header),
 }
 
-async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>, subscribers: Arc<Subscribers>) {
+/// What the reader reports its end to.
+struct Ends {
+    state: Arc<StateTx>,
+    generation: u64,
+    reconnect: bool,
+}
+
+async fn read_loop(read: ReadHalf, shared: Arc<Shared>, subscribers: Arc<Subscribers>, ends: Ends) {
     let mut frames = FramedRead::new(read, JsonLinesCodec::new(MAX_RESPONSE_SIZE));
     // A response or notification waiting for its attachment.
     let mut awaiting: Option<Awaiting> = None;
@@ -191,6 +243,7 @@ async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>, subscribers: Arc<Su
     }
     tracing::debug!("agent connection closed");
     shared.close();
+    ends.state.lost(ends.generation, ends.reconnect);
 }
 
 /// Handles a notification line: delivers it, or sets the decoder up to
@@ -202,7 +255,7 @@ async fn read_loop(read: OwnedReadHalf, shared: Arc<Shared>, subscribers: Arc<Su
 /// sync, an announced attachment is always consumed, subscribed to or not,
 /// so the stream stays in step.
 fn notification(
-    frames: &mut FramedRead<OwnedReadHalf, JsonLinesCodec>,
+    frames: &mut FramedRead<ReadHalf, JsonLinesCodec>,
     shared: &Shared,
     subscribers: &Subscribers,
     n: notify::Header,
@@ -254,10 +307,26 @@ impl Conn {
         resync: bool,
         attachment: Option<&Bytes>,
     ) -> Result<(), ClientError> {
+        self.send_tracked(line, resync, attachment, None).await
+    }
+
+    /// [`Conn::send`], setting `started` once a line with an attachment is
+    /// handed to its writer task (from then on it is written whole, even if
+    /// this future is dropped).
+    async fn send_tracked(
+        &self,
+        line: &[u8],
+        resync: bool,
+        attachment: Option<&Bytes>,
+        started: Option<&AtomicBool>,
+    ) -> Result<(), ClientError> {
         let mut w = self.writer.clone().lock_owned().await;
         let result = match attachment {
             None => write_line(&mut w, line, resync).await,
             Some(data) => {
+                if let Some(s) = started {
+                    s.store(true, Ordering::Release);
+                }
                 let (line, data) = (line.to_vec(), data.clone());
                 let write = tokio::spawn(async move {
                     write_line(&mut w, &line, resync).await?;
@@ -283,6 +352,35 @@ impl Conn {
             }
         }
     }
+
+    /// Asks the agent to stop a request or an upload (`cancel`, sent as a
+    /// notification), from a task of its own (see [`spawn_cancel`]).
+    pub(super) fn spawn_cancel(&self, params: CancelParams) {
+        spawn_cancel(self.writer.clone(), Some(self.shared.clone()), params);
+    }
+
+    /// Ends the connection: every pending call fails with
+    /// [`ClientError::RequestLost`], the reader stops, and the socket
+    /// closes once the last call holding it is done. Calls still running on
+    /// the agent are asked to stop first (`cancel`), as the agent does not
+    /// stop them when a connection ends.
+    pub(super) async fn shut(&self) {
+        for id in self.shared.unanswered() {
+            let params = CancelParams {
+                id: Some(id),
+                upload_id: None,
+            };
+            let Ok(line) = encode_notification(CANCEL, &params) else {
+                continue;
+            };
+            if self.send(&line, false, None).await.is_err() {
+                break;
+            }
+        }
+        self.shared.close();
+        self.reader.abort();
+        let _ = self.writer.lock().await.half.shutdown().await;
+    }
 }
 
 /// Writes the resync byte (if asked, or if an earlier write was cut short)
@@ -298,6 +396,47 @@ async fn write_line(w: &mut Writer, line: &[u8], resync: bool) -> std::io::Resul
     Ok(())
 }
 
+/// Writes a `cancel` notification from a task of its own, so that a drop
+/// (or the reader) can ask it; without a runtime (it is shutting down)
+/// nothing is sent. A failed write ends the connection (`shared`).
+fn spawn_cancel(
+    writer: Arc<AsyncMutex<Writer>>,
+    shared: Option<Arc<Shared>>,
+    params: CancelParams,
+) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Ok(line) = encode_notification(CANCEL, &params) else {
+        return;
+    };
+    handle.spawn(async move {
+        if shared.as_ref().is_some_and(|s| s.lock().dead) {
+            return;
+        }
+        let mut w = writer.lock_owned().await;
+        if write_line(&mut w, &line, false).await.is_err() {
+            if let Some(s) = shared {
+                s.close();
+            }
+        }
+    });
+}
+
+/// The chunked upload a `file_write` reply opened (`upload_id` and not
+/// `committed`), if it is one.
+fn opened_upload(resp: &Response) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Opened {
+        upload_id: Option<String>,
+        #[serde(default)]
+        committed: bool,
+    }
+    let raw = resp.outcome.as_ref().ok()?;
+    let r: Opened = serde_json::from_str(raw.get()).ok()?;
+    r.upload_id.filter(|_| !r.committed)
+}
+
 /// How one attempt at a call ended.
 enum Attempt {
     /// Answered, or failed after the request was sent.
@@ -311,17 +450,121 @@ enum Attempt {
 /// A successful reply: the raw result and the attachment that came with it.
 type Answer = (Box<RawValue>, Option<Bytes>);
 
-/// Removes a pending call's entry when the call ends in any way (including
-/// being cancelled), so its late reply finds no taker.
-struct PendingGuard<'a> {
-    shared: &'a Shared,
+/// A pending call's entry in the connection, from before its request is
+/// written until the call ends in any way (answered, failed, timed out, or
+/// its future dropped at any await point).
+///
+/// A call that ends unanswered after its request may have reached the
+/// agent is *abandoned*: its entry stays until the late reply (dropped
+/// then), keeping the call's flow-control permit, because the agent holds
+/// the request's slot until it has written that reply; and, for a method
+/// that takes a slot, the agent is asked to stop it (`cancel`). A call
+/// whose request was never (wholly) written leaves nothing behind: a cut
+/// line is discarded by the next write's resync byte.
+struct PendingGuard {
+    conn: Arc<Conn>,
     id: u64,
+    /// The request may have reached the agent.
+    sent: Arc<AtomicBool>,
+    /// The reply was taken.
+    answered: bool,
+    /// Ask the agent to stop the request if it is abandoned.
+    cancel: bool,
+    /// How long an abandoned entry waits for its reply at most.
+    grace: Duration,
+    permit: Option<OwnedSemaphorePermit>,
+    /// Where the reply arrives.
+    rx: oneshot::Receiver<Reply>,
 }
 
-impl Drop for PendingGuard<'_> {
+impl Drop for PendingGuard {
     fn drop(&mut self) {
-        self.shared.lock().pending.remove(&self.id);
+        let mut st = self.conn.shared.lock();
+        if self.answered || !self.sent.load(Ordering::Acquire) {
+            let waiter = st.pending.remove(&self.id);
+            drop(st);
+            drop(waiter);
+            return;
+        }
+        let abandoned = match st.pending.get_mut(&self.id) {
+            Some(w) => {
+                *w = Waiter::Abandoned(self.permit.take());
+                true
+            }
+            // Answered meanwhile (nobody took it) or the connection died.
+            None => false,
+        };
+        drop(st);
+        if let Ok(reply) = self.rx.try_recv() {
+            // The reply came but nobody took it: an upload it opened is
+            // nobody's (as for a late reply, see `Shared::dispatch`).
+            if let Some(upload_id) = opened_upload(&reply.response) {
+                self.conn.spawn_cancel(CancelParams {
+                    id: None,
+                    upload_id: Some(upload_id),
+                });
+            }
+        }
+        if abandoned && self.cancel {
+            tracing::debug!(id = self.id, "asking the agent to stop a call given up");
+            self.conn.spawn_cancel(CancelParams {
+                id: Some(self.id),
+                upload_id: None,
+            });
+        }
+        if abandoned {
+            forget_after(&self.conn.shared, self.id, self.grace);
+        }
     }
+}
+
+/// Extra time an abandoned call's entry (and its flow-control permit) waits
+/// for the agent's reply beyond what the agent's own limits allow.
+const ABANDON_MARGIN: Duration = if cfg!(test) {
+    Duration::from_secs(2)
+} else {
+    Duration::from_secs(15)
+};
+
+/// How long an abandoned call may wait for its late reply: a live agent
+/// answers a cancelled call at once (a `file_write` past its point of no
+/// return within 10 s), and any other within its own time limit. A reply
+/// that never comes (the agent restarted behind a connection that stayed
+/// open, as QEMU's chardev does across a guest reboot) must not hold a
+/// permit for ever.
+fn abandon_grace(limits: Option<&agent_common::methods::Limits>, cancelled: bool) -> Duration {
+    if cancelled {
+        return ABANDON_MARGIN;
+    }
+    let own = limits.map_or(300, |l| {
+        l.max_command_timeout_seconds.max(l.request_timeout_seconds)
+    });
+    Duration::from_secs(own) + ABANDON_MARGIN
+}
+
+/// Drops abandoned entry `id` (and the permit it keeps) after `grace` if
+/// its reply has not come by then.
+fn forget_after(shared: &Arc<Shared>, id: u64, grace: Duration) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let shared = Arc::downgrade(shared);
+    handle.spawn(async move {
+        tokio::time::sleep(grace).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut st = shared.lock();
+        if matches!(st.pending.get(&id), Some(Waiter::Abandoned(_))) {
+            let waiter = st.pending.remove(&id);
+            drop(st);
+            tracing::debug!(
+                id,
+                "no reply to a call given up in {grace:?}; forgetting it"
+            );
+            drop(waiter);
+        }
+    });
 }
 
 /// A random `u64` from the standard library's randomly seeded hasher.
@@ -357,6 +600,33 @@ fn encode_request<P: Serialize>(
         agent_common::codec::CodecError::Io(e) => ClientError::Io(e),
     })?;
     Ok(buf)
+}
+
+fn encode_notification<P: Serialize>(method: &str, params: &P) -> Result<BytesMut, ClientError> {
+    let mut buf = BytesMut::new();
+    let req = OutgoingRequest {
+        jsonrpc: agent_common::jsonrpc::JSONRPC_VERSION,
+        method,
+        params,
+        id: None,
+        attachment: None,
+        attachment_crc32: None,
+    };
+    encode_line(&req, &mut buf).map_err(|e| match e {
+        agent_common::codec::CodecError::Serialize(source) => ClientError::Encode {
+            method: method.to_owned(),
+            source,
+        },
+        agent_common::codec::CodecError::Io(e) => ClientError::Io(e),
+    })?;
+    Ok(buf)
+}
+
+/// True for the methods that take one of the agent's slots (every method
+/// but the instant ones; a method this build does not know is counted as
+/// taking one).
+pub(super) fn takes_slot(method: &str) -> bool {
+    Method::from_name(method).map_or(true, |m| !m.is_instant())
 }
 
 /// Undoes a `sync` that did not complete (failed, timed out, or its future
@@ -401,6 +671,7 @@ impl Client {
             // calls), so a dead connection is replaced before use.
             tokio::task::yield_now().await;
         }
+        let state = &self.inner.state;
         if let Some(conn) = slot.as_ref() {
             if !conn.is_dead() {
                 if !conn.needs_resync.swap(false, Ordering::AcqRel) {
@@ -408,10 +679,15 @@ impl Client {
                 }
                 let conn = conn.clone();
                 tracing::debug!("resynchronising after a timeout");
+                state.set(ConnectionState::Resyncing);
                 match self.sync(&conn).await {
-                    Ok(()) => return Ok(conn),
+                    Ok(()) => {
+                        state.set(ConnectionState::Connected);
+                        return Ok(conn);
+                    }
                     Err(e) => {
                         *slot = None;
+                        state.set(ConnectionState::Disconnected);
                         return Err(e);
                     }
                 }
@@ -422,19 +698,55 @@ impl Client {
             }
         }
         if self.inner.closed.load(Ordering::Acquire) {
+            state.set(ConnectionState::Gone);
             return Err(ClientError::ConnectionLost);
         }
-        let conn = self.open().await?;
-        self.sync(&conn).await?;
+        state.set(if state.get() == ConnectionState::Idle {
+            ConnectionState::Connecting
+        } else {
+            ConnectionState::Reconnecting
+        });
+        let generation = state.next_generation();
+        let opened = self.open(generation).await;
+        let conn = match opened {
+            Ok(conn) => conn,
+            Err(e) => {
+                state.set(ConnectionState::Disconnected);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.sync(&conn).await {
+            state.set(ConnectionState::Disconnected);
+            return Err(e);
+        }
         *self.limits_slot() = None;
         *slot = Some(conn.clone());
+        state.set(ConnectionState::Connected);
         Ok(conn)
     }
 
-    async fn open(&self) -> Result<Arc<Conn>, ClientError> {
+    /// Ends the current connection, if any (see [`Conn::shut`]); with
+    /// `for_good`, the client never connects again.
+    pub(super) async fn end_connection(&self, for_good: bool) {
+        let mut slot = self.inner.conn.lock().await;
+        if for_good {
+            self.inner.closed.store(true, Ordering::Release);
+        }
+        if let Some(conn) = slot.take() {
+            conn.shut().await;
+        }
+        self.inner.state.set(if for_good {
+            ConnectionState::Gone
+        } else {
+            ConnectionState::Disconnected
+        });
+    }
+
+    async fn open(&self, generation: u64) -> Result<Arc<Conn>, ClientError> {
         let path = &self.inner.path;
         let after = self.inner.opts.connect_timeout;
-        let stream = match tokio::time::timeout(after, UnixStream::connect(path)).await {
+        let (read, write) = match tokio::time::timeout(after, self.inner.connector.connect()).await
+        {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => {
                 return Err(ClientError::Connect {
@@ -450,18 +762,25 @@ impl Client {
             }
         };
         tracing::debug!(path = %path.display(), "connected");
-        let (read, write) = stream.into_split();
         let shared = Arc::new(Shared::default());
+        let ends = Ends {
+            state: self.inner.state.clone(),
+            generation,
+            reconnect: self.inner.opts.reconnect,
+        };
         let reader = tokio::spawn(read_loop(
             read,
             shared.clone(),
             self.inner.subscribers.clone(),
+            ends,
         ));
+        let writer = Arc::new(AsyncMutex::new(Writer {
+            half: write,
+            dirty: false,
+        }));
+        let _ = shared.writer.set(Arc::downgrade(&writer));
         Ok(Arc::new(Conn {
-            writer: Arc::new(AsyncMutex::new(Writer {
-                half: write,
-                dirty: false,
-            })),
+            writer,
             shared,
             reader,
             needs_resync: AtomicBool::new(false),
@@ -562,7 +881,11 @@ impl Client {
             .map(|(raw, _)| raw)
     }
 
-    /// A call that may send an attachment and receive one.
+    /// A call that may send an attachment and receive one, within `after`
+    /// (and the client's deadline, if it has one): flow control, the
+    /// connection, the request and its reply, and the retries that are
+    /// always safe (a request that was never sent; `busy`, which did
+    /// nothing, when the client retries it).
     pub(super) async fn request_with<P: Serialize>(
         &self,
         method: &str,
@@ -570,14 +893,46 @@ impl Client {
         attachment: Option<&Bytes>,
         after: Duration,
     ) -> Result<Answer, ClientError> {
-        let deadline = tokio::time::Instant::now() + after;
+        let start = tokio::time::Instant::now();
+        let deadline = self.deadline_for(after);
+        let timed_out = || ClientError::Timeout {
+            method: method.to_owned(),
+            after: deadline.saturating_duration_since(start),
+        };
+        let slot = takes_slot(method);
         let mut retried = false;
+        let mut busy_left = self.busy_retries();
+        let mut backoff = BUSY_BACKOFF;
         loop {
-            let conn = self.ready().await?;
-            match self
-                .request_on(&conn, method, params, attachment, deadline)
-                .await
-            {
+            let permit = if slot && self.inner.opts.flow_control {
+                match self.flow_permit(deadline).await? {
+                    Flow::Permit(p) => Some(p),
+                    Flow::Unbounded => None,
+                    Flow::TimedOut => return Err(timed_out()),
+                }
+            } else {
+                None
+            };
+            let conn = match tokio::time::timeout_at(deadline, self.ready()).await {
+                Ok(conn) => conn?,
+                Err(_) => return Err(timed_out()),
+            };
+            let cancel = slot && self.cancel_abandoned();
+            let attempt = self
+                .request_on(&conn, method, params, attachment, deadline, permit, cancel)
+                .await;
+            match attempt {
+                Attempt::Done(Err(e)) if e.is_busy() && busy_left > 0 => {
+                    // Nothing was done: wait, then ask again.
+                    busy_left -= 1;
+                    let wake = tokio::time::Instant::now() + backoff;
+                    if wake >= deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!("{method} answered busy; retrying in {backoff:?}");
+                    tokio::time::sleep_until(wake).await;
+                    backoff = backoff.saturating_mul(2);
+                }
                 Attempt::Done(r) => return r,
                 // The request never fully reached the agent (the connection
                 // had died unnoticed, e.g. while a blocking client was idle),
@@ -589,23 +944,23 @@ impl Client {
                 }
                 Attempt::TimedOut => {
                     conn.needs_resync.store(true, Ordering::Release);
-                    return Err(ClientError::Timeout {
-                        method: method.to_owned(),
-                        after,
-                    });
+                    return Err(timed_out());
                 }
             }
         }
     }
 
     /// One attempt at a call on `conn`.
+    #[allow(clippy::too_many_arguments)]
     async fn request_on<P: Serialize>(
         &self,
-        conn: &Conn,
+        conn: &Arc<Conn>,
         method: &str,
         params: &P,
         attachment: Option<&Bytes>,
         deadline: tokio::time::Instant,
+        permit: Option<OwnedSemaphorePermit>,
+        cancel: bool,
     ) -> Attempt {
         let id = self.next_id();
         let line = match encode_request(method, params, id, attachment.map(|a| &a[..])) {
@@ -642,36 +997,60 @@ impl Client {
             if st.dead {
                 return Attempt::NotSent(ClientError::ConnectionLost);
             }
-            st.pending.insert(id, tx);
+            st.pending.insert(id, Waiter::Call(tx));
         }
-        let _guard = PendingGuard {
-            shared: &conn.shared,
+        let sent = Arc::new(AtomicBool::new(false));
+        let grace = abandon_grace(self.limits_slot().as_ref(), cancel);
+        let mut guard = PendingGuard {
+            conn: conn.clone(),
             id,
+            sent: sent.clone(),
+            answered: false,
+            cancel,
+            grace,
+            permit,
+            rx,
         };
-        let send = conn.send(&line, false, attachment);
+        // A line with an attachment is written by a task of its own that a
+        // drop does not stop: `send_tracked` marks it sent when it starts.
+        let send = conn.send_tracked(&line, false, attachment, Some(&sent));
         match tokio::time::timeout_at(deadline, send).await {
             Err(_) => return Attempt::TimedOut,
-            Ok(Err(e)) => return Attempt::NotSent(e),
-            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                sent.store(false, Ordering::Release);
+                return Attempt::NotSent(e);
+            }
+            Ok(Ok(())) => sent.store(true, Ordering::Release),
         }
-        match tokio::time::timeout_at(deadline, rx).await {
+        match tokio::time::timeout_at(deadline, &mut guard.rx).await {
             Err(_) => Attempt::TimedOut,
-            Ok(Err(_)) => Attempt::Done(Err(ClientError::ConnectionLost)),
-            Ok(Ok(reply)) => Attempt::Done(match (reply.response.outcome, reply.attachment) {
-                (Err(error), _) => Err(ClientError::Agent {
-                    method: method.to_owned(),
-                    error,
-                }),
-                (Ok(_), None) if reply.response.attachment.is_some() => {
-                    Err(ClientError::Protocol(format!(
-                        "the {method} reply announced an attachment larger than {MAX_ATTACHMENT_SIZE} bytes"
-                    )))
-                }
-                (Ok(raw), data) => Ok((raw, data)),
-            }),
+            Ok(Err(_)) => Attempt::Done(Err(ClientError::RequestLost {
+                method: method.to_owned(),
+            })),
+            Ok(Ok(reply)) => {
+                guard.answered = true;
+                Attempt::Done(match (reply.response.outcome, reply.attachment) {
+                    (Err(error), _) => Err(ClientError::Agent {
+                        method: method.to_owned(),
+                        error,
+                    }),
+                    (Ok(_), None) if reply.response.attachment.is_some() => {
+                        Err(ClientError::Protocol(format!(
+                            "the {method} reply announced an attachment larger than {MAX_ATTACHMENT_SIZE} bytes"
+                        )))
+                    }
+                    (Ok(raw), data) => Ok((raw, data)),
+                })
+            }
         }
     }
 }
+
+/// The first wait before retrying a `busy` call; doubled for each retry.
+const BUSY_BACKOFF: Duration = Duration::from_millis(20);
+
+/// The wire name of `cancel`.
+const CANCEL: &str = Method::Cancel.as_str();
 
 /// The wire name of `sync` (used internally only).
 const SYNC: &str = agent_common::methods::Method::Sync.as_str();
@@ -900,7 +1279,12 @@ mod tests {
         });
         let client = Client::connect_with(&agent.path, opts()).await.unwrap();
         let e = client.ping().await.unwrap_err();
-        assert!(matches!(e, ClientError::ConnectionLost), "{e:?}");
+        // The agent took the ping before it vanished: it may have run.
+        assert!(
+            matches!(&e, ClientError::RequestLost { method } if method == "ping"),
+            "{e:?}"
+        );
+        assert!(e.is_transient() && e.may_have_run());
         assert_eq!(client.ping().await.unwrap().timestamp, 42);
         assert_eq!(agent.connections.load(Ordering::SeqCst), 2);
     }
@@ -1107,6 +1491,32 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap(), json!({ "i": i }));
         }
         assert_eq!(agent.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn only_an_upload_left_open_is_aborted_for_a_call_given_up() {
+        let ok = |v: Value| Response::ok(Id::number(1), &v);
+        let cases = [
+            (
+                ok(json!({"upload_id": "u1", "committed": false, "bytes_written": 1, "size": 1})),
+                Some("u1"),
+            ),
+            (ok(json!({"upload_id": "u2"})), Some("u2")),
+            (
+                ok(json!({"committed": true, "bytes_written": 1, "size": 1})),
+                None,
+            ),
+            (ok(json!({"upload_id": "u3", "committed": true})), None),
+            (ok(json!({"pong": true})), None),
+            (ok(json!([1, 2])), None),
+            (
+                Response::error(Id::number(1), ErrorObject::new(ErrorKind::Busy, "busy")),
+                None,
+            ),
+        ];
+        for (resp, want) in cases {
+            assert_eq!(opened_upload(&resp).as_deref(), want, "{:?}", resp.outcome);
+        }
     }
 
     #[test]

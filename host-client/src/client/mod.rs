@@ -18,18 +18,34 @@
 //!   dropped.
 //! - When the reader sees the end of the stream (VM rebooted, agent
 //!   restarted, QEMU gone), every pending call fails with
-//!   [`ClientError::ConnectionLost`] and the next call reconnects and syncs.
+//!   [`ClientError::RequestLost`] (its request was sent: it may have run;
+//!   a call whose request was not sent gets [`ClientError::ConnectionLost`],
+//!   or is sent again once on a new connection) and the next call
+//!   reconnects and syncs.
 //! - Lines without `id` are notifications: once in sync, the reader hands
 //!   them (and their attachments, always read off the wire) to the client's
 //!   subscriptions by method, without ever waiting for one (`notify`).
+//! - Calls that take one of the agent's slots first take one of as many
+//!   permits (flow control, `call`), so a burst queues instead of getting
+//!   `busy`. A call given up after its request may have reached the agent
+//!   keeps its permit until the agent's late reply, and the agent is asked
+//!   to stop it (`cancel`); see the embedding guide (`crate::embedding`).
 
+mod call;
 mod conn;
+mod connector;
 mod notify;
+mod state;
 
+pub use call::CallOptions;
 pub(crate) use conn::random_u64;
 use conn::Conn;
+use connector::Connector;
+pub use connector::{AgentStream, BoxedStream, ConnectFuture};
 use notify::Subscribers;
 pub use notify::{Notification, Subscription, DEFAULT_SUBSCRIPTION_CAPACITY};
+pub use state::ConnectionState;
+use state::StateTx;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -79,6 +95,21 @@ pub struct ClientOptions {
     pub max_in_flight_chunks: usize,
     /// Reconnect on the next call after the connection was lost. Default true.
     pub reconnect: bool,
+    /// Keep at most the agent's `max_concurrent_requests` calls that take
+    /// a slot in flight; more wait their turn in a queue (first come, first
+    /// served) instead of getting `busy`. Default true.
+    pub flow_control: bool,
+    /// Times a call answered `busy` (which did nothing) is sent again, after
+    /// 20 ms, then 40 ms, ... within the call's time limit. The agent's
+    /// slots are shared with other hosts and are freed a moment after a
+    /// reply, so flow control alone cannot rule `busy` out. Default 3; 0
+    /// returns `busy` at once.
+    pub busy_retries: u32,
+    /// When a call that may have reached the agent is given up (its time
+    /// limit passed, or its future was dropped), ask the agent to stop it
+    /// (`cancel`): a command is killed and its slot freed at once. Default
+    /// true.
+    pub cancel_abandoned: bool,
 }
 
 impl Default for ClientOptions {
@@ -89,6 +120,9 @@ impl Default for ClientOptions {
             sync_timeout: Duration::from_secs(10),
             max_in_flight_chunks: 2,
             reconnect: true,
+            flow_control: true,
+            busy_retries: 3,
+            cancel_abandoned: true,
         }
     }
 }
@@ -111,6 +145,8 @@ impl Default for ClientOptions {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// This handle's per-call settings ([`Client::timeout`], ...).
+    call: CallOptions,
 }
 
 impl std::fmt::Debug for Client {
@@ -118,12 +154,15 @@ impl std::fmt::Debug for Client {
         f.debug_struct("Client")
             .field("path", &self.inner.path)
             .field("options", &self.inner.opts)
+            .field("call", &self.call)
             .finish_non_exhaustive()
     }
 }
 
 struct Inner {
+    /// The socket path, or the name given to a connector (in errors).
     path: PathBuf,
+    connector: Connector,
     opts: ClientOptions,
     /// The current connection. Held while connecting or syncing, so that new
     /// calls wait for a ready connection.
@@ -134,6 +173,11 @@ struct Inner {
     limits: StdMutex<Option<Limits>>,
     /// Subscriptions to notifications; they outlive connections.
     subscribers: Arc<Subscribers>,
+    /// Published connection state.
+    state: Arc<StateTx>,
+    /// Flow control: one permit per agent slot (`max_concurrent_requests`,
+    /// the number it was sized for).
+    flow: StdMutex<Option<(usize, Arc<tokio::sync::Semaphore>)>>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(method: &str, raw: &RawValue) -> Result<T, ClientError> {
@@ -185,24 +229,35 @@ impl Client {
     /// assert_eq!(client.path(), std::path::Path::new("/tmp/vm.sock"));
     /// ```
     pub fn lazy(path: impl AsRef<Path>, opts: ClientOptions) -> Client {
+        let path = path.as_ref().to_path_buf();
+        Client::with(path.clone(), Connector::Unix(path), opts)
+    }
+
+    fn with(path: PathBuf, connector: Connector, opts: ClientOptions) -> Client {
         // Ids start at a random point below 2^52 (exact in a double, for
         // peers that parse numbers as floats) so that replies meant for an
         // earlier client on the same channel are unlikely to match ours.
         let start = (random_u64() >> 12) | 1;
         Client {
             inner: Arc::new(Inner {
-                path: path.as_ref().to_path_buf(),
+                path,
+                connector,
                 opts,
                 conn: AsyncMutex::new(None),
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(start),
                 limits: StdMutex::new(None),
                 subscribers: Arc::default(),
+                state: Arc::new(StateTx::new()),
+                flow: StdMutex::new(None),
             }),
+            call: CallOptions::default(),
         }
     }
 
-    /// The socket path this client connects to.
+    /// The socket path this client connects to (for a client made by
+    /// [`Client::from_stream`] or [`Client::with_connector`], the name
+    /// given there).
     ///
     /// ```
     /// # use host_client::{Client, ClientOptions};
@@ -274,7 +329,7 @@ impl Client {
     /// # }
     /// ```
     pub async fn call<M: Rpc>(&self, params: &M::Params) -> Result<M::Result, ClientError> {
-        self.call_with_timeout::<M>(params, self.inner.opts.call_timeout)
+        self.call_with_timeout::<M>(params, self.call_timeout())
             .await
     }
 
@@ -312,7 +367,7 @@ impl Client {
         method: &str,
         params: serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
-        self.call_raw_with_timeout(method, params, self.inner.opts.call_timeout)
+        self.call_raw_with_timeout(method, params, self.call_timeout())
             .await
     }
 
@@ -426,7 +481,10 @@ impl Client {
     }
 
     /// `exec_command`: runs a command to completion. The call's time limit
-    /// is stretched to cover the command's own `timeout_seconds`.
+    /// is stretched to cover the command's own `timeout_seconds`, unless
+    /// this handle has its own ([`Client::timeout`]). A call given up
+    /// (time limit, dropped future) asks the agent to kill the command
+    /// ([`ClientOptions::cancel_abandoned`]).
     ///
     /// ```no_run
     /// # async fn demo(client: host_client::Client) -> Result<(), host_client::ClientError> {
@@ -439,10 +497,11 @@ impl Client {
     /// # }
     /// ```
     pub async fn exec(&self, params: &ExecParams) -> Result<ExecResult, ClientError> {
-        let base = self.inner.opts.call_timeout;
-        let timeout = match params.timeout_seconds {
-            Some(s) => base.max(Duration::from_secs(s.saturating_add(10))),
-            None => base,
+        let base = self.call_timeout();
+        let timeout = match (params.timeout_seconds, self.call.timeout) {
+            // The handle's own time limit ([`Client::timeout`]) wins.
+            (Some(s), None) => base.max(Duration::from_secs(s.saturating_add(10))),
+            _ => base,
         };
         self.call_with_timeout::<ExecCommandRpc>(params, timeout)
             .await
@@ -466,7 +525,7 @@ impl Client {
     /// `content` (and `encoding` says `base64`). [`Client::read_bytes`]
     /// returns them as bytes.
     pub async fn read_chunk(&self, params: &FileReadParams) -> Result<FileReadResult, ClientError> {
-        let after = self.inner.opts.call_timeout;
+        let after = self.call_timeout();
         let (raw, data) = self
             .request_with(FileReadRpc::METHOD.as_str(), params, None, after)
             .await?;
@@ -507,7 +566,7 @@ impl Client {
                 Encoding::Base64
             },
         };
-        let after = self.inner.opts.call_timeout;
+        let after = self.call_timeout();
         let (result, data) = self
             .request_with(FileReadRpc::METHOD.as_str(), &params, None, after)
             .await?;
@@ -551,7 +610,7 @@ impl Client {
         data: Bytes,
     ) -> Result<FileWriteResult, ClientError> {
         let raw = self.limits().await?.max_attachment_size > 0;
-        let after = self.inner.opts.call_timeout;
+        let after = self.call_timeout();
         let (result, _) = if raw {
             let p = FileWriteParams {
                 content: String::new(),
