@@ -313,6 +313,7 @@ pub(crate) fn basic_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) -> Result<()>
             "file_write",
             "shutdown",
             "reboot",
+            "cancel",
         ] {
             ensure(methods.contains(&m), || {
                 format!("method {m} missing from {methods:?}")
@@ -594,6 +595,49 @@ pub(crate) fn guest_checks(
             Duration::from_secs(60),
         );
         Ok(())
+    });
+    t.check(&n("exec-ctrl-c-cancels"), || {
+        // Ctrl-C on kvmmanager-ctl asks the agent to `cancel` the call: the
+        // command is killed at once instead of running out its 60 s.
+        let mut child = ctl
+            .command(
+                true,
+                &[
+                    "exec",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo $$ > /tmp/kvmm-cancel.pid; exec sleep 60",
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(1500));
+        crate::util::kill_pid(child.id(), "INT");
+        let status = crate::util::wait_timeout(&mut child, Duration::from_secs(30))?;
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("kvmmanager-ctl still runs 30 s after Ctrl-C");
+        };
+        ensure(status.code() == Some(130), || {
+            format!("kvmmanager-ctl after Ctrl-C: {status} (want exit 130)")
+        })?;
+        let probe = "p=$(cat /tmp/kvmm-cancel.pid) && if [ -e /proc/$p ] && \
+                     [ \"$(cut -d' ' -f3 /proc/$p/stat)\" != Z ]; then echo alive; else echo gone; fi";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = ctl.json(&["exec", "--", "sh", "-c", probe])?;
+            if exec_result(&v)["stdout"] == "gone\n" {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the cancelled command still runs 10 s after Ctrl-C: {v}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
     });
     t.check(&n("disconnect-reconnect"), || {
         let mut child = ctl
