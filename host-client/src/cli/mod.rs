@@ -279,7 +279,7 @@ pub enum Command {
         /// Params as a JSON object (default {}).
         params: Option<String>,
     },
-    /// Print the <channel> XML that gives a libvirt domain the agent's port.
+    /// Print the `<channel>` XML that gives a libvirt domain the agent's port.
     ChannelXml,
     /// Print a shell completion script.
     Completions {
