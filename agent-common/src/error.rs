@@ -51,6 +51,9 @@ pub enum ErrorKind {
     AccessDenied,
     /// -32014: the content is not valid in the requested encoding (for example not UTF-8).
     InvalidEncoding,
+    /// -32015: the guest's filesystems are frozen (`fs_freeze`) and the
+    /// request could write to one; thaw first.
+    Frozen,
 }
 
 impl ErrorKind {
@@ -76,6 +79,7 @@ impl ErrorKind {
         ErrorKind::NoSpace,
         ErrorKind::AccessDenied,
         ErrorKind::InvalidEncoding,
+        ErrorKind::Frozen,
     ];
 
     /// The numeric JSON-RPC error code.
@@ -101,6 +105,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => -32012,
             ErrorKind::AccessDenied => -32013,
             ErrorKind::InvalidEncoding => -32014,
+            ErrorKind::Frozen => -32015,
         }
     }
 
@@ -127,6 +132,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => "no_space",
             ErrorKind::AccessDenied => "access_denied",
             ErrorKind::InvalidEncoding => "invalid_encoding",
+            ErrorKind::Frozen => "frozen",
         }
     }
 

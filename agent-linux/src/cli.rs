@@ -373,6 +373,7 @@ async fn run(args: Args, config: Config) -> ExitCode {
         let _ = tokio::time::timeout(CANCEL_GRACE, tracker.wait()).await;
     }
     agent.abort_all();
+    agent.thaw_at_exit().await;
     info!("kvmmanager-agent stopped");
     code
 }

@@ -38,6 +38,11 @@ use agent_common::methods::{
     GetNetworkInfoRpc, GetSystemInfoRpc, Method, PingResult, PingRpc, PowerParams, PowerResult,
     RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
+use agent_common::methods::{
+    FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetTimeRpc, GetUsersRpc,
+    GetVcpusRpc, SetTimeRpc, SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc, SshKeysGetRpc,
+    SshKeysParams, SshKeysRemoveRpc, SshKeysSetRpc, ThawReason,
+};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use serde::Serialize;
@@ -49,6 +54,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::config::Config;
 use crate::error::{to_error_object, RpcError};
 use crate::files::{CommitGate, FileService};
+use crate::ops::freeze::FreezeService;
+use crate::ops::users::{KeysOp, SystemUsers};
+use crate::ops::{cpu, disks, mounts, time, trim, users};
 use crate::power::PowerAction;
 use crate::session::Session;
 use crate::{exec, sysinfo};
@@ -63,6 +71,9 @@ pub struct Agent {
     slots: Arc<Semaphore>,
     /// Cancelled when in-flight requests must stop (end of the shutdown grace).
     abort: CancellationToken,
+    /// `fs_freeze` state: while frozen, methods that could write answer
+    /// `frozen`.
+    freeze: Arc<FreezeService>,
 }
 
 pub use crate::session::SessionId;
@@ -188,6 +199,7 @@ impl Agent {
             files: FileService::new(config.clone()),
             slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             abort: CancellationToken::new(),
+            freeze: FreezeService::new(&config),
             config,
         })
     }
@@ -195,6 +207,22 @@ impl Agent {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The freeze state (`fs_freeze`).
+    pub fn freeze_service(&self) -> &Arc<FreezeService> {
+        &self.freeze
+    }
+
+    /// Thaws what `fs_freeze` froze: the agent never leaves the guest
+    /// frozen behind it when it stops.
+    pub async fn thaw_at_exit(&self) {
+        if self.freeze.is_frozen() {
+            match self.freeze.thaw(ThawReason::Shutdown).await {
+                Ok(t) => info!(mount_points = ?t.thawed, "thawed at exit"),
+                Err(e) => warn!(error = %crate::error::chain(&e), "could not thaw at exit"),
+            }
+        }
     }
 
     /// Cancels every request still running (they are answered `shutting_down`)
@@ -375,6 +403,12 @@ impl Agent {
             ));
         };
         let facts = method.facts();
+        if !self.config.method_enabled(method) {
+            return Outcome::err(method_disabled(method, &self.config));
+        }
+        if !facts.while_frozen && self.freeze.is_frozen() {
+            return Outcome::err(frozen(method, self.freeze.remaining_seconds()));
+        }
         if attachment.is_some() && !facts.attachment_in {
             return Outcome::err(ErrorObject::new(
                 ErrorKind::InvalidParams,
@@ -384,7 +418,12 @@ impl Agent {
         let gate = CommitGate::default();
         if facts.instant {
             // Answered at once, never queued, no slot and no time limit.
-            return self.run(session, method, req, cx, attachment, &gate).await;
+            let started = Instant::now();
+            let outcome = self.run(session, method, req, cx, attachment, &gate).await;
+            if facts.changes_guest {
+                log_outcome(method, &outcome, started);
+            }
+            return outcome;
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Outcome::err(
@@ -523,6 +562,104 @@ impl Agent {
             Method::Reboot => {
                 self.power::<RebootRpc>(req, |delay_seconds| PowerAction::Reboot { delay_seconds })
             }
+            Method::FsFreeze => {
+                self.typed::<FsFreezeRpc, _, _, _>(req, |p| self.freeze.freeze(p))
+                    .await
+            }
+            Method::FsThaw => {
+                self.typed::<FsThawRpc, _, _, _>(req, |_| self.freeze.thaw(ThawReason::Request))
+                    .await
+            }
+            Method::FsFreezeStatus => {
+                self.typed::<FsFreezeStatusRpc, _, _, _>(req, |_| async {
+                    Ok::<_, Never>(self.freeze.status())
+                })
+                .await
+            }
+            Method::FsTrim => {
+                self.typed::<FsTrimRpc, _, _, _>(req, |p| blocking(move || trim::trim(p)))
+                    .await
+            }
+            Method::GetTime => {
+                self.typed::<GetTimeRpc, _, _, _>(req, |_| async {
+                    Ok::<_, Never>(time::get_time())
+                })
+                .await
+            }
+            Method::SetTime => {
+                self.typed::<SetTimeRpc, _, _, _>(req, |p| {
+                    blocking(move || time::set_time(p, &time::SystemClocks))
+                })
+                .await
+            }
+            Method::GetUsers => {
+                self.typed::<GetUsersRpc, _, _, _>(req, |_| blocking(users::get_users))
+                    .await
+            }
+            Method::SshKeysGet => {
+                self.typed::<SshKeysGetRpc, _, _, _>(req, |p| {
+                    let p = SshKeysParams {
+                        username: p.username,
+                        keys: Vec::new(),
+                    };
+                    blocking(move || users::ssh_keys(&SystemUsers, KeysOp::Get, p))
+                })
+                .await
+            }
+            Method::SshKeysAdd => {
+                self.typed::<SshKeysAddRpc, _, _, _>(req, |p| {
+                    blocking(move || users::ssh_keys(&SystemUsers, KeysOp::Add, p))
+                })
+                .await
+            }
+            Method::SshKeysRemove => {
+                self.typed::<SshKeysRemoveRpc, _, _, _>(req, |p| {
+                    blocking(move || users::ssh_keys(&SystemUsers, KeysOp::Remove, p))
+                })
+                .await
+            }
+            Method::SshKeysSet => {
+                self.typed::<SshKeysSetRpc, _, _, _>(req, |p| {
+                    blocking(move || users::ssh_keys(&SystemUsers, KeysOp::Set, p))
+                })
+                .await
+            }
+            Method::SetUserPassword => {
+                self.typed::<SetUserPasswordRpc, _, _, _>(req, |p| async move {
+                    let chpasswd = crate::policy::lookup_safe_path("chpasswd");
+                    users::set_password(&SystemUsers, chpasswd.as_deref(), p).await
+                })
+                .await
+            }
+            Method::GetVcpus => {
+                self.typed::<GetVcpusRpc, _, _, _>(req, |_| {
+                    blocking(|| cpu::get_vcpus(std::path::Path::new(cpu::CPU_SYSFS)))
+                })
+                .await
+            }
+            Method::SetVcpus => {
+                self.typed::<SetVcpusRpc, _, _, _>(req, |p| {
+                    blocking(move || cpu::set_vcpus(std::path::Path::new(cpu::CPU_SYSFS), p))
+                })
+                .await
+            }
+            Method::GetFsinfo => {
+                self.typed::<GetFsinfoRpc, _, _, _>(req, |_| {
+                    blocking(|| {
+                        let all = mounts::read_mounts().map_err(|source| {
+                            sysinfo::SysInfoError::Read {
+                                path: "/proc/self/mountinfo".into(),
+                                source,
+                            }
+                        })?;
+                        Ok::<_, sysinfo::SysInfoError>(disks::fsinfo(
+                            std::path::Path::new(disks::SYSFS),
+                            &all,
+                        ))
+                    })
+                })
+                .await
+            }
         }
     }
 
@@ -567,6 +704,11 @@ impl Agent {
             protocol_version: agent_common::PROTOCOL_VERSION,
             platform: "linux".into(),
             methods: Method::ALL.iter().map(|m| m.as_str().to_owned()).collect(),
+            disabled_methods: Method::ALL
+                .iter()
+                .filter(|m| !self.config.method_enabled(**m))
+                .map(|m| m.as_str().to_owned())
+                .collect(),
             limits: self.config.limits(),
         }
     }
@@ -674,6 +816,44 @@ fn timed_out(method: Method, limit: Duration) -> ErrorObject {
     .with_data("limit", limit.as_secs())
 }
 
+/// The refusal of a method the configuration disables.
+fn method_disabled(method: Method, config: &Config) -> ErrorObject {
+    let key = if config.security.blocked_methods.contains(&method) {
+        "security.blocked_methods"
+    } else {
+        "security.allowed_methods"
+    };
+    let how = if key == "security.blocked_methods" {
+        "remove it from"
+    } else {
+        "add it to"
+    };
+    ErrorObject::new(
+        ErrorKind::PolicyDenied,
+        format!("{method} is disabled by the agent's configuration; {how} {key} to allow it"),
+    )
+    .with_data("config_key", key)
+    .with_data("method", method.as_str())
+}
+
+/// The refusal of a method that could write while filesystems are frozen.
+fn frozen(method: Method, remaining: Option<u64>) -> ErrorObject {
+    let when = remaining.map_or(String::new(), |r| {
+        format!(" (they thaw by themselves in {r} s)")
+    });
+    let e = ErrorObject::new(
+        ErrorKind::Frozen,
+        format!(
+            "the guest's filesystems are frozen and {method} could write to them; \
+             call fs_thaw first{when}"
+        ),
+    );
+    match remaining {
+        Some(r) => e.with_data("remaining_seconds", r),
+        None => e,
+    }
+}
+
 fn shutting_down() -> ErrorObject {
     ErrorObject::new(
         ErrorKind::ShuttingDown,
@@ -737,7 +917,8 @@ fn summarize(result: &str) -> String {
     match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(result) {
         Ok(map) => map
             .into_iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "stdout" | "stderr" | "content"))
+            // Key lines are logged by type and comment only (ops::users).
+            .filter(|(k, _)| !matches!(k.as_str(), "stdout" | "stderr" | "content" | "keys"))
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(" "),

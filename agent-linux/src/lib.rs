@@ -18,6 +18,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod logging;
+pub mod ops;
 pub mod policy;
 pub mod power;
 pub mod server;

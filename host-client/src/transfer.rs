@@ -533,6 +533,7 @@ mod tests {
             command_containment: None,
             command_memory_max: None,
             command_max_processes: None,
+            freeze_timeout_seconds: None,
         }
     }
 
@@ -650,6 +651,7 @@ mod fake_fs_tests {
             command_containment: None,
             command_memory_max: None,
             command_max_processes: None,
+            freeze_timeout_seconds: None,
         }
     }
 
@@ -668,6 +670,7 @@ mod fake_fs_tests {
                 protocol_version: 1,
                 platform: "linux".into(),
                 methods: vec![],
+                disabled_methods: vec![],
                 limits: limits(fs.attachments),
             })
             .map(|v| (v, None))
