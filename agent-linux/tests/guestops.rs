@@ -403,3 +403,72 @@ fn an_unknown_method_name_in_the_config_stops_the_agent_at_start() {
         "{err}"
     );
 }
+
+/// The `kvmmanager-ctl` commands and the JSON fields the real-VM checks
+/// read, against the real agent and the loop filesystem.
+#[test]
+fn ctl_commands_show_the_fields_a_vm_check_reads() {
+    if !require_root("ctl_commands_show_the_fields_a_vm_check_reads") {
+        return;
+    }
+    let ctl =
+        PathBuf::from(env!("CARGO_BIN_EXE_kvmmanager-agent")).with_file_name("kvmmanager-ctl");
+    assert!(
+        ctl.exists(),
+        "{} is missing: run `cargo test --workspace`, or `cargo build -p host-client` first",
+        ctl.display()
+    );
+    let fs = LoopFs::new();
+    let mp = fs.mount_point();
+    let agent = AgentProcess::start_with(json!({}), json!({"fsfreeze_hook_dir": ""}));
+    let ctl_json = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(&ctl)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let r = ctl_json(&["fsfreeze", "freeze", &mp]);
+    assert_eq!(r["frozen"], json!([mp]));
+    assert_eq!(r["timeout_seconds"], 60);
+    let s = ctl_json(&["fsfreeze", "status"]);
+    assert_eq!(
+        (s["status"].as_str(), &s["mount_points"]),
+        (Some("frozen"), &json!([mp]))
+    );
+    let t = ctl_json(&["fsfreeze", "thaw"]);
+    assert_eq!(t["thawed"], json!([mp]));
+    assert_eq!(ctl_json(&["fsfreeze", "status"])["last_thaw"], "request");
+    let trim = ctl_json(&["fstrim", &mp]);
+    assert_eq!(trim["filesystems"][0]["mount_point"], mp.as_str());
+    assert!(
+        trim["filesystems"][0]["trimmed_bytes"].as_u64().is_some(),
+        "{trim}"
+    );
+    let info = ctl_json(&["fsinfo"]);
+    let entry = info["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["mount_point"] == mp.as_str())
+        .expect("the loop filesystem");
+    assert_eq!(entry["disks"][0]["device"], fs.device.as_str());
+    let cpus = ctl_json(&["vcpus"]);
+    assert!(cpus["cpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["online"] == true));
+    let time = ctl_json(&["time"]);
+    assert!(time["time_ns"].as_u64().is_some_and(|t| t > 0));
+    let users = ctl_json(&["users"]);
+    assert!(users["users"].is_array());
+}

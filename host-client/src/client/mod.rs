@@ -25,6 +25,7 @@
 
 mod conn;
 mod notify;
+mod ops;
 
 pub(crate) use conn::random_u64;
 use conn::Conn;
