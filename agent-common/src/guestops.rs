@@ -300,3 +300,78 @@ pub struct FsInfo {
     /// Filesystems on block devices, in mount order.
     pub filesystems: Vec<FsInfoEntry>,
 }
+
+/// Time one CPU spent in each state since boot, in milliseconds
+/// (`/proc/stat`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuTimes {
+    /// Logical CPU number.
+    pub cpu: u32,
+    /// Running user code.
+    pub user_ms: u64,
+    /// Running niced user code.
+    pub nice_ms: u64,
+    /// Running the kernel.
+    pub system_ms: u64,
+    /// Idle.
+    pub idle_ms: u64,
+    /// Idle while I/O was outstanding.
+    pub iowait_ms: u64,
+    /// Serving interrupts.
+    pub irq_ms: u64,
+    /// Serving soft interrupts.
+    pub softirq_ms: u64,
+    /// Stolen by the hypervisor.
+    pub steal_ms: u64,
+}
+
+/// One block device's I/O counters since boot (`/proc/diskstats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIo {
+    /// Kernel name (`vda`, `vda1`, `dm-0`).
+    pub name: String,
+    /// Reads completed.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Milliseconds spent reading.
+    pub read_ms: u64,
+    /// Writes completed.
+    pub writes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Milliseconds spent writing.
+    pub write_ms: u64,
+    /// I/Os in flight now.
+    pub in_flight: u64,
+    /// Milliseconds the device was busy.
+    pub busy_ms: u64,
+}
+
+/// One route of the kernel's main routing table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// `ipv4` or `ipv6`.
+    pub family: crate::methods::IpFamily,
+    /// Destination network, `address/prefix` (`0.0.0.0/0` is the default route).
+    pub destination: String,
+    /// Next hop; null for a directly connected network.
+    pub gateway: Option<String>,
+    /// Outgoing interface.
+    pub interface: String,
+    /// Route metric.
+    pub metric: u32,
+}
+
+/// Result of `get_stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestStats {
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load_average: [f64; 3],
+    /// Per-CPU time counters, by CPU.
+    pub cpus: Vec<CpuTimes>,
+    /// Per-block-device I/O counters (devices with no I/O left out).
+    pub disks: Vec<DiskIo>,
+    /// The routing table (IPv4, then IPv6; up routes only).
+    pub routes: Vec<Route>,
+}

@@ -198,6 +198,8 @@ methods! {
     SetVcpus => "set_vcpus", SetVcpusRpc, SetVcpusParams, Vcpus, Facts::CHANGE;
     /// `get_fsinfo`: filesystems and the disks beneath them.
     GetFsinfo => "get_fsinfo", GetFsinfoRpc, Empty, FsInfo, Facts::QUERY;
+    /// `get_stats`: load, per-CPU times, per-disk I/O, routes.
+    GetStats => "get_stats", GetStatsRpc, Empty, GuestStats, Facts::QUERY;
 }
 
 impl Method {

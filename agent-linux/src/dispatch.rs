@@ -39,9 +39,9 @@ use agent_common::methods::{
     RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
 use agent_common::methods::{
-    FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetTimeRpc, GetUsersRpc,
-    GetVcpusRpc, SetTimeRpc, SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc, SshKeysGetRpc,
-    SshKeysParams, SshKeysRemoveRpc, SshKeysSetRpc, ThawReason,
+    FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetStatsRpc, GetTimeRpc,
+    GetUsersRpc, GetVcpusRpc, SetTimeRpc, SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc,
+    SshKeysGetRpc, SshKeysParams, SshKeysRemoveRpc, SshKeysSetRpc, ThawReason,
 };
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
@@ -56,7 +56,7 @@ use crate::error::{to_error_object, RpcError};
 use crate::files::{CommitGate, FileService};
 use crate::ops::freeze::FreezeService;
 use crate::ops::users::{KeysOp, SystemUsers};
-use crate::ops::{cpu, disks, mounts, time, trim, users};
+use crate::ops::{cpu, disks, mounts, stats, time, trim, users};
 use crate::power::PowerAction;
 use crate::session::Session;
 use crate::{exec, sysinfo};
@@ -659,6 +659,10 @@ impl Agent {
                     })
                 })
                 .await
+            }
+            Method::GetStats => {
+                self.typed::<GetStatsRpc, _, _, _>(req, |_| blocking(stats::stats))
+                    .await
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The guest operations: freeze and thaw ([`freeze`]), trim ([`trim`]),
 //! time ([`time`]), users, SSH keys and passwords ([`users`]), vCPUs
-//! ([`cpu`]) and the filesystem-to-disk map ([`disks`]), over the mount
+//! ([`cpu`]), the filesystem-to-disk map ([`disks`]) and statistics
+//! ([`stats`]), over the mount
 //! table ([`mounts`]). Each handler knows nothing of the wire; `dispatch`
 //! calls them. Their `unsafe` system calls are in `sys` (`sys/ops.rs`);
 //! the programs they run (freeze hooks, `chpasswd`) are started by
@@ -10,6 +11,7 @@ pub mod cpu;
 pub mod disks;
 pub mod freeze;
 pub mod mounts;
+pub mod stats;
 pub mod time;
 pub mod trim;
 pub mod users;

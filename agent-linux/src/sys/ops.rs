@@ -130,3 +130,11 @@ pub(crate) fn set_realtime(secs: u64, nanos: u32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Clock ticks per second of `/proc/stat` (`sysconf(_SC_CLK_TCK)`, 100
+/// if the system cannot tell).
+pub(crate) fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
+}

@@ -309,6 +309,8 @@ pub enum Command {
     Vcpus(ops::VcpuArgs),
     /// Show the guest's filesystems and the disks beneath them.
     Fsinfo,
+    /// Show the guest's load, per-CPU times, per-disk I/O and routes.
+    Stats,
     /// Print the <channel> XML that gives a libvirt domain the agent's port.
     ChannelXml,
     /// Print a shell completion script.
@@ -721,7 +723,8 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         | Command::SshKeys { .. }
         | Command::Passwd(_)
         | Command::Vcpus(_)
-        | Command::Fsinfo) => return ops::run(&client, cmd, json).await,
+        | Command::Fsinfo
+        | Command::Stats) => return ops::run(&client, cmd, json).await,
         Command::ChannelXml | Command::Completions { .. } => {}
     }
     Ok(EXIT_OK)

@@ -1,5 +1,6 @@
 //! `kvmmanager-ctl` commands of the guest operations: `fsfreeze`,
-//! `fstrim`, `time`, `users`, `ssh-keys`, `passwd`, `vcpus`, `fsinfo`;
+//! `fstrim`, `time`, `users`, `ssh-keys`, `passwd`, `vcpus`, `fsinfo`,
+//! `stats`;
 //! their arguments, execution and tables (`--json` prints the agent's
 //! result as it is).
 
@@ -7,8 +8,8 @@ use std::io::{BufRead, Read};
 use std::path::PathBuf;
 
 use agent_common::methods::{
-    FreezeStatus, FsFreezeStatusResult, FsInfo, FsTrimResult, LoggedInUsers, SshKeysResult,
-    TimeInfo, VcpuState, Vcpus,
+    FreezeStatus, FsFreezeStatusResult, FsInfo, FsTrimResult, GuestStats, LoggedInUsers,
+    SshKeysResult, TimeInfo, VcpuState, Vcpus,
 };
 use clap::Subcommand;
 
@@ -300,6 +301,14 @@ pub(super) async fn run(client: &Client, cmd: Command, json: bool) -> Result<i32
                 out(&render_fsinfo(&r))?;
             }
         }
+        Command::Stats => {
+            let r = client.stats().await?;
+            if json {
+                out_json(&r)?;
+            } else {
+                out(&render_stats(&r))?;
+            }
+        }
         _ => {}
     }
     Ok(EXIT_OK)
@@ -514,6 +523,70 @@ fn render_fsinfo(r: &FsInfo) -> String {
         &["MOUNTED ON", "DEVICE", "TYPE", "SIZE", "USED", "DISKS"],
         &[L, L, L, R, R, L],
         &rows,
+    )
+}
+
+fn render_stats(s: &GuestStats) -> String {
+    use Align::{Left as L, Right as R};
+    let [l1, l5, l15] = s.load_average;
+    let secs = |ms: u64| format!("{:.0} s", ms as f64 / 1000.0);
+    let cpus: Vec<Vec<String>> = s
+        .cpus
+        .iter()
+        .map(|c| {
+            vec![
+                c.cpu.to_string(),
+                secs(c.user_ms + c.nice_ms),
+                secs(c.system_ms + c.irq_ms + c.softirq_ms),
+                secs(c.idle_ms),
+                secs(c.iowait_ms),
+                secs(c.steal_ms),
+            ]
+        })
+        .collect();
+    let disks: Vec<Vec<String>> = s
+        .disks
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                d.reads.to_string(),
+                human_size(d.read_bytes),
+                d.writes.to_string(),
+                human_size(d.write_bytes),
+                secs(d.busy_ms),
+            ]
+        })
+        .collect();
+    let routes: Vec<Vec<String>> = s
+        .routes
+        .iter()
+        .map(|r| {
+            vec![
+                r.destination.clone(),
+                r.gateway.clone().unwrap_or_else(|| "-".into()),
+                r.interface.clone(),
+                r.metric.to_string(),
+            ]
+        })
+        .collect();
+    format!(
+        "Load average: {l1:.2}, {l5:.2}, {l15:.2}\n\n{}\n{}\n{}",
+        table(
+            &["CPU", "USER", "SYSTEM", "IDLE", "IOWAIT", "STEAL"],
+            &[R, R, R, R, R, R],
+            &cpus
+        ),
+        table(
+            &["DEVICE", "READS", "READ", "WRITES", "WRITTEN", "BUSY"],
+            &[L, R, R, R, R, R],
+            &disks
+        ),
+        table(
+            &["DESTINATION", "GATEWAY", "INTERFACE", "METRIC"],
+            &[L, L, L, R],
+            &routes
+        )
     )
 }
 

@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use agent_common::methods::{
     Empty, FsFreezeParams, FsFreezeResult, FsFreezeRpc, FsFreezeStatusResult, FsFreezeStatusRpc,
     FsInfo, FsThawResult, FsThawRpc, FsTrimParams, FsTrimResult, FsTrimRpc, GetFsinfoRpc,
-    GetTimeRpc, GetUsersRpc, GetVcpusRpc, LoggedInUsers, SetPasswordParams, SetPasswordResult,
-    SetTimeParams, SetTimeResult, SetTimeRpc, SetUserPasswordRpc, SetVcpusParams, SetVcpusRpc,
-    SshKeysAddRpc, SshKeysGetRpc, SshKeysParams, SshKeysRemoveRpc, SshKeysResult, SshKeysSetRpc,
-    SshUserParams, TimeInfo, VcpuState, Vcpus,
+    GetStatsRpc, GetTimeRpc, GetUsersRpc, GetVcpusRpc, GuestStats, LoggedInUsers,
+    SetPasswordParams, SetPasswordResult, SetTimeParams, SetTimeResult, SetTimeRpc,
+    SetUserPasswordRpc, SetVcpusParams, SetVcpusRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysParams,
+    SshKeysRemoveRpc, SshKeysResult, SshKeysSetRpc, SshUserParams, TimeInfo, VcpuState, Vcpus,
 };
 
 use super::Client;
@@ -162,6 +162,11 @@ impl Client {
     /// `get_fsinfo`: filesystems and the disks beneath them.
     pub async fn fsinfo(&self) -> Result<FsInfo, ClientError> {
         self.call::<GetFsinfoRpc>(&Empty {}).await
+    }
+
+    /// `get_stats`: load, per-CPU times, per-disk I/O, routes.
+    pub async fn stats(&self) -> Result<GuestStats, ClientError> {
+        self.call::<GetStatsRpc>(&Empty {}).await
     }
 }
 
