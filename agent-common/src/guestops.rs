@@ -375,3 +375,42 @@ pub struct GuestStats {
     /// The routing table (IPv4, then IPv6; up routes only).
     pub routes: Vec<Route>,
 }
+
+/// One memory block (`/sys/devices/system/memory/memoryN`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBlock {
+    /// Block number.
+    pub id: u32,
+    /// Online now.
+    pub online: bool,
+    /// The kernel lets it go offline (its `online` switch exists and it
+    /// says `removable`).
+    pub can_offline: bool,
+}
+
+/// Result of `get_memory_blocks` and `set_memory_blocks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBlocks {
+    /// Size of every block, bytes.
+    pub block_size_bytes: u64,
+    /// Every block, by id.
+    pub blocks: Vec<MemoryBlock>,
+}
+
+/// A wanted memory block state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBlockState {
+    /// Block number.
+    pub id: u32,
+    /// Bring it online (true) or take it offline (false).
+    pub online: bool,
+}
+
+/// Params of `set_memory_blocks`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMemoryBlocksParams {
+    /// The blocks to change, applied in order.
+    pub blocks: Vec<MemoryBlockState>,
+}

@@ -200,6 +200,12 @@ methods! {
     GetFsinfo => "get_fsinfo", GetFsinfoRpc, Empty, FsInfo, Facts::QUERY;
     /// `get_stats`: load, per-CPU times, per-disk I/O, routes.
     GetStats => "get_stats", GetStatsRpc, Empty, GuestStats, Facts::QUERY;
+    /// `get_memory_blocks`: memory blocks and whether they are online.
+    GetMemoryBlocks => "get_memory_blocks", GetMemoryBlocksRpc, Empty, MemoryBlocks,
+        Facts::QUERY;
+    /// `set_memory_blocks`: bring memory blocks online or take them offline.
+    SetMemoryBlocks => "set_memory_blocks", SetMemoryBlocksRpc, SetMemoryBlocksParams,
+        MemoryBlocks, Facts::CHANGE;
 }
 
 impl Method {

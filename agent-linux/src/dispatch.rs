@@ -39,9 +39,10 @@ use agent_common::methods::{
     RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
 use agent_common::methods::{
-    FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetStatsRpc, GetTimeRpc,
-    GetUsersRpc, GetVcpusRpc, SetTimeRpc, SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc,
-    SshKeysGetRpc, SshKeysParams, SshKeysRemoveRpc, SshKeysSetRpc, ThawReason,
+    FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetMemoryBlocksRpc,
+    GetStatsRpc, GetTimeRpc, GetUsersRpc, GetVcpusRpc, SetMemoryBlocksRpc, SetTimeRpc,
+    SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysParams, SshKeysRemoveRpc,
+    SshKeysSetRpc, ThawReason,
 };
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
@@ -56,7 +57,7 @@ use crate::error::{to_error_object, RpcError};
 use crate::files::{CommitGate, FileService};
 use crate::ops::freeze::FreezeService;
 use crate::ops::users::{KeysOp, SystemUsers};
-use crate::ops::{cpu, disks, mounts, stats, time, trim, users};
+use crate::ops::{cpu, disks, memory, mounts, stats, time, trim, users};
 use crate::power::PowerAction;
 use crate::session::Session;
 use crate::{exec, sysinfo};
@@ -663,6 +664,20 @@ impl Agent {
             Method::GetStats => {
                 self.typed::<GetStatsRpc, _, _, _>(req, |_| blocking(stats::stats))
                     .await
+            }
+            Method::GetMemoryBlocks => {
+                self.typed::<GetMemoryBlocksRpc, _, _, _>(req, |_| {
+                    blocking(|| memory::get_blocks(std::path::Path::new(memory::MEMORY_SYSFS)))
+                })
+                .await
+            }
+            Method::SetMemoryBlocks => {
+                self.typed::<SetMemoryBlocksRpc, _, _, _>(req, |p| {
+                    blocking(move || {
+                        memory::set_blocks(std::path::Path::new(memory::MEMORY_SYSFS), p)
+                    })
+                })
+                .await
             }
         }
     }

@@ -84,6 +84,7 @@ fn the_dispatch_harness_blocks_methods_that_change_the_machine() {
         Method::SshKeysSet,
         Method::SetUserPassword,
         Method::SetVcpus,
+        Method::SetMemoryBlocks,
     ] {
         assert!(blocked.contains(&m), "{m} is not blocked");
     }

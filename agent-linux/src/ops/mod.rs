@@ -1,6 +1,6 @@
 //! The guest operations: freeze and thaw ([`freeze`]), trim ([`trim`]),
 //! time ([`time`]), users, SSH keys and passwords ([`users`]), vCPUs
-//! ([`cpu`]), the filesystem-to-disk map ([`disks`]) and statistics
+//! ([`cpu`]) and memory blocks ([`memory`]), the filesystem-to-disk map ([`disks`]) and statistics
 //! ([`stats`]), over the mount
 //! table ([`mounts`]). Each handler knows nothing of the wire; `dispatch`
 //! calls them. Their `unsafe` system calls are in `sys` (`sys/ops.rs`);
@@ -10,6 +10,7 @@
 pub mod cpu;
 pub mod disks;
 pub mod freeze;
+pub mod memory;
 pub mod mounts;
 pub mod stats;
 pub mod time;

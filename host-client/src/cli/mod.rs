@@ -311,6 +311,8 @@ pub enum Command {
     Fsinfo,
     /// Show the guest's load, per-CPU times, per-disk I/O and routes.
     Stats,
+    /// Show the guest's memory blocks, or bring them online or offline.
+    Memory(ops::MemoryArgs),
     /// Print the <channel> XML that gives a libvirt domain the agent's port.
     ChannelXml,
     /// Print a shell completion script.
@@ -724,7 +726,8 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         | Command::Passwd(_)
         | Command::Vcpus(_)
         | Command::Fsinfo
-        | Command::Stats) => return ops::run(&client, cmd, json).await,
+        | Command::Stats
+        | Command::Memory(_)) => return ops::run(&client, cmd, json).await,
         Command::ChannelXml | Command::Completions { .. } => {}
     }
     Ok(EXIT_OK)

@@ -1,6 +1,6 @@
 //! `kvmmanager-ctl` commands of the guest operations: `fsfreeze`,
 //! `fstrim`, `time`, `users`, `ssh-keys`, `passwd`, `vcpus`, `fsinfo`,
-//! `stats`;
+//! `stats`, `memory`;
 //! their arguments, execution and tables (`--json` prints the agent's
 //! result as it is).
 
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use agent_common::methods::{
     FreezeStatus, FsFreezeStatusResult, FsInfo, FsTrimResult, GuestStats, LoggedInUsers,
-    SshKeysResult, TimeInfo, VcpuState, Vcpus,
+    MemoryBlockState, MemoryBlocks, SshKeysResult, TimeInfo, VcpuState, Vcpus,
 };
 use clap::Subcommand;
 
@@ -93,6 +93,17 @@ pub struct PasswdArgs {
     /// The password read is a crypt(3) hash ($6$...), not the password.
     #[arg(long)]
     pub crypted: bool,
+}
+
+/// Arguments of `memory`.
+#[derive(Debug, clap::Args)]
+pub struct MemoryArgs {
+    /// Bring these memory blocks online (comma-separated ids).
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    pub online: Vec<u32>,
+    /// Take these memory blocks offline (comma-separated ids).
+    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    pub offline: Vec<u32>,
 }
 
 /// Arguments of `vcpus`.
@@ -299,6 +310,28 @@ pub(super) async fn run(client: &Client, cmd: Command, json: bool) -> Result<i32
                 out_json(&r)?;
             } else {
                 out(&render_fsinfo(&r))?;
+            }
+        }
+        Command::Memory(args) => {
+            let mut want: Vec<MemoryBlockState> = args
+                .online
+                .iter()
+                .map(|&id| MemoryBlockState { id, online: true })
+                .collect();
+            want.extend(
+                args.offline
+                    .iter()
+                    .map(|&id| MemoryBlockState { id, online: false }),
+            );
+            let r = if want.is_empty() {
+                client.memory_blocks().await?
+            } else {
+                client.set_memory_blocks(want).await?
+            };
+            if json {
+                out_json(&r)?;
+            } else {
+                out(&render_memory(&r))?;
             }
         }
         Command::Stats => {
@@ -523,6 +556,32 @@ fn render_fsinfo(r: &FsInfo) -> String {
         &["MOUNTED ON", "DEVICE", "TYPE", "SIZE", "USED", "DISKS"],
         &[L, L, L, R, R, L],
         &rows,
+    )
+}
+
+fn render_memory(m: &MemoryBlocks) -> String {
+    let online = m.blocks.iter().filter(|b| b.online).count() as u64;
+    let rows: Vec<Vec<String>> = m
+        .blocks
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.to_string(),
+                if b.online { "online" } else { "offline" }.to_owned(),
+                if b.can_offline { "yes" } else { "no" }.to_owned(),
+            ]
+        })
+        .collect();
+    format!(
+        "{} blocks of {}, {} online\n{}",
+        m.blocks.len(),
+        human_size(m.block_size_bytes),
+        human_size(online.saturating_mul(m.block_size_bytes)),
+        table(
+            &["BLOCK", "STATE", "CAN GO OFFLINE"],
+            &[Align::Right, Align::Left, Align::Left],
+            &rows
+        )
     )
 }
 

@@ -13,6 +13,10 @@ use agent_common::methods::{
     SshKeysRemoveRpc, SshKeysResult, SshKeysSetRpc, SshUserParams, TimeInfo, VcpuState, Vcpus,
 };
 
+use agent_common::methods::{
+    GetMemoryBlocksRpc, MemoryBlockState, MemoryBlocks, SetMemoryBlocksParams, SetMemoryBlocksRpc,
+};
+
 use super::Client;
 use crate::error::ClientError;
 
@@ -167,6 +171,20 @@ impl Client {
     /// `get_stats`: load, per-CPU times, per-disk I/O, routes.
     pub async fn stats(&self) -> Result<GuestStats, ClientError> {
         self.call::<GetStatsRpc>(&Empty {}).await
+    }
+
+    /// `get_memory_blocks`.
+    pub async fn memory_blocks(&self) -> Result<MemoryBlocks, ClientError> {
+        self.call::<GetMemoryBlocksRpc>(&Empty {}).await
+    }
+
+    /// `set_memory_blocks`: each block online or offline, in order.
+    pub async fn set_memory_blocks(
+        &self,
+        blocks: Vec<MemoryBlockState>,
+    ) -> Result<MemoryBlocks, ClientError> {
+        self.call::<SetMemoryBlocksRpc>(&SetMemoryBlocksParams { blocks })
+            .await
     }
 }
 
