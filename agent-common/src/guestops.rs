@@ -414,3 +414,25 @@ pub struct SetMemoryBlocksParams {
     /// The blocks to change, applied in order.
     pub blocks: Vec<MemoryBlockState>,
 }
+
+/// What `suspend` does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuspendMode {
+    /// Suspend to RAM (S3).
+    #[default]
+    Ram,
+    /// Hibernate: save memory to swap and power off (S4).
+    Disk,
+    /// Save memory to swap, then suspend to RAM.
+    Hybrid,
+}
+
+/// Params of `suspend`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuspendParams {
+    /// `ram`, `disk` or `hybrid`. Default `ram`.
+    #[serde(default)]
+    pub mode: SuspendMode,
+}

@@ -206,6 +206,8 @@ methods! {
     /// `set_memory_blocks`: bring memory blocks online or take them offline.
     SetMemoryBlocks => "set_memory_blocks", SetMemoryBlocksRpc, SetMemoryBlocksParams,
         MemoryBlocks, Facts::CHANGE;
+    /// `suspend`: suspend to RAM, to disk, or both (after replying).
+    Suspend => "suspend", SuspendRpc, SuspendParams, PowerResult, Facts::CHANGE;
 }
 
 impl Method {

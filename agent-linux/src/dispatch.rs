@@ -33,6 +33,7 @@ use agent_common::encoding::Encoding;
 use agent_common::envelope::{self, ReplyLine};
 use agent_common::error::{ErrorKind, ErrorObject};
 use agent_common::jsonrpc::{parse_message, Entry, Incoming, Request, Response};
+use agent_common::methods::SuspendRpc;
 use agent_common::methods::{
     AgentInfo, ExecCommandRpc, FileReadRpc, FileWriteRpc, GetAgentInfoRpc, GetDiskUsageRpc,
     GetNetworkInfoRpc, GetSystemInfoRpc, Method, PingResult, PingRpc, PowerParams, PowerResult,
@@ -665,6 +666,20 @@ impl Agent {
                 self.typed::<GetStatsRpc, _, _, _>(req, |_| blocking(stats::stats))
                     .await
             }
+            Method::Suspend => match req.params::<<SuspendRpc as Rpc>::Params>() {
+                Ok(p) => {
+                    let root = std::path::Path::new(crate::ops::suspend::POWER_SYSFS);
+                    match crate::ops::suspend::supported(root, p.mode) {
+                        Ok(()) => {
+                            let mut o = Outcome::of::<SuspendRpc>(&PowerResult { accepted: true });
+                            o.after = Some(PowerAction::Suspend { mode: p.mode });
+                            o
+                        }
+                        Err(e) => Outcome::err(to_error_object(&e)),
+                    }
+                }
+                Err(e) => Outcome::err(e),
+            },
             Method::GetMemoryBlocks => {
                 self.typed::<GetMemoryBlocksRpc, _, _, _>(req, |_| {
                     blocking(|| memory::get_blocks(std::path::Path::new(memory::MEMORY_SYSFS)))
@@ -1070,6 +1085,81 @@ mod tests {
         assert_eq!(out.after, Some(PowerAction::Reboot { delay_seconds: 3 }));
         let v: Value = serde_json::from_slice(&out.line).unwrap();
         assert_eq!(v["result"]["accepted"], true);
+    }
+
+    #[tokio::test]
+    async fn suspend_is_checked_first_and_answered_before_it_acts() {
+        let a = agent();
+        // A request with an id: the action is only carried, never run here.
+        let out = a
+            .handle_line(
+                SessionId(1),
+                br#"{"jsonrpc":"2.0","method":"suspend","params":{"mode":"hybrid"},"id":1}"#,
+            )
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.line).unwrap();
+        match out.after {
+            Some(action) => {
+                assert_eq!(
+                    action,
+                    PowerAction::Suspend {
+                        mode: agent_common::methods::SuspendMode::Hybrid
+                    }
+                );
+                assert_eq!(v["result"]["accepted"], true);
+            }
+            None => assert_eq!(v["error"]["data"]["kind"], "not_supported", "{v}"),
+        }
+        let r = reply(
+            &a,
+            r#"{"jsonrpc":"2.0","method":"suspend","params":{"mode":"s3"},"id":2}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["error"]["data"]["kind"], "invalid_params");
+    }
+
+    #[tokio::test]
+    async fn guest_changing_methods_answer_frozen_while_frozen_and_status_always_answers() {
+        let a = agent();
+        // Nothing is frozen: the flag alone decides, as in dispatch, so no
+        // filesystem of this machine is touched.
+        a.freeze.pretend_frozen(true);
+        let refused = [
+            r#"{"jsonrpc":"2.0","method":"file_write","params":{"path":"/tmp/kvmmanager/x","content":"x"},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"exec_command","params":{"command":"true"},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"set_time","params":{"time_ns":1763784000000000000},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"ssh_keys_add","params":{"username":"root","keys":[]},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"fs_freeze","id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"fs_trim","id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"set_vcpus","params":{"cpus":[]},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"suspend","id":1}"#,
+        ];
+        for line in refused {
+            let r = reply(&a, line).await.unwrap();
+            assert_eq!(r["error"]["data"]["kind"], "frozen", "{line}: {r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("fs_thaw"));
+        }
+        // With every slot taken, the instant ones still answer.
+        let all = a.slots.clone().try_acquire_many_owned(10).unwrap();
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"ping","id":2}"#)
+            .await
+            .unwrap();
+        assert_eq!(r["result"]["pong"], true);
+        let r = reply(
+            &a,
+            r#"{"jsonrpc":"2.0","method":"fs_freeze_status","id":3}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["result"]["timeout_seconds"], 60, "{r}");
+        drop(all);
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"get_system_info","id":4}"#)
+            .await
+            .unwrap();
+        assert!(r["result"].is_object(), "queries answer while frozen: {r}");
+        a.freeze.pretend_frozen(false);
     }
 
     #[tokio::test]

@@ -85,6 +85,7 @@ fn the_dispatch_harness_blocks_methods_that_change_the_machine() {
         Method::SetUserPassword,
         Method::SetVcpus,
         Method::SetMemoryBlocks,
+        Method::Suspend,
     ] {
         assert!(blocked.contains(&m), "{m} is not blocked");
     }

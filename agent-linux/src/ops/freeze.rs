@@ -180,6 +180,13 @@ impl FreezeService {
         self.frozen.load(Ordering::SeqCst)
     }
 
+    /// Sets the frozen flag alone (nothing is frozen): for the dispatch
+    /// tests of the `frozen` refusals. Compiled into tests only.
+    #[cfg(test)]
+    pub(crate) fn pretend_frozen(&self, on: bool) {
+        self.frozen.store(on, Ordering::SeqCst);
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is only ever replaced field by field: a panic elsewhere
         // leaves it valid.

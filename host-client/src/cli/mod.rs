@@ -313,6 +313,12 @@ pub enum Command {
     Stats,
     /// Show the guest's memory blocks, or bring them online or offline.
     Memory(ops::MemoryArgs),
+    /// Suspend the guest (to RAM by default), where it supports it.
+    Suspend {
+        /// How to suspend.
+        #[arg(long, value_enum, default_value = "ram")]
+        mode: ops::SuspendArg,
+    },
     /// Print the <channel> XML that gives a libvirt domain the agent's port.
     ChannelXml,
     /// Print a shell completion script.
@@ -727,7 +733,8 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         | Command::Vcpus(_)
         | Command::Fsinfo
         | Command::Stats
-        | Command::Memory(_)) => return ops::run(&client, cmd, json).await,
+        | Command::Memory(_)
+        | Command::Suspend { .. }) => return ops::run(&client, cmd, json).await,
         Command::ChannelXml | Command::Completions { .. } => {}
     }
     Ok(EXIT_OK)

@@ -1,6 +1,6 @@
 //! `kvmmanager-ctl` commands of the guest operations: `fsfreeze`,
 //! `fstrim`, `time`, `users`, `ssh-keys`, `passwd`, `vcpus`, `fsinfo`,
-//! `stats`, `memory`;
+//! `stats`, `memory`, `suspend`;
 //! their arguments, execution and tables (`--json` prints the agent's
 //! result as it is).
 
@@ -93,6 +93,17 @@ pub struct PasswdArgs {
     /// The password read is a crypt(3) hash ($6$...), not the password.
     #[arg(long)]
     pub crypted: bool,
+}
+
+/// `suspend --mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SuspendArg {
+    /// Suspend to RAM.
+    Ram,
+    /// Hibernate (memory to swap, then off).
+    Disk,
+    /// Memory to swap, then suspend to RAM.
+    Hybrid,
 }
 
 /// Arguments of `memory`.
@@ -310,6 +321,19 @@ pub(super) async fn run(client: &Client, cmd: Command, json: bool) -> Result<i32
                 out_json(&r)?;
             } else {
                 out(&render_fsinfo(&r))?;
+            }
+        }
+        Command::Suspend { mode } => {
+            let mode = match mode {
+                SuspendArg::Ram => agent_common::methods::SuspendMode::Ram,
+                SuspendArg::Disk => agent_common::methods::SuspendMode::Disk,
+                SuspendArg::Hybrid => agent_common::methods::SuspendMode::Hybrid,
+            };
+            let r = client.suspend(mode).await?;
+            if json {
+                out_json(&r)?;
+            } else {
+                out("suspend accepted\n")?;
             }
         }
         Command::Memory(args) => {

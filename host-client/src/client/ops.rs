@@ -16,6 +16,7 @@ use agent_common::methods::{
 use agent_common::methods::{
     GetMemoryBlocksRpc, MemoryBlockState, MemoryBlocks, SetMemoryBlocksParams, SetMemoryBlocksRpc,
 };
+use agent_common::methods::{PowerResult, SuspendMode, SuspendParams, SuspendRpc};
 
 use super::Client;
 use crate::error::ClientError;
@@ -171,6 +172,11 @@ impl Client {
     /// `get_stats`: load, per-CPU times, per-disk I/O, routes.
     pub async fn stats(&self) -> Result<GuestStats, ClientError> {
         self.call::<GetStatsRpc>(&Empty {}).await
+    }
+
+    /// `suspend`: to RAM, to disk or both, after the reply.
+    pub async fn suspend(&self, mode: SuspendMode) -> Result<PowerResult, ClientError> {
+        self.call::<SuspendRpc>(&SuspendParams { mode }).await
     }
 
     /// `get_memory_blocks`.
