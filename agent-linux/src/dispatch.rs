@@ -243,7 +243,17 @@ impl Agent {
     }
 
     /// Forgets what belongs to a closed connection (its staged uploads).
-    pub fn end_session(&self, session: SessionId) {
+    /// While filesystems are frozen, deleting their staging files would
+    /// block: that waits for the thaw, on a task of its own.
+    pub fn end_session(self: &Arc<Self>, session: SessionId) {
+        if self.freeze.is_frozen() {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                agent.freeze.thawed().await;
+                agent.files.end_session(session.0);
+            });
+            return;
+        }
         self.files.end_session(session.0);
     }
 

@@ -148,6 +148,8 @@ pub struct FreezeService {
     /// Set before the first `FIFREEZE`, cleared after the last `FITHAW`:
     /// while set, requests that could write answer `frozen`.
     frozen: AtomicBool,
+    /// Woken when `frozen` is cleared.
+    thaw_notify: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -172,6 +174,7 @@ impl FreezeService {
             turn: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
             frozen: AtomicBool::new(false),
+            thaw_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -180,11 +183,31 @@ impl FreezeService {
         self.frozen.load(Ordering::SeqCst)
     }
 
+    /// Returns once nothing is frozen.
+    pub async fn thawed(&self) {
+        loop {
+            let woken = self.thaw_notify.notified();
+            if !self.is_frozen() {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    fn clear_frozen(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+        crate::logging::hold(false);
+        self.thaw_notify.notify_waiters();
+    }
+
     /// Sets the frozen flag alone (nothing is frozen): for the dispatch
     /// tests of the `frozen` refusals. Compiled into tests only.
     #[cfg(test)]
     pub(crate) fn pretend_frozen(&self, on: bool) {
         self.frozen.store(on, Ordering::SeqCst);
+        if !on {
+            self.thaw_notify.notify_waiters();
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -293,8 +316,7 @@ impl FreezeService {
                 Ok(result)
             }
             Err(e) => {
-                self.frozen.store(false, Ordering::SeqCst);
-                crate::logging::hold(false);
+                self.clear_frozen();
                 warn!(error = %crate::error::chain(&e), "freeze failed; thawed what was frozen");
                 for hook in ran.iter() {
                     let _ = run_hook(hook, "thaw").await;
@@ -323,8 +345,7 @@ impl FreezeService {
                 })
             }
         };
-        self.frozen.store(false, Ordering::SeqCst);
-        crate::logging::hold(false);
+        self.clear_frozen();
         if thawed.is_empty() {
             return Ok(FsThawResult {
                 thawed,
@@ -567,6 +588,25 @@ mod tests {
             list_hooks(dir.path()).is_empty(),
             "a writable directory runs nothing"
         );
+    }
+
+    #[tokio::test]
+    async fn waiters_for_the_thaw_wake_when_it_comes() {
+        let svc = service(None, Duration::from_secs(60));
+        svc.thawed().await;
+        svc.pretend_frozen(true);
+        let waiter = tokio::spawn({
+            let svc = svc.clone();
+            async move { svc.thawed().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        svc.pretend_frozen(false);
+        // Hang guard only.
+        tokio::time::timeout(Duration::from_secs(60), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
