@@ -472,3 +472,44 @@ fn ctl_commands_show_the_fields_a_vm_check_reads() {
     let users = ctl_json(&["users"]);
     assert!(users["users"].is_array());
 }
+
+/// An agent stopped while it holds a freeze thaws first.
+#[test]
+fn a_stopping_agent_thaws_what_it_froze() {
+    if !require_root("a_stopping_agent_thaws_what_it_froze") {
+        return;
+    }
+    let fs = LoopFs::new();
+    let mut agent = AgentProcess::start_with(
+        json!({}),
+        json!({"freeze_timeout_seconds": 3600, "fsfreeze_hook_dir": ""}),
+    );
+    let mut c = agent.connect();
+    let r = c.call(1, "fs_freeze", json!({"mount_points": [fs.mount_point()]}));
+    assert_eq!(r["result"]["frozen"], json!([fs.mount_point()]), "{r}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = agent.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    // Thawed: this write returns (it would block while frozen). Hang
+    // guard only: if it does not, the guard's `fsfreeze -u` frees it.
+    let writer = std::thread::spawn({
+        let path = fs.path().join("after");
+        move || std::fs::write(path, "x")
+    });
+    for _ in 0..600 {
+        if writer.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        writer.is_finished(),
+        "the filesystem stayed frozen after the agent stopped"
+    );
+    writer.join().unwrap().unwrap();
+    assert!(agent.log().contains("thawed at exit"), "{}", agent.log());
+}
