@@ -436,3 +436,32 @@ pub struct SuspendParams {
     #[serde(default)]
     pub mode: SuspendMode,
 }
+
+/// One block device (`/sys/class/block`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDevice {
+    /// Kernel name (`vda`, `vda1`, `dm-0`).
+    pub name: String,
+    /// `disk`, `partition`, `dm` (LVM, LUKS), `md` (RAID), `loop` or `rom`.
+    pub kind: String,
+    /// The device-mapper name (`vg-data`, `luks-...`), for `dm` devices.
+    pub mapper_name: Option<String>,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Read-only.
+    pub read_only: bool,
+    /// The devices it is built on (its partition's disk, a dm or md
+    /// device's members), by name.
+    pub dependencies: Vec<String>,
+    /// The devices built on it, by name.
+    pub holders: Vec<String>,
+    /// Bus, PCI address and serial, for whole disks.
+    pub address: Option<DiskAddress>,
+}
+
+/// Result of `get_block_devices`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDevices {
+    /// Every block device, by name.
+    pub devices: Vec<BlockDevice>,
+}

@@ -198,6 +198,9 @@ methods! {
     SetVcpus => "set_vcpus", SetVcpusRpc, SetVcpusParams, Vcpus, Facts::CHANGE;
     /// `get_fsinfo`: filesystems and the disks beneath them.
     GetFsinfo => "get_fsinfo", GetFsinfoRpc, Empty, FsInfo, Facts::QUERY;
+    /// `get_block_devices`: block devices and how they depend on each other.
+    GetBlockDevices => "get_block_devices", GetBlockDevicesRpc, Empty, BlockDevices,
+        Facts::QUERY;
     /// `get_stats`: load, per-CPU times, per-disk I/O, routes.
     GetStats => "get_stats", GetStatsRpc, Empty, GuestStats, Facts::QUERY;
     /// `get_memory_blocks`: memory blocks and whether they are online.

@@ -33,7 +33,6 @@ use agent_common::encoding::Encoding;
 use agent_common::envelope::{self, ReplyLine};
 use agent_common::error::{ErrorKind, ErrorObject};
 use agent_common::jsonrpc::{parse_message, Entry, Incoming, Request, Response};
-use agent_common::methods::SuspendRpc;
 use agent_common::methods::{
     AgentInfo, ExecCommandRpc, FileReadRpc, FileWriteRpc, GetAgentInfoRpc, GetDiskUsageRpc,
     GetNetworkInfoRpc, GetSystemInfoRpc, Method, PingResult, PingRpc, PowerParams, PowerResult,
@@ -45,6 +44,7 @@ use agent_common::methods::{
     SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysParams, SshKeysRemoveRpc,
     SshKeysSetRpc, ThawReason,
 };
+use agent_common::methods::{GetBlockDevicesRpc, SuspendRpc};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use serde::Serialize;
@@ -690,6 +690,15 @@ impl Agent {
                 }
                 Err(e) => Outcome::err(e),
             },
+            Method::GetBlockDevices => {
+                self.typed::<GetBlockDevicesRpc, _, _, _>(req, |_| async {
+                    blocking(|| {
+                        Ok::<_, Never>(disks::block_devices(std::path::Path::new(disks::SYSFS)))
+                    })
+                    .await
+                })
+                .await
+            }
             Method::GetMemoryBlocks => {
                 self.typed::<GetMemoryBlocksRpc, _, _, _>(req, |_| {
                     blocking(|| memory::get_blocks(std::path::Path::new(memory::MEMORY_SYSFS)))

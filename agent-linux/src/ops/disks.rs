@@ -10,7 +10,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use agent_common::methods::{DiskAddress, FsInfo, FsInfoEntry};
+use agent_common::methods::{BlockDevice, BlockDevices, DiskAddress, FsInfo, FsInfoEntry};
 
 use super::freeze::dev_numbers;
 use super::mounts::Mount;
@@ -61,6 +61,78 @@ pub fn fsinfo(sys: &Path, mounts: &[Mount]) -> FsInfo {
         });
     }
     FsInfo { filesystems }
+}
+
+/// Names of the entries of `dir` (none if it does not exist), sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    n.sort();
+    n
+}
+
+/// `get_block_devices` over the sysfs at `sys`.
+pub fn block_devices(sys: &Path) -> BlockDevices {
+    let mut devices = Vec::new();
+    for name in names_in(&sys.join("class/block")) {
+        let Ok(dir) = sys.join("class/block").join(&name).canonicalize() else {
+            continue;
+        };
+        let partition = dir.join("partition").exists();
+        let kind = if partition {
+            "partition"
+        } else if name.starts_with("dm-") {
+            "dm"
+        } else if name.starts_with("md") {
+            "md"
+        } else if name.starts_with("loop") {
+            "loop"
+        } else if name.starts_with("sr") {
+            "rom"
+        } else {
+            "disk"
+        };
+        let size_bytes = read_trimmed(&dir.join("size"))
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            .saturating_mul(512);
+        // Loop devices with nothing attached, as lsblk leaves them out.
+        if kind == "loop" && size_bytes == 0 {
+            continue;
+        }
+        let mut dependencies = names_in(&dir.join("slaves"));
+        if partition {
+            if let Some(disk) = dir.parent() {
+                dependencies.push(file_name(disk));
+            }
+        }
+        let mut holders = names_in(&dir.join("holders"));
+        // A disk's partitions are built on it too.
+        if !partition {
+            holders.extend(
+                names_in(&dir)
+                    .into_iter()
+                    .filter(|n| dir.join(n).join("partition").exists()),
+            );
+            holders.sort();
+        }
+        devices.push(BlockDevice {
+            mapper_name: read_trimmed(&dir.join("dm/name")),
+            size_bytes,
+            read_only: read_trimmed(&dir.join("ro")).as_deref() == Some("1"),
+            address: (kind == "disk" || kind == "rom").then(|| describe(&dir)),
+            name,
+            kind: kind.to_owned(),
+            dependencies,
+            holders,
+        });
+    }
+    BlockDevices { devices }
 }
 
 fn file_name(p: &Path) -> String {
@@ -244,6 +316,71 @@ mod tests {
             source: source.into(),
             read_only: false,
         }
+    }
+
+    #[test]
+    fn block_devices_list_their_dependencies_both_ways() {
+        let t = scratch_sysfs();
+        let r = t.path();
+        let dm = r.join("devices/virtual/block/dm-0");
+        std::fs::create_dir_all(dm.join("dm")).unwrap();
+        std::fs::write(dm.join("dm/name"), "vg-data\n").unwrap();
+        std::fs::write(dm.join("size"), "2048\n").unwrap();
+        let vdb = r.join("devices/pci0000:00/0000:00:05.0/virtio2/block/vdb");
+        std::fs::create_dir_all(vdb.join("vdb1/holders")).unwrap();
+        symlink(
+            "../../../../../../virtual/block/dm-0",
+            vdb.join("vdb1/holders/dm-0"),
+        )
+        .unwrap();
+        std::fs::write(vdb.join("ro"), "0\n").unwrap();
+        std::fs::create_dir_all(r.join("class/block")).unwrap();
+        for (name, target) in [
+            ("dm-0", "../../devices/virtual/block/dm-0"),
+            (
+                "vdb",
+                "../../devices/pci0000:00/0000:00:05.0/virtio2/block/vdb",
+            ),
+            (
+                "vdb1",
+                "../../devices/pci0000:00/0000:00:05.0/virtio2/block/vdb/vdb1",
+            ),
+        ] {
+            symlink(target, r.join("class/block").join(name)).unwrap();
+        }
+        let b = block_devices(r);
+        let get = |n: &str| b.devices.iter().find(|d| d.name == n).unwrap();
+        let dm = get("dm-0");
+        assert_eq!(
+            (dm.kind.as_str(), dm.mapper_name.as_deref()),
+            ("dm", Some("vg-data"))
+        );
+        assert_eq!(
+            (dm.size_bytes, dm.dependencies.clone()),
+            (1 << 20, vec!["vdb1".to_owned()])
+        );
+        assert_eq!(dm.address, None);
+        let p = get("vdb1");
+        assert_eq!(
+            (p.kind.as_str(), p.dependencies.clone(), p.holders.clone()),
+            ("partition", vec!["vdb".to_owned()], vec!["dm-0".to_owned()])
+        );
+        let d = get("vdb");
+        assert_eq!(
+            (d.kind.as_str(), d.holders.clone()),
+            ("disk", vec!["vdb1".to_owned()])
+        );
+        let a = d.address.as_ref().unwrap();
+        assert_eq!(
+            (a.serial.as_deref(), a.pci_address.as_deref()),
+            (Some("kvmm-data"), Some("0000:00:05.0"))
+        );
+    }
+
+    #[test]
+    fn this_machine_lists_block_devices() {
+        let b = block_devices(Path::new(SYSFS));
+        assert!(b.devices.iter().all(|d| !d.name.is_empty()));
     }
 
     #[test]

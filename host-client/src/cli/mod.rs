@@ -309,6 +309,8 @@ pub enum Command {
     Vcpus(ops::VcpuArgs),
     /// Show the guest's filesystems and the disks beneath them.
     Fsinfo,
+    /// Show the guest's block devices and how they stack.
+    BlockDevices,
     /// Show the guest's load, per-CPU times, per-disk I/O and routes.
     Stats,
     /// Show the guest's memory blocks, or bring them online or offline.
@@ -732,6 +734,7 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         | Command::Passwd(_)
         | Command::Vcpus(_)
         | Command::Fsinfo
+        | Command::BlockDevices
         | Command::Stats
         | Command::Memory(_)
         | Command::Suspend { .. }) => return ops::run(&client, cmd, json).await,

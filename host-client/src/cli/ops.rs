@@ -1,12 +1,13 @@
 //! `kvmmanager-ctl` commands of the guest operations: `fsfreeze`,
 //! `fstrim`, `time`, `users`, `ssh-keys`, `passwd`, `vcpus`, `fsinfo`,
-//! `stats`, `memory`, `suspend`;
+//! `block-devices`, `stats`, `memory`, `suspend`;
 //! their arguments, execution and tables (`--json` prints the agent's
 //! result as it is).
 
 use std::io::{BufRead, Read};
 use std::path::PathBuf;
 
+use agent_common::methods::BlockDevices;
 use agent_common::methods::{
     FreezeStatus, FsFreezeStatusResult, FsInfo, FsTrimResult, GuestStats, LoggedInUsers,
     MemoryBlockState, MemoryBlocks, SshKeysResult, TimeInfo, VcpuState, Vcpus,
@@ -358,6 +359,14 @@ pub(super) async fn run(client: &Client, cmd: Command, json: bool) -> Result<i32
                 out(&render_memory(&r))?;
             }
         }
+        Command::BlockDevices => {
+            let r = client.block_devices().await?;
+            if json {
+                out_json(&r)?;
+            } else {
+                out(&render_block_devices(&r))?;
+            }
+        }
         Command::Stats => {
             let r = client.stats().await?;
             if json {
@@ -606,6 +615,53 @@ fn render_memory(m: &MemoryBlocks) -> String {
             &[Align::Right, Align::Left, Align::Left],
             &rows
         )
+    )
+}
+
+fn render_block_devices(b: &BlockDevices) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(",")
+        }
+    };
+    let rows: Vec<Vec<String>> = b
+        .devices
+        .iter()
+        .map(|d| {
+            let mut kind = d.kind.clone();
+            if let Some(m) = &d.mapper_name {
+                kind.push_str(&format!(" ({m})"));
+            }
+            vec![
+                d.name.clone(),
+                kind,
+                human_size(d.size_bytes),
+                if d.read_only { "ro" } else { "rw" }.to_owned(),
+                list(&d.dependencies),
+                list(&d.holders),
+                d.address.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |a| {
+                        let mut s = a.bus_type.clone();
+                        if let Some(p) = &a.pci_address {
+                            s.push_str(&format!(" pci {p}"));
+                        }
+                        if let Some(serial) = &a.serial {
+                            s.push_str(&format!(" serial {serial}"));
+                        }
+                        s
+                    },
+                ),
+            ]
+        })
+        .collect();
+    use Align::{Left as L, Right as R};
+    table(
+        &["NAME", "KIND", "SIZE", "MODE", "ON", "UNDER", "ADDRESS"],
+        &[L, L, R, L, L, L, L],
+        &rows,
     )
 }
 

@@ -13,6 +13,7 @@ use agent_common::methods::{
     SshKeysRemoveRpc, SshKeysResult, SshKeysSetRpc, SshUserParams, TimeInfo, VcpuState, Vcpus,
 };
 
+use agent_common::methods::{BlockDevices, GetBlockDevicesRpc};
 use agent_common::methods::{
     GetMemoryBlocksRpc, MemoryBlockState, MemoryBlocks, SetMemoryBlocksParams, SetMemoryBlocksRpc,
 };
@@ -167,6 +168,11 @@ impl Client {
     /// `get_fsinfo`: filesystems and the disks beneath them.
     pub async fn fsinfo(&self) -> Result<FsInfo, ClientError> {
         self.call::<GetFsinfoRpc>(&Empty {}).await
+    }
+
+    /// `get_block_devices`: block devices and how they stack.
+    pub async fn block_devices(&self) -> Result<BlockDevices, ClientError> {
+        self.call::<GetBlockDevicesRpc>(&Empty {}).await
     }
 
     /// `get_stats`: load, per-CPU times, per-disk I/O, routes.
