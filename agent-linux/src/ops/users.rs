@@ -640,12 +640,17 @@ pub fn ssh_keys(
     let user = db.lookup(&p.username)?;
     let path = user.home.join(".ssh").join("authorized_keys");
     let home = File::open(&user.home).map_err(io_err("open the home directory", &user.home))?;
-    if !home
-        .metadata()
-        .map_err(io_err("inspect", &user.home))?
-        .is_dir()
-    {
+    let meta = home.metadata().map_err(io_err("inspect", &user.home))?;
+    if !meta.is_dir() {
         return Err(refused(&user.home, "the home directory is not a directory"));
+    }
+    // A system user whose "home" is a system directory (/, /usr/sbin)
+    // gets no ~/.ssh there; sshd would not trust it either.
+    if meta.uid() != user.uid && user.uid != 0 {
+        return Err(refused(
+            &user.home,
+            "the home directory does not belong to the user",
+        ));
     }
     let ssh = open_ssh_dir(&home, &user, op != KeysOp::Get)?;
     let text = match &ssh {
@@ -909,6 +914,15 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
+        // A home that is not the user's is refused.
+        let foreign = Scratch {
+            dir: tempfile::tempdir().unwrap(),
+            uid: db.uid + 1,
+            gid: db.gid,
+        };
+        let e = call(&foreign, KeysOp::Add, &[key(1, "")]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PolicyDenied, "{e}");
+        assert!(!foreign.dir.path().join(".ssh").exists());
         let elsewhere = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(elsewhere.path(), db.dir.path().join(".ssh")).unwrap();
         let e = call(&db, KeysOp::Add, &[key(1, "")]).unwrap_err();
