@@ -101,6 +101,9 @@ pub(crate) fn rtc_set(rtc: BorrowedFd<'_>, t: &RtcTime) -> io::Result<()> {
 
 /// The local time zone's offset from UTC at Unix time `t`, in seconds
 /// (`tm_gmtoff` of `localtime_r`).
+// libc deprecates `time_t` on musl (it will follow musl 1.2's 64-bit one);
+// it is the type these calls take on every target.
+#[allow(deprecated)]
 pub(crate) fn utc_offset_at(t: i64) -> io::Result<i32> {
     let t: libc::time_t = t;
     // SAFETY: `tm` is plain old data; all-zero is a valid value.
@@ -116,6 +119,8 @@ pub(crate) fn utc_offset_at(t: i64) -> io::Result<i32> {
 }
 
 /// `clock_settime(CLOCK_REALTIME)` to `secs` and `nanos` past the epoch.
+// See `utc_offset_at` for `time_t`.
+#[allow(deprecated)]
 pub(crate) fn set_realtime(secs: u64, nanos: u32) -> io::Result<()> {
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(secs)
