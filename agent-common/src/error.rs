@@ -53,6 +53,9 @@ pub enum ErrorKind {
     InvalidEncoding,
     /// -32015: the host cancelled the request (`cancel`) before it finished.
     Cancelled,
+    /// -32016: the guest's filesystems are frozen (`fs_freeze`) and the
+    /// request could write to one; thaw first.
+    Frozen,
 }
 
 impl ErrorKind {
@@ -79,6 +82,7 @@ impl ErrorKind {
         ErrorKind::AccessDenied,
         ErrorKind::InvalidEncoding,
         ErrorKind::Cancelled,
+        ErrorKind::Frozen,
     ];
 
     /// The numeric JSON-RPC error code.
@@ -105,6 +109,7 @@ impl ErrorKind {
             ErrorKind::AccessDenied => -32013,
             ErrorKind::InvalidEncoding => -32014,
             ErrorKind::Cancelled => -32015,
+            ErrorKind::Frozen => -32016,
         }
     }
 
@@ -132,6 +137,7 @@ impl ErrorKind {
             ErrorKind::AccessDenied => "access_denied",
             ErrorKind::InvalidEncoding => "invalid_encoding",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Frozen => "frozen",
         }
     }
 

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::encoding::Encoding;
+pub use crate::guestops::*;
 
 /// A method: its wire name and its params and result types.
 pub trait Rpc {
@@ -162,6 +163,56 @@ methods! {
     Reboot => "reboot", RebootRpc, PowerParams, PowerResult, Facts::CHANGE;
     /// `cancel`: stop a request of this connection, or abort one of its uploads.
     Cancel => "cancel", CancelRpc, CancelParams, CancelResult, Facts::INSTANT;
+    /// `fs_freeze`: freeze local filesystems (they thaw by themselves at
+    /// `freeze_timeout_seconds`).
+    FsFreeze => "fs_freeze", FsFreezeRpc, FsFreezeParams, FsFreezeResult,
+        Facts { time_limit: TimeLimit::Own, ..Facts::CHANGE };
+    /// `fs_thaw`: thaw what `fs_freeze` froze. Instant: answered even with
+    /// every slot taken.
+    FsThaw => "fs_thaw", FsThawRpc, Empty, FsThawResult,
+        Facts { changes_guest: true, ..Facts::INSTANT };
+    /// `fs_freeze_status`: frozen or thawed, and for how much longer.
+    FsFreezeStatus => "fs_freeze_status", FsFreezeStatusRpc, Empty, FsFreezeStatusResult,
+        Facts::INSTANT;
+    /// `fs_trim`: discard unused blocks (`FITRIM`).
+    FsTrim => "fs_trim", FsTrimRpc, FsTrimParams, FsTrimResult, Facts::CHANGE;
+    /// `get_time`: wall clock and time zone.
+    GetTime => "get_time", GetTimeRpc, Empty, TimeInfo, Facts::QUERY;
+    /// `set_time`: set the wall clock (and the hardware clock).
+    SetTime => "set_time", SetTimeRpc, SetTimeParams, SetTimeResult, Facts::CHANGE;
+    /// `get_users`: login sessions (utmp).
+    GetUsers => "get_users", GetUsersRpc, Empty, LoggedInUsers, Facts::QUERY;
+    /// `ssh_keys_get`: a user's authorized SSH keys.
+    SshKeysGet => "ssh_keys_get", SshKeysGetRpc, SshUserParams, SshKeysResult, Facts::QUERY;
+    /// `ssh_keys_add`: add keys to the agent's block of `authorized_keys`.
+    SshKeysAdd => "ssh_keys_add", SshKeysAddRpc, SshKeysParams, SshKeysResult, Facts::CHANGE;
+    /// `ssh_keys_remove`: remove keys from the agent's block.
+    SshKeysRemove => "ssh_keys_remove", SshKeysRemoveRpc, SshKeysParams, SshKeysResult,
+        Facts::CHANGE;
+    /// `ssh_keys_set`: replace the agent's block with these keys.
+    SshKeysSet => "ssh_keys_set", SshKeysSetRpc, SshKeysParams, SshKeysResult, Facts::CHANGE;
+    /// `set_user_password`: set a user's password (`chpasswd`).
+    SetUserPassword => "set_user_password", SetUserPasswordRpc, SetPasswordParams,
+        SetPasswordResult, Facts::CHANGE;
+    /// `get_vcpus`: CPUs and whether they are online.
+    GetVcpus => "get_vcpus", GetVcpusRpc, Empty, Vcpus, Facts::QUERY;
+    /// `set_vcpus`: bring CPUs online or take them offline.
+    SetVcpus => "set_vcpus", SetVcpusRpc, SetVcpusParams, Vcpus, Facts::CHANGE;
+    /// `get_fsinfo`: filesystems and the disks beneath them.
+    GetFsinfo => "get_fsinfo", GetFsinfoRpc, Empty, FsInfo, Facts::QUERY;
+    /// `get_block_devices`: block devices and how they depend on each other.
+    GetBlockDevices => "get_block_devices", GetBlockDevicesRpc, Empty, BlockDevices,
+        Facts::QUERY;
+    /// `get_stats`: load, per-CPU times, per-disk I/O, routes.
+    GetStats => "get_stats", GetStatsRpc, Empty, GuestStats, Facts::QUERY;
+    /// `get_memory_blocks`: memory blocks and whether they are online.
+    GetMemoryBlocks => "get_memory_blocks", GetMemoryBlocksRpc, Empty, MemoryBlocks,
+        Facts::QUERY;
+    /// `set_memory_blocks`: bring memory blocks online or take them offline.
+    SetMemoryBlocks => "set_memory_blocks", SetMemoryBlocksRpc, SetMemoryBlocksParams,
+        MemoryBlocks, Facts::CHANGE;
+    /// `suspend`: suspend to RAM, to disk, or both (after replying).
+    Suspend => "suspend", SuspendRpc, SuspendParams, PowerResult, Facts::CHANGE;
 }
 
 impl Method {
@@ -219,6 +270,11 @@ pub struct AgentInfo {
     pub platform: String,
     /// Methods this agent serves.
     pub methods: Vec<String>,
+    /// Those of `methods` its configuration disables
+    /// (`security.allowed_methods`, `security.blocked_methods`): they answer
+    /// `policy_denied`. Absent from older agents.
+    #[serde(default)]
+    pub disabled_methods: Vec<String>,
     /// Limits in force.
     pub limits: Limits,
 }
@@ -257,6 +313,10 @@ pub struct Limits {
     /// `pids.max` of each command's cgroup; absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_max_processes: Option<u64>,
+    /// Seconds after which a freeze ends by itself (`freeze_timeout_seconds`);
+    /// absent from agents without `fs_freeze`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_timeout_seconds: Option<u64>,
 }
 
 /// Result of `get_system_info`.

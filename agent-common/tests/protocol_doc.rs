@@ -466,6 +466,11 @@ fn config_keys_and_defaults_match() {
         ("connection_retry_seconds", "`5`"),
         ("request_timeout_seconds", "`30`"),
         ("max_concurrent_requests", "`10`"),
+        ("freeze_timeout_seconds", "`60`"),
+        (
+            "fsfreeze_hook_dir",
+            "`/etc/kvmmanager-agent/fsfreeze-hook.d`",
+        ),
         (
             "security.allowed_read_paths",
             r#"`["/tmp", "/var/log", "/etc/hostname", "/etc/os-release"]`"#,
@@ -476,6 +481,8 @@ fn config_keys_and_defaults_match() {
         ("security.max_command_timeout_seconds", "`300`"),
         ("security.command_memory_max_mb", "`null`"),
         ("security.command_max_processes", "`null`"),
+        ("security.allowed_methods", "`null`"),
+        ("security.blocked_methods", "`[]`"),
     ];
     let doc = doc();
     let text = section(&doc, "## Limits and configuration").expect("a limits section");

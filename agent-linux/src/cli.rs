@@ -361,6 +361,9 @@ async fn run(args: Args, config: Config) -> ExitCode {
             }
         }
     }
+    // First of all: a stopping agent never leaves the guest frozen, and
+    // nothing below (discarding uploads) may meet a frozen filesystem.
+    agent.thaw_at_exit().await;
     stop.cancel();
     while transports.join_next().await.is_some() {}
     tracker.close();

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agent_common::methods::Method;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -17,6 +18,13 @@ use crate::policy::{normalize_path, PathSyntaxError};
 
 /// Where the agent looks for its config unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kvmmanager-agent/config.json";
+
+/// Default of `fsfreeze_hook_dir`.
+pub const DEFAULT_FSFREEZE_HOOK_DIR: &str = "/etc/kvmmanager-agent/fsfreeze-hook.d";
+
+/// Methods the protocol needs to work at all: never disabled by
+/// `security.allowed_methods` or `security.blocked_methods`.
+pub const ALWAYS_ENABLED: &[Method] = &[Method::Ping, Method::Sync, Method::GetAgentInfo];
 
 /// How much the agent logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +85,12 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Key `max_concurrent_requests` (1..=1024, default 10).
     pub max_concurrent_requests: usize,
+    /// Key `freeze_timeout_seconds` (1..=86400, default 60): a freeze
+    /// ends by itself after this long.
+    pub freeze_timeout: Duration,
+    /// Key `fsfreeze_hook_dir` (absolute, default
+    /// `/etc/kvmmanager-agent/fsfreeze-hook.d`; `null`: no hooks).
+    pub fsfreeze_hook_dir: Option<PathBuf>,
     /// Key `security`.
     pub security: SecurityConfig,
 }
@@ -100,6 +114,12 @@ pub struct SecurityConfig {
     /// Key `command_max_processes` (1..=4194304, default `null`: no
     /// limit): `pids.max` of each command's cgroup.
     pub command_max_processes: Option<u64>,
+    /// Key `allowed_methods`: the methods served; `None` (default): all.
+    /// `ping`, `sync` and `get_agent_info` are served whatever it says.
+    pub allowed_methods: Option<Vec<Method>>,
+    /// Key `blocked_methods` (default empty): methods refused, even if
+    /// allowed.
+    pub blocked_methods: Vec<Method>,
 }
 
 impl Default for SecurityConfig {
@@ -115,6 +135,8 @@ impl Default for SecurityConfig {
             max_command_timeout: Duration::from_secs(300),
             command_memory_max: None,
             command_max_processes: None,
+            allowed_methods: None,
+            blocked_methods: Vec::new(),
         }
     }
 }
@@ -129,6 +151,8 @@ impl Default for Config {
             connection_retry: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 10,
+            freeze_timeout: Duration::from_secs(60),
+            fsfreeze_hook_dir: Some(PathBuf::from(DEFAULT_FSFREEZE_HOOK_DIR)),
             security: SecurityConfig::default(),
         }
     }
@@ -193,6 +217,8 @@ struct RawConfig {
     connection_retry_seconds: Option<u64>,
     request_timeout_seconds: Option<u64>,
     max_concurrent_requests: Option<u64>,
+    freeze_timeout_seconds: Option<u64>,
+    fsfreeze_hook_dir: Option<String>,
     security: Option<RawSecurity>,
 }
 
@@ -207,6 +233,8 @@ struct RawSecurity {
     max_command_timeout_seconds: Option<u64>,
     command_memory_max_mb: Option<u64>,
     command_max_processes: Option<u64>,
+    allowed_methods: Option<Vec<String>>,
+    blocked_methods: Option<Vec<String>>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -217,6 +245,8 @@ const TOP_KEYS: &[&str] = &[
     "connection_retry_seconds",
     "request_timeout_seconds",
     "max_concurrent_requests",
+    "freeze_timeout_seconds",
+    "fsfreeze_hook_dir",
     "security",
 ];
 
@@ -228,6 +258,8 @@ const SECURITY_KEYS: &[&str] = &[
     "security.max_command_timeout_seconds",
     "security.command_memory_max_mb",
     "security.command_max_processes",
+    "security.allowed_methods",
+    "security.blocked_methods",
 ];
 
 /// Finds the key (of `known`, dotted with `prefix`) that makes `object` fail
@@ -337,6 +369,32 @@ fn path_reason(e: PathSyntaxError) -> &'static str {
     }
 }
 
+/// Method names of `key`, each known; `ping`, `sync` and `get_agent_info`
+/// may not be blocked.
+fn method_list(key: &'static str, list: Vec<String>) -> Result<Vec<Method>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for name in list {
+        let Some(m) = Method::from_name(&name) else {
+            return Err(invalid(
+                key,
+                format!("{name:?} is not a method of this agent (see get_agent_info)"),
+            ));
+        };
+        if key == "security.blocked_methods" && ALWAYS_ENABLED.contains(&m) {
+            return Err(invalid(
+                key,
+                format!(
+                    "{name} cannot be blocked: the protocol needs ping, sync and get_agent_info"
+                ),
+            ));
+        }
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
 fn path_list(
     key: &'static str,
     value: Option<Vec<String>>,
@@ -431,6 +489,22 @@ impl Config {
             1..=1024,
         )?;
 
+        let freeze_timeout = ranged(
+            "freeze_timeout_seconds",
+            raw.freeze_timeout_seconds,
+            60,
+            1..=86400,
+        )?;
+        // Absent takes the default directory; `null` is absent too, so an
+        // empty string is how hooks are turned off.
+        let fsfreeze_hook_dir = match raw.fsfreeze_hook_dir {
+            None => d.fsfreeze_hook_dir,
+            Some(p) if p.is_empty() => None,
+            Some(p) => Some(PathBuf::from(normalize_path(&p).map_err(|e| {
+                invalid("fsfreeze_hook_dir", format!("{p:?}: {}", path_reason(e)))
+            })?)),
+        };
+
         let s = raw.security.unwrap_or_default();
         let ds = d.security;
         let allowed_read_paths = path_list(
@@ -495,6 +569,15 @@ impl Config {
             1..=4_194_304,
         )?;
 
+        let allowed_methods = s
+            .allowed_methods
+            .map(|l| method_list("security.allowed_methods", l))
+            .transpose()?;
+        let blocked_methods = method_list(
+            "security.blocked_methods",
+            s.blocked_methods.unwrap_or_default(),
+        )?;
+
         Ok(Config {
             log_level,
             log_file,
@@ -505,6 +588,8 @@ impl Config {
             request_timeout: Duration::from_secs(request_timeout),
             // At most 1024.
             max_concurrent_requests: max_concurrent_requests as usize,
+            freeze_timeout: Duration::from_secs(freeze_timeout),
+            fsfreeze_hook_dir,
             security: SecurityConfig {
                 allowed_read_paths,
                 allowed_write_paths,
@@ -513,8 +598,23 @@ impl Config {
                 max_command_timeout: Duration::from_secs(max_command_timeout),
                 command_memory_max: command_memory_max_mb.map(|mb| mb * 1024 * 1024),
                 command_max_processes,
+                allowed_methods,
+                blocked_methods,
             },
         })
+    }
+
+    /// True if the policy serves `method` (`security.allowed_methods`,
+    /// `security.blocked_methods`; a blocked name wins).
+    pub fn method_enabled(&self, method: Method) -> bool {
+        if ALWAYS_ENABLED.contains(&method) {
+            return true;
+        }
+        let s = &self.security;
+        !s.blocked_methods.contains(&method)
+            && s.allowed_methods
+                .as_ref()
+                .map_or(true, |list| list.contains(&method))
     }
 
     /// The per-command cgroup limits this config asks for.
@@ -545,6 +645,7 @@ impl Config {
             command_containment: Some(containment.map_or("process_group", |c| c.name()).to_owned()),
             command_memory_max: in_force.memory_max,
             command_max_processes: in_force.pids_max,
+            freeze_timeout_seconds: Some(self.freeze_timeout.as_secs()),
         }
     }
 }
@@ -579,6 +680,14 @@ mod tests {
         assert_eq!(c.security.max_command_timeout, Duration::from_secs(300));
         assert_eq!(c.security.command_memory_max, None);
         assert_eq!(c.security.command_max_processes, None);
+        assert_eq!(c.freeze_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.fsfreeze_hook_dir,
+            Some(PathBuf::from("/etc/kvmmanager-agent/fsfreeze-hook.d"))
+        );
+        assert_eq!(c.security.allowed_methods, None);
+        assert!(c.security.blocked_methods.is_empty());
+        assert!(Method::ALL.iter().all(|m| c.method_enabled(*m)));
         assert_eq!(Config::from_json(r#"{"security":{}}"#).unwrap(), c);
         assert_eq!(
             Config::from_json(
@@ -625,6 +734,8 @@ mod tests {
                 "connection_retry_seconds": 1,
                 "request_timeout_seconds": 86400,
                 "max_concurrent_requests": 1024,
+                "freeze_timeout_seconds": 5,
+                "fsfreeze_hook_dir": "/etc/hooks//",
                 "security": {
                     "allowed_read_paths": ["/", "/var/./log/"],
                     "allowed_write_paths": [],
@@ -632,7 +743,9 @@ mod tests {
                     "max_file_size_mb": 1048576,
                     "max_command_timeout_seconds": 1,
                     "command_memory_max_mb": 1048576,
-                    "command_max_processes": 1
+                    "command_max_processes": 1,
+                    "allowed_methods": ["fs_freeze", "fs_thaw", "exec_command", "fs_freeze"],
+                    "blocked_methods": ["exec_command"]
                 }
             }"#,
         )
@@ -657,6 +770,29 @@ mod tests {
         assert_eq!(c.security.max_command_timeout, Duration::from_secs(1));
         assert_eq!(c.security.command_memory_max, Some(1 << 40));
         assert_eq!(c.security.command_max_processes, Some(1));
+        assert_eq!(c.freeze_timeout, Duration::from_secs(5));
+        assert_eq!(c.fsfreeze_hook_dir, Some(PathBuf::from("/etc/hooks")));
+        assert_eq!(
+            c.security.allowed_methods,
+            Some(vec![Method::FsFreeze, Method::FsThaw, Method::ExecCommand])
+        );
+        assert_eq!(c.security.blocked_methods, vec![Method::ExecCommand]);
+        let enabled: Vec<Method> = Method::ALL
+            .iter()
+            .copied()
+            .filter(|m| c.method_enabled(*m))
+            .collect();
+        assert_eq!(
+            enabled,
+            [
+                Method::Ping,
+                Method::Sync,
+                Method::GetAgentInfo,
+                Method::FsFreeze,
+                Method::FsThaw
+            ],
+            "a blocked name wins; ping, sync and get_agent_info are always served"
+        );
         assert_eq!(
             c.command_limits(),
             crate::cgroup::CommandLimits {
@@ -673,6 +809,7 @@ mod tests {
         assert_eq!(l.max_read_chunk, agent_common::MAX_READ_CHUNK);
         assert_eq!(l.max_exec_output, agent_common::MAX_EXEC_OUTPUT);
         assert_eq!(l.max_response_size, agent_common::MAX_RESPONSE_SIZE as u64);
+        assert_eq!(l.freeze_timeout_seconds, Some(5));
         // Unit tests never set up containment (cgroup::init moves the
         // process): the process group alone, and no limits in force.
         assert_eq!(l.command_containment.as_deref(), Some("process_group"));
@@ -680,6 +817,14 @@ mod tests {
             (l.command_memory_max, l.command_max_processes),
             (None, None)
         );
+    }
+
+    #[test]
+    fn an_empty_hook_dir_turns_hooks_off() {
+        let c = Config::from_json(r#"{"fsfreeze_hook_dir":""}"#).unwrap();
+        assert_eq!(c.fsfreeze_hook_dir, None);
+        let c = Config::from_json(r#"{"fsfreeze_hook_dir":null}"#).unwrap();
+        assert_eq!(c.fsfreeze_hook_dir, Config::default().fsfreeze_hook_dir);
     }
 
     #[test]
@@ -734,6 +879,33 @@ mod tests {
                 "max_concurrent_requests",
             ),
             (r#"{"security":[]}"#, "security"),
+            (r#"{"freeze_timeout_seconds":0}"#, "freeze_timeout_seconds"),
+            (
+                r#"{"freeze_timeout_seconds":86401}"#,
+                "freeze_timeout_seconds",
+            ),
+            (r#"{"fsfreeze_hook_dir":"hooks"}"#, "fsfreeze_hook_dir"),
+            (r#"{"fsfreeze_hook_dir":"/a/../b"}"#, "fsfreeze_hook_dir"),
+            (
+                r#"{"security":{"allowed_methods":["guest-ping"]}}"#,
+                "security.allowed_methods",
+            ),
+            (
+                r#"{"security":{"allowed_methods":"ping"}}"#,
+                "security.allowed_methods",
+            ),
+            (
+                r#"{"security":{"blocked_methods":["fs_freez"]}}"#,
+                "security.blocked_methods",
+            ),
+            (
+                r#"{"security":{"blocked_methods":["sync"]}}"#,
+                "security.blocked_methods",
+            ),
+            (
+                r#"{"security":{"blocked_methods":null,"allowed_methods":[1]}}"#,
+                "security.allowed_methods",
+            ),
             (
                 r#"{"security":{"allowed_read_paths":"/tmp"}}"#,
                 "security.allowed_read_paths",

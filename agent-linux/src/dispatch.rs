@@ -40,6 +40,13 @@ use agent_common::methods::{
     GetDiskUsageRpc, GetNetworkInfoRpc, GetSystemInfoRpc, Method, PingResult, PingRpc, PowerParams,
     PowerResult, RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
+use agent_common::methods::{
+    FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetMemoryBlocksRpc,
+    GetStatsRpc, GetTimeRpc, GetUsersRpc, GetVcpusRpc, SetMemoryBlocksRpc, SetTimeRpc,
+    SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysParams, SshKeysRemoveRpc,
+    SshKeysSetRpc, ThawReason,
+};
+use agent_common::methods::{GetBlockDevicesRpc, SuspendRpc};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use serde::Serialize;
@@ -51,6 +58,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::config::Config;
 use crate::error::{to_error_object, RpcError};
 use crate::files::{CommitGate, FileService};
+use crate::ops::freeze::FreezeService;
+use crate::ops::users::{KeysOp, SystemUsers};
+use crate::ops::{cpu, disks, memory, mounts, stats, time, trim, users};
 use crate::power::PowerAction;
 use crate::session::Session;
 use crate::{exec, sysinfo};
@@ -65,6 +75,9 @@ pub struct Agent {
     slots: Arc<Semaphore>,
     /// Cancelled when in-flight requests must stop (end of the shutdown grace).
     abort: CancellationToken,
+    /// `fs_freeze` state: while frozen, methods that could write answer
+    /// `frozen`.
+    freeze: Arc<FreezeService>,
 }
 
 pub use crate::session::SessionId;
@@ -190,6 +203,7 @@ impl Agent {
             files: FileService::new(config.clone()),
             slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             abort: CancellationToken::new(),
+            freeze: FreezeService::new(&config),
             config,
         })
     }
@@ -197,6 +211,22 @@ impl Agent {
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The freeze state (`fs_freeze`).
+    pub fn freeze_service(&self) -> &Arc<FreezeService> {
+        &self.freeze
+    }
+
+    /// Thaws what `fs_freeze` froze: the agent never leaves the guest
+    /// frozen behind it when it stops.
+    pub async fn thaw_at_exit(&self) {
+        if self.freeze.is_frozen() {
+            match self.freeze.thaw(ThawReason::Shutdown).await {
+                Ok(t) => info!(mount_points = ?t.thawed, "thawed at exit"),
+                Err(e) => warn!(error = %crate::error::chain(&e), "could not thaw at exit"),
+            }
+        }
     }
 
     /// Cancels every request still running (they are answered `shutting_down`)
@@ -215,7 +245,17 @@ impl Agent {
     }
 
     /// Forgets what belongs to a closed connection (its staged uploads).
-    pub fn end_session(&self, session: SessionId) {
+    /// While filesystems are frozen, deleting their staging files would
+    /// block: that waits for the thaw, on a task of its own.
+    pub fn end_session(self: &Arc<Self>, session: SessionId) {
+        if self.freeze.is_frozen() {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                agent.freeze.thawed().await;
+                agent.files.end_session(session.0);
+            });
+            return;
+        }
         self.files.end_session(session.0);
     }
 
@@ -377,6 +417,12 @@ impl Agent {
             ));
         };
         let facts = method.facts();
+        if !self.config.method_enabled(method) {
+            return Outcome::err(method_disabled(method, &self.config));
+        }
+        if !facts.while_frozen && self.freeze.is_frozen() {
+            return Outcome::err(frozen(method, self.freeze.remaining_seconds()));
+        }
         if attachment.is_some() && !facts.attachment_in {
             return Outcome::err(ErrorObject::new(
                 ErrorKind::InvalidParams,
@@ -386,7 +432,12 @@ impl Agent {
         let gate = CommitGate::default();
         if facts.instant {
             // Answered at once, never queued, no slot and no time limit.
-            return self.run(session, method, req, cx, attachment, &gate).await;
+            let started = Instant::now();
+            let outcome = self.run(session, method, req, cx, attachment, &gate).await;
+            if facts.changes_guest {
+                log_outcome(method, &outcome, started);
+            }
+            return outcome;
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             return Outcome::err(
@@ -556,6 +607,145 @@ impl Agent {
                 })
                 .await
             }
+            Method::FsFreeze => {
+                self.typed::<FsFreezeRpc, _, _, _>(req, |p| self.freeze.freeze(p))
+                    .await
+            }
+            Method::FsThaw => {
+                self.typed::<FsThawRpc, _, _, _>(req, |_| self.freeze.thaw(ThawReason::Request))
+                    .await
+            }
+            Method::FsFreezeStatus => {
+                self.typed::<FsFreezeStatusRpc, _, _, _>(req, |_| async {
+                    Ok::<_, Never>(self.freeze.status())
+                })
+                .await
+            }
+            Method::FsTrim => {
+                self.typed::<FsTrimRpc, _, _, _>(req, |p| blocking(move || trim::trim(p)))
+                    .await
+            }
+            Method::GetTime => {
+                self.typed::<GetTimeRpc, _, _, _>(req, |_| async {
+                    Ok::<_, Never>(time::get_time())
+                })
+                .await
+            }
+            Method::SetTime => {
+                self.typed::<SetTimeRpc, _, _, _>(req, |p| {
+                    blocking(move || time::set_time(p, &time::SystemClocks))
+                })
+                .await
+            }
+            Method::GetUsers => {
+                self.typed::<GetUsersRpc, _, _, _>(req, |_| blocking(users::get_users))
+                    .await
+            }
+            Method::SshKeysGet => {
+                self.typed::<SshKeysGetRpc, _, _, _>(req, |p| {
+                    let p = SshKeysParams {
+                        username: p.username,
+                        keys: Vec::new(),
+                    };
+                    blocking(move || users::ssh_keys(&SystemUsers, KeysOp::Get, p))
+                })
+                .await
+            }
+            Method::SshKeysAdd => {
+                self.typed::<SshKeysAddRpc, _, _, _>(req, |p| {
+                    blocking(move || users::ssh_keys(&SystemUsers, KeysOp::Add, p))
+                })
+                .await
+            }
+            Method::SshKeysRemove => {
+                self.typed::<SshKeysRemoveRpc, _, _, _>(req, |p| {
+                    blocking(move || users::ssh_keys(&SystemUsers, KeysOp::Remove, p))
+                })
+                .await
+            }
+            Method::SshKeysSet => {
+                self.typed::<SshKeysSetRpc, _, _, _>(req, |p| {
+                    blocking(move || users::ssh_keys(&SystemUsers, KeysOp::Set, p))
+                })
+                .await
+            }
+            Method::SetUserPassword => {
+                self.typed::<SetUserPasswordRpc, _, _, _>(req, |p| async move {
+                    let chpasswd = crate::policy::lookup_safe_path("chpasswd");
+                    users::set_password(&SystemUsers, chpasswd.as_deref(), p).await
+                })
+                .await
+            }
+            Method::GetVcpus => {
+                self.typed::<GetVcpusRpc, _, _, _>(req, |_| {
+                    blocking(|| cpu::get_vcpus(std::path::Path::new(cpu::CPU_SYSFS)))
+                })
+                .await
+            }
+            Method::SetVcpus => {
+                self.typed::<SetVcpusRpc, _, _, _>(req, |p| {
+                    blocking(move || cpu::set_vcpus(std::path::Path::new(cpu::CPU_SYSFS), p))
+                })
+                .await
+            }
+            Method::GetFsinfo => {
+                self.typed::<GetFsinfoRpc, _, _, _>(req, |_| {
+                    blocking(|| {
+                        let all = mounts::read_mounts().map_err(|source| {
+                            sysinfo::SysInfoError::Read {
+                                path: "/proc/self/mountinfo".into(),
+                                source,
+                            }
+                        })?;
+                        Ok::<_, sysinfo::SysInfoError>(disks::fsinfo(
+                            std::path::Path::new(disks::SYSFS),
+                            &all,
+                        ))
+                    })
+                })
+                .await
+            }
+            Method::GetStats => {
+                self.typed::<GetStatsRpc, _, _, _>(req, |_| blocking(stats::stats))
+                    .await
+            }
+            Method::Suspend => match req.params::<<SuspendRpc as Rpc>::Params>() {
+                Ok(p) => {
+                    let root = std::path::Path::new(crate::ops::suspend::POWER_SYSFS);
+                    match crate::ops::suspend::supported(root, p.mode) {
+                        Ok(()) => {
+                            let mut o = Outcome::of::<SuspendRpc>(&PowerResult { accepted: true });
+                            o.after = Some(PowerAction::Suspend { mode: p.mode });
+                            o
+                        }
+                        Err(e) => Outcome::err(to_error_object(&e)),
+                    }
+                }
+                Err(e) => Outcome::err(e),
+            },
+            Method::GetBlockDevices => {
+                self.typed::<GetBlockDevicesRpc, _, _, _>(req, |_| async {
+                    blocking(|| {
+                        Ok::<_, Never>(disks::block_devices(std::path::Path::new(disks::SYSFS)))
+                    })
+                    .await
+                })
+                .await
+            }
+            Method::GetMemoryBlocks => {
+                self.typed::<GetMemoryBlocksRpc, _, _, _>(req, |_| {
+                    blocking(|| memory::get_blocks(std::path::Path::new(memory::MEMORY_SYSFS)))
+                })
+                .await
+            }
+            Method::SetMemoryBlocks => {
+                self.typed::<SetMemoryBlocksRpc, _, _, _>(req, |p| {
+                    blocking(move || {
+                        memory::set_blocks(std::path::Path::new(memory::MEMORY_SYSFS), p)
+                    })
+                })
+                .await
+            }
         }
     }
 
@@ -600,6 +790,11 @@ impl Agent {
             protocol_version: agent_common::PROTOCOL_VERSION,
             platform: "linux".into(),
             methods: Method::ALL.iter().map(|m| m.as_str().to_owned()).collect(),
+            disabled_methods: Method::ALL
+                .iter()
+                .filter(|m| !self.config.method_enabled(**m))
+                .map(|m| m.as_str().to_owned())
+                .collect(),
             limits: self.config.limits(),
         }
     }
@@ -714,6 +909,44 @@ fn cancelled_by_host(method: Method) -> ErrorObject {
     )
 }
 
+/// The refusal of a method the configuration disables.
+fn method_disabled(method: Method, config: &Config) -> ErrorObject {
+    let key = if config.security.blocked_methods.contains(&method) {
+        "security.blocked_methods"
+    } else {
+        "security.allowed_methods"
+    };
+    let how = if key == "security.blocked_methods" {
+        "remove it from"
+    } else {
+        "add it to"
+    };
+    ErrorObject::new(
+        ErrorKind::PolicyDenied,
+        format!("{method} is disabled by the agent's configuration; {how} {key} to allow it"),
+    )
+    .with_data("config_key", key)
+    .with_data("method", method.as_str())
+}
+
+/// The refusal of a method that could write while filesystems are frozen.
+fn frozen(method: Method, remaining: Option<u64>) -> ErrorObject {
+    let when = remaining.map_or(String::new(), |r| {
+        format!(" (they thaw by themselves in {r} s)")
+    });
+    let e = ErrorObject::new(
+        ErrorKind::Frozen,
+        format!(
+            "the guest's filesystems are frozen and {method} could write to them; \
+             call fs_thaw first{when}"
+        ),
+    );
+    match remaining {
+        Some(r) => e.with_data("remaining_seconds", r),
+        None => e,
+    }
+}
+
 fn shutting_down() -> ErrorObject {
     ErrorObject::new(
         ErrorKind::ShuttingDown,
@@ -777,7 +1010,8 @@ fn summarize(result: &str) -> String {
     match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(result) {
         Ok(map) => map
             .into_iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "stdout" | "stderr" | "content"))
+            // Key lines are logged by type and comment only (ops::users).
+            .filter(|(k, _)| !matches!(k.as_str(), "stdout" | "stderr" | "content" | "keys"))
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(" "),
@@ -910,6 +1144,81 @@ mod tests {
         assert_eq!(out.after, Some(PowerAction::Reboot { delay_seconds: 3 }));
         let v: Value = serde_json::from_slice(&out.line).unwrap();
         assert_eq!(v["result"]["accepted"], true);
+    }
+
+    #[tokio::test]
+    async fn suspend_is_checked_first_and_answered_before_it_acts() {
+        let a = agent();
+        // A request with an id: the action is only carried, never run here.
+        let out = a
+            .handle_line(
+                SessionId(1),
+                br#"{"jsonrpc":"2.0","method":"suspend","params":{"mode":"hybrid"},"id":1}"#,
+            )
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.line).unwrap();
+        match out.after {
+            Some(action) => {
+                assert_eq!(
+                    action,
+                    PowerAction::Suspend {
+                        mode: agent_common::methods::SuspendMode::Hybrid
+                    }
+                );
+                assert_eq!(v["result"]["accepted"], true);
+            }
+            None => assert_eq!(v["error"]["data"]["kind"], "not_supported", "{v}"),
+        }
+        let r = reply(
+            &a,
+            r#"{"jsonrpc":"2.0","method":"suspend","params":{"mode":"s3"},"id":2}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["error"]["data"]["kind"], "invalid_params");
+    }
+
+    #[tokio::test]
+    async fn guest_changing_methods_answer_frozen_while_frozen_and_status_always_answers() {
+        let a = agent();
+        // Nothing is frozen: the flag alone decides, as in dispatch, so no
+        // filesystem of this machine is touched.
+        a.freeze.pretend_frozen(true);
+        let refused = [
+            r#"{"jsonrpc":"2.0","method":"file_write","params":{"path":"/tmp/kvmmanager/x","content":"x"},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"exec_command","params":{"command":"true"},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"set_time","params":{"time_ns":1763784000000000000},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"ssh_keys_add","params":{"username":"root","keys":[]},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"fs_freeze","id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"fs_trim","id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"set_vcpus","params":{"cpus":[]},"id":1}"#,
+            r#"{"jsonrpc":"2.0","method":"suspend","id":1}"#,
+        ];
+        for line in refused {
+            let r = reply(&a, line).await.unwrap();
+            assert_eq!(r["error"]["data"]["kind"], "frozen", "{line}: {r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("fs_thaw"));
+        }
+        // With every slot taken, the instant ones still answer.
+        let all = a.slots.clone().try_acquire_many_owned(10).unwrap();
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"ping","id":2}"#)
+            .await
+            .unwrap();
+        assert_eq!(r["result"]["pong"], true);
+        let r = reply(
+            &a,
+            r#"{"jsonrpc":"2.0","method":"fs_freeze_status","id":3}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["result"]["timeout_seconds"], 60, "{r}");
+        drop(all);
+        let r = reply(&a, r#"{"jsonrpc":"2.0","method":"get_system_info","id":4}"#)
+            .await
+            .unwrap();
+        assert!(r["result"].is_object(), "queries answer while frozen: {r}");
+        a.freeze.pretend_frozen(false);
     }
 
     #[tokio::test]

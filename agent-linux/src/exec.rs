@@ -978,6 +978,115 @@ pub(crate) async fn run_power_command(program: &str, args: &[&str]) -> io::Resul
         .await
 }
 
+/// Most bytes kept of each of a helper's stdout and stderr.
+pub const HELPER_OUTPUT: usize = 16 * 1024;
+
+/// What a helper program ([`run_helper`]) did.
+#[derive(Debug)]
+pub struct HelperOutput {
+    /// Its exit status; `None` if it ran out of time and its process group
+    /// was killed.
+    pub status: Option<ExitStatus>,
+    /// The first [`HELPER_OUTPUT`] bytes of its stdout.
+    pub stdout: Vec<u8>,
+    /// The first [`HELPER_OUTPUT`] bytes of its stderr.
+    pub stderr: Vec<u8>,
+}
+
+async fn capture_bounded(mut r: impl AsyncRead + Unpin) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Everything is read, so the helper never blocks on a full pipe; only
+    // the start is kept.
+    while let Ok(n) = r.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        let room = HELPER_OUTPUT.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..n.min(room)]);
+    }
+    kept
+}
+
+/// Runs a helper program of the guest operations (a freeze hook,
+/// `chpasswd`) at an absolute path, with `args`, `stdin` written to its
+/// stdin (then closed), the fixed environment, in a process group of its
+/// own, for at most `limit`: then the whole group is killed. Its output is
+/// returned (bounded), never logged here: `stdin` may hold a password.
+pub(crate) async fn run_helper(
+    program: &std::path::Path,
+    args: &[&str],
+    stdin: Option<Vec<u8>>,
+    limit: Duration,
+) -> io::Result<HelperOutput> {
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .process_group(0)
+        .kill_on_drop(true)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+    let input = child.stdin.take();
+    let out = child.stdout.take();
+    let err = child.stderr.take();
+    let feed = async move {
+        if let (Some(mut pipe), Some(data)) = (input, stdin) {
+            // A helper that exits without reading is not an error here.
+            let _ = pipe.write_all(&data).await;
+        }
+    };
+    let read_out = async move {
+        match out {
+            Some(o) => capture_bounded(o).await,
+            None => Vec::new(),
+        }
+    };
+    let read_err = async move {
+        match err {
+            Some(e) => capture_bounded(e).await,
+            None => Vec::new(),
+        }
+    };
+    let run = async {
+        let ((), stdout, stderr, status) = tokio::join!(feed, read_out, read_err, child.wait());
+        status.map(|s| (s, stdout, stderr))
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(Ok((status, stdout, stderr))) => Ok(HelperOutput {
+            status: Some(status),
+            stdout,
+            stderr,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            if let Some(pgid) = pgid {
+                // The main process is not reaped yet (kill_on_drop reaps
+                // it below), so the group id is still ours.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill().await;
+            Ok(HelperOutput {
+                status: None,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod logging;
+pub mod ops;
 pub mod policy;
 pub mod power;
 pub mod server;

@@ -3,9 +3,11 @@
 use std::fs::OpenOptions;
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use tracing_subscriber::fmt::writer::MakeWriterExt;
+use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogLevel;
 
@@ -47,7 +49,7 @@ pub fn init(level: LogLevel, log_file: Option<&Path>) -> Result<(), LoggingError
                     path: path.display().to_string(),
                     source,
                 })?;
-            let writer = std::io::stderr.and(Mutex::new(file));
+            let writer = Held::new(std::io::stderr).and(Held::new(Mutex::new(file)));
             builder.with_ansi(false).with_writer(writer).init();
         }
         // Colour only for a person at a terminal: journald (or a console)
@@ -55,8 +57,145 @@ pub fn init(level: LogLevel, log_file: Option<&Path>) -> Result<(), LoggingError
         // pays for every byte.
         None => builder
             .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+            .with_writer(Held::new(std::io::stderr))
             .init(),
     }
     Ok(())
+}
+
+/// Most bytes of log lines kept per output while held; later lines are
+/// dropped (and counted in a line written at release).
+pub const HELD_LOG_LIMIT: usize = 256 * 1024;
+
+/// True while log output is held (filesystems frozen).
+static HOLD: AtomicBool = AtomicBool::new(false);
+/// Writers check [`HOLD`] and write under its read side; [`hold`] flips it
+/// under the write side, so no write that saw "not held" is still on its
+/// way once `hold(true)` returns.
+static GATE: RwLock<()> = RwLock::new(());
+
+/// Holds (`true`) or releases (`false`) the log output. While held (the
+/// guest's filesystems are frozen: the log file, and journald behind
+/// stderr, could block the agent) lines wait in memory, up to
+/// [`HELD_LOG_LIMIT`] bytes per output; they are written before the next
+/// line after the release.
+pub fn hold(on: bool) {
+    let _g = GATE.write().unwrap_or_else(|e| e.into_inner());
+    HOLD.store(on, Ordering::SeqCst);
+}
+
+/// Lines kept while held, and how many bytes were dropped.
+#[derive(Default)]
+struct Backlog {
+    kept: Vec<u8>,
+    dropped: usize,
+}
+
+/// An output whose writes wait in memory while the log is held.
+struct Held<M> {
+    inner: M,
+    backlog: Mutex<Backlog>,
+}
+
+impl<M> Held<M> {
+    fn new(inner: M) -> Held<M> {
+        Held {
+            inner,
+            backlog: Mutex::new(Backlog::default()),
+        }
+    }
+}
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Held<M> {
+    type Writer = HeldWriter<'a, M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        HeldWriter {
+            inner: self.inner.make_writer(),
+            backlog: &self.backlog,
+        }
+    }
+}
+
+/// One event's writer of a [`Held`] output.
+struct HeldWriter<'a, W> {
+    inner: W,
+    backlog: &'a Mutex<Backlog>,
+}
+
+impl<W: std::io::Write> std::io::Write for HeldWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _g = GATE.read().unwrap_or_else(|e| e.into_inner());
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        if HOLD.load(Ordering::SeqCst) {
+            if backlog.kept.len() + buf.len() <= HELD_LOG_LIMIT {
+                backlog.kept.extend_from_slice(buf);
+            } else {
+                backlog.dropped += buf.len();
+            }
+            return Ok(buf.len());
+        }
+        if !backlog.kept.is_empty() || backlog.dropped > 0 {
+            let kept = std::mem::take(&mut backlog.kept);
+            self.inner.write_all(&kept)?;
+            if backlog.dropped > 0 {
+                let note = format!(
+                    "(kvmmanager-agent: {} bytes of log lines dropped while filesystems were frozen)\n",
+                    backlog.dropped
+                );
+                backlog.dropped = 0;
+                self.inner.write_all(note.as_bytes())?;
+            }
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn held_lines_wait_and_come_out_in_order_after_release() {
+        let sink = Sink::default();
+        let out = Held::new({
+            let s = sink.clone();
+            move || s.clone()
+        });
+        out.make_writer().write_all(b"one\n").unwrap();
+        hold(true);
+        out.make_writer().write_all(b"two\n").unwrap();
+        assert_eq!(
+            &*sink.0.lock().unwrap(),
+            b"one\n",
+            "nothing written while held"
+        );
+        out.make_writer()
+            .write_all(&vec![b'x'; HELD_LOG_LIMIT])
+            .unwrap();
+        hold(false);
+        out.make_writer().write_all(b"three\n").unwrap();
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(text.starts_with("one\ntwo\n(kvmmanager-agent: "), "{text}");
+        assert!(text.ends_with("dropped while filesystems were frozen)\nthree\n"));
+    }
 }

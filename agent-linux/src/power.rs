@@ -31,6 +31,11 @@ pub enum PowerAction {
         /// Seconds to wait first.
         delay_seconds: u64,
     },
+    /// Suspend the guest (`suspend`, [`crate::ops::suspend`]).
+    Suspend {
+        /// To RAM, to disk or both.
+        mode: agent_common::methods::SuspendMode,
+    },
 }
 
 /// The init system the guest runs.
@@ -65,6 +70,7 @@ impl PowerAction {
             PowerAction::Shutdown { delay_seconds } | PowerAction::Reboot { delay_seconds } => {
                 delay_seconds
             }
+            PowerAction::Suspend { .. } => 0,
         }
     }
 
@@ -72,11 +78,43 @@ impl PowerAction {
         match self {
             PowerAction::Shutdown { .. } => "poweroff",
             PowerAction::Reboot { .. } => "reboot",
+            PowerAction::Suspend { mode } => match mode {
+                agent_common::methods::SuspendMode::Ram => "suspend",
+                agent_common::methods::SuspendMode::Disk => "hibernate",
+                agent_common::methods::SuspendMode::Hybrid => "hybrid-sleep",
+            },
         }
     }
 
-    /// Carries out the action. Returns only if every way failed.
+    /// Suspends: `systemctl suspend|hibernate|hybrid-sleep` under systemd,
+    /// else (or if that fails) the kernel's `/sys/power/state`. Never
+    /// falls back to powering off. Returns once the guest has resumed (or
+    /// the suspend failed).
+    async fn suspend(self, mode: agent_common::methods::SuspendMode) {
+        info!(action = self.verb(), "guest suspend starting");
+        if detect_init() == Init::Systemd {
+            match crate::exec::run_power_command("systemctl", &[self.verb()]).await {
+                Ok(s) if s.success() => return,
+                Ok(s) => warn!(action = self.verb(), %s, "systemctl refused; using /sys/power"),
+                Err(e) => {
+                    warn!(action = self.verb(), error = %e, "systemctl failed; using /sys/power")
+                }
+            }
+        }
+        let root = std::path::Path::new(crate::ops::suspend::POWER_SYSFS);
+        match tokio::task::spawn_blocking(move || crate::ops::suspend::enter(root, mode)).await {
+            Ok(Ok(())) => info!(action = self.verb(), "guest resumed"),
+            Ok(Err(e)) => error!(action = self.verb(), error = %e, "could not suspend the guest"),
+            Err(e) => error!(action = self.verb(), error = %e, "the suspend worker failed"),
+        }
+    }
+
+    /// Carries out the action. Returns only if every way failed (a
+    /// suspend returns after the resume).
     pub async fn run(self) {
+        if let PowerAction::Suspend { mode } = self {
+            return self.suspend(mode).await;
+        }
         tokio::time::sleep(Duration::from_secs(self.delay())).await;
         let init = detect_init();
         info!(action = self.verb(), ?init, "guest power action starting");
@@ -110,6 +148,8 @@ impl PowerAction {
             let how = match action {
                 PowerAction::Shutdown { .. } => nix::sys::reboot::RebootMode::RB_POWER_OFF,
                 PowerAction::Reboot { .. } => nix::sys::reboot::RebootMode::RB_AUTOBOOT,
+                // Handled at the start of run; a suspend never powers off.
+                PowerAction::Suspend { .. } => return Err(nix::Error::EINVAL),
             };
             nix::sys::reboot::reboot(how)
         })

@@ -67,3 +67,27 @@ fn path_policy_inputs_hold_the_policy_properties() {
 fn session_inputs_hold_the_session_properties() {
     replay("session", agent::check_session);
 }
+
+/// The dispatch harness picks methods from `Method::ALL`: every method
+/// that would change the machine running it is blocked by its config.
+#[test]
+fn the_dispatch_harness_blocks_methods_that_change_the_machine() {
+    use agent_common::methods::Method;
+    let blocked = agent::machine_changing_methods();
+    for m in [
+        Method::FsFreeze,
+        Method::FsThaw,
+        Method::FsTrim,
+        Method::SetTime,
+        Method::SshKeysAdd,
+        Method::SshKeysRemove,
+        Method::SshKeysSet,
+        Method::SetUserPassword,
+        Method::SetVcpus,
+        Method::SetMemoryBlocks,
+        Method::Suspend,
+    ] {
+        assert!(blocked.contains(&m), "{m} is not blocked");
+    }
+    assert!(!blocked.contains(&Method::FileWrite) && !blocked.contains(&Method::ExecCommand));
+}

@@ -62,6 +62,7 @@ impl Default for Dispatcher {
                 command_containment: None,
                 command_memory_max: None,
                 command_max_processes: None,
+                freeze_timeout_seconds: None,
             },
         }
     }
@@ -152,6 +153,7 @@ impl Dispatcher {
             protocol_version: agent_common::PROTOCOL_VERSION,
             platform: PLATFORM.into(),
             methods: SERVED.iter().map(|m| m.as_str().to_owned()).collect(),
+            disabled_methods: Vec::new(),
             limits: self.limits.clone(),
         }
     }

@@ -31,10 +31,32 @@ fn agent_config(scratch: &Scratch, max_message_size: usize) -> Config {
             command_whitelist: Some(vec!["true".into()]),
             max_file_size: 4096,
             max_command_timeout: Duration::from_secs(1),
+            blocked_methods: machine_changing_methods(),
             ..SecurityConfig::default()
         },
         ..Config::default()
     }
+}
+
+/// The methods that change the machine the fuzzer runs on beyond the
+/// scratch tree (freeze, trim, clock, keys, passwords, CPUs, and any added
+/// later): blocked by the agent's own policy, so a fuzzed `fs_freeze {}`
+/// is refused before its params are read. `exec_command` (whitelist of
+/// `true`), `file_write` (scratch roots) and `shutdown`/`reboot` (never run
+/// by `handle_line`; their notifications screened out) are what the
+/// harness was built for.
+pub fn machine_changing_methods() -> Vec<Method> {
+    Method::ALL
+        .iter()
+        .copied()
+        .filter(|m| m.facts().changes_guest)
+        .filter(|m| {
+            !matches!(
+                m,
+                Method::ExecCommand | Method::FileWrite | Method::Shutdown | Method::Reboot
+            )
+        })
+        .collect()
 }
 
 /// Ignores SIGPIPE, as the agent's own process does (Rust's runtime sets

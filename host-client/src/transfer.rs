@@ -627,6 +627,7 @@ mod tests {
             command_containment: None,
             command_memory_max: None,
             command_max_processes: None,
+            freeze_timeout_seconds: None,
         }
     }
 
@@ -744,6 +745,7 @@ mod fake_fs_tests {
             command_containment: None,
             command_memory_max: None,
             command_max_processes: None,
+            freeze_timeout_seconds: None,
         }
     }
 
@@ -762,6 +764,7 @@ mod fake_fs_tests {
                 protocol_version: 1,
                 platform: "linux".into(),
                 methods: vec![],
+                disabled_methods: vec![],
                 limits: limits(fs.attachments),
             })
             .map(|v| (v, None))

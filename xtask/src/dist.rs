@@ -760,6 +760,8 @@ mod tests {
             [
                 "channel_name",
                 "connection_retry_seconds",
+                "freeze_timeout_seconds",
+                "fsfreeze_hook_dir",
                 "log_file",
                 "log_level",
                 "max_concurrent_requests",

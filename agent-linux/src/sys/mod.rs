@@ -14,16 +14,20 @@
 //!   `getrandom`, a bounded `readdir`);
 //! - [`process`]: pidfds, `waitpid` and `clone3(CLONE_INTO_CGROUP)` for
 //!   [`crate::exec`];
+//! - [`ops`]: `FIFREEZE`, `FITHAW`, `FITRIM`, the RTC's ioctls and
+//!   `localtime_r` for [`crate::ops`];
 //! - [`port`]: `fcntl`, reactor registration and reads into uninitialised
 //!   buffers for [`crate::transport`];
 //! - here: the allocator tunables of [`crate::buffers`] and the CPU count of
 //!   [`crate::sysinfo`].
 
 mod fs;
+mod ops;
 mod port;
 mod process;
 
 pub(crate) use fs::*;
+pub(crate) use ops::*;
 pub(crate) use port::*;
 pub(crate) use process::*;
 

@@ -15,6 +15,7 @@
 //! signal N, 124 if it timed out, and 255 if kvmmanager-ctl itself failed.
 
 mod format;
+pub mod ops;
 mod render;
 
 use std::io::{Read, Write};
@@ -279,6 +280,51 @@ pub enum Command {
         /// Params as a JSON object (default {}).
         params: Option<String>,
     },
+    /// Freeze, thaw or show the freeze state of the guest's filesystems.
+    #[command(
+        after_help = "Example:\n  kvmmanager-ctl -d web1 fsfreeze freeze /srv/data && snapshot && kvmmanager-ctl -d web1 fsfreeze thaw"
+    )]
+    Fsfreeze {
+        /// What to do.
+        #[command(subcommand)]
+        action: ops::FreezeCmd,
+    },
+    /// Discard unused blocks of the guest's filesystems (FITRIM).
+    Fstrim(ops::TrimArgs),
+    /// Show the guest's clock, or set it (--sync: to this host's clock).
+    Time(ops::TimeArgs),
+    /// Show the guest's login sessions.
+    Users,
+    /// Show or change a user's authorized SSH keys.
+    #[command(
+        after_help = "Example:\n  kvmmanager-ctl -d web1 ssh-keys add alice --file ~/.ssh/id_ed25519.pub"
+    )]
+    SshKeys {
+        /// What to do.
+        #[command(subcommand)]
+        action: ops::KeysCmd,
+    },
+    /// Set a user's password, read from the first line of stdin.
+    #[command(
+        after_help = "Example:\n  printf '%s\\n' \"$PW\" | kvmmanager-ctl -d web1 passwd alice"
+    )]
+    Passwd(ops::PasswdArgs),
+    /// Show the guest's vCPUs, or bring them online or offline.
+    Vcpus(ops::VcpuArgs),
+    /// Show the guest's filesystems and the disks beneath them.
+    Fsinfo,
+    /// Show the guest's block devices and how they stack.
+    BlockDevices,
+    /// Show the guest's load, per-CPU times, per-disk I/O and routes.
+    Stats,
+    /// Show the guest's memory blocks, or bring them online or offline.
+    Memory(ops::MemoryArgs),
+    /// Suspend the guest (to RAM by default), where it supports it.
+    Suspend {
+        /// How to suspend.
+        #[arg(long, value_enum, default_value = "ram")]
+        mode: ops::SuspendArg,
+    },
     /// Print the `<channel>` XML that gives a libvirt domain the agent's port.
     ChannelXml,
     /// Print a shell completion script.
@@ -391,7 +437,17 @@ impl CliError {
                 ClientError::Timeout { .. } => {
                     "the guest may be slow or busy; retry with a larger --timeout".to_owned()
                 }
-                ClientError::Agent { .. } => match e.kind()? {
+                ClientError::Agent { error, .. } => match e.kind()? {
+                    ErrorKind::PolicyDenied
+                        if error
+                            .data
+                            .as_ref()
+                            .and_then(|d| d.get("config_key"))
+                            .and_then(|k| k.as_str())
+                            .is_some_and(|k| k.ends_with("_methods")) =>
+                    {
+                        "the guest's configuration disables this method (security.allowed_methods, security.blocked_methods in /etc/kvmmanager-agent/config.json); `kvmmanager-ctl info` lists the disabled ones".to_owned()
+                    }
                     ErrorKind::PolicyDenied => "the guest's policy refuses this; check security.allowed_read_paths, allowed_write_paths and command_whitelist in the guest's /etc/kvmmanager-agent/config.json".to_owned(),
                     ErrorKind::NotFound => "check the path or command name in the guest".to_owned(),
                     ErrorKind::MethodNotFound => "the agent may be older than kvmmanager-ctl; see `kvmmanager-ctl info`".to_owned(),
@@ -401,6 +457,7 @@ impl CliError {
                     ErrorKind::NotSupported => "this agent build or guest platform does not serve it; see `kvmmanager-ctl info`".to_owned(),
                     ErrorKind::ShuttingDown => "the agent is stopping; retry once the guest is back".to_owned(),
                     ErrorKind::InvalidParams => "see `kvmmanager-ctl info` and PROTOCOL.md for the method's params".to_owned(),
+                    ErrorKind::Frozen => "the guest's filesystems are frozen: `kvmmanager-ctl fsfreeze thaw`, or wait for the agent to thaw them".to_owned(),
                     _ => return None,
                 },
                 ClientError::RequestTooLarge { .. } => {
@@ -699,6 +756,18 @@ async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
             let r = client.call_raw(&method, params).await?;
             out_json(&r)?;
         }
+        cmd @ (Command::Fsfreeze { .. }
+        | Command::Fstrim(_)
+        | Command::Time(_)
+        | Command::Users
+        | Command::SshKeys { .. }
+        | Command::Passwd(_)
+        | Command::Vcpus(_)
+        | Command::Fsinfo
+        | Command::BlockDevices
+        | Command::Stats
+        | Command::Memory(_)
+        | Command::Suspend { .. }) => return ops::run(client, cmd, json).await,
         Command::ChannelXml | Command::Completions { .. } => {}
     }
     Ok(EXIT_OK)
@@ -908,6 +977,52 @@ mod tests {
         };
         assert_eq!(write.mode, ModeArg::CreateNew);
         assert_eq!(write.permissions, Some(0o600));
+    }
+
+    #[test]
+    fn guest_operation_commands_parse() {
+        let cli = parse(&["fsfreeze", "freeze", "/srv/data", "/"]).unwrap();
+        let Command::Fsfreeze {
+            action: ops::FreezeCmd::Freeze { mount_points },
+        } = cli.command
+        else {
+            panic!("not fsfreeze freeze")
+        };
+        assert_eq!(mount_points, ["/srv/data", "/"]);
+        let cli = parse(&["vcpus", "--offline", "1,2", "--online", "3"]).unwrap();
+        let Command::Vcpus(v) = cli.command else {
+            panic!("not vcpus")
+        };
+        assert_eq!((v.offline, v.online), (vec![1, 2], vec![3]));
+        let cli = parse(&["time", "--sync", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Time(ops::TimeArgs { sync: true, .. })
+        ));
+        let cli = parse(&[
+            "ssh-keys",
+            "add",
+            "alice",
+            "ssh-ed25519 AAAA x",
+            "--file",
+            "-",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::SshKeys {
+                action: ops::KeysCmd::Add(_)
+            }
+        ));
+        for bad in [
+            &["time", "--sync", "--from-rtc"][..],
+            &["fsfreeze"],
+            &["passwd"],
+            &["vcpus", "--online", "x"],
+            &["ssh-keys", "get"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should not parse");
+        }
     }
 
     #[test]

@@ -37,6 +37,19 @@ pub(super) fn render_info(info: &agent_common::methods::AgentInfo) -> String {
             format!("{} s", l.request_timeout_seconds),
         ),
         ("Concurrent requests", l.max_concurrent_requests.to_string()),
+        (
+            "Disabled methods",
+            if info.disabled_methods.is_empty() {
+                "none".to_owned()
+            } else {
+                info.disabled_methods.join(", ")
+            },
+        ),
+        (
+            "Freeze timeout",
+            l.freeze_timeout_seconds
+                .map_or_else(|| "-".to_owned(), |s| format!("{s} s")),
+        ),
     ])
 }
 

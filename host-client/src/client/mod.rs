@@ -35,6 +35,7 @@ mod call;
 mod conn;
 mod connector;
 mod notify;
+mod ops;
 mod state;
 
 pub use call::CallOptions;
