@@ -607,6 +607,7 @@ pub(crate) fn qemu_debian_suite(
     }
     let failed_before = t.failed_count();
     guest_checks(t, &ctl, &DEBIAN_FACTS, "debian-")?;
+    crate::ops_checks::guestops_checks(t, &ctl, "debian-");
     t.check("debian-journal", || journal_check(&ctl));
     t.check("debian-restart-mid-transfer", || restart_mid_transfer(&ctl));
     t.check("debian-upgrade-keeps-config", || {
@@ -707,6 +708,7 @@ pub(crate) fn libvirt_debian_suite(
     }
     let failed_before = t.failed_count();
     guest_checks(t, &ctl, &DEBIAN_FACTS, "libvirt-debian-")?;
+    crate::ops_checks::guestops_checks(t, &ctl, "libvirt-debian-");
     t.check("libvirt-debian-journal", || journal_check(&ctl));
     save_journal(&ctl, t, failed_before, "debian-libvirt");
     t.check("libvirt-debian-reboot", || {

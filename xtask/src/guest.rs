@@ -49,6 +49,7 @@ pub(crate) const GUEST_CONFIG: &str = r#"{
   "connection_retry_seconds": 5,
   "request_timeout_seconds": 30,
   "max_concurrent_requests": 10,
+  "freeze_timeout_seconds": 15,
   "security": {
     "allowed_read_paths": ["/tmp", "/var/log", "/etc/hostname", "/etc/os-release"],
     "allowed_write_paths": ["/tmp/kvmmanager"],

@@ -12,6 +12,7 @@ mod deps;
 mod dist;
 mod fuzz;
 mod guest;
+mod ops_checks;
 mod pipeline;
 mod probe;
 mod qmp;

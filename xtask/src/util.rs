@@ -176,6 +176,26 @@ pub(crate) fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Resul
     wait_output(child, timeout).map_err(|e| format!("`{}`: {e}", render(cmd)).into())
 }
 
+/// Runs a command with `input` on its standard input and captured output,
+/// killing it (by pid) after `timeout`.
+pub(crate) fn output_with_stdin(
+    cmd: &mut Command,
+    input: &[u8],
+    timeout: Duration,
+) -> Result<Output> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `{}`: {e}", render(cmd)))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input)?;
+    }
+    wait_output(child, timeout).map_err(|e| format!("`{}`: {e}", render(cmd)).into())
+}
+
 /// Collects a spawned child's piped output, killing it (by pid) after
 /// `timeout`.
 pub(crate) fn wait_output(mut child: std::process::Child, timeout: Duration) -> Result<Output> {

@@ -239,7 +239,8 @@ impl QemuVm {
             .arg(format!("file={},if=virtio,format=qcow2", root.display()))
             .arg("-drive")
             .arg(format!(
-                "file={},if=none,id=data,format=qcow2",
+                // discard=unmap: fs_trim reaches the disk (FITRIM needs it).
+                "file={},if=none,id=data,format=qcow2,discard=unmap",
                 data.display()
             ))
             .arg("-device")
@@ -661,7 +662,7 @@ pub(crate) fn debian_domain_xml(
       <target dev='vda' bus='virtio'/>
     </disk>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
       <source file='{data}'/>
       <target dev='vdb' bus='virtio'/>
       <serial>{serial}</serial>
