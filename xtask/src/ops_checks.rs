@@ -164,7 +164,10 @@ fn freeze_blocks_a_write(ctl: &Ctl) -> Result<()> {
     );
     sh(
         ctl,
-        "rm -f /etc/kvmmanager-agent/fsfreeze-hook.d/10-record /tmp/kvmm-w-start /tmp/kvmm-w-done",
+        // The hook folder too: the package does not ship it, and `apt purge`
+        // (checked later) leaves /etc/kvmmanager-agent/ if it is not empty.
+        "rm -f /etc/kvmmanager-agent/fsfreeze-hook.d/10-record /tmp/kvmm-w-start /tmp/kvmm-w-done \
+         && rmdir /etc/kvmmanager-agent/fsfreeze-hook.d",
     )?;
     Ok(())
 }
