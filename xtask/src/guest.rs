@@ -49,7 +49,7 @@ pub(crate) const GUEST_CONFIG: &str = r#"{
   "connection_retry_seconds": 5,
   "request_timeout_seconds": 30,
   "max_concurrent_requests": 10,
-  "freeze_timeout_seconds": 15,
+  "freeze_timeout_seconds": 30,
   "security": {
     "allowed_read_paths": ["/tmp", "/var/log", "/etc/hostname", "/etc/os-release"],
     "allowed_write_paths": ["/tmp/kvmmanager"],
@@ -593,5 +593,10 @@ mod tests {
         // Per-command cgroup limits, checked by the containment check.
         assert_eq!(v["security"]["command_memory_max_mb"], 256);
         assert_eq!(v["security"]["command_max_processes"], 64);
+        // The self-thaw check waits this long.
+        assert_eq!(
+            v["freeze_timeout_seconds"],
+            crate::ops_checks::FREEZE_TIMEOUT_SECONDS
+        );
     }
 }

@@ -13,7 +13,7 @@ use crate::suite::{ensure, exec_result, Ctl, CtlRun, Tally};
 use crate::util::{bail, Result};
 
 /// `freeze_timeout_seconds` of the Debian test config.
-pub(crate) const FREEZE_TIMEOUT_SECONDS: u64 = 15;
+pub(crate) const FREEZE_TIMEOUT_SECONDS: u64 = 30;
 
 /// A crypt(3) SHA-512 hash (`openssl passwd -6 -salt kvmmsalt
 /// kvmm-test-password`).
@@ -85,7 +85,7 @@ fn freeze_blocks_a_write(ctl: &Ctl) -> Result<()> {
             "d=/etc/kvmmanager-agent/fsfreeze-hook.d && mkdir -p $d && rm -f {HOOK_LOG} \
              && printf '#!/bin/sh\\necho \"$1\" >> {HOOK_LOG}\\n' > $d/10-record && chmod 755 $d/10-record \
              && rm -f {DATA_MOUNT}/w /tmp/kvmm-w-start /tmp/kvmm-w-done \
-             && systemd-run --unit=kvmm-writer --collect --on-active=3 sh -c \
+             && systemd-run --unit=kvmm-writer --collect --on-active=2 sh -c \
                 'date +%s%N > /tmp/kvmm-w-start; echo written > {DATA_MOUNT}/w; date +%s%N > /tmp/kvmm-w-done'"
         ),
     )?;
@@ -116,9 +116,25 @@ fn freeze_blocks_a_write(ctl: &Ctl) -> Result<()> {
             format!("exec while frozen: exit {}: {}", r.code, r.all_output())
         })?;
         ctl.json(&["ping"])?;
-        // The writer's timer fires 3 s after it was set: give it time to
-        // start and block on the frozen filesystem.
-        std::thread::sleep(Duration::from_secs(6));
+        // The writer's timer fires 2 s after it was set. Reading is allowed
+        // while frozen: wait until the writer has started (its start file
+        // is on the root filesystem, which is not frozen), then a moment
+        // more for it to block on the frozen one.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = ctl.run(true, &["cat", "/tmp/kvmm-w-start"], Duration::from_secs(30))?;
+            if r.code == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the writer did not start within 20 s of the freeze: {}",
+                    r.all_output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        std::thread::sleep(Duration::from_secs(2));
         guest_time_ns(ctl)
     })();
     let thaw = ctl.json(&["fsfreeze", "thaw"]);
