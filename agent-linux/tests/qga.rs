@@ -119,6 +119,10 @@ fn dialect_cases() -> Vec<(Value, Value)> {
             generic("mode is invalid (valid values are: halt|powerdown|reboot"),
         ),
         (
+            json!({"execute": "guest-suspend-ram", "arguments": {"x": 1}}),
+            generic("Parameter 'x' is unexpected"),
+        ),
+        (
             json!({"execute": "guest-exec-status", "arguments": {"pid": 999999}}),
             generic("Invalid parameter 'pid'"),
         ),
@@ -315,6 +319,21 @@ fn queries_map_onto_the_core_with_qemu_ga_member_names() {
             && a["prefix"] == 8));
     assert!(lo["statistics"]["rx-bytes"].is_u64(), "{lo}");
     assert!(q.cmd("guest-get-users", json!({}))["return"].is_array());
+    let info = q.cmd("guest-get-memory-block-info", json!({}));
+    let blocks = q.cmd("guest-get-memory-blocks", json!({}));
+    // Where the kernel has memory blocks, both answer; where it has none
+    // (some containers), both say so.
+    if info["return"].is_object() {
+        assert!(info["return"]["size"].as_u64().unwrap() > 0, "{info}");
+        let first = &blocks["return"][0];
+        assert!(
+            first["phys-index"].is_u64() && first["online"].is_boolean(),
+            "{blocks}"
+        );
+    } else {
+        assert_eq!(info["error"]["class"], "GenericError", "{info}");
+        assert_eq!(blocks["error"]["class"], "GenericError", "{blocks}");
+    }
     assert!(q.cmd("guest-get-fsinfo", json!({}))["return"].is_array());
     assert_eq!(
         q.cmd("guest-set-time", json!({"time": -1})),

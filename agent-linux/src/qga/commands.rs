@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use agent_common::encoding::Encoding;
 use agent_common::guestops::{
     FreezeStatus, FsFreezeParams, FsTrimParams, SetPasswordParams, SetTimeParams, SetVcpusParams,
-    SshKeysParams, SshUserParams, VcpuState,
+    SshKeysParams, SshUserParams, SuspendMode, SuspendParams, VcpuState,
 };
 use agent_common::jsonrpc::{Id, Request};
 use agent_common::methods::{
@@ -26,6 +26,7 @@ use agent_common::methods::{
     SetUserPasswordRpc, SetVcpusRpc, ShutdownRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysRemoveRpc,
     SshKeysSetRpc,
 };
+use agent_common::methods::{GetMemoryBlocksRpc, SuspendRpc};
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
@@ -81,7 +82,20 @@ pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
         Some(Method::SetUserPassword),
         true,
     ),
+    (
+        "guest-get-memory-blocks",
+        Some(Method::GetMemoryBlocks),
+        true,
+    ),
+    (
+        "guest-get-memory-block-info",
+        Some(Method::GetMemoryBlocks),
+        true,
+    ),
     ("guest-shutdown", Some(Method::Shutdown), false),
+    ("guest-suspend-disk", Some(Method::Suspend), false),
+    ("guest-suspend-ram", Some(Method::Suspend), false),
+    ("guest-suspend-hybrid", Some(Method::Suspend), false),
     ("guest-exec", Some(Method::ExecCommand), true),
     ("guest-exec-status", Some(Method::ExecCommand), true),
 ];
@@ -558,6 +572,43 @@ async fn run(
                 reply.result = Ok(None);
             }
             reply
+        }
+        "guest-suspend-disk" | "guest-suspend-ram" | "guest-suspend-hybrid" => {
+            Args::new(args, &[])?;
+            let mode = match name {
+                "guest-suspend-disk" => SuspendMode::Disk,
+                "guest-suspend-ram" => SuspendMode::Ram,
+                _ => SuspendMode::Hybrid,
+            };
+            let mut reply =
+                mapped::<SuspendRpc>(agent, session, &SuspendParams { mode }, |_| json!({})).await;
+            // Like guest-shutdown: no reply on success.
+            if let Ok(Some(_)) = reply.result {
+                reply.result = Ok(None);
+            }
+            reply
+        }
+        "guest-get-memory-blocks" => {
+            Args::new(args, &[])?;
+            mapped::<GetMemoryBlocksRpc>(agent, session, &empty, |m| {
+                Value::Array(
+                    m.blocks
+                        .into_iter()
+                        .map(|b| json!({"phys-index": b.id, "online": b.online, "can-offline": b.can_offline}))
+                        .collect(),
+                )
+            })
+            .await
+        }
+        "guest-get-memory-block-info" => {
+            Args::new(args, &[])?;
+            mapped::<GetMemoryBlocksRpc>(
+                agent,
+                session,
+                &empty,
+                |m| json!({"size": m.block_size_bytes}),
+            )
+            .await
         }
         "guest-exec" => Reply::of(exec(agent, state, session, args)),
         "guest-exec-status" => {
