@@ -127,6 +127,14 @@ fn dialect_cases() -> Vec<(Value, Value)> {
             generic("Invalid parameter 'pid'"),
         ),
         (
+            json!({"execute": "guest-file-close", "arguments": {"handle": 999999}}),
+            generic("handle '999999' has not been found"),
+        ),
+        (
+            json!({"execute": "guest-file-read", "arguments": {"handle": 999999}}),
+            generic("handle '999999' has not been found"),
+        ),
+        (
             json!({"execute": "guest-fsfreeze-status"}),
             json!({"return": "thawed"}),
         ),
@@ -483,4 +491,70 @@ fn the_same_requests_get_the_same_replies_from_qemu_ga() {
             .unwrap_or_else(|| panic!("qemu-ga has no {}", c["name"]));
         assert_eq!(c["success-response"], t["success-response"], "{c} vs {t}");
     }
+}
+
+#[test]
+fn guest_file_calls_go_through_the_path_policy() {
+    let agent = AgentProcess::start();
+    let mut q = connect(&agent);
+    let path = agent.write_dir().join("f.txt");
+    let r = q.cmd("guest-file-open", json!({"path": path, "mode": "w"}));
+    let w = r["return"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    // "hello " and "world" (base64), the second cut to its count.
+    assert_eq!(
+        q.cmd(
+            "guest-file-write",
+            json!({"handle": w, "buf-b64": "aGVsbG8g"})
+        ),
+        json!({"return": {"count": 6, "eof": false}})
+    );
+    assert_eq!(
+        q.cmd(
+            "guest-file-write",
+            json!({"handle": w, "buf-b64": "d29ybGQhIQ==", "count": 5})
+        ),
+        json!({"return": {"count": 5, "eof": false}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-flush", json!({"handle": w})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": w})),
+        generic(&format!("handle '{w}' was opened for writing"))
+    );
+    assert_eq!(
+        q.cmd("guest-file-close", json!({"handle": w})),
+        json!({"return": {}})
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello world");
+    let r = q.cmd("guest-file-open", json!({"path": path}));
+    let h = r["return"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h, "count": 4})),
+        json!({"return": {"count": 4, "buf-b64": "aGVsbA==", "eof": false}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h})),
+        json!({"return": {"count": 7, "buf-b64": "byB3b3JsZA==", "eof": true}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-close", json!({"handle": h})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h})),
+        generic(&format!("handle '{h}' has not been found"))
+    );
+    // Outside the roots: refused by the core's policy, nothing written.
+    let outside = agent.dir.path().join("outside.txt");
+    let r = q.cmd("guest-file-open", json!({"path": outside, "mode": "w"}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(!outside.exists());
+    let r = q.cmd("guest-file-open", json!({"path": "/etc/hostname"}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert_eq!(
+        q.cmd("guest-file-open", json!({"path": path, "mode": "r+"})),
+        generic("mode 'r+' is not supported by this agent; use r, w or a (with or without b)")
+    );
 }

@@ -26,7 +26,10 @@ use agent_common::methods::{
     SetUserPasswordRpc, SetVcpusRpc, ShutdownRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysRemoveRpc,
     SshKeysSetRpc,
 };
-use agent_common::methods::{GetMemoryBlocksRpc, SuspendRpc};
+use agent_common::methods::{
+    FileReadParams, FileReadRpc, FileWriteParams, FileWriteRpc, GetMemoryBlocksRpc, SuspendRpc,
+    WriteMode,
+};
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 use tokio::sync::OwnedSemaphorePermit;
@@ -96,6 +99,11 @@ pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
     ("guest-suspend-disk", Some(Method::Suspend), false),
     ("guest-suspend-ram", Some(Method::Suspend), false),
     ("guest-suspend-hybrid", Some(Method::Suspend), false),
+    ("guest-file-open", Some(Method::FileRead), true),
+    ("guest-file-read", Some(Method::FileRead), true),
+    ("guest-file-write", Some(Method::FileWrite), true),
+    ("guest-file-flush", Some(Method::FileRead), true),
+    ("guest-file-close", Some(Method::FileRead), true),
     ("guest-exec", Some(Method::ExecCommand), true),
     ("guest-exec-status", Some(Method::ExecCommand), true),
 ];
@@ -103,6 +111,12 @@ pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
 /// Results of `guest-exec` kept for `guest-exec-status` (running or not yet
 /// collected). A `guest-exec` beyond it is refused.
 pub(crate) const MAX_EXEC_ENTRIES: usize = 64;
+
+/// Files open through `guest-file-open` at once, across sessions.
+pub(crate) const MAX_FILE_HANDLES: usize = 64;
+
+/// Bytes `guest-file-read` reads when its `count` is absent (qemu-ga's).
+const DEFAULT_READ_COUNT: i64 = 4096;
 
 /// A qemu-ga error reply: `{"error": {"class": ..., "desc": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +162,17 @@ impl Reply {
 pub struct QgaState {
     next_pid: AtomicI64,
     exec: Mutex<BTreeMap<i64, ExecEntry>>,
+    next_handle: AtomicI64,
+    files: Mutex<BTreeMap<i64, FileHandle>>,
+}
+
+/// A `guest-file-open` handle: a path and where the next read starts. The
+/// file is not held open: every read and write is a core call on the path.
+#[derive(Debug, Clone)]
+struct FileHandle {
+    path: String,
+    write: bool,
+    position: u64,
 }
 
 #[derive(Debug)]
@@ -158,6 +183,18 @@ enum ExecEntry {
 }
 
 impl QgaState {
+    fn files(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, FileHandle>> {
+        // Entries are replaced whole: consistent after a panic.
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handle(&self, handle: i64) -> Result<FileHandle, QgaError> {
+        self.files()
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| QgaError::generic(format!("handle '{handle}' has not been found")))
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<i64, ExecEntry>> {
         // A panic while holding the lock leaves a table that is still
         // consistent (entries are replaced whole).
@@ -609,6 +646,147 @@ async fn run(
                 |m| json!({"size": m.block_size_bytes}),
             )
             .await
+        }
+        "guest-file-open" => {
+            let a = Args::new(args, &["path", "mode"])?;
+            let path = a.string("path")?.to_owned();
+            let mode = a.opt_string("mode")?.unwrap_or("r");
+            let (write, checked) = match mode.trim_end_matches('b') {
+                // Checks the path against the read policy, and that the
+                // file is there, as fopen would.
+                "r" => {
+                    let params = FileReadParams {
+                        path: path.clone(),
+                        offset: 0,
+                        length: Some(1),
+                        encoding: Encoding::Base64,
+                    };
+                    let (r, _, _) = core::<FileReadRpc>(agent, session, &params).await;
+                    (false, r.map(|_| ()))
+                }
+                // Creates or truncates the file (w), or creates it (a), as
+                // fopen would, under the write policy.
+                "w" | "a" => {
+                    let params = FileWriteParams {
+                        path: path.clone(),
+                        encoding: Encoding::Base64,
+                        mode: if mode.starts_with('w') {
+                            WriteMode::Truncate
+                        } else {
+                            WriteMode::Append
+                        },
+                        ..FileWriteParams::default()
+                    };
+                    let (r, _, _) = core::<FileWriteRpc>(agent, session, &params).await;
+                    (true, r.map(|_| ()))
+                }
+                _ => {
+                    return Err(QgaError::generic(format!(
+                        "mode '{mode}' is not supported by this agent; use r, w or a (with or without b)"
+                    )))
+                }
+            };
+            checked?;
+            let mut files = state.files();
+            if files.len() >= MAX_FILE_HANDLES {
+                return Err(QgaError::generic(format!(
+                    "{MAX_FILE_HANDLES} files are open through guest-file-open; close some with guest-file-close"
+                )));
+            }
+            let handle = state.next_handle.fetch_add(1, Ordering::Relaxed) + 1000;
+            files.insert(
+                handle,
+                FileHandle {
+                    path,
+                    write,
+                    position: 0,
+                },
+            );
+            Reply::of(Ok(json!(handle)))
+        }
+        "guest-file-read" => {
+            let a = Args::new(args, &["handle", "count"])?;
+            let handle = a.int("handle")?;
+            let count = a.opt_int("count")?.unwrap_or(DEFAULT_READ_COUNT);
+            let count = u64::try_from(count).map_err(|_| {
+                QgaError::generic(format!("value '{count}' is invalid for argument count"))
+            })?;
+            let file = state.handle(handle)?;
+            if file.write {
+                return Err(QgaError::generic(format!(
+                    "handle '{handle}' was opened for writing"
+                )));
+            }
+            let params = FileReadParams {
+                path: file.path,
+                offset: file.position,
+                length: Some(count),
+                encoding: Encoding::Base64,
+            };
+            let (result, after, slot) = core::<FileReadRpc>(agent, session, &params).await;
+            let r = result?;
+            if let Some(f) = state.files().get_mut(&handle) {
+                f.position = r.offset + r.bytes_read;
+            }
+            Reply {
+                result: Ok(Some(
+                    json!({"count": r.bytes_read, "buf-b64": r.content, "eof": r.eof}),
+                )),
+                after,
+                slot,
+            }
+        }
+        "guest-file-write" => {
+            let a = Args::new(args, &["handle", "buf-b64", "count"])?;
+            let handle = a.int("handle")?;
+            let encoded = a.string("buf-b64")?;
+            let count = a.opt_int("count")?;
+            let file = state.handle(handle)?;
+            if !file.write {
+                return Err(QgaError::generic(format!(
+                    "handle '{handle}' was opened for reading"
+                )));
+            }
+            let mut data = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|_| QgaError::generic("Parameter 'buf-b64' is not valid base64"))?;
+            if let Some(count) = count {
+                let n = usize::try_from(count)
+                    .ok()
+                    .filter(|n| *n <= data.len())
+                    .ok_or_else(|| {
+                        QgaError::generic(format!("value '{count}' is invalid for argument count"))
+                    })?;
+                data.truncate(n);
+            }
+            let params = FileWriteParams {
+                path: file.path,
+                content: base64::engine::general_purpose::STANDARD.encode(&data),
+                encoding: Encoding::Base64,
+                mode: WriteMode::Append,
+                ..FileWriteParams::default()
+            };
+            mapped::<FileWriteRpc>(
+                agent,
+                session,
+                &params,
+                |r| json!({"count": r.bytes_written, "eof": false}),
+            )
+            .await
+        }
+        "guest-file-flush" => {
+            let a = Args::new(args, &["handle"])?;
+            // Every write is already in place when it is answered.
+            state.handle(a.int("handle")?)?;
+            Reply::of(Ok(json!({})))
+        }
+        "guest-file-close" => {
+            let a = Args::new(args, &["handle"])?;
+            let handle = a.int("handle")?;
+            state.files().remove(&handle).ok_or_else(|| {
+                QgaError::generic(format!("handle '{handle}' has not been found"))
+            })?;
+            Reply::of(Ok(json!({})))
         }
         "guest-exec" => Reply::of(exec(agent, state, session, args)),
         "guest-exec-status" => {
