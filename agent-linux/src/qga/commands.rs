@@ -102,6 +102,7 @@ pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
     ("guest-file-open", Some(Method::FileRead), true),
     ("guest-file-read", Some(Method::FileRead), true),
     ("guest-file-write", Some(Method::FileWrite), true),
+    ("guest-file-seek", Some(Method::FileRead), true),
     ("guest-file-flush", Some(Method::FileRead), true),
     ("guest-file-close", Some(Method::FileRead), true),
     ("guest-exec", Some(Method::ExecCommand), true),
@@ -773,6 +774,51 @@ async fn run(
                 |r| json!({"count": r.bytes_written, "eof": false}),
             )
             .await
+        }
+        "guest-file-seek" => {
+            let a = Args::new(args, &["handle", "offset", "whence"])?;
+            let handle = a.int("handle")?;
+            let offset = a.int("offset")?;
+            let whence = match a.required("whence")? {
+                Value::String(s) if s == "set" => 0,
+                Value::String(s) if s == "cur" => 1,
+                Value::String(s) if s == "end" => 2,
+                Value::Number(n) if n.as_i64().is_some_and(|w| (0..=2).contains(&w)) => {
+                    n.as_i64().unwrap_or_default()
+                }
+                other => {
+                    return Err(QgaError::generic(format!(
+                        "Parameter 'whence' does not accept value {other}"
+                    )))
+                }
+            };
+            let file = state.handle(handle)?;
+            if file.write {
+                return Err(QgaError::generic(format!(
+                    "handle '{handle}' was opened for writing, which only appends; it cannot seek"
+                )));
+            }
+            // The size, for `end` and for `eof`, from a one-byte read.
+            let params = FileReadParams {
+                path: file.path,
+                offset: 0,
+                length: Some(1),
+                encoding: Encoding::Base64,
+            };
+            let (result, _, _) = core::<FileReadRpc>(agent, session, &params).await;
+            let size = result?.size;
+            let base = match whence {
+                0 => 0,
+                1 => i128::from(file.position),
+                _ => i128::from(size),
+            };
+            let position = u64::try_from(base + i128::from(offset)).map_err(|_| {
+                QgaError::generic("Invalid argument: the position would be negative")
+            })?;
+            if let Some(f) = state.files().get_mut(&handle) {
+                f.position = position;
+            }
+            Reply::of(Ok(json!({"position": position, "eof": position >= size})))
         }
         "guest-file-flush" => {
             let a = Args::new(args, &["handle"])?;
