@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -15,6 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, LogLevel, DEFAULT_CONFIG_PATH};
 use crate::dispatch::Agent;
+use crate::qga::QgaState;
 use crate::{files, logging, transport};
 
 /// Time requests get to finish after SIGTERM before they are cancelled.
@@ -45,6 +47,10 @@ Options:
                            the port named channel_name under /sys/class/virtio-ports
       --listen unix:PATH   Serve clients on a Unix socket instead, for local use
                            and tests; with --device as well, serve both
+      --listen qga:unix:PATH
+                           Serve the QEMU guest agent protocol on a Unix socket
+                           (as qemu-ga -m unix-listen); may be given beside
+                           --listen unix:PATH
       --check-config       Validate the configuration, print a summary, and exit
   -h, --help               Print help
   -V, --version            Print version
@@ -63,6 +69,8 @@ pub struct Args {
     pub device: Option<PathBuf>,
     /// A Unix socket to serve (`unix:PATH`).
     pub listen: Option<PathBuf>,
+    /// A Unix socket to serve in qemu-ga's protocol (`qga:unix:PATH`).
+    pub listen_qga: Option<PathBuf>,
     /// Validate the configuration and exit.
     pub check_config: bool,
 }
@@ -120,6 +128,7 @@ impl Args {
             log_level: None,
             device: None,
             listen: None,
+            listen_qga: None,
             check_config: false,
         };
         let mut config_seen = false;
@@ -177,12 +186,17 @@ impl Args {
                 }
                 "--listen" => {
                     let v = value("--listen")?;
-                    let path = parse_listen(&v).map_err(|reason| UsageError::Invalid {
+                    let (qga, path) = parse_listen(&v).map_err(|reason| UsageError::Invalid {
                         option: "--listen",
                         value: v,
                         reason,
                     })?;
-                    if parsed.listen.replace(path).is_some() {
+                    let slot = if qga {
+                        &mut parsed.listen_qga
+                    } else {
+                        &mut parsed.listen
+                    };
+                    if slot.replace(path).is_some() {
                         return Err(UsageError::Repeated("--listen"));
                     }
                 }
@@ -204,10 +218,16 @@ fn parse_level(s: &str) -> Result<LogLevel, String> {
     }
 }
 
-fn parse_listen(s: &str) -> Result<PathBuf, String> {
-    match s.strip_prefix("unix:") {
-        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
-        _ => Err("expected unix:PATH".into()),
+/// `unix:PATH` (JSON-RPC) or `qga:unix:PATH` (qemu-ga's protocol): whether
+/// it is the latter, and the path.
+fn parse_listen(s: &str) -> Result<(bool, PathBuf), String> {
+    let (qga, rest) = match s.strip_prefix("qga:") {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    match rest.strip_prefix("unix:") {
+        Some(p) if !p.is_empty() => Ok((qga, PathBuf::from(p))),
+        _ => Err("expected unix:PATH or qga:unix:PATH".into()),
     }
 }
 
@@ -327,18 +347,44 @@ async fn run(args: Args, config: Config) -> ExitCode {
         }
     };
     let mut transports = tokio::task::JoinSet::new();
+    // One state for every qemu-ga session: guest-exec results outlive the
+    // connection that started them, as in qemu-ga.
+    let qga = transport::Dialect::Qga(Arc::new(QgaState::default()));
     if let Some(path) = args.listen.clone() {
         transports.spawn(transport::serve_unix(
             agent.clone(),
+            transport::Dialect::JsonRpc,
             path,
             stop.clone(),
             tracker.clone(),
         ));
     }
-    if args.listen.is_none() || args.device.is_some() {
+    if let Some(path) = args.listen_qga.clone() {
+        transports.spawn(transport::serve_unix(
+            agent.clone(),
+            qga.clone(),
+            path,
+            stop.clone(),
+            tracker.clone(),
+        ));
+    }
+    let listening = args.listen.is_some() || args.listen_qga.is_some();
+    if !listening || args.device.is_some() {
         transports.spawn(transport::serve_port(
             agent.clone(),
+            transport::Dialect::JsonRpc,
+            agent.config().channel_name.clone(),
             args.device.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+    }
+    if let (false, Some(name)) = (listening, agent.config().qemu_ga_channel_name.clone()) {
+        transports.spawn(transport::serve_port(
+            agent.clone(),
+            qga,
+            name,
+            None,
             stop.clone(),
             tracker.clone(),
         ));
@@ -388,10 +434,16 @@ mod tests {
     fn listen_and_level_parse() {
         assert_eq!(
             parse_listen("unix:/tmp/s").unwrap(),
-            PathBuf::from("/tmp/s")
+            (false, PathBuf::from("/tmp/s"))
+        );
+        assert_eq!(
+            parse_listen("qga:unix:/tmp/q").unwrap(),
+            (true, PathBuf::from("/tmp/q"))
         );
         assert!(parse_listen("tcp:1.2.3.4:5").is_err());
         assert!(parse_listen("unix:").is_err());
+        assert!(parse_listen("qga:unix:").is_err());
+        assert!(parse_listen("qga:").is_err());
         assert_eq!(parse_level("debug").unwrap(), LogLevel::Debug);
         assert!(parse_level("loud").is_err());
     }
@@ -414,6 +466,7 @@ mod tests {
             "--log-level=debug",
             "--listen",
             "unix:/s",
+            "--listen=qga:unix:/q",
             "--device=/dev/vport0p1",
             "--check-config",
         ]) else {
@@ -427,6 +480,7 @@ mod tests {
                 log_level: Some(LogLevel::Debug),
                 device: Some("/dev/vport0p1".into()),
                 listen: Some("/s".into()),
+                listen_qga: Some("/q".into()),
                 check_config: true,
             }
         );
@@ -465,8 +519,16 @@ mod tests {
                 UsageError::Invalid {
                     option: "--listen",
                     value: "tcp:1".into(),
-                    reason: "expected unix:PATH".into(),
+                    reason: "expected unix:PATH or qga:unix:PATH".into(),
                 },
+            ),
+            (
+                &[
+                    "--listen=qga:unix:/a",
+                    "--listen=unix:/b",
+                    "--listen=qga:unix:/c",
+                ],
+                UsageError::Repeated("--listen"),
             ),
         ];
         for (args, want) in cases {

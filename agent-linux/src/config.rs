@@ -77,6 +77,10 @@ pub struct Config {
     /// Key `channel_name`: the virtio-serial port name, default
     /// `org.kvmmanager.agent.0`.
     pub channel_name: String,
+    /// Key `qemu_ga_channel_name`: the virtio-serial port on which the
+    /// agent speaks the QEMU guest agent's protocol (usually
+    /// `org.qemu.guest_agent.0`); default null, not served.
+    pub qemu_ga_channel_name: Option<String>,
     /// Key `max_message_size_kb` (1..=16384, default 64), in bytes here.
     pub max_message_size: usize,
     /// Key `connection_retry_seconds` (1..=3600, default 5).
@@ -147,6 +151,7 @@ impl Default for Config {
             log_level: LogLevel::Info,
             log_file: None,
             channel_name: agent_common::DEFAULT_CHANNEL_NAME.to_owned(),
+            qemu_ga_channel_name: None,
             max_message_size: 64 * 1024,
             connection_retry: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
@@ -213,6 +218,7 @@ struct RawConfig {
     log_level: Option<String>,
     log_file: Option<String>,
     channel_name: Option<String>,
+    qemu_ga_channel_name: Option<String>,
     max_message_size_kb: Option<u64>,
     connection_retry_seconds: Option<u64>,
     request_timeout_seconds: Option<u64>,
@@ -241,6 +247,7 @@ const TOP_KEYS: &[&str] = &[
     "log_level",
     "log_file",
     "channel_name",
+    "qemu_ga_channel_name",
     "max_message_size_kb",
     "connection_retry_seconds",
     "request_timeout_seconds",
@@ -453,15 +460,25 @@ impl Config {
         if log_file.as_deref() == Some(Path::new("/")) {
             return Err(invalid("log_file", "must name a file, not /"));
         }
-        let channel_name = raw.channel_name.unwrap_or(d.channel_name);
-        if channel_name.is_empty()
-            || channel_name.contains(['/', '\0'])
-            || channel_name == "."
-            || channel_name == ".."
-        {
+        let port_name = |key: &'static str, name: String| {
+            if name.is_empty() || name.contains(['/', '\0']) || name == "." || name == ".." {
+                Err(invalid(
+                    key,
+                    format!("{name:?} must be a non-empty port name without '/'"),
+                ))
+            } else {
+                Ok(name)
+            }
+        };
+        let channel_name = port_name("channel_name", raw.channel_name.unwrap_or(d.channel_name))?;
+        let qemu_ga_channel_name = raw
+            .qemu_ga_channel_name
+            .map(|n| port_name("qemu_ga_channel_name", n))
+            .transpose()?;
+        if qemu_ga_channel_name.as_ref() == Some(&channel_name) {
             return Err(invalid(
-                "channel_name",
-                format!("{channel_name:?} must be a non-empty port name without '/'"),
+                "qemu_ga_channel_name",
+                format!("{channel_name:?} is channel_name already; one port speaks one protocol"),
             ));
         }
         let max_message_size_kb = ranged(
@@ -582,6 +599,7 @@ impl Config {
             log_level,
             log_file,
             channel_name,
+            qemu_ga_channel_name,
             // At most 16384 KiB: fits any usize.
             max_message_size: (max_message_size_kb * 1024) as usize,
             connection_retry: Duration::from_secs(connection_retry),
@@ -730,6 +748,7 @@ mod tests {
                 "log_level": "trace",
                 "log_file": "/var/log//agent.log/",
                 "channel_name": "org.example.x",
+                "qemu_ga_channel_name": "org.qemu.guest_agent.0",
                 "max_message_size_kb": 16384,
                 "connection_retry_seconds": 1,
                 "request_timeout_seconds": 86400,
@@ -753,6 +772,10 @@ mod tests {
         assert_eq!(c.log_level, LogLevel::Trace);
         assert_eq!(c.log_file, Some(PathBuf::from("/var/log/agent.log")));
         assert_eq!(c.channel_name, "org.example.x");
+        assert_eq!(
+            c.qemu_ga_channel_name.as_deref(),
+            Some("org.qemu.guest_agent.0")
+        );
         assert_eq!(c.max_message_size, 16 * 1024 * 1024);
         assert_eq!(c.connection_retry, Duration::from_secs(1));
         assert_eq!(c.request_timeout, Duration::from_secs(86400));
@@ -849,6 +872,12 @@ mod tests {
             (r#"{"channel_name":"a/b"}"#, "channel_name"),
             (r#"{"channel_name":".."}"#, "channel_name"),
             (r#"{"channel_name":5}"#, "channel_name"),
+            (r#"{"qemu_ga_channel_name":"a/b"}"#, "qemu_ga_channel_name"),
+            (r#"{"qemu_ga_channel_name":""}"#, "qemu_ga_channel_name"),
+            (
+                r#"{"qemu_ga_channel_name":"org.kvmmanager.agent.0"}"#,
+                "qemu_ga_channel_name",
+            ),
             (r#"{"max_message_size_kb":0}"#, "max_message_size_kb"),
             (r#"{"max_message_size_kb":16385}"#, "max_message_size_kb"),
             (r#"{"max_message_size_kb":-1}"#, "max_message_size_kb"),

@@ -22,6 +22,7 @@ pub mod logging;
 pub mod ops;
 pub mod policy;
 pub mod power;
+pub mod qga;
 pub mod server;
 pub mod session;
 mod sys;

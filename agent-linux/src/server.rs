@@ -65,6 +65,11 @@ use crate::session::Session;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// A new session's id, unique among the sessions of either dialect.
+pub(crate) fn next_session_id() -> SessionId {
+    SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed))
+}
+
 /// Replies queued for the writer before request tasks wait. Small on
 /// purpose: a `file_read` reply is up to 1.4 MB (1 MiB as an attachment),
 /// and a deep queue of them was most of the agent's peak memory during
@@ -177,7 +182,7 @@ pub async fn serve<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let session = SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed));
+    let session = next_session_id();
     debug!(session = session.0, "session started");
     let (tx, rx) = mpsc::channel::<Outgoing>(REPLY_QUEUE);
     let (bulk_tx, bulk_rx) = mpsc::channel::<Outgoing>(REPLY_QUEUE);

@@ -29,8 +29,48 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::dispatch::Agent;
+use crate::qga::QgaState;
 use crate::server::{serve, OnEof};
 use crate::sys;
+
+/// The protocol a port or socket speaks.
+#[derive(Debug, Clone)]
+pub enum Dialect {
+    /// The agent's own JSON-RPC 2.0 (PROTOCOL.md), on `channel_name`.
+    JsonRpc,
+    /// The QEMU guest agent's protocol, on `qemu_ga_channel_name`, with the
+    /// state its sessions share (`guest-exec` results).
+    Qga(Arc<QgaState>),
+}
+
+impl Dialect {
+    /// Spawns a session of this dialect on `tracker`.
+    fn spawn<R, W>(
+        &self,
+        tracker: &TaskTracker,
+        agent: &Arc<Agent>,
+        (reader, writer): (R, W),
+        on_eof: OnEof,
+        stop: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        match self {
+            Dialect::JsonRpc => {
+                tracker.spawn(serve(agent.clone(), reader, writer, on_eof, stop.clone()))
+            }
+            Dialect::Qga(state) => tracker.spawn(crate::qga::serve(
+                agent.clone(),
+                state.clone(),
+                reader,
+                writer,
+                stop.clone(),
+            )),
+        }
+    }
+}
 
 /// Where sysfs lists virtio-serial ports.
 const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
@@ -102,9 +142,11 @@ fn open_port(path: &Path) -> io::Result<File> {
 }
 
 /// Serves the virtio-serial port (the given device, or the one named
-/// `channel_name` in sysfs) until `stop` is cancelled.
+/// `name` in sysfs) in `dialect` until `stop` is cancelled.
 pub async fn serve_port(
     agent: Arc<Agent>,
+    dialect: Dialect,
+    name: String,
     device: Option<PathBuf>,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -112,7 +154,6 @@ pub async fn serve_port(
     // Installed before any O_ASYNC is set: SIGIO's default action kills.
     let mut sigio = signal(SignalKind::io()).map_err(TransportError::Signal)?;
     let retry = agent.config().connection_retry;
-    let name = agent.config().channel_name.clone();
     let mut warned = false;
     while !stop.is_cancelled() {
         let path = device.clone().or_else(|| find_port(&name));
@@ -137,8 +178,9 @@ pub async fn serve_port(
             }
         };
         warned = false;
-        info!(port = %path.display(), "serving the virtio-serial port");
-        if let Err(e) = serve_open_port(&agent, &file, &mut sigio, &stop, &tracker).await {
+        info!(port = %path.display(), name = %name, "serving the virtio-serial port");
+        if let Err(e) = serve_open_port(&agent, &dialect, &file, &mut sigio, &stop, &tracker).await
+        {
             warn!(port = %path.display(), error = %e, "port failed; reopening");
             tokio::select! {
                 () = tokio::time::sleep(retry) => {}
@@ -151,6 +193,7 @@ pub async fn serve_port(
 
 async fn serve_open_port(
     agent: &Arc<Agent>,
+    dialect: &Dialect,
     file: &File,
     sigio: &mut tokio::signal::unix::Signal,
     stop: &CancellationToken,
@@ -168,14 +211,7 @@ async fn serve_open_port(
         set_async(file, false)?;
         info!("host attached");
         let stream = PortStream::new(file.try_clone()?)?;
-        let (reader, writer) = tokio::io::split(stream);
-        let session = tracker.spawn(serve(
-            agent.clone(),
-            reader,
-            writer,
-            OnEof::Drop,
-            stop.clone(),
-        ));
+        let session = dialect.spawn(tracker, agent, tokio::io::split(stream), OnEof::Drop, stop);
         // The session owns the port while it runs; a panic in it is a bug
         // already reported by the runtime.
         let _ = session.await;
@@ -286,11 +322,12 @@ fn bind_owner_only(path: &Path) -> io::Result<std::os::unix::net::UnixListener> 
     bound
 }
 
-/// Serves clients on a Unix socket at `path` until `stop` is cancelled.
-/// A stale socket file is replaced; the socket is owner-only (0600) from the
-/// start (see [`bind_owner_only`]).
+/// Serves clients on a Unix socket at `path` in `dialect` until `stop` is
+/// cancelled. A stale socket file is replaced; the socket is owner-only
+/// (0600) from the start (see [`bind_owner_only`]).
 pub async fn serve_unix(
     agent: Arc<Agent>,
+    dialect: Dialect,
     path: PathBuf,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -322,8 +359,7 @@ pub async fn serve_unix(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     debug!("client connected");
-                    let (reader, writer) = stream.into_split();
-                    tracker.spawn(serve(agent.clone(), reader, writer, OnEof::Drain, stop.clone()));
+                    dialect.spawn(&tracker, &agent, stream.into_split(), OnEof::Drain, &stop);
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");

@@ -766,11 +766,14 @@ mod tests {
                 "log_level",
                 "max_concurrent_requests",
                 "max_message_size_kb",
+                "qemu_ga_channel_name",
                 "request_timeout_seconds",
                 "security"
             ]
         );
         assert_eq!(v["log_level"], "info");
+        // The qemu-ga port stays qemu-ga's unless the admin hands it over.
+        assert!(v["qemu_ga_channel_name"].is_null());
         assert_eq!(v["max_message_size_kb"], 64);
         let s = &v["security"];
         assert_eq!(s["max_file_size_mb"], 10);

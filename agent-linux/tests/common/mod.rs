@@ -51,6 +51,11 @@ impl AgentProcess {
             .arg(&config_path)
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
+            .arg("--listen")
+            .arg(format!(
+                "qga:unix:{}",
+                dir.path().join("qga.sock").display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -90,6 +95,11 @@ impl AgentProcess {
 
     pub fn connect(&self) -> Conn {
         Conn::connect(&self.socket)
+    }
+
+    /// The socket serving the qemu-ga dialect (`--listen qga:unix:PATH`).
+    pub fn qga_socket(&self) -> PathBuf {
+        self.dir.path().join("qga.sock")
     }
 
     pub fn pid(&self) -> i32 {
@@ -273,6 +283,8 @@ impl AgentProcess {
             .arg(self.dir.path().join("config.json"))
             .arg("--listen")
             .arg(format!("unix:{}", self.socket.display()))
+            .arg("--listen")
+            .arg(format!("qga:unix:{}", self.qga_socket().display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,0 +1,560 @@
+//! The qemu-ga dialect against the real binary (`--listen qga:unix:PATH`):
+//! exact reply shapes, the policy shared with the native methods, and,
+//! where Debian's qemu-ga is installed, the same requests answered the same
+//! way by it (`qemu-ga -m unix-listen`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::AgentProcess;
+use serde_json::{json, Value};
+
+/// A qemu-ga client: JSON objects out, reply lines (raw bytes) in.
+struct Qga {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Qga {
+    fn connect(path: &Path) -> Qga {
+        let stream = UnixStream::connect(path).expect("connect to the qemu-ga socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Qga { stream, reader }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next reply line, raw, `\n` included.
+    fn recv_raw(&mut self) -> Vec<u8> {
+        let mut line = Vec::new();
+        let n = self.reader.read_until(b'\n', &mut line).unwrap();
+        assert!(n > 0, "the agent closed the connection");
+        line
+    }
+
+    fn recv(&mut self) -> Value {
+        let line = self.recv_raw();
+        serde_json::from_slice(&line)
+            .unwrap_or_else(|e| panic!("bad reply {:?}: {e}", String::from_utf8_lossy(&line)))
+    }
+
+    fn exec(&mut self, request: Value) -> Value {
+        let mut bytes = serde_json::to_vec(&request).unwrap();
+        bytes.push(b'\n');
+        self.send_raw(&bytes);
+        self.recv()
+    }
+
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        self.exec(json!({"execute": name, "arguments": args}))
+    }
+}
+
+/// A connection to the agent's qemu-ga socket, once it listens.
+fn connect(agent: &AgentProcess) -> Qga {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(agent.qga_socket()).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no qemu-ga socket; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Qga::connect(&agent.qga_socket())
+}
+
+fn generic(desc: &str) -> Value {
+    json!({"error": {"class": "GenericError", "desc": desc}})
+}
+
+/// The requests whose replies must be the same from qemu-ga and from us,
+/// with the reply qemu-ga gives.
+fn dialect_cases() -> Vec<(Value, Value)> {
+    vec![
+        (
+            json!({"execute": "guest-sync", "arguments": {"id": 1234}}),
+            json!({"return": 1234}),
+        ),
+        (
+            json!({"execute": "guest-ping", "id": "a"}),
+            json!({"return": {}, "id": "a"}),
+        ),
+        (
+            json!({"execute": "guest-ping", "arguments": {}, "id": 7}),
+            json!({"return": {}, "id": 7}),
+        ),
+        (
+            json!({"execute": "guest-nonesuch"}),
+            json!({"error": {"class": "CommandNotFound", "desc": "The command guest-nonesuch has not been found"}}),
+        ),
+        (
+            json!({"execute": "guest-ping", "arguments": {"x": 1}}),
+            generic("Parameter 'x' is unexpected"),
+        ),
+        (
+            json!({"execute": "guest-sync", "arguments": {}}),
+            generic("Parameter 'id' is missing"),
+        ),
+        (
+            json!({"execute": "guest-sync", "arguments": {"id": "s"}}),
+            generic("Invalid parameter type for 'id', expected: integer"),
+        ),
+        (
+            json!({"foo": 1}),
+            generic("QMP input member 'foo' is unexpected"),
+        ),
+        (
+            json!({"execute": "guest-shutdown", "arguments": {"mode": "nope"}}),
+            generic("mode is invalid (valid values are: halt|powerdown|reboot"),
+        ),
+        (
+            json!({"execute": "guest-suspend-ram", "arguments": {"x": 1}}),
+            generic("Parameter 'x' is unexpected"),
+        ),
+        (
+            json!({"execute": "guest-exec-status", "arguments": {"pid": 999999}}),
+            generic("Invalid parameter 'pid'"),
+        ),
+        (
+            json!({"execute": "guest-file-close", "arguments": {"handle": 999999}}),
+            generic("handle '999999' has not been found"),
+        ),
+        (
+            json!({"execute": "guest-file-read", "arguments": {"handle": 999999}}),
+            generic("handle '999999' has not been found"),
+        ),
+        (
+            json!({"execute": "guest-fsfreeze-status"}),
+            json!({"return": "thawed"}),
+        ),
+    ]
+}
+
+#[test]
+fn replies_have_qemu_ga_shapes() {
+    let agent = AgentProcess::start();
+    let mut q = connect(&agent);
+    for (request, want) in dialect_cases() {
+        assert_eq!(q.exec(request.clone()), want, "{request}");
+    }
+    // The bytes as qemu-ga writes them.
+    q.send_raw(b"{\"execute\":\"guest-ping\",\"id\":[1]}");
+    assert_eq!(q.recv_raw(), b"{\"return\": {}, \"id\": [1]}\n");
+    // guest-sync-delimited: 0xFF before the reply; a 0xFF from the host
+    // drops the partial request before it.
+    q.send_raw(b"{\"execute\":\"guest-ping\",\"argu\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":99}}");
+    assert_eq!(
+        q.recv(),
+        generic("JSON parse error, stray '\"argu\u{FFFD}'")
+    );
+    assert_eq!(q.recv_raw(), b"\xff{\"return\": 99}\n");
+    // Input that is not an object: a parse error, and the stream goes on.
+    q.send_raw(b"junk\n");
+    let r = q.recv();
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("JSON parse error"),
+        "{r}"
+    );
+    assert_eq!(q.cmd("guest-ping", json!({})), json!({"return": {}}));
+}
+
+#[test]
+fn guest_info_lists_every_command_with_its_flags() {
+    let agent = AgentProcess::start_with(json!({"blocked_methods": ["exec_command"]}), json!({}));
+    let mut q = connect(&agent);
+    let info = q.cmd("guest-info", json!({}));
+    assert_eq!(info["return"]["version"], env!("CARGO_PKG_VERSION"));
+    let commands = info["return"]["supported_commands"].as_array().unwrap();
+    let find = |name: &str| {
+        commands
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing from {info}"))
+            .clone()
+    };
+    assert_eq!(
+        find("guest-ping"),
+        json!({"name": "guest-ping", "enabled": true, "success-response": true})
+    );
+    assert_eq!(find("guest-shutdown")["success-response"], false);
+    assert_eq!(find("guest-exec")["enabled"], false);
+    assert_eq!(find("guest-exec-status")["enabled"], false);
+    assert_eq!(find("guest-get-time")["enabled"], true);
+    for c in commands {
+        let keys: Vec<&String> = c.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 3, "{c}");
+    }
+    // A blocked core method is refused in this dialect too, naming the rule,
+    // and nothing runs.
+    let marker = agent.write_dir().join("ran");
+    let r = q.cmd(
+        "guest-exec",
+        json!({"path": "/usr/bin/touch", "arg": [marker]}),
+    );
+    let pid = r["return"]["pid"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    let status = wait_exited(&mut q, pid);
+    assert_eq!(status["error"]["class"], "GenericError", "{status}");
+    assert!(
+        status["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("blocked_methods"),
+        "{status}"
+    );
+    assert!(!marker.exists());
+}
+
+/// Polls `guest-exec-status` until it no longer says `exited: false`.
+fn wait_exited(q: &mut Qga, pid: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = q.cmd("guest-exec-status", json!({"pid": pid}));
+        if r["return"]["exited"] != false {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} never exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn guest_exec_runs_through_the_core_and_keeps_its_result_until_collected() {
+    let agent = AgentProcess::start();
+    let mut q = connect(&agent);
+    // hello\n as input-data, echoed by cat; capture-output in its old
+    // boolean form.
+    let r = q.cmd(
+        "guest-exec",
+        json!({"path": "cat", "input-data": "aGVsbG8K", "capture-output": true}),
+    );
+    let pid = r["return"]["pid"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(r, json!({"return": {"pid": pid}}));
+    assert_eq!(
+        wait_exited(&mut q, pid),
+        json!({"return": {"exited": true, "exitcode": 0, "out-data": "aGVsbG8K", "out-truncated": false}})
+    );
+    // Collected once, then gone, as in qemu-ga.
+    assert_eq!(
+        q.cmd("guest-exec-status", json!({"pid": pid})),
+        generic("Invalid parameter 'pid'")
+    );
+    // The newer mode names; stderr only; an exit code.
+    let r = q.cmd(
+        "guest-exec",
+        json!({"path": "sh", "arg": ["-c", "echo out; echo err >&2; exit 3"], "capture-output": "stderr"}),
+    );
+    let pid = r["return"]["pid"].as_i64().unwrap();
+    assert_eq!(
+        wait_exited(&mut q, pid),
+        json!({"return": {"exited": true, "exitcode": 3, "err-data": "ZXJyCg==", "err-truncated": false}})
+    );
+    // Bad arguments are refused before anything runs.
+    assert_eq!(
+        q.cmd(
+            "guest-exec",
+            json!({"path": "true", "capture-output": "merged"})
+        ),
+        generic("capture-output 'merged' is not supported by this agent; use 'separated'")
+    );
+    assert_eq!(
+        q.cmd("guest-exec", json!({"path": "true", "env": ["NOEQUALS"]})),
+        generic("Parameter 'env' entry \"NOEQUALS\" is not NAME=VALUE")
+    );
+    assert_eq!(
+        q.cmd("guest-exec", json!({"arg": []})),
+        generic("Parameter 'path' is missing")
+    );
+}
+
+#[test]
+fn queries_map_onto_the_core_with_qemu_ga_member_names() {
+    let agent = AgentProcess::start();
+    let mut q = connect(&agent);
+    let t = q.cmd("guest-get-time", json!({}));
+    assert!(
+        t["return"].as_u64().unwrap() > 1_600_000_000_000_000_000,
+        "{t}"
+    );
+    let tz = q.cmd("guest-get-timezone", json!({}));
+    assert!(tz["return"]["offset"].is_i64(), "{tz}");
+    let host = q.cmd("guest-get-host-name", json!({}));
+    assert!(
+        !host["return"]["host-name"].as_str().unwrap().is_empty(),
+        "{host}"
+    );
+    let os = q.cmd("guest-get-osinfo", json!({}));
+    for key in ["kernel-release", "kernel-version", "machine"] {
+        assert!(os["return"][key].is_string(), "{key} in {os}");
+    }
+    let cpus = q.cmd("guest-get-vcpus", json!({}));
+    let cpus = cpus["return"].as_array().unwrap();
+    assert!(!cpus.is_empty());
+    for c in cpus {
+        assert!(
+            c["logical-id"].is_u64() && c["online"].is_boolean() && c["can-offline"].is_boolean(),
+            "{c}"
+        );
+    }
+    let nics = q.cmd("guest-network-get-interfaces", json!({}));
+    let lo = nics["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "lo")
+        .unwrap_or_else(|| panic!("no lo in {nics}"))
+        .clone();
+    assert!(lo["ip-addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["ip-address"] == "127.0.0.1"
+            && a["ip-address-type"] == "ipv4"
+            && a["prefix"] == 8));
+    assert!(lo["statistics"]["rx-bytes"].is_u64(), "{lo}");
+    assert!(q.cmd("guest-get-users", json!({}))["return"].is_array());
+    let info = q.cmd("guest-get-memory-block-info", json!({}));
+    let blocks = q.cmd("guest-get-memory-blocks", json!({}));
+    // Where the kernel has memory blocks, both answer; where it has none
+    // (some containers), both say so.
+    if info["return"].is_object() {
+        assert!(info["return"]["size"].as_u64().unwrap() > 0, "{info}");
+        let first = &blocks["return"][0];
+        assert!(
+            first["phys-index"].is_u64() && first["online"].is_boolean(),
+            "{blocks}"
+        );
+    } else {
+        assert_eq!(info["error"]["class"], "GenericError", "{info}");
+        assert_eq!(blocks["error"]["class"], "GenericError", "{blocks}");
+    }
+    assert!(q.cmd("guest-get-fsinfo", json!({}))["return"].is_array());
+    assert_eq!(
+        q.cmd("guest-set-time", json!({"time": -1})),
+        generic("Time -1 is invalid")
+    );
+    assert_eq!(
+        q.cmd(
+            "guest-set-user-password",
+            json!({"username": "nobody", "password": "!!", "crypted": false})
+        ),
+        generic("Parameter 'password' must be base64 of UTF-8 text")
+    );
+    assert_eq!(
+        q.cmd("guest-set-vcpus", json!({"vcpus": [{"logical-id": 0}]})),
+        generic("Parameter 'online' is missing")
+    );
+}
+
+/// Debian's qemu-ga on a local socket, killed (by pid) when dropped.
+struct RealQga {
+    child: Child,
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for RealQga {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn real_qga() -> Option<RealQga> {
+    let binary = ["/usr/sbin/qemu-ga", "/usr/bin/qemu-ga"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(binary) = binary else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but qemu-ga is not installed (apt-get install qemu-guest-agent)"
+        );
+        eprintln!("qemu-ga is not installed; the comparison with it is skipped");
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qga.sock");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let child = Command::new(binary)
+        .arg("-m")
+        .arg("unix-listen")
+        .arg("-p")
+        .arg(&socket)
+        .arg("-t")
+        .arg(&state)
+        .arg("-f")
+        .arg(dir.path().join("qga.pid"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-ga");
+    let real = RealQga {
+        child,
+        _dir: dir,
+        socket,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&real.socket).is_err() {
+        assert!(Instant::now() < deadline, "qemu-ga did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(real)
+}
+
+#[test]
+fn the_same_requests_get_the_same_replies_from_qemu_ga() {
+    let Some(real) = real_qga() else { return };
+    let agent = AgentProcess::start();
+    let mut ours = connect(&agent);
+    let mut theirs = Qga::connect(&real.socket);
+    for (request, want) in dialect_cases() {
+        assert_eq!(theirs.exec(request.clone()), want, "qemu-ga: {request}");
+        assert_eq!(ours.exec(request.clone()), want, "ours: {request}");
+    }
+    // A 0xFF from the host: a parse error naming the cut token, then the
+    // delimited reply; byte for byte the same.
+    for conn in [&mut ours, &mut theirs] {
+        conn.send_raw(b"{\"execute\":\"guest-ping\",\"argu\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":5}}\n\xff");
+        assert_eq!(
+            conn.recv_raw(),
+            b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\\"argu\\uFFFD'\"}}\n"
+        );
+        assert_eq!(conn.recv_raw(), b"\xff{\"return\": 5}\n");
+        assert_eq!(conn.recv(), generic("JSON parse error, stray '\u{FFFD}'"));
+    }
+    // The shapes of what both answer (values differ: our zone is the IANA
+    // name, qemu-ga's the abbreviation).
+    let shape = |v: &Value| -> Vec<(String, &'static str)> {
+        let kind = |x: &Value| match x {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        match v {
+            Value::Object(m) => m.iter().map(|(k, x)| (k.clone(), kind(x))).collect(),
+            other => vec![(String::new(), kind(other))],
+        }
+    };
+    for name in [
+        "guest-get-time",
+        "guest-get-host-name",
+        "guest-fsfreeze-status",
+    ] {
+        let a = ours.cmd(name, json!({}));
+        let b = theirs.cmd(name, json!({}));
+        assert_eq!(
+            shape(&a["return"]),
+            shape(&b["return"]),
+            "{name}: {a} vs {b}"
+        );
+    }
+    let a = ours.cmd("guest-get-vcpus", json!({}));
+    let b = theirs.cmd("guest-get-vcpus", json!({}));
+    assert_eq!(shape(&a["return"][0]), shape(&b["return"][0]), "{a} vs {b}");
+    // Every key we give for the OS, qemu-ga gives too.
+    let a = ours.cmd("guest-get-osinfo", json!({}));
+    let b = theirs.cmd("guest-get-osinfo", json!({}));
+    for (k, kind) in shape(&a["return"]) {
+        assert!(
+            shape(&b["return"]).contains(&(k.clone(), kind)),
+            "{k} in {b}"
+        );
+    }
+    // Every command we serve is one qemu-ga knows, with the same
+    // success-response flag.
+    let a = ours.cmd("guest-info", json!({}));
+    let b = theirs.cmd("guest-info", json!({}));
+    let theirs_cmds = b["return"]["supported_commands"].as_array().unwrap();
+    for c in a["return"]["supported_commands"].as_array().unwrap() {
+        let t = theirs_cmds
+            .iter()
+            .find(|t| t["name"] == c["name"])
+            .unwrap_or_else(|| panic!("qemu-ga has no {}", c["name"]));
+        assert_eq!(c["success-response"], t["success-response"], "{c} vs {t}");
+    }
+}
+
+#[test]
+fn guest_file_calls_go_through_the_path_policy() {
+    let agent = AgentProcess::start();
+    let mut q = connect(&agent);
+    let path = agent.write_dir().join("f.txt");
+    let r = q.cmd("guest-file-open", json!({"path": path, "mode": "w"}));
+    let w = r["return"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    // "hello " and "world" (base64), the second cut to its count.
+    assert_eq!(
+        q.cmd(
+            "guest-file-write",
+            json!({"handle": w, "buf-b64": "aGVsbG8g"})
+        ),
+        json!({"return": {"count": 6, "eof": false}})
+    );
+    assert_eq!(
+        q.cmd(
+            "guest-file-write",
+            json!({"handle": w, "buf-b64": "d29ybGQhIQ==", "count": 5})
+        ),
+        json!({"return": {"count": 5, "eof": false}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-flush", json!({"handle": w})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": w})),
+        generic(&format!("handle '{w}' was opened for writing"))
+    );
+    assert_eq!(
+        q.cmd("guest-file-close", json!({"handle": w})),
+        json!({"return": {}})
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello world");
+    let r = q.cmd("guest-file-open", json!({"path": path}));
+    let h = r["return"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h, "count": 4})),
+        json!({"return": {"count": 4, "buf-b64": "aGVsbA==", "eof": false}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h})),
+        json!({"return": {"count": 7, "buf-b64": "byB3b3JsZA==", "eof": true}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-close", json!({"handle": h})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h})),
+        generic(&format!("handle '{h}' has not been found"))
+    );
+    // Outside the roots: refused by the core's policy, nothing written.
+    let outside = agent.dir.path().join("outside.txt");
+    let r = q.cmd("guest-file-open", json!({"path": outside, "mode": "w"}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert!(!outside.exists());
+    let r = q.cmd("guest-file-open", json!({"path": "/etc/hostname"}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    assert_eq!(
+        q.cmd("guest-file-open", json!({"path": path, "mode": "r+"})),
+        generic("mode 'r+' is not supported by this agent; use r, w or a (with or without b)")
+    );
+}
