@@ -145,12 +145,13 @@ fn restart_unit(ctl: &Ctl) -> Result<()> {
 fn owner_edits_config(ctl: &Ctl) -> Result<()> {
     let dir = scratch("deb-config")?;
     let cfg = dir.join("config.json");
-    // At debug level the journal shows every session and request, for
-    // the failure report `save_journal` writes.
-    fs::write(
-        &cfg,
-        crate::guest::GUEST_CONFIG.replace("\"log_level\": \"info\"", "\"log_level\": \"debug\""),
-    )?;
+    // The initramfs guest's test policy, at debug level (the journal then
+    // shows every session and request, for `save_journal`), and serving
+    // qemu-ga's port too (the `virsh` agent commands under libvirt).
+    let mut config: serde_json::Value = serde_json::from_str(crate::guest::GUEST_CONFIG)?;
+    config["log_level"] = "debug".into();
+    config["qemu_ga_channel_name"] = crate::guest::QEMU_GA_PORT.into();
+    fs::write(&cfg, serde_json::to_vec_pretty(&config)?)?;
     ctl.run(
         true,
         &[
@@ -710,6 +711,7 @@ pub(crate) fn libvirt_debian_suite(
     guest_checks(t, &ctl, &DEBIAN_FACTS, "libvirt-debian-")?;
     crate::ops_checks::guestops_checks(t, &ctl, "libvirt-debian-");
     t.check("libvirt-debian-journal", || journal_check(&ctl));
+    crate::qga_checks::virsh_agent_checks(t, &name);
     save_journal(&ctl, t, failed_before, "debian-libvirt");
     t.check("libvirt-debian-reboot", || {
         let boots = crate::vm::count_lines(&dom.console, debian::UP_MARKER);

@@ -43,6 +43,9 @@ pub(crate) enum Group {
     Review,
     /// `cargo fuzz` (it runs on the nightly toolchain the machines carry).
     Fuzz,
+    /// Debian's qemu-ga, the peer the qemu-ga dialect's tests compare
+    /// reply bytes with (`agent-linux/tests/qga.rs`).
+    Peer,
 }
 
 impl Group {
@@ -57,6 +60,7 @@ impl Group {
         Group::Lint,
         Group::Review,
         Group::Fuzz,
+        Group::Peer,
     ];
 
     fn apt_packages(self) -> &'static [&'static str] {
@@ -66,6 +70,7 @@ impl Group {
             Group::QemuGa => &["libglib2.0-0", "libnuma1", "liburing2", "libudev1"],
             Group::Qemu => &["qemu-system-x86", "qemu-utils", "socat"],
             Group::Distro => &["debootstrap", "e2fsprogs"],
+            Group::Peer => &["qemu-guest-agent"],
             Group::Libvirt => &[
                 "libvirt-daemon",
                 "libvirt-daemon-driver-qemu",

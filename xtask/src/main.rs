@@ -15,6 +15,7 @@ mod guest;
 mod ops_checks;
 mod pipeline;
 mod probe;
+mod qga_checks;
 mod qmp;
 mod soak;
 mod suite;

@@ -34,7 +34,7 @@ fn sh(ctl: &Ctl, script: &str) -> Result<String> {
 }
 
 /// A syntactically valid ed25519 public key line with this comment.
-fn ed25519_line(seed: u8, comment: &str) -> String {
+pub(crate) fn ed25519_line(seed: u8, comment: &str) -> String {
     let mut blob = Vec::new();
     blob.extend_from_slice(&11u32.to_be_bytes());
     blob.extend_from_slice(b"ssh-ed25519");

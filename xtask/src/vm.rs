@@ -678,6 +678,10 @@ pub(crate) fn debian_domain_xml(
       <source mode='bind'/>
       <target type='virtio' name='{AGENT_PORT}'/>
     </channel>
+    <channel type='unix'>
+      <source mode='bind'/>
+      <target type='virtio' name='{QEMU_GA_PORT}'/>
+    </channel>
     <serial type='pty'>
       <log file='{console}' append='off'/>
       <target port='0'/>
@@ -689,6 +693,7 @@ pub(crate) fn debian_domain_xml(
   </devices>
 </domain>
 "#,
+        QEMU_GA_PORT = crate::guest::QEMU_GA_PORT,
         name = xml_escape(name),
         kernel = e(&image.kernel),
         initrd = e(&image.initrd),
