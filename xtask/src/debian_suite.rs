@@ -68,21 +68,9 @@ fn provisioned_ok(vm_lines: &[String], states: &[String], want_state: &str) -> R
     )
 }
 
-/// Runs a shell line in the guest through the agent; its stdout.
-fn sh(ctl: &Ctl, script: &str) -> Result<String> {
-    let v = ctl.json(&["exec", "--", "sh", "-c", script])?;
-    let r = exec_result(&v);
-    ensure(r["exit_code"] == 0, || {
-        format!("`{script}` in the guest: {v}")
-    })?;
-    Ok(r["stdout"].as_str().unwrap_or("").to_owned())
-}
-
 /// `systemctl show` properties of the agent's unit.
 fn unit_props(ctl: &Ctl) -> Result<std::collections::HashMap<String, String>> {
-    let out = sh(
-        ctl,
-        "systemctl show kvmmanager-agent.service -p ActiveState -p SubState -p MainPID -p NRestarts -p ControlGroup",
+    let out = ctl.sh("systemctl show kvmmanager-agent.service -p ActiveState -p SubState -p MainPID -p NRestarts -p ControlGroup",
     )?;
     Ok(out
         .lines()
@@ -152,19 +140,13 @@ fn owner_edits_config(ctl: &Ctl) -> Result<()> {
     config["log_level"] = "debug".into();
     config["qemu_ga_channel_name"] = crate::guest::QEMU_GA_PORT.into();
     fs::write(&cfg, serde_json::to_vec_pretty(&config)?)?;
-    ctl.run(
-        true,
-        &[
-            "push",
-            &cfg.display().to_string(),
-            "/tmp/kvmmanager/test-config.json",
-        ],
+    ctl.push(
+        &cfg,
+        "/tmp/kvmmanager/test-config.json",
         Duration::from_secs(60),
-    )?
-    .ok()?;
+    )?;
     let before = unit_props(ctl)?.get("MainPID").cloned().unwrap_or_default();
-    sh(
-        ctl,
+    ctl.sh(
         "kvmmanager-agent --check-config --config /tmp/kvmmanager/test-config.json \
          && cp /tmp/kvmmanager/test-config.json /etc/kvmmanager-agent/config.json",
     )?;
@@ -190,10 +172,8 @@ fn save_journal(ctl: &Ctl, t: &Tally, failed_before: usize, name: &str) {
     let r = fs::create_dir_all(&dir)
         .map_err(crate::util::XtaskError::from)
         .and_then(|()| {
-            let out = sh(
-                ctl,
-                "journalctl -u kvmmanager-agent.service --no-pager -o short-precise",
-            )?;
+            let out =
+                ctl.sh("journalctl -u kvmmanager-agent.service --no-pager -o short-precise")?;
             fs::write(&path, out)?;
             Ok(())
         });
@@ -210,8 +190,7 @@ fn save_journal(ctl: &Ctl, t: &Tally, failed_before: usize, name: &str) {
 fn journal_check(ctl: &Ctl) -> Result<()> {
     // All of this boot's journal of the unit, filtered in the guest: at
     // debug level the start lines are thousands of lines back.
-    let out = sh(
-        ctl,
+    let out = ctl.sh(
         "journalctl -u kvmmanager-agent.service -b --no-pager -o cat \
          | grep -E 'kvmmanager-agent starting|command containment' | tail -n 20 || true",
     )?;
@@ -282,12 +261,7 @@ fn restart_mid_transfer(ctl: &Ctl) -> Result<()> {
         })?;
         println!("  push error: {}", msg.trim());
         // The host library recovers: the same push works now.
-        ctl.run(
-            true,
-            &["push", &src.display().to_string(), guest],
-            Duration::from_secs(600),
-        )?
-        .ok()?;
+        ctl.push(&src, guest, Duration::from_secs(600))?;
         ctl.run(
             true,
             &["pull", guest, &back.display().to_string()],
@@ -296,7 +270,7 @@ fn restart_mid_transfer(ctl: &Ctl) -> Result<()> {
         .ok()?;
         crate::suite::same_content(&src, &back)?;
     }
-    let _ = sh(ctl, &format!("rm -f {guest}"));
+    let _ = ctl.sh(&format!("rm -f {guest}"));
     let _ = fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -306,9 +280,7 @@ fn restart_mid_transfer(ctl: &Ctl) -> Result<()> {
 /// with the new package.
 fn upgrade_keeps_config(ctl: &Ctl, newer: &Path) -> Result<()> {
     let cfg = "/etc/kvmmanager-agent/config.json";
-    sh(
-        ctl,
-        &format!(
+    ctl.sh(&format!(
             "sed -i 's/\"request_timeout_seconds\": *30/\"request_timeout_seconds\": 31/' {cfg} && grep -q '\"request_timeout_seconds\": 31' {cfg}"
         ),
     )?;
@@ -318,12 +290,7 @@ fn upgrade_keeps_config(ctl: &Ctl, newer: &Path) -> Result<()> {
         .to_string_lossy()
         .into_owned();
     let guest_deb = format!("/tmp/kvmmanager/{name}");
-    ctl.run(
-        true,
-        &["push", &newer.display().to_string(), &guest_deb],
-        Duration::from_secs(300),
-    )?
-    .ok()?;
+    ctl.push(newer, &guest_deb, Duration::from_secs(300))?;
     let want = crate::util::output(
         std::process::Command::new("dpkg-deb")
             .args(["-f"])
@@ -335,20 +302,16 @@ fn upgrade_keeps_config(ctl: &Ctl, newer: &Path) -> Result<()> {
     let before = unit_props(ctl)?.get("MainPID").cloned().unwrap_or_default();
     // The upgrade restarts the agent, which kills its own commands: run apt
     // in a transient unit of its own, as an operator would over the agent.
-    sh(
-        ctl,
-        &format!(
+    ctl.sh(&format!(
             "systemd-run --unit=kvmm-upgrade --collect --no-block sh -c 'cd /tmp/kvmmanager && DEBIAN_FRONTEND=noninteractive apt install -y ./{name} > /var/log/kvmm-upgrade.log 2>&1'"
         ),
     )?;
     let after = wait_new_main_pid(ctl, &before, Duration::from_secs(180))?;
     let deadline = Instant::now() + Duration::from_secs(180);
     let version = loop {
-        let v = sh(
-            ctl,
-            "dpkg-query -W -f '${Version} ${db:Status-Abbrev}' kvmmanager-agent",
-        )
-        .unwrap_or_default();
+        let v = ctl
+            .sh("dpkg-query -W -f '${Version} ${db:Status-Abbrev}' kvmmanager-agent")
+            .unwrap_or_default();
         if v.starts_with(&format!("{want} ii")) || Instant::now() >= deadline {
             break v;
         }
@@ -357,15 +320,12 @@ fn upgrade_keeps_config(ctl: &Ctl, newer: &Path) -> Result<()> {
     ensure(version.starts_with(&format!("{want} ii")), || {
         format!("installed after the upgrade: {version:?}, want {want}")
     })?;
-    sh(
-        ctl,
-        &format!("grep -q '\"request_timeout_seconds\": 31' {cfg}"),
-    )
-    .map_err(|e| format!("the edited config did not survive the upgrade: {e}"))?;
+    ctl.sh(&format!("grep -q '\"request_timeout_seconds\": 31' {cfg}"))
+        .map_err(|e| format!("the edited config did not survive the upgrade: {e}"))?;
     ensure(after != before, || "agent not restarted".to_owned())?;
     ctl.wait_ping(Duration::from_secs(60))?;
     println!("  upgraded to {want}; agent pid {before} -> {after}; edited config kept");
-    let _ = sh(ctl, &format!("rm -f {guest_deb}"));
+    let _ = ctl.sh(&format!("rm -f {guest_deb}"));
     Ok(())
 }
 
@@ -390,18 +350,12 @@ fn hardened_dropin(ctl: &Ctl) -> Result<()> {
         }
     });
     fs::write(&cfg, serde_json::to_vec_pretty(&config)?)?;
-    ctl.run(
-        true,
-        &[
-            "push",
-            &cfg.display().to_string(),
-            "/tmp/kvmmanager/hardened-config.json",
-        ],
+    ctl.push(
+        &cfg,
+        "/tmp/kvmmanager/hardened-config.json",
         Duration::from_secs(60),
-    )?
-    .ok()?;
-    sh(
-        ctl,
+    )?;
+    ctl.sh(
         "d=/etc/systemd/system/kvmmanager-agent.service.d && mkdir -p $d /var/tmp/kvmm-outside \
          && cp /usr/share/doc/kvmmanager-agent/examples/hardened.conf $d/ \
          && cp /tmp/kvmmanager/hardened-config.json /etc/kvmmanager-agent/config.json \
@@ -460,12 +414,7 @@ fn hardened_dropin(ctl: &Ctl) -> Result<()> {
         r.stderr.trim()
     );
     // Inside ReadWritePaths it works.
-    ctl.run(
-        true,
-        &["push", &f.display().to_string(), "/tmp/kvmmanager/x"],
-        Duration::from_secs(60),
-    )?
-    .ok()?;
+    ctl.push(&f, "/tmp/kvmmanager/x", Duration::from_secs(60))?;
     let _ = fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -593,13 +542,13 @@ pub(crate) fn qemu_debian_suite(
                 && p.get("SubState").map(String::as_str) == Some("running"),
             || format!("unit state: {p:?}"),
         )?;
-        let pid = sh(&ctl, "pidof kvmmanager-agent")?;
+        let pid = ctl.sh("pidof kvmmanager-agent")?;
         ensure(
             p.get("MainPID").map(String::as_str) == Some(pid.trim()),
             || format!("MainPID {:?} but pidof says {pid:?}", p.get("MainPID")),
         )?;
         // Delegate=yes: the agent moved into the leaf `agent` of its unit's cgroup.
-        let own = sh(&ctl, "cat /proc/$(pidof kvmmanager-agent)/cgroup")?;
+        let own = ctl.sh("cat /proc/$(pidof kvmmanager-agent)/cgroup")?;
         ensure(
             own.trim()
                 .ends_with("system.slice/kvmmanager-agent.service/agent"),
@@ -647,16 +596,7 @@ pub(crate) fn qemu_debian_suite(
         let dir = scratch("deb-reboot")?;
         let f = dir.join("after-reboot");
         fs::write(&f, b"written after a reboot onto a tmpfs /tmp\n")?;
-        ctl.run(
-            true,
-            &[
-                "push",
-                &f.display().to_string(),
-                "/tmp/kvmmanager/after-reboot",
-            ],
-            Duration::from_secs(60),
-        )?
-        .ok()?;
+        ctl.push(&f, "/tmp/kvmmanager/after-reboot", Duration::from_secs(60))?;
         let _ = fs::remove_dir_all(&dir);
         Ok(())
     });

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::debian::{DATA_MOUNT, DATA_SERIAL};
-use crate::suite::{ensure, exec_result, Ctl, CtlRun, Tally};
+use crate::suite::{ensure, Ctl, CtlRun, Tally};
 use crate::util::{bail, Result};
 
 /// `freeze_timeout_seconds` of the Debian test config.
@@ -22,16 +22,6 @@ const PASSWORD_HASH: &str = "$6$kvmmsalt$3pviY2d2GKf3zRK6JT1TsDw.pf1.Q0pUwXnzcZl
 /// Where the freeze hook records its calls (on `/run`, never on a frozen
 /// filesystem).
 const HOOK_LOG: &str = "/run/kvmm-hook.log";
-
-/// Runs a shell line in the guest; its stdout (exit status 0 required).
-fn sh(ctl: &Ctl, script: &str) -> Result<String> {
-    let v = ctl.json(&["exec", "--", "sh", "-c", script])?;
-    let r = exec_result(&v);
-    ensure(r["exit_code"] == 0, || {
-        format!("`{script}` in the guest: {v}")
-    })?;
-    Ok(r["stdout"].as_str().unwrap_or("").to_owned())
-}
 
 /// A syntactically valid ed25519 public key line with this comment.
 pub(crate) fn ed25519_line(seed: u8, comment: &str) -> String {
@@ -79,9 +69,7 @@ fn refused(r: &CtlRun, wants: &[&str]) -> Result<()> {
 /// completes only after it; hooks run with `freeze` and `thaw`; ping,
 /// status and a query answer while frozen, and `exec` is refused at once.
 fn freeze_blocks_a_write(ctl: &Ctl) -> Result<()> {
-    sh(
-        ctl,
-        &format!(
+    ctl.sh(&format!(
             "d=/etc/kvmmanager-agent/fsfreeze-hook.d && mkdir -p $d && rm -f {HOOK_LOG} \
              && printf '#!/bin/sh\\necho \"$1\" >> {HOOK_LOG}\\n' > $d/10-record && chmod 755 $d/10-record \
              && rm -f {DATA_MOUNT}/w /tmp/kvmm-w-start /tmp/kvmm-w-done \
@@ -146,10 +134,7 @@ fn freeze_blocks_a_write(ctl: &Ctl) -> Result<()> {
     // The write completes right after the thaw.
     let deadline = Instant::now() + Duration::from_secs(30);
     let (start, done) = loop {
-        let out = sh(
-            ctl,
-            "cat /tmp/kvmm-w-start /tmp/kvmm-w-done 2>/dev/null || true",
-        )?;
+        let out = ctl.sh("cat /tmp/kvmm-w-start /tmp/kvmm-w-done 2>/dev/null || true")?;
         let nums: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
         if let [s, d] = nums[..] {
             break (s, d);
@@ -165,11 +150,11 @@ fn freeze_blocks_a_write(ctl: &Ctl) -> Result<()> {
     ensure(done > before_thaw, || {
         format!("the write completed at {done}, before the thaw ({before_thaw}): the freeze did not hold it")
     })?;
-    let content = sh(ctl, &format!("cat {DATA_MOUNT}/w"))?;
+    let content = ctl.sh(&format!("cat {DATA_MOUNT}/w"))?;
     ensure(content == "written\n", || {
         format!("{DATA_MOUNT}/w: {content:?}")
     })?;
-    let hooks = sh(ctl, &format!("cat {HOOK_LOG}"))?;
+    let hooks = ctl.sh(&format!("cat {HOOK_LOG}"))?;
     ensure(hooks == "freeze\nthaw\n", || {
         format!("hook calls: {hooks:?}")
     })?;
@@ -178,8 +163,7 @@ fn freeze_blocks_a_write(ctl: &Ctl) -> Result<()> {
         (before_thaw - start) as f64 / 1e9,
         (done - before_thaw) as f64 / 1e9
     );
-    sh(
-        ctl,
+    ctl.sh(
         // The hook folder too: the package does not ship it, and `apt purge`
         // (checked later) leaves /etc/kvmmanager-agent/ if it is not empty.
         "rm -f /etc/kvmmanager-agent/fsfreeze-hook.d/10-record /tmp/kvmm-w-start /tmp/kvmm-w-done \
@@ -206,10 +190,9 @@ fn freeze_thaws_itself(ctl: &Ctl) -> Result<()> {
     }
     ensure(st["last_thaw"] == "timeout", || format!("last_thaw: {st}"))?;
     // And the filesystem takes writes again.
-    sh(
-        ctl,
-        &format!("echo again > {DATA_MOUNT}/w2 && rm {DATA_MOUNT}/w2"),
-    )?;
+    ctl.sh(&format!(
+        "echo again > {DATA_MOUNT}/w2 && rm {DATA_MOUNT}/w2"
+    ))?;
     Ok(())
 }
 
@@ -280,9 +263,7 @@ pub(crate) fn guestops_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) {
     t.check(&n("ssh-keys-added-beside-a-hand-written-line"), || {
         let hand = ed25519_line(1, "hand-written@kvmm");
         let ours = ed25519_line(2, "added-by-test@kvmm");
-        sh(
-            ctl,
-            &format!(
+        ctl.sh(&format!(
                 "id alice >/dev/null 2>&1 || useradd -m -s /bin/sh alice; \
                  install -d -o alice -g alice -m 700 ~alice/.ssh && \
                  printf '%s\\n' '{hand}' > ~alice/.ssh/authorized_keys && \
@@ -298,20 +279,18 @@ pub(crate) fn guestops_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) {
         ensure(has(&ours, true) && has(&hand, false), || {
             format!("keys after add: {v}")
         })?;
-        let file = sh(ctl, "cat ~alice/.ssh/authorized_keys")?;
+        let file = ctl.sh("cat ~alice/.ssh/authorized_keys")?;
         ensure(file.lines().any(|l| l == hand) && file.lines().any(|l| l == ours), || {
             format!("authorized_keys: {file}")
         })?;
-        let modes = sh(
-            ctl,
-            "stat -c '%U %a' ~alice/.ssh ~alice/.ssh/authorized_keys",
+        let modes = ctl.sh("stat -c '%U %a' ~alice/.ssh ~alice/.ssh/authorized_keys",
         )?;
         ensure(modes == "alice 700\nalice 600\n", || {
             format!("owner and modes: {modes:?}")
         })?;
         // Removing the agent's key leaves the hand-written one.
         let v = ctl.json(&["ssh-keys", "remove", "alice", &ours])?;
-        let file = sh(ctl, "cat ~alice/.ssh/authorized_keys")?;
+        let file = ctl.sh("cat ~alice/.ssh/authorized_keys")?;
         ensure(
             file.lines().any(|l| l == hand) && !file.contains(&ours),
             || format!("after remove: {file}\n{v}"),
@@ -345,15 +324,12 @@ pub(crate) fn guestops_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) {
                 String::from_utf8_lossy(&out.stderr)
             )
         })?;
-        let line = sh(ctl, "grep '^alice:' /etc/shadow")?;
+        let line = ctl.sh("grep '^alice:' /etc/shadow")?;
         ensure(line.split(':').nth(1) == Some(PASSWORD_HASH), || {
             format!("/etc/shadow: {line}")
         })?;
         // The password never reaches the log.
-        let journal = sh(
-            ctl,
-            "journalctl -u kvmmanager-agent.service --no-pager -o cat",
-        )?;
+        let journal = ctl.sh("journalctl -u kvmmanager-agent.service --no-pager -o cat")?;
         ensure(!journal.contains("kvmmsalt"), || {
             "the password hash is in the agent's journal".to_owned()
         })
@@ -370,12 +346,12 @@ pub(crate) fn guestops_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) {
             "cpu1 is not online to start with".to_owned()
         })?;
         ctl.json(&["vcpus", "--offline", "1"])?;
-        let sysfs = sh(ctl, "cat /sys/devices/system/cpu/cpu1/online")?;
+        let sysfs = ctl.sh("cat /sys/devices/system/cpu/cpu1/online")?;
         ensure(state()? == Some(false) && sysfs == "0\n", || {
             format!("after --offline 1: sysfs {sysfs:?}")
         })?;
         ctl.json(&["vcpus", "--online", "1"])?;
-        let sysfs = sh(ctl, "cat /sys/devices/system/cpu/cpu1/online")?;
+        let sysfs = ctl.sh("cat /sys/devices/system/cpu/cpu1/online")?;
         ensure(state()? == Some(true) && sysfs == "1\n", || {
             format!("after --online 1: sysfs {sysfs:?}")
         })?;

@@ -173,6 +173,28 @@ impl Ctl {
         self.run(true, args, Duration::from_secs(60))?.ok()?.json()
     }
 
+    /// Runs a shell line in the guest through `exec`; its stdout (exit
+    /// status 0 required).
+    pub(crate) fn sh(&self, script: &str) -> Result<String> {
+        let v = self.json(&["exec", "--", "sh", "-c", script])?;
+        let r = exec_result(&v);
+        ensure(r["exit_code"] == 0, || {
+            format!("`{script}` in the guest: {v}")
+        })?;
+        Ok(r["stdout"].as_str().unwrap_or("").to_owned())
+    }
+
+    /// `push LOCAL GUEST`, required to succeed within `timeout`.
+    pub(crate) fn push(&self, local: &Path, guest: &str, timeout: Duration) -> Result<()> {
+        self.run(
+            true,
+            &["push", &local.display().to_string(), guest],
+            timeout,
+        )?
+        .ok()
+        .map(|_| ())
+    }
+
     /// Retries `ping` until it succeeds or `timeout` passes.
     pub(crate) fn wait_ping(&self, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;
