@@ -145,6 +145,12 @@ pub(crate) fn demo(distro: Distro, keep: bool) -> Result<()> {
         target: Target::Socket(vm.socket.clone()),
     };
     let failures = tour(&ctl)?;
+    finish(vm, keep, failures)
+}
+
+/// Leaves the VM running (and says how to reach it) or stops it; fails if
+/// any tour step failed.
+fn finish(vm: QemuVm, keep: bool, failures: u32) -> Result<()> {
     if keep {
         print_keep(vm);
     } else {
@@ -205,13 +211,6 @@ fn demo_debian(keep: bool) -> Result<()> {
             "  socat -,raw,echo=0,escape=0x1d UNIX-CONNECT:{}",
             console.display()
         );
-        print_keep(vm);
-    } else {
-        drop(vm);
-        println!("\nDemo done; the VM was stopped (use --keep to leave it running).");
     }
-    if failures > 0 {
-        return Err(format!("{failures} demo step(s) failed").into());
-    }
-    Ok(())
+    finish(vm, keep, failures)
 }
