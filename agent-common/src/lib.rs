@@ -12,6 +12,7 @@ pub mod codec;
 pub mod encoding;
 pub mod envelope;
 pub mod error;
+pub mod fleet;
 pub mod guestops;
 pub mod jsonrpc;
 pub mod methods;

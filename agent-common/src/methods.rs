@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::encoding::Encoding;
+pub use crate::fleet::*;
 pub use crate::guestops::*;
 
 /// A method: its wire name and its params and result types.
@@ -213,6 +214,16 @@ methods! {
         MemoryBlocks, Facts::CHANGE;
     /// `suspend`: suspend to RAM, to disk, or both (after replying).
     Suspend => "suspend", SuspendRpc, SuspendParams, PowerResult, Facts::CHANGE;
+    /// `get_metrics`: CPU, memory, pressure, load, disk, network and
+    /// filesystem counters for dashboards and exporters.
+    GetMetrics => "get_metrics", GetMetricsRpc, Empty, Metrics, Facts::QUERY;
+    /// `list_processes`: the processes, filtered, sorted, the first N.
+    ListProcesses => "list_processes", ListProcessesRpc, ProcessListParams, ProcessList,
+        Facts::QUERY;
+    /// `kill_process`: send a signal to a process.
+    KillProcess => "kill_process", KillProcessRpc, KillParams, KillResult, Facts::CHANGE;
+    /// `read_log`: the last lines of a log file or of a unit's journal.
+    ReadLog => "read_log", ReadLogRpc, ReadLogParams, LogLines, Facts::QUERY;
 }
 
 impl Method {

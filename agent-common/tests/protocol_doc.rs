@@ -461,6 +461,7 @@ fn config_keys_and_defaults_match() {
     const KEYS: &[(&str, &str)] = &[
         ("log_level", "`info`"),
         ("log_file", "`null`"),
+        ("audit_file", "`null`"),
         ("channel_name", "`org.kvmmanager.agent.0`"),
         ("max_message_size_kb", "`64`"),
         ("connection_retry_seconds", "`5`"),

@@ -294,6 +294,12 @@ pub fn main() -> ExitCode {
         print_chain("could not set up logging", &e);
         return ExitCode::FAILURE;
     }
+    if let Some(path) = &config.audit_file {
+        if let Err(e) = logging::open_audit(path) {
+            print_chain("could not open the audit file", &e);
+            return ExitCode::FAILURE;
+        }
+    }
     crate::buffers::use_one_heap();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

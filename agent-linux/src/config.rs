@@ -74,6 +74,9 @@ pub struct Config {
     pub log_level: LogLevel,
     /// Key `log_file` (absolute), default none: log to stderr only.
     pub log_file: Option<PathBuf>,
+    /// Key `audit_file` (absolute), default none: the audit lines go to
+    /// the log only.
+    pub audit_file: Option<PathBuf>,
     /// Key `channel_name`: the virtio-serial port name, default
     /// `org.kvmmanager.agent.0`.
     pub channel_name: String,
@@ -150,6 +153,7 @@ impl Default for Config {
         Config {
             log_level: LogLevel::Info,
             log_file: None,
+            audit_file: None,
             channel_name: agent_common::DEFAULT_CHANNEL_NAME.to_owned(),
             qemu_ga_channel_name: None,
             max_message_size: 64 * 1024,
@@ -217,6 +221,7 @@ pub enum ConfigError {
 struct RawConfig {
     log_level: Option<String>,
     log_file: Option<String>,
+    audit_file: Option<String>,
     channel_name: Option<String>,
     qemu_ga_channel_name: Option<String>,
     max_message_size_kb: Option<u64>,
@@ -246,6 +251,7 @@ struct RawSecurity {
 const TOP_KEYS: &[&str] = &[
     "log_level",
     "log_file",
+    "audit_file",
     "channel_name",
     "qemu_ga_channel_name",
     "max_message_size_kb",
@@ -460,6 +466,15 @@ impl Config {
         if log_file.as_deref() == Some(Path::new("/")) {
             return Err(invalid("log_file", "must name a file, not /"));
         }
+        let audit_file = match raw.audit_file {
+            None => None,
+            Some(p) => Some(PathBuf::from(normalize_path(&p).map_err(|e| {
+                invalid("audit_file", format!("{p:?}: {}", path_reason(e)))
+            })?)),
+        };
+        if audit_file.as_deref() == Some(Path::new("/")) {
+            return Err(invalid("audit_file", "must name a file, not /"));
+        }
         let port_name = |key: &'static str, name: String| {
             if name.is_empty() || name.contains(['/', '\0']) || name == "." || name == ".." {
                 Err(invalid(
@@ -598,6 +613,7 @@ impl Config {
         Ok(Config {
             log_level,
             log_file,
+            audit_file,
             channel_name,
             qemu_ga_channel_name,
             // At most 16384 KiB: fits any usize.
@@ -747,6 +763,7 @@ mod tests {
             r#"{
                 "log_level": "trace",
                 "log_file": "/var/log//agent.log/",
+                "audit_file": "/var/log/kvmmanager//audit.log",
                 "channel_name": "org.example.x",
                 "qemu_ga_channel_name": "org.qemu.guest_agent.0",
                 "max_message_size_kb": 16384,
@@ -771,6 +788,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.log_level, LogLevel::Trace);
         assert_eq!(c.log_file, Some(PathBuf::from("/var/log/agent.log")));
+        assert_eq!(
+            c.audit_file,
+            Some(PathBuf::from("/var/log/kvmmanager/audit.log"))
+        );
         assert_eq!(c.channel_name, "org.example.x");
         assert_eq!(
             c.qemu_ga_channel_name.as_deref(),
@@ -868,6 +889,8 @@ mod tests {
             (r#"{"log_file":""}"#, "log_file"),
             (r#"{"log_file":"/"}"#, "log_file"),
             (r#"{"log_file":"/var/log/../x"}"#, "log_file"),
+            (r#"{"audit_file":"audit.log"}"#, "audit_file"),
+            (r#"{"audit_file":"/"}"#, "audit_file"),
             (r#"{"channel_name":""}"#, "channel_name"),
             (r#"{"channel_name":"a/b"}"#, "channel_name"),
             (r#"{"channel_name":".."}"#, "channel_name"),

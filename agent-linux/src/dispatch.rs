@@ -47,6 +47,7 @@ use agent_common::methods::{
     SshKeysSetRpc, ThawReason,
 };
 use agent_common::methods::{GetBlockDevicesRpc, SuspendRpc};
+use agent_common::methods::{GetMetricsRpc, KillProcessRpc, ListProcessesRpc, ReadLogRpc};
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use serde::Serialize;
@@ -60,7 +61,7 @@ use crate::error::{to_error_object, RpcError};
 use crate::files::{CommitGate, FileService};
 use crate::ops::freeze::FreezeService;
 use crate::ops::users::{KeysOp, SystemUsers};
-use crate::ops::{cpu, disks, memory, mounts, stats, time, trim, users};
+use crate::ops::{cpu, disks, logs, memory, mounts, procs, stats, time, trim, users};
 use crate::power::PowerAction;
 use crate::session::Session;
 use crate::{exec, sysinfo};
@@ -78,6 +79,8 @@ pub struct Agent {
     /// `fs_freeze` state: while frozen, methods that could write answer
     /// `frozen`.
     freeze: Arc<FreezeService>,
+    /// `allowed_read_paths`, for `read_log`.
+    log_paths: Arc<crate::policy::PathPolicy>,
 }
 
 pub use crate::session::SessionId;
@@ -204,6 +207,9 @@ impl Agent {
             slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             abort: CancellationToken::new(),
             freeze: FreezeService::new(&config),
+            log_paths: Arc::new(crate::policy::PathPolicy::new(
+                &config.security.allowed_read_paths,
+            )),
             config,
         })
     }
@@ -417,6 +423,7 @@ impl Agent {
             ));
         };
         let facts = method.facts();
+        let attachment_in = attachment.as_ref().map_or(0, |a| a.len() as u64);
         if !self.config.method_enabled(method) {
             return Outcome::err(method_disabled(method, &self.config));
         }
@@ -435,7 +442,7 @@ impl Agent {
             let started = Instant::now();
             let outcome = self.run(session, method, req, cx, attachment, &gate).await;
             if facts.changes_guest {
-                log_outcome(method, &outcome, started);
+                log_outcome(session, req, method, &outcome, started, attachment_in);
             }
             return outcome;
         }
@@ -497,7 +504,7 @@ impl Agent {
             },
         };
         drop(registration);
-        log_outcome(method, &outcome, started);
+        log_outcome(session, req, method, &outcome, started, attachment_in);
         // The slot stays taken until the reply has been written.
         outcome.slot = Some(slot);
         outcome
@@ -746,6 +753,32 @@ impl Agent {
                 })
                 .await
             }
+            Method::GetMetrics => {
+                self.typed::<GetMetricsRpc, _, _, _>(req, |_| blocking(procs::metrics))
+                    .await
+            }
+            Method::ListProcesses => {
+                self.typed::<ListProcessesRpc, _, _, _>(req, |p| {
+                    blocking(move || procs::list_processes(p))
+                })
+                .await
+            }
+            Method::KillProcess => {
+                self.typed::<KillProcessRpc, _, _, _>(req, |p| {
+                    blocking(move || procs::kill_process(p))
+                })
+                .await
+            }
+            Method::ReadLog => {
+                self.typed::<ReadLogRpc, _, _, _>(req, |p| {
+                    logs::read_log(
+                        self.log_paths.clone(),
+                        p,
+                        self.config.security.max_file_size,
+                    )
+                })
+                .await
+            }
         }
     }
 
@@ -990,32 +1023,35 @@ impl<E: RpcError> RpcError for BlockingError<E> {
     }
 }
 
-/// Methods that change the guest are logged at info with their outcome.
-fn log_outcome(method: Method, outcome: &Outcome, started: Instant) {
-    let changes_guest = method.facts().changes_guest;
-    let ms = started.elapsed().as_millis() as u64;
-    match (&outcome.result, changes_guest) {
-        (Ok(raw), true) => {
-            // Log the small fields of the result, not file or output contents.
-            let summary = summarize(raw.get());
-            info!(%method, duration_ms = ms, result = %summary, "done");
-        }
-        (Err(e), true) => info!(%method, duration_ms = ms, error = %e, "failed"),
-        (Ok(_), false) => debug!(%method, duration_ms = ms, "done"),
-        (Err(e), false) => debug!(%method, duration_ms = ms, error = %e, "failed"),
+/// Methods that change the guest leave their audit line (`audit.rs`);
+/// the others are logged at debug.
+fn log_outcome(
+    session: &Session,
+    req: &Request,
+    method: Method,
+    outcome: &Outcome,
+    started: Instant,
+    attachment_in: u64,
+) {
+    let duration = started.elapsed();
+    if method.facts().changes_guest {
+        crate::audit::record(&crate::audit::Record {
+            session: session.id().0,
+            id: req.id.as_ref().map(|i| i.to_string()),
+            method,
+            params: req.params.as_deref().map(RawValue::get),
+            attachment_in,
+            outcome: outcome.result.as_ref().map(|r| r.get()),
+            attachment_out: outcome.attachment.as_ref().map_or(0, |a| a.len() as u64),
+            duration,
+            at: SystemTime::now(),
+        });
+        return;
     }
-}
-
-fn summarize(result: &str) -> String {
-    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(result) {
-        Ok(map) => map
-            .into_iter()
-            // Key lines are logged by type and comment only (ops::users).
-            .filter(|(k, _)| !matches!(k.as_str(), "stdout" | "stderr" | "content" | "keys"))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" "),
-        Err(_) => String::new(),
+    let ms = duration.as_millis() as u64;
+    match &outcome.result {
+        Ok(_) => debug!(%method, duration_ms = ms, "done"),
+        Err(e) => debug!(%method, duration_ms = ms, error = %e, "failed"),
     }
 }
 
@@ -1250,7 +1286,7 @@ mod tests {
 
     #[test]
     fn summary_omits_contents() {
-        let s = summarize(r#"{"exit_code":0,"stdout":"secret","timed_out":false}"#);
+        let s = crate::audit::summarize(r#"{"exit_code":0,"stdout":"secret","timed_out":false}"#);
         assert!(s.contains("exit_code=0"));
         assert!(!s.contains("secret"));
     }

@@ -1087,6 +1087,107 @@ pub(crate) async fn run_helper(
     }
 }
 
+/// What a line reader ([`read_helper_lines`]) did.
+#[derive(Debug)]
+pub struct HelperLines {
+    /// Its exit status; `None` if it was stopped (enough lines, too many
+    /// bytes, out of time) and its process group killed.
+    pub status: Option<ExitStatus>,
+    /// The first [`HELPER_OUTPUT`] bytes of its stderr.
+    pub stderr: Vec<u8>,
+    /// It was stopped before its output ended.
+    pub stopped: bool,
+}
+
+/// Runs a reader program (`journalctl`) at an absolute path like
+/// [`run_helper`] (fixed environment, its own process group, stdin
+/// `/dev/null`) and hands each line of its stdout, without the newline, to
+/// `on_line` until that answers false, `max_bytes` have been read or
+/// `limit` has passed: then the whole group is killed.
+pub(crate) async fn read_helper_lines(
+    program: &std::path::Path,
+    args: &[&str],
+    limit: Duration,
+    max_bytes: u64,
+    mut on_line: impl FnMut(&[u8]) -> bool,
+) -> io::Result<HelperLines> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .process_group(0)
+        .kill_on_drop(true)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+    let out = child.stdout.take();
+    let err = child.stderr.take();
+    // Stderr is drained all along (a full pipe would stall the reader).
+    let read_err = tokio::spawn(async move {
+        match err {
+            Some(e) => capture_bounded(e).await,
+            None => Vec::new(),
+        }
+    });
+    let read_out = async move {
+        let Some(out) = out else { return false };
+        let mut reader = tokio::io::BufReader::new(out);
+        let mut line = Vec::new();
+        let mut read = 0u64;
+        loop {
+            line.clear();
+            // Bounded: a line longer than what is left of `max_bytes` ends
+            // the reading.
+            let left = max_bytes.saturating_sub(read);
+            let mut limited = (&mut reader).take(left);
+            match limited.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => return left == 0,
+                Ok(n) => read += n as u64,
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            } else if read >= max_bytes {
+                return true;
+            }
+            if !on_line(&line) {
+                return true;
+            }
+        }
+    };
+    let stopped = tokio::time::timeout(limit, read_out).await.unwrap_or(true);
+    let status = if stopped {
+        None
+    } else {
+        // Its stdout ended: it is exiting (or it closed stdout and lingers,
+        // which the kill below ends).
+        tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .ok()
+            .transpose()?
+    };
+    if status.is_none() {
+        if let Some(pgid) = pgid {
+            // Not reaped yet, so the group id is still ours.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = child.kill().await;
+    }
+    let stderr = read_err.await.unwrap_or_default();
+    Ok(HelperLines {
+        status,
+        stderr,
+        stopped,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

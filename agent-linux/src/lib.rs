@@ -9,6 +9,7 @@
 //! apply the [`policy`] of the [`config`]. Every `unsafe` system call
 //! wrapper is in `sys`, and every process is spawned by [`exec`].
 
+pub mod audit;
 pub mod buffers;
 pub mod cancel;
 pub mod cgroup;

@@ -63,6 +63,40 @@ pub fn init(level: LogLevel, log_file: Option<&Path>) -> Result<(), LoggingError
     Ok(())
 }
 
+/// The audit file (`audit_file`), once opened: written through the same
+/// hold as the log, so nothing is written to a frozen filesystem.
+static AUDIT: std::sync::OnceLock<Held<Mutex<std::fs::File>>> = std::sync::OnceLock::new();
+
+/// Opens `path` (created mode 0600, appended to) as the audit file.
+pub fn open_audit(path: &Path) -> Result<(), LoggingError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| LoggingError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+    // Set once, at start; a second call keeps the first file.
+    let _ = AUDIT.set(Held::new(Mutex::new(file)));
+    Ok(())
+}
+
+/// Appends one line (without its newline) to the audit file, if there is
+/// one. A failed write is logged, never fatal.
+pub fn write_audit(line: &str) {
+    use std::io::Write;
+    let Some(audit) = AUDIT.get() else { return };
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    if let Err(e) = audit.make_writer().write_all(&buf) {
+        tracing::warn!(error = %e, "could not write the audit file");
+    }
+}
+
 /// Most bytes of log lines kept per output while held; later lines are
 /// dropped (and counted in a line written at release).
 pub const HELD_LOG_LIMIT: usize = 256 * 1024;

@@ -1,7 +1,8 @@
 //! The guest operations: freeze and thaw ([`freeze`]), trim ([`trim`]),
 //! time ([`time`]), users, SSH keys and passwords ([`users`]), vCPUs
 //! ([`cpu`]) and memory blocks ([`memory`]), the filesystem-to-disk map ([`disks`]) statistics
-//! ([`stats`]) and suspend ([`suspend`]), over the mount
+//! ([`stats`]), metrics, processes and signals ([`procs`]), logs
+//! ([`logs`]) and suspend ([`suspend`]), over the mount
 //! table ([`mounts`]). Each handler knows nothing of the wire; `dispatch`
 //! calls them. Their `unsafe` system calls are in `sys` (`sys/ops.rs`);
 //! the programs they run (freeze hooks, `chpasswd`) are started by
@@ -10,8 +11,10 @@
 pub mod cpu;
 pub mod disks;
 pub mod freeze;
+pub mod logs;
 pub mod memory;
 pub mod mounts;
+pub mod procs;
 pub mod stats;
 pub mod suspend;
 pub mod time;

@@ -1,0 +1,656 @@
+//! `get_metrics`, `list_processes` and `kill_process`.
+//!
+//! Memory, swap, load, uptime, network counters, filesystem usage and the
+//! processes come from the `sysinfo` crate (the same crate serves a
+//! Windows agent). What it lacks is read from `/proc` directly: the
+//! cumulative time per CPU and state (`/proc/stat`; sysinfo gives only a
+//! percentage between two of its own refreshes), the I/O counters per block
+//! device (`/proc/diskstats`; sysinfo counts per mounted filesystem) and
+//! pressure stall information (`/proc/pressure/*`). Blocking; nothing is
+//! kept between calls, so two hosts asking at once see the same counters.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use agent_common::error::ErrorKind;
+use agent_common::methods::{
+    CpuTimes, CpuTotal, FilesystemMetrics, KillParams, KillResult, MemoryMetrics, Metrics,
+    NetworkCounters, Pressure, PressureLine, PressureResource, ProcessInfo, ProcessList,
+    ProcessListParams, ProcessSort, MAX_CMDLINE_BYTES, MAX_PROCESSES,
+};
+use nix::sys::signal::Signal;
+use nix::unistd::{Pid, Uid, User};
+use sysinfo::{
+    DiskRefreshKind, Disks, MemoryRefreshKind, Networks, ProcessRefreshKind, ProcessStatus,
+    ProcessesToUpdate, System, ThreadKind, UpdateKind,
+};
+
+use crate::error::RpcError;
+use crate::ops::stats;
+use crate::sysinfo::SysInfoError;
+
+/// `get_metrics`.
+pub fn metrics() -> Result<Metrics, SysInfoError> {
+    let read = |path: &str| {
+        std::fs::read_to_string(path).map_err(|source| SysInfoError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let cpus = stats::parse_cpu_times(&read("/proc/stat")?, crate::sys::clock_ticks());
+    let disks = stats::parse_diskstats(&read("/proc/diskstats")?);
+
+    let mut sys = System::new();
+    sys.refresh_memory_specifics(MemoryRefreshKind::everything());
+    // Processes only (no threads, nothing of each read but its stat line).
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::All,
+        true,
+        ProcessRefreshKind::nothing().without_tasks(),
+    );
+    let process_count = sys
+        .processes()
+        .values()
+        .filter(|p| p.thread_kind() != Some(ThreadKind::Kernel))
+        .count() as u32;
+    let load = System::load_average();
+    let memory = MemoryMetrics {
+        total_bytes: sys.total_memory(),
+        free_bytes: sys.free_memory(),
+        available_bytes: sys.available_memory(),
+        used_bytes: sys.total_memory().saturating_sub(sys.available_memory()),
+        swap_total_bytes: sys.total_swap(),
+        swap_free_bytes: sys.free_swap(),
+        swap_used_bytes: sys.used_swap(),
+    };
+
+    let mut networks: Vec<NetworkCounters> = Networks::new_with_refreshed_list()
+        .list()
+        .iter()
+        .map(|(name, n)| NetworkCounters {
+            name: name.clone(),
+            rx_bytes: n.total_received(),
+            rx_packets: n.total_packets_received(),
+            rx_errors: n.total_errors_on_received(),
+            tx_bytes: n.total_transmitted(),
+            tx_packets: n.total_packets_transmitted(),
+            tx_errors: n.total_errors_on_transmitted(),
+        })
+        .collect();
+    networks.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let filesystems =
+        Disks::new_with_refreshed_list_specifics(DiskRefreshKind::nothing().with_storage())
+            .list()
+            .iter()
+            .map(|d| FilesystemMetrics {
+                mount_point: d.mount_point().to_string_lossy().into_owned(),
+                device: d.name().to_string_lossy().into_owned(),
+                fs_type: d.file_system().to_string_lossy().into_owned(),
+                total_bytes: d.total_space(),
+                available_bytes: d.available_space(),
+                read_only: d.is_read_only(),
+            })
+            .collect();
+
+    Ok(Metrics {
+        timestamp_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        uptime_seconds: System::uptime(),
+        boot_time: System::boot_time(),
+        load_average: [load.one, load.five, load.fifteen],
+        cpu_total: sum_cpus(&cpus),
+        cpus,
+        memory,
+        pressure: pressure(|name| std::fs::read_to_string(format!("/proc/pressure/{name}")).ok()),
+        disks,
+        networks,
+        filesystems,
+        process_count,
+    })
+}
+
+/// The time in each state summed over `cpus`.
+pub fn sum_cpus(cpus: &[CpuTimes]) -> CpuTotal {
+    let mut t = CpuTotal::default();
+    for c in cpus {
+        t.user_ms += c.user_ms;
+        t.nice_ms += c.nice_ms;
+        t.system_ms += c.system_ms;
+        t.idle_ms += c.idle_ms;
+        t.iowait_ms += c.iowait_ms;
+        t.irq_ms += c.irq_ms;
+        t.softirq_ms += c.softirq_ms;
+        t.steal_ms += c.steal_ms;
+    }
+    t
+}
+
+/// Pressure stall information from `read("cpu" | "memory" | "io")`, the
+/// text of `/proc/pressure/<name>`; `None` when the kernel has none.
+pub fn pressure(read: impl Fn(&str) -> Option<String>) -> Option<Pressure> {
+    let p = Pressure {
+        cpu: read("cpu").and_then(|t| parse_pressure(&t)),
+        memory: read("memory").and_then(|t| parse_pressure(&t)),
+        io: read("io").and_then(|t| parse_pressure(&t)),
+    };
+    (p.cpu.is_some() || p.memory.is_some() || p.io.is_some()).then_some(p)
+}
+
+/// One `/proc/pressure/*` file:
+/// `some avg10=0.00 avg60=0.00 avg300=0.00 total=0` and a `full` line.
+pub fn parse_pressure(text: &str) -> Option<PressureResource> {
+    let mut some = None;
+    let mut full = None;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let slot = match fields.next() {
+            Some("some") => &mut some,
+            Some("full") => &mut full,
+            _ => continue,
+        };
+        let mut l = PressureLine::default();
+        for f in fields {
+            let Some((k, v)) = f.split_once('=') else {
+                continue;
+            };
+            match k {
+                "avg10" => l.avg10 = v.parse().unwrap_or(0.0),
+                "avg60" => l.avg60 = v.parse().unwrap_or(0.0),
+                "avg300" => l.avg300 = v.parse().unwrap_or(0.0),
+                "total" => l.total_us = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        *slot = Some(l);
+    }
+    Some(PressureResource { some: some?, full })
+}
+
+/// `list_processes`.
+pub fn list_processes(p: ProcessListParams) -> Result<ProcessList, ProcessError> {
+    let limit = match p.limit {
+        Some(0) => return Err(ProcessError::Limit(0)),
+        Some(n) if n > MAX_PROCESSES => return Err(ProcessError::Limit(n)),
+        Some(n) => n,
+        None => MAX_PROCESSES,
+    } as usize;
+    let mut sys = System::new();
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::All,
+        true,
+        ProcessRefreshKind::nothing()
+            .without_tasks()
+            .with_memory()
+            .with_cpu()
+            .with_user(UpdateKind::Always)
+            .with_cmd(UpdateKind::Always),
+    );
+    let mut names = UserNames::default();
+    let mut all: Vec<ProcessInfo> = sys
+        .processes()
+        .values()
+        .filter(|proc_| p.include_kernel_threads || proc_.thread_kind() != Some(ThreadKind::Kernel))
+        .map(|proc_| {
+            let uid = proc_.user_id().map(|u| **u);
+            ProcessInfo {
+                pid: proc_.pid().as_u32(),
+                ppid: proc_.parent().map(|p| p.as_u32()),
+                uid,
+                user: uid.and_then(|u| names.name(u)),
+                state: state_name(proc_.status()).to_owned(),
+                name: proc_.name().to_string_lossy().into_owned(),
+                cmdline: bounded_cmdline(proc_.cmd().iter().map(|a| a.to_string_lossy())),
+                cpu_time_ms: proc_.accumulated_cpu_time(),
+                rss_bytes: proc_.memory(),
+                start_time: proc_.start_time(),
+            }
+        })
+        .filter(|info| matches(info, &p))
+        .collect();
+    sort(&mut all, p.sort);
+    let matched = all.len() as u32;
+    all.truncate(limit);
+    Ok(ProcessList {
+        matched,
+        processes: all,
+    })
+}
+
+/// The process passes `list_processes`' `filter` and `user`.
+fn matches(info: &ProcessInfo, p: &ProcessListParams) -> bool {
+    if let Some(user) = &p.user {
+        if info.user.as_deref() != Some(user.as_str()) {
+            return false;
+        }
+    }
+    match &p.filter {
+        Some(f) => {
+            info.name.contains(f.as_str()) || info.cmdline.iter().any(|a| a.contains(f.as_str()))
+        }
+        None => true,
+    }
+}
+
+/// Sorts by `key`; ties by pid, so the order is stable between calls.
+pub fn sort(list: &mut [ProcessInfo], key: ProcessSort) {
+    match key {
+        ProcessSort::Pid => list.sort_by_key(|p| p.pid),
+        ProcessSort::Cpu => {
+            list.sort_by(|a, b| b.cpu_time_ms.cmp(&a.cpu_time_ms).then(a.pid.cmp(&b.pid)))
+        }
+        ProcessSort::Memory => {
+            list.sort_by(|a, b| b.rss_bytes.cmp(&a.rss_bytes).then(a.pid.cmp(&b.pid)))
+        }
+        ProcessSort::Start => {
+            list.sort_by(|a, b| b.start_time.cmp(&a.start_time).then(a.pid.cmp(&b.pid)))
+        }
+    }
+}
+
+/// The arguments, cut so that together they hold at most
+/// [`MAX_CMDLINE_BYTES`] bytes (at a character boundary).
+pub fn bounded_cmdline<S: AsRef<str>>(args: impl Iterator<Item = S>) -> Vec<String> {
+    let mut left = MAX_CMDLINE_BYTES;
+    let mut out = Vec::new();
+    for a in args {
+        let a = a.as_ref();
+        if left == 0 {
+            break;
+        }
+        let mut end = a.len().min(left);
+        while !a.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.push(a[..end].to_owned());
+        if end < a.len() {
+            // Cut: what follows would be read as whole arguments.
+            break;
+        }
+        left -= end;
+    }
+    out
+}
+
+fn state_name(s: ProcessStatus) -> &'static str {
+    match s {
+        ProcessStatus::Run => "running",
+        ProcessStatus::Sleep => "sleeping",
+        ProcessStatus::UninterruptibleDiskSleep => "disk_sleep",
+        ProcessStatus::Stop => "stopped",
+        ProcessStatus::Tracing => "tracing",
+        ProcessStatus::Zombie => "zombie",
+        ProcessStatus::Dead => "dead",
+        ProcessStatus::Idle => "idle",
+        ProcessStatus::Parked => "parked",
+        ProcessStatus::Wakekill => "wakekill",
+        ProcessStatus::Waking => "waking",
+        _ => "unknown",
+    }
+}
+
+/// User names by uid, looked up once per call.
+#[derive(Default)]
+struct UserNames(HashMap<u32, Option<String>>);
+
+impl UserNames {
+    fn name(&mut self, uid: u32) -> Option<String> {
+        self.0
+            .entry(uid)
+            .or_insert_with(|| {
+                User::from_uid(Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .clone()
+    }
+}
+
+/// The signals `kill_process` sends, by name.
+const SIGNALS: &[(&str, Signal)] = &[
+    ("TERM", Signal::SIGTERM),
+    ("KILL", Signal::SIGKILL),
+    ("INT", Signal::SIGINT),
+    ("HUP", Signal::SIGHUP),
+    ("QUIT", Signal::SIGQUIT),
+    ("USR1", Signal::SIGUSR1),
+    ("USR2", Signal::SIGUSR2),
+    ("STOP", Signal::SIGSTOP),
+    ("CONT", Signal::SIGCONT),
+];
+
+/// The signal `name` names (`TERM` or `SIGTERM`); `None`: `TERM`.
+pub fn parse_signal(name: Option<&str>) -> Result<(&'static str, Signal), ProcessError> {
+    let name = name.unwrap_or("TERM");
+    let bare = name.strip_prefix("SIG").unwrap_or(name);
+    SIGNALS
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(bare))
+        .copied()
+        .ok_or_else(|| ProcessError::Signal(name.to_owned()))
+}
+
+/// What [`check_target`] needs to know of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// Its pid.
+    pub pid: u32,
+    /// Its thread group (the process a thread belongs to).
+    pub tgid: u32,
+    /// A kernel thread (`PF_KTHREAD`).
+    pub kernel: bool,
+    /// Its start time, Unix seconds.
+    pub start_time: u64,
+}
+
+/// Refuses what `kill_process` never signals: pid 0 or 1 (init: the
+/// guest would panic or stop), the agent itself (its threads included),
+/// kernel threads, and a process started at another time than the caller
+/// said (its pid was reused).
+pub fn check_target(t: Target, agent: u32, start_time: Option<u64>) -> Result<(), ProcessError> {
+    if t.pid <= 1 {
+        return Err(ProcessError::Refused {
+            pid: t.pid,
+            why: "it is the guest's init process",
+        });
+    }
+    if t.tgid == agent {
+        return Err(ProcessError::Refused {
+            pid: t.pid,
+            why: "it is the agent itself",
+        });
+    }
+    if t.kernel {
+        return Err(ProcessError::Refused {
+            pid: t.pid,
+            why: "it is a kernel thread",
+        });
+    }
+    if let Some(expected) = start_time {
+        if expected != t.start_time {
+            return Err(ProcessError::Reused {
+                pid: t.pid,
+                expected,
+                actual: t.start_time,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `kill_process`.
+pub fn kill_process(p: KillParams) -> Result<KillResult, ProcessError> {
+    let (name, signal) = parse_signal(p.signal.as_deref())?;
+    if p.pid <= 1 {
+        check_target(
+            Target {
+                pid: p.pid,
+                tgid: p.pid,
+                kernel: false,
+                start_time: 0,
+            },
+            std::process::id(),
+            None,
+        )?;
+    }
+    let mut sys = System::new();
+    let spid = sysinfo::Pid::from_u32(p.pid);
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[spid]),
+        true,
+        ProcessRefreshKind::nothing().without_tasks(),
+    );
+    let proc_ = sys.process(spid).ok_or(ProcessError::NotFound(p.pid))?;
+    // A thread id names the process it belongs to in /proc/<tid>/status.
+    let tgid = thread_group(p.pid).unwrap_or(p.pid);
+    check_target(
+        Target {
+            pid: p.pid,
+            tgid,
+            kernel: proc_.thread_kind() == Some(ThreadKind::Kernel),
+            start_time: proc_.start_time(),
+        },
+        std::process::id(),
+        p.start_time,
+    )?;
+    let pid = i32::try_from(p.pid).map_err(|_| ProcessError::NotFound(p.pid))?;
+    nix::sys::signal::kill(Pid::from_raw(pid), signal).map_err(|e| match e {
+        nix::errno::Errno::ESRCH => ProcessError::NotFound(p.pid),
+        e => ProcessError::Kill {
+            pid: p.pid,
+            source: std::io::Error::from(e),
+        },
+    })?;
+    Ok(KillResult {
+        pid: p.pid,
+        signal: name.to_owned(),
+    })
+}
+
+/// The `Tgid` of `/proc/<pid>/status`.
+fn thread_group(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Why `list_processes` or `kill_process` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// `limit` out of range.
+    #[error("limit {0} is out of range: give 1 to 1000")]
+    Limit(u32),
+    /// A signal name not in the list.
+    #[error("unknown signal {0:?}: use TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP or CONT")]
+    Signal(String),
+    /// No such process.
+    #[error("no process {0}")]
+    NotFound(u32),
+    /// A process `kill_process` never signals.
+    #[error("process {pid} is not signalled: {why}")]
+    Refused {
+        /// The process.
+        pid: u32,
+        /// Why.
+        why: &'static str,
+    },
+    /// The pid names a process started at another time.
+    #[error(
+        "process {pid} started at {actual}, not at {expected}: its pid was reused; \
+         nothing was signalled"
+    )]
+    Reused {
+        /// The process.
+        pid: u32,
+        /// The start time the host gave.
+        expected: u64,
+        /// The start time of the process with that pid now.
+        actual: u64,
+    },
+    /// `kill(2)` failed.
+    #[error("could not signal process {pid}")]
+    Kill {
+        /// The process.
+        pid: u32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RpcError for ProcessError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ProcessError::Limit(_) | ProcessError::Signal(_) => ErrorKind::InvalidParams,
+            ProcessError::NotFound(_) | ProcessError::Reused { .. } => ErrorKind::NotFound,
+            ProcessError::Refused { .. } => ErrorKind::PolicyDenied,
+            ProcessError::Kill { source, .. } => crate::error::io_error_kind(source),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(pid: u32, cpu: u64, rss: u64, start: u64) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            ppid: Some(1),
+            uid: Some(0),
+            user: Some("root".into()),
+            state: "sleeping".into(),
+            name: format!("p{pid}"),
+            cmdline: vec![format!("/bin/p{pid}"), "--flag".into()],
+            cpu_time_ms: cpu,
+            rss_bytes: rss,
+            start_time: start,
+        }
+    }
+
+    #[test]
+    fn pressure_lines_parse_and_absent_files_give_none() {
+        let text = "some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\n\
+                    full avg10=0.10 avg60=0.00 avg300=0.00 total=99\n";
+        let r = parse_pressure(text).unwrap();
+        assert_eq!(r.some.avg10, 1.5);
+        assert_eq!(r.some.avg60, 0.25);
+        assert_eq!(r.some.total_us, 12345);
+        assert_eq!(r.full.unwrap().total_us, 99);
+        // Older kernels have no `full` line for the CPU.
+        let r = parse_pressure("some avg10=0.00 avg60=0.00 avg300=0.00 total=7\n").unwrap();
+        assert_eq!(r.full, None);
+        assert_eq!(parse_pressure(""), None);
+        assert_eq!(parse_pressure("garbage\n"), None);
+        assert_eq!(pressure(|_| None), None);
+        let p = pressure(|n| (n == "io").then(|| text.to_owned())).unwrap();
+        assert!(p.cpu.is_none() && p.memory.is_none() && p.io.is_some());
+    }
+
+    #[test]
+    fn cpu_total_is_the_sum() {
+        let c = |cpu, user_ms, idle_ms| CpuTimes {
+            cpu,
+            user_ms,
+            idle_ms,
+            ..Default::default()
+        };
+        let t = sum_cpus(&[c(0, 10, 100), c(1, 5, 50)]);
+        assert_eq!((t.user_ms, t.idle_ms, t.system_ms), (15, 150, 0));
+    }
+
+    #[test]
+    fn sorting_and_filtering() {
+        let mut l = vec![
+            info(3, 10, 300, 5),
+            info(1, 30, 100, 9),
+            info(2, 30, 200, 7),
+        ];
+        sort(&mut l, ProcessSort::Cpu);
+        assert_eq!(l.iter().map(|p| p.pid).collect::<Vec<_>>(), [1, 2, 3]);
+        sort(&mut l, ProcessSort::Memory);
+        assert_eq!(l.iter().map(|p| p.pid).collect::<Vec<_>>(), [3, 2, 1]);
+        sort(&mut l, ProcessSort::Start);
+        assert_eq!(l.iter().map(|p| p.pid).collect::<Vec<_>>(), [1, 2, 3]);
+        sort(&mut l, ProcessSort::Pid);
+        assert_eq!(l.iter().map(|p| p.pid).collect::<Vec<_>>(), [1, 2, 3]);
+        let by = |filter: Option<&str>, user: Option<&str>| ProcessListParams {
+            filter: filter.map(Into::into),
+            user: user.map(Into::into),
+            ..Default::default()
+        };
+        assert!(matches(&l[0], &by(Some("p1"), None)));
+        assert!(matches(&l[0], &by(Some("--flag"), Some("root"))));
+        assert!(!matches(&l[0], &by(Some("p2"), None)));
+        assert!(!matches(&l[0], &by(None, Some("nobody"))));
+    }
+
+    #[test]
+    fn command_lines_are_bounded_at_a_character_boundary() {
+        let long = "é".repeat(MAX_CMDLINE_BYTES);
+        let out = bounded_cmdline(["a", long.as_str(), "never"].iter());
+        assert_eq!(out[0], "a");
+        assert_eq!(out.len(), 2);
+        let total: usize = out.iter().map(String::len).sum();
+        assert!((MAX_CMDLINE_BYTES - 1..=MAX_CMDLINE_BYTES).contains(&total));
+    }
+
+    #[test]
+    fn signals_by_name() {
+        assert_eq!(parse_signal(None).unwrap().0, "TERM");
+        assert_eq!(parse_signal(Some("SIGKILL")).unwrap().1, Signal::SIGKILL);
+        assert_eq!(parse_signal(Some("hup")).unwrap().0, "HUP");
+        for bad in ["", "9", "SEGV", "SIGSYS", "TERM "] {
+            assert!(
+                matches!(parse_signal(Some(bad)), Err(ProcessError::Signal(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn init_the_agent_kernel_threads_and_reused_pids_are_refused() {
+        let t = |pid, tgid, kernel, start_time| Target {
+            pid,
+            tgid,
+            kernel,
+            start_time,
+        };
+        let refused = |r: Result<(), ProcessError>| matches!(r, Err(ProcessError::Refused { .. }));
+        assert!(refused(check_target(t(0, 0, false, 0), 500, None)));
+        assert!(refused(check_target(t(1, 1, false, 0), 500, None)));
+        assert!(refused(check_target(t(500, 500, false, 0), 500, None)));
+        assert!(
+            refused(check_target(t(503, 500, false, 0), 500, None)),
+            "a thread of the agent"
+        );
+        assert!(refused(check_target(t(2, 2, true, 0), 500, None)));
+        assert!(matches!(
+            check_target(t(700, 700, false, 10), 500, Some(11)),
+            Err(ProcessError::Reused { .. })
+        ));
+        assert!(check_target(t(700, 700, false, 10), 500, Some(10)).is_ok());
+        assert!(check_target(t(700, 700, false, 10), 500, None).is_ok());
+    }
+
+    #[test]
+    fn kill_refuses_the_agent_init_and_missing_processes() {
+        let me = std::process::id();
+        let r = kill_process(KillParams {
+            pid: me,
+            ..Default::default()
+        });
+        assert!(matches!(r, Err(ProcessError::Refused { .. })), "{r:?}");
+        let r = kill_process(KillParams {
+            pid: 1,
+            signal: Some("KILL".into()),
+            ..Default::default()
+        });
+        assert!(matches!(r, Err(ProcessError::Refused { .. })), "{r:?}");
+        // A child found and signalled: tests/fleet.rs (processes are
+        // spawned by exec.rs only, tests/tidy.rs).
+        assert!(matches!(
+            kill_process(KillParams {
+                pid: u32::MAX - 1,
+                ..Default::default()
+            }),
+            Err(ProcessError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn metrics_of_this_machine_are_plausible() {
+        let m = metrics().unwrap();
+        assert!(!m.cpus.is_empty());
+        assert!(m.memory.total_bytes > 0);
+        assert!(m.memory.available_bytes <= m.memory.total_bytes);
+        assert!(m.process_count > 0);
+        assert!(m.uptime_seconds > 0);
+        assert!(m.networks.iter().any(|n| n.name == "lo"));
+        assert_eq!(m.cpu_total, sum_cpus(&m.cpus));
+    }
+}
