@@ -14,6 +14,8 @@
 //! `exec` exits with the command's exit code, 128+N if it was killed by
 //! signal N, 124 if it timed out, and 255 if kvmmanager-ctl itself failed.
 
+mod exporter;
+pub mod fleet;
 mod format;
 pub mod ops;
 mod render;
@@ -325,6 +327,29 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "ram")]
         mode: ops::SuspendArg,
     },
+    /// Show every libvirt domain with its agent's state, version, uptime and
+    /// round-trip time (or the one --socket/--domain names).
+    #[command(after_help = "Example:\n  kvmmanager-ctl list --watch 5")]
+    List(fleet::ListArgs),
+    /// Live CPU, memory, disk and network rates of every VM (or one).
+    #[command(after_help = "Example:\n  kvmmanager-ctl top --interval 2")]
+    Top(fleet::TopArgs),
+    /// Show the guest's processes.
+    #[command(after_help = "Example:\n  kvmmanager-ctl -d web1 ps --sort cpu -n 10")]
+    Ps(fleet::PsArgs),
+    /// Send a signal to a process in the guest.
+    #[command(after_help = "Example:\n  kvmmanager-ctl -d web1 kill 812 --signal TERM")]
+    Kill(fleet::KillArgs),
+    /// Show the last lines of a guest log file, or of a unit's journal.
+    #[command(
+        after_help = "Example:\n  kvmmanager-ctl -d web1 logs --unit nginx.service -n 50 --grep error --since 1h"
+    )]
+    Logs(fleet::LogsArgs),
+    /// Show the guest's metrics: CPU, memory, pressure, disks, network, filesystems.
+    Metrics,
+    /// Serve every VM's metrics to Prometheus on ADDR/metrics.
+    #[command(after_help = "Example:\n  kvmmanager-ctl exporter --listen 127.0.0.1:9187")]
+    Exporter(fleet::ExporterArgs),
     /// Print the `<channel>` XML that gives a libvirt domain the agent's port.
     ChannelXml,
     /// Print a shell completion script.
@@ -629,6 +654,9 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         }
         _ => {}
     }
+    if let Some(code) = fleet::dispatch(&cli).await? {
+        return Ok(code);
+    }
     let client = connect(&cli).await?;
     let result = tokio::select! {
         r = execute(&client, cli) => r,
@@ -768,7 +796,14 @@ async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
         | Command::Stats
         | Command::Memory(_)
         | Command::Suspend { .. }) => return ops::run(client, cmd, json).await,
-        Command::ChannelXml | Command::Completions { .. } => {}
+        cmd @ (Command::Ps(_) | Command::Kill(_) | Command::Logs(_) | Command::Metrics) => {
+            return fleet::run(client, cmd, json).await
+        }
+        Command::ChannelXml
+        | Command::Completions { .. }
+        | Command::List(_)
+        | Command::Top(_)
+        | Command::Exporter(_) => {}
     }
     Ok(EXIT_OK)
 }
