@@ -68,13 +68,18 @@ impl Group {
             Group::Guest => &["busybox-static", "cpio", "binutils"],
             // qemu-ga's shared libraries, copied from the host into the guest.
             Group::QemuGa => &["libglib2.0-0", "libnuma1", "liburing2", "libudev1"],
-            Group::Qemu => &["qemu-system-x86", "qemu-utils", "socat"],
+            // bsdutils: `script`, the terminal `top` is captured in.
+            Group::Qemu => &["qemu-system-x86", "qemu-utils", "socat", "bsdutils"],
             Group::Distro => &["debootstrap", "e2fsprogs"],
             Group::Peer => &["qemu-guest-agent"],
+            // prometheus and curl: the exporter's check scrapes two domains
+            // with a real Prometheus and reads its HTTP API.
             Group::Libvirt => &[
                 "libvirt-daemon",
                 "libvirt-daemon-driver-qemu",
                 "libvirt-clients",
+                "prometheus",
+                "curl",
             ],
             Group::Dist => &["rpm", "busybox-static", "binutils"],
             Group::Windows | Group::Lint | Group::Review | Group::Fuzz => &[],

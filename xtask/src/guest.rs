@@ -44,6 +44,7 @@ const MODULES: &[&str] = &[
 pub(crate) const GUEST_CONFIG: &str = r#"{
   "log_level": "info",
   "log_file": null,
+  "audit_file": "/var/log/kvmmanager-audit.log",
   "channel_name": "org.kvmmanager.agent.0",
   "max_message_size_kb": 64,
   "connection_retry_seconds": 5,

@@ -10,6 +10,7 @@ mod debian_suite;
 mod demo;
 mod deps;
 mod dist;
+mod fleet_checks;
 mod fuzz;
 mod guest;
 mod ops_checks;

@@ -729,6 +729,7 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
         crate::probe::socat_ping(&vm.socket).map(|_| ())
     });
     guest_checks(t, &ctl, &INITRAMFS_FACTS, "")?;
+    crate::fleet_checks::fleet_checks(t, &ctl, "")?;
     t.check("reboot", || {
         let markers = crate::vm::count_markers(&vm.console);
         ctl.run(true, &["reboot"], Duration::from_secs(60))?.ok()?;
@@ -784,6 +785,23 @@ fn libvirt_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()
         target: Target::Domain(name.clone()),
     };
     basic_checks(t, &ctl, "libvirt-")?;
+    // Fleet observability: a second domain, the exporter scraped by a real
+    // Prometheus, `list` with one domain up and one shut off.
+    let second = format!("{name}-b");
+    match Domain::start(&lv, image, &second) {
+        Ok(dom2) => {
+            let scratch = scratch("fleet")?;
+            crate::fleet_checks::exporter_prometheus_check(
+                t,
+                ctl_bin,
+                &[name.as_str(), second.as_str()],
+                &scratch,
+            );
+            crate::fleet_checks::list_libvirt_check(t, ctl_bin, &name, &second);
+            drop(dom2);
+        }
+        Err(e) => t.fail("libvirt-second-domain", &e),
+    }
     t.check("libvirt-shutdown", || {
         ctl.run(true, &["shutdown"], Duration::from_secs(60))?
             .ok()?;

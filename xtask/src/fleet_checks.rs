@@ -1,0 +1,520 @@
+//! Real-VM checks of fleet observability (issue 16), on the initramfs
+//! guest: metrics, a process the test started found by `ps` and ended by
+//! `kill`, a log line written in the guest found by `logs`, the audit line
+//! each mutating request leaves (without its secret), `list` and `top`
+//! (captured through a terminal, `script`), and, under libvirt with two
+//! running domains, a real Prometheus scraping `kvmmanager-ctl exporter`,
+//! its series read back through Prometheus's HTTP API, and `list` showing
+//! a running domain up and a stopped one down.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::suite::{ensure, exec_result, Ctl, Tally};
+use crate::util::{bail, kill_pid, output_with_timeout, wait_timeout, Result};
+
+/// Where the test guest's agent writes its audit trail (`guest.rs`).
+pub(crate) const GUEST_AUDIT_FILE: &str = "/var/log/kvmmanager-audit.log";
+
+/// A secret sent through every mutating request; it must appear nowhere.
+const SECRET: &str = "fleet-S3CRET-7d1e";
+
+/// The checks against one guest through `--socket` (or `--domain`).
+pub(crate) fn fleet_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) -> Result<()> {
+    let n = |s: &str| format!("{prefix}{s}");
+    t.check(&n("fleet-metrics"), || {
+        let m = ctl.json(&["metrics"])?;
+        ensure(m["memory"]["total_bytes"].as_u64().unwrap_or(0) > 0, || {
+            format!("memory: {m}")
+        })?;
+        ensure(
+            m["memory"]["available_bytes"].as_u64() <= m["memory"]["total_bytes"].as_u64(),
+            || format!("available > total: {m}"),
+        )?;
+        ensure(m["process_count"].as_u64().unwrap_or(0) > 2, || {
+            format!("process_count: {m}")
+        })?;
+        ensure(m["cpus"].as_array().is_some_and(|c| !c.is_empty()), || {
+            format!("cpus: {m}")
+        })?;
+        ensure(
+            m["networks"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|i| i["name"] == "lo")),
+            || format!("no lo in networks: {m}"),
+        )?;
+        ensure(m["uptime_seconds"].as_u64().unwrap_or(0) > 0, || {
+            format!("uptime: {m}")
+        })
+    });
+    t.check(&n("fleet-ps-finds-and-kill-ends-a-process"), || {
+        // A command that runs as long as its request: `exec sleep 4242`
+        // in the background of this host.
+        let mut child = ctl
+            .command(true, &["exec", "--timeout", "120", "--", "sleep", "4242"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let r = ps_and_kill(ctl);
+        let status = wait_timeout(&mut child, Duration::from_secs(30))?;
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        r?;
+        let status = status.ok_or("the exec of sleep 4242 still runs 30 s after kill")?;
+        // exec exits 128 + the signal.
+        ensure(status.code() == Some(128 + 9), || {
+            format!("exec of the killed sleep: {status} (want 137)")
+        })
+    });
+    t.check(&n("fleet-logs-finds-a-line-written-in-the-guest"), || {
+        let marker = format!("fleet-log-marker-{}", std::process::id());
+        ctl.sh(&format!(
+            "echo \"$(date -u +%Y-%m-%dT%H:%M:%SZ) one {marker}\" >> /var/log/fleet-test.log; \
+             echo 'unrelated line' >> /var/log/fleet-test.log"
+        ))?;
+        let v = ctl.json(&["logs", "/var/log/fleet-test.log", "--grep", &marker])?;
+        let lines = v["lines"].as_array().cloned().unwrap_or_default();
+        ensure(
+            lines.len() == 1 && lines[0].as_str().is_some_and(|l| l.ends_with(&marker)),
+            || format!("logs --grep {marker}: {v}"),
+        )?;
+        let v = ctl.json(&["logs", "/var/log/fleet-test.log", "-n", "1"])?;
+        ensure(v["lines"] == serde_json::json!(["unrelated line"]), || {
+            format!("logs -n 1: {v}")
+        })?;
+        let v = ctl.json(&[
+            "logs",
+            "/var/log/fleet-test.log",
+            "--since",
+            "1h",
+            "--grep",
+            &marker,
+        ])?;
+        ensure(v["lines"].as_array().is_some_and(|l| l.len() == 1), || {
+            format!("logs --since 1h: {v}")
+        })?;
+        let r = ctl.run(true, &["logs", "/etc/shadow"], Duration::from_secs(60))?;
+        ensure(
+            r.code == 1 && r.all_output().contains("policy_denied"),
+            || format!("logs /etc/shadow: exit {} {}", r.code, r.all_output()),
+        )
+    });
+    t.check(&n("fleet-audit-lines-without-secrets"), || audit_check(ctl));
+    t.check(&n("fleet-list-one-agent"), || {
+        let v = ctl.json(&["list"])?;
+        let row = &v[0];
+        ensure(
+            v.as_array().map(Vec::len) == Some(1) && row["state"] == "up",
+            || format!("list: {v}"),
+        )?;
+        ensure(
+            row["version"].is_string() && row["rtt_ms"].is_number(),
+            || format!("list: {v}"),
+        )?;
+        ensure(row["uptime_seconds"].as_u64().unwrap_or(0) > 0, || {
+            format!("list: {v}")
+        })
+    });
+    t.check(&n("fleet-top-renders-in-a-terminal"), || {
+        top_in_terminal(ctl)
+    });
+    Ok(())
+}
+
+/// `ps` finds `sleep 4242`, `kill` with its start time ends it.
+fn ps_and_kill(ctl: &Ctl) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        let v = ctl.json(&["ps", "--filter", "4242"])?;
+        let hit = v["processes"].as_array().and_then(|ps| {
+            ps.iter()
+                // argv[0] may be the resolved path (`/bin/sleep`).
+                .find(|p| {
+                    p["cmdline"].as_array().is_some_and(|a| {
+                        a.len() == 2
+                            && a[1] == "4242"
+                            && a[0].as_str().is_some_and(|c| c.ends_with("sleep"))
+                    })
+                })
+                .cloned()
+        });
+        match hit {
+            Some(p) => break p,
+            None if Instant::now() >= deadline => bail!("ps never listed sleep 4242: {v}"),
+            None => std::thread::sleep(Duration::from_millis(300)),
+        }
+    };
+    let pid = found["pid"].as_u64().ok_or("no pid")?.to_string();
+    let start = found["start_time"]
+        .as_u64()
+        .ok_or("no start_time")?
+        .to_string();
+    ensure(found["state"] == "sleeping", || format!("state: {found}"))?;
+    // A wrong start time: not signalled.
+    let wrong = (found["start_time"].as_u64().unwrap_or(0) + 1).to_string();
+    let r = ctl.run(
+        true,
+        &["kill", &pid, "--signal", "KILL", "--start-time", &wrong],
+        Duration::from_secs(60),
+    )?;
+    ensure(r.code == 1 && r.all_output().contains("not_found"), || {
+        format!(
+            "kill with a wrong start time: exit {} {}",
+            r.code,
+            r.all_output()
+        )
+    })?;
+    let v = ctl.json(&["kill", &pid, "--signal", "KILL", "--start-time", &start])?;
+    ensure(v["signal"] == "KILL", || format!("kill: {v}"))?;
+    // init and the agent are never signalled.
+    for target in ["1".to_owned(), agent_pid(ctl)?] {
+        let r = ctl.run(true, &["kill", &target], Duration::from_secs(60))?;
+        ensure(
+            r.code == 1 && r.all_output().contains("policy_denied"),
+            || format!("kill {target}: exit {} {}", r.code, r.all_output()),
+        )?;
+    }
+    Ok(())
+}
+
+fn agent_pid(ctl: &Ctl) -> Result<String> {
+    let v = ctl.json(&["exec", "--", "pidof", "kvmmanager-agent"])?;
+    let pid = exec_result(&v)["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    ensure(!pid.is_empty(), || format!("pidof: {v}"))?;
+    Ok(pid)
+}
+
+/// Mutating requests carrying a secret each leave their audit line, and
+/// the secret is in neither the audit file nor the agent's log.
+fn audit_check(ctl: &Ctl) -> Result<()> {
+    let path = format!("/tmp/kvmmanager/fleet-audit-{}", std::process::id());
+    let mut w = ctl
+        .command(true, &["write", &path])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = w.stdin.take().ok_or("no stdin")?;
+        stdin.write_all(SECRET.as_bytes())?;
+    }
+    let out = crate::util::wait_output(w, Duration::from_secs(60))?;
+    ensure(out.status.success(), || {
+        format!("write: {}", String::from_utf8_lossy(&out.stderr))
+    })?;
+    let env = format!("FLEET_TOKEN={SECRET}");
+    ctl.json(&["exec", "--env", &env, "--", "true"])?;
+    let mut p = ctl
+        .command(true, &["passwd", "no-such-user-fleet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = p.stdin.take().ok_or("no stdin")?;
+        stdin.write_all(format!("{SECRET}\n").as_bytes())?;
+    }
+    let out = crate::util::wait_output(p, Duration::from_secs(60))?;
+    ensure(!out.status.success(), || {
+        "passwd of a missing user succeeded".to_owned()
+    })?;
+
+    let file = ctl.json(&["logs", GUEST_AUDIT_FILE, "-n", "10000"])?;
+    let log = ctl.json(&[
+        "logs",
+        "/var/log/kvmmanager-agent.log",
+        "-n",
+        "10000",
+        "--grep",
+        " audit ",
+    ])?;
+    for (what, v) in [("audit file", &file), ("agent log", &log)] {
+        let text = v.to_string();
+        ensure(!text.contains(SECRET), || {
+            format!("the secret is in the {what}: {text}")
+        })?;
+        let lines: Vec<Value> = v["lines"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|l| {
+                let l = l.as_str()?;
+                let json = l.find('{').map(|i| &l[i..])?;
+                serde_json::from_str(json).ok()
+            })
+            .collect();
+        let find = |method: &str, f: &dyn Fn(&Value) -> bool| {
+            lines.iter().any(|l| l["method"] == method && f(l))
+        };
+        ensure(
+            find("file_write", &|l| {
+                l["target"]["path"] == path.as_str()
+                    && l["outcome"] == "ok"
+                    && l["bytes_in"].as_u64() == Some(SECRET.len() as u64)
+            }),
+            || format!("no file_write line for {path} in the {what}: {text}"),
+        )?;
+        ensure(
+            find("exec_command", &|l| {
+                l["target"]["env_names"] == serde_json::json!(["FLEET_TOKEN"])
+            }),
+            || format!("no exec_command line with env_names in the {what}: {text}"),
+        )?;
+        ensure(
+            find("set_user_password", &|l| {
+                l["target"]["username"] == "no-such-user-fleet" && l["outcome"] != "ok"
+            }),
+            || format!("no set_user_password line in the {what}: {text}"),
+        )?;
+        ensure(
+            find("kill_process", &|l| {
+                l["outcome"] == "ok" && l["target"]["signal"] == "KILL"
+            }),
+            || format!("no kill_process line in the {what}: {text}"),
+        )?;
+        ensure(
+            lines
+                .iter()
+                .all(|l| l["method"] != "list_processes" && l["method"] != "read_log"),
+            || format!("a query left an audit line in the {what}: {text}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// `top` through a pseudo-terminal (`script`): it clears the screen and
+/// shows the VM up with a CPU percentage on its second refresh.
+fn top_in_terminal(ctl: &Ctl) -> Result<()> {
+    let cmd = ctl.command(false, &["top", "-n", "2", "-i", "1"]);
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(crate::util::quote)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = output_with_timeout(
+        Command::new("script").args(["-q", "-e", "-c", &line, "/dev/null"]),
+        Duration::from_secs(60),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure(out.status.success(), || {
+        format!("top: {} {text}", out.status)
+    })?;
+    ensure(text.matches("\x1b[H\x1b[2J").count() == 2, || {
+        format!("top did not refresh the screen twice: {text:?}")
+    })?;
+    let last = text.rsplit("\x1b[H\x1b[2J").next().unwrap_or("");
+    ensure(last.contains("CPU") && last.contains("MEMORY"), || {
+        format!("no header: {last:?}")
+    })?;
+    ensure(last.contains(" up ") && last.contains('%'), || {
+        format!("the VM is not up with a CPU rate: {last:?}")
+    })
+}
+
+/// A process this check started, stopped (by pid) when dropped.
+struct Started {
+    child: Child,
+    what: &'static str,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        kill_pid(self.child.id(), "TERM");
+        if wait_timeout(&mut self.child, Duration::from_secs(10))
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            eprintln!("fleet: {} did not stop on TERM; killing it", self.what);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A free loopback port (bound and released: a race with other programs is
+/// possible but harmless here, the start then fails and says so).
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// GET `url` on loopback (curl).
+fn http_get(url: &str) -> Result<String> {
+    let out = output_with_timeout(
+        Command::new("curl").args(["-sS", "--max-time", "10", url]),
+        Duration::from_secs(15),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Under libvirt, with `domains` running: a real Prometheus scrapes
+/// `kvmmanager-ctl exporter` (every libvirt domain) and its HTTP API
+/// answers each domain's `kvmm_up` 1 and its other series.
+pub(crate) fn exporter_prometheus_check(
+    t: &mut Tally,
+    ctl_bin: &Path,
+    domains: &[&str],
+    scratch: &Path,
+) {
+    t.check("fleet-exporter-scraped-by-prometheus", || {
+        if !crate::util::have_command("prometheus") {
+            bail!("prometheus is not installed (cargo xtask deps installs Debian's prometheus)");
+        }
+        let ep = free_port()?;
+        let exporter = Started {
+            child: Command::new(ctl_bin)
+                .args(["exporter", "--listen", &format!("127.0.0.1:{ep}"), "--vm-timeout", "2"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+            what: "kvmmanager-ctl exporter",
+        };
+        // The exporter answers by itself first (plain HTTP).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let direct = loop {
+            match http_get(&format!("http://127.0.0.1:{ep}/metrics")) {
+                Ok(b) => break b,
+                Err(e) if Instant::now() >= deadline => bail!("the exporter does not answer: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(300)),
+            }
+        };
+        for d in domains {
+            ensure(direct.contains(&format!("kvmm_up{{domain=\"{d}\"}} 1")), || {
+                format!("the exporter's own answer lacks {d} up:\n{direct}")
+            })?;
+        }
+        let pp = free_port()?;
+        let dir = scratch.join("prometheus");
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 3s\n  scrape_timeout: 3s\nscrape_configs:\n  \
+                 - job_name: kvmm\n    static_configs:\n      - targets: ['127.0.0.1:{ep}']\n"
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("prometheus.log"))?;
+        let _prometheus = Started {
+            child: Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{pp}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?,
+            what: "prometheus",
+        };
+        let query = |q: &str| -> Result<Vec<Value>> {
+            let body = http_get(&format!(
+                "http://127.0.0.1:{pp}/api/v1/query?query={}",
+                q.replace('{', "%7B").replace('}', "%7D").replace('"', "%22").replace('=', "%3D")
+            ))?;
+            let v: Value = serde_json::from_str(&body)
+                .map_err(|e| format!("Prometheus answered no JSON ({e}): {body}"))?;
+            ensure(v["status"] == "success", || format!("query {q}: {v}"))?;
+            Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+        };
+        let value_of = |series: &[Value], d: &str| -> Option<String> {
+            series
+                .iter()
+                .find(|s| s["metric"]["domain"] == d)
+                .and_then(|s| s["value"][1].as_str().map(str::to_owned))
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let up = query("kvmm_up").unwrap_or_default();
+            if domains.iter().all(|d| value_of(&up, d).as_deref() == Some("1")) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "Prometheus never had kvmm_up 1 for {domains:?}: {up:?}\n--- prometheus log ---\n{}",
+                    crate::util::tail(&dir.join("prometheus.log"), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        for q in [
+            "kvmm_scrape_duration_seconds",
+            "kvmm_memory_bytes{kind=\"total\"}",
+            "kvmm_cpu_seconds_total{mode=\"idle\"}",
+            "kvmm_processes",
+        ] {
+            let series = query(q)?;
+            for d in domains {
+                let v = value_of(&series, d)
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .ok_or_else(|| format!("no {q} for {d} in Prometheus: {series:?}"))?;
+                ensure(v > 0.0, || format!("{q} for {d} is {v}"))?;
+            }
+        }
+        drop(exporter);
+        Ok(())
+    });
+}
+
+/// Under libvirt: `list` (every domain) shows `running` up; once
+/// `stopped` is shut off (still defined), it shows it down.
+pub(crate) fn list_libvirt_check(t: &mut Tally, ctl_bin: &Path, running: &str, stopped: &str) {
+    t.check("fleet-list-libvirt-up-and-down", || {
+        let list = || -> Result<Value> {
+            let out = output_with_timeout(
+                Command::new(ctl_bin).args(["--json", "list"]),
+                Duration::from_secs(60),
+            )?;
+            ensure(out.status.success(), || {
+                format!("list: {}", String::from_utf8_lossy(&out.stderr))
+            })?;
+            Ok(serde_json::from_slice(&out.stdout)?)
+        };
+        let state = |v: &Value, name: &str| -> Option<String> {
+            v.as_array()?
+                .iter()
+                .find(|r| r["name"] == name)
+                .and_then(|r| r["state"].as_str().map(str::to_owned))
+        };
+        let v = list()?;
+        ensure(state(&v, running).as_deref() == Some("up"), || {
+            format!("{running} not up: {v}")
+        })?;
+        crate::util::run(Command::new("virsh").args([
+            "-q",
+            "-c",
+            crate::vm::LIBVIRT_URI,
+            "destroy",
+            stopped,
+        ]))?;
+        let v = list()?;
+        ensure(state(&v, stopped).as_deref() == Some("down"), || {
+            format!("{stopped} (shut off) not down: {v}")
+        })?;
+        ensure(state(&v, running).as_deref() == Some("up"), || {
+            format!("{running} not up: {v}")
+        })
+    });
+}
