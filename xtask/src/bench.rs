@@ -16,6 +16,7 @@
 mod fanout;
 mod harness;
 mod latency;
+mod metrics;
 mod qga;
 mod resources;
 mod stats;
@@ -47,6 +48,7 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> crate::util::Xtask
 const SECTIONS: &[(&str, &str)] = &[
     ("ping", "ping round trip"),
     ("exec", "exec `true`, result in hand"),
+    ("metrics", "get_metrics round trip and agent CPU per call"),
     ("raw", "raw port ceiling"),
     (
         "read",
@@ -247,6 +249,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
         match name {
             "ping" => b.ping().await?,
             "exec" => b.exec().await?,
+            "metrics" => b.metrics().await?,
             "raw" => b.raw().await?,
             "read" => b.read(),
             "write" => b.write().await?,

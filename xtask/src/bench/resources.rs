@@ -168,8 +168,9 @@ pub(crate) fn binary_size() -> Result<Figure> {
         "agent binary size (MB)",
         Spread::one(ours),
         qga.map(Spread::one),
-        "<= 2 MB",
-        move |_| ours <= 2.0,
+        // 2 MB before issue 16 (metrics and processes through sysinfo).
+        "<= 2.5 MB",
+        move |_| ours <= 2.5,
     ))
 }
 
