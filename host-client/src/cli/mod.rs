@@ -17,6 +17,7 @@
 mod exporter;
 pub mod fleet;
 mod format;
+pub mod mcp;
 pub mod ops;
 mod render;
 
@@ -350,6 +351,11 @@ pub enum Command {
     /// Serve every VM's metrics to Prometheus on ADDR/metrics.
     #[command(after_help = "Example:\n  kvmmanager-ctl exporter --listen 127.0.0.1:9187")]
     Exporter(fleet::ExporterArgs),
+    /// Serve the VMs to an AI assistant: an MCP server on stdin/stdout.
+    #[command(
+        after_help = "Example (an MCP client's server entry):\n  {\"command\": \"kvmmanager-ctl\", \"args\": [\"mcp\"]}"
+    )]
+    Mcp(mcp::McpArgs),
     /// Print the `<channel>` XML that gives a libvirt domain the agent's port.
     ChannelXml,
     /// Print a shell completion script.
@@ -657,6 +663,9 @@ async fn dispatch(cli: Cli) -> Result<i32, CliError> {
     if let Some(code) = fleet::dispatch(&cli).await? {
         return Ok(code);
     }
+    if let Some(code) = mcp::dispatch(&cli).await? {
+        return Ok(code);
+    }
     let client = connect(&cli).await?;
     let result = tokio::select! {
         r = execute(&client, cli) => r,
@@ -803,7 +812,8 @@ async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
         | Command::Completions { .. }
         | Command::List(_)
         | Command::Top(_)
-        | Command::Exporter(_) => {}
+        | Command::Exporter(_)
+        | Command::Mcp(_) => {}
     }
     Ok(EXIT_OK)
 }
