@@ -68,8 +68,15 @@ impl Group {
             Group::Guest => &["busybox-static", "cpio", "binutils"],
             // qemu-ga's shared libraries, copied from the host into the guest.
             Group::QemuGa => &["libglib2.0-0", "libnuma1", "liburing2", "libudev1"],
-            // bsdutils: `script`, the terminal `top` is captured in.
-            Group::Qemu => &["qemu-system-x86", "qemu-utils", "socat", "bsdutils"],
+            // bsdutils: `script`, the terminal `top` is captured in;
+            // python3-venv: the venv of the MCP client (fleet_checks.rs).
+            Group::Qemu => &[
+                "qemu-system-x86",
+                "qemu-utils",
+                "socat",
+                "bsdutils",
+                "python3-venv",
+            ],
             Group::Distro => &["debootstrap", "e2fsprogs"],
             Group::Peer => &["qemu-guest-agent"],
             // prometheus and curl: the exporter's check scrapes two domains

@@ -51,26 +51,17 @@ pub(crate) fn fleet_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) -> Result<()>
         })
     });
     t.check(&n("fleet-ps-finds-and-kill-ends-a-process"), || {
-        // A command that runs as long as its request: `exec sleep 4242`
-        // in the background of this host.
-        let mut child = ctl
-            .command(true, &["exec", "--timeout", "120", "--", "sleep", "4242"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let r = ps_and_kill(ctl);
-        let status = wait_timeout(&mut child, Duration::from_secs(30))?;
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        r?;
-        let status = status.ok_or("the exec of sleep 4242 still runs 30 s after kill")?;
-        // exec exits 128 + the signal.
-        ensure(status.code() == Some(128 + 9), || {
-            format!("exec of the killed sleep: {status} (want 137)")
-        })
+        // A process the test starts in the guest. It must outlive the
+        // `exec` that starts it (a command's cgroup is killed with its
+        // request, and the channel serves one host connection at a time,
+        // so no request can run beside `ps`): it leaves the command's
+        // session and cgroup, as a root command may (SECURITY.md), and
+        // becomes `sleep 4242`.
+        ctl.sh(
+            "setsid sh -c 'echo $$ > /sys/fs/cgroup/cgroup.procs 2>/dev/null; exec sleep 4242' \
+             </dev/null >/dev/null 2>&1 & sleep 1",
+        )?;
+        ps_and_kill(ctl)
     });
     t.check(&n("fleet-logs-finds-a-line-written-in-the-guest"), || {
         let marker = format!("fleet-log-marker-{}", std::process::id());
@@ -172,6 +163,22 @@ fn ps_and_kill(ctl: &Ctl) -> Result<()> {
     })?;
     let v = ctl.json(&["kill", &pid, "--signal", "KILL", "--start-time", &start])?;
     ensure(v["signal"] == "KILL", || format!("kill: {v}"))?;
+    // Gone (or a zombie until init reaps it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = ctl.json(&["ps", "--filter", "4242"])?;
+        let alive = v["processes"].as_array().is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p["pid"] == found["pid"] && p["state"] != "zombie")
+        });
+        if !alive {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("sleep 4242 (pid {pid}) still runs 10 s after kill: {v}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // init and the agent are never signalled.
     for target in ["1".to_owned(), agent_pid(ctl)?] {
         let r = ctl.run(true, &["kill", &target], Duration::from_secs(60))?;
