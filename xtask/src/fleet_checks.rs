@@ -115,7 +115,161 @@ pub(crate) fn fleet_checks(t: &mut Tally, ctl: &Ctl, prefix: &str) -> Result<()>
     t.check(&n("fleet-top-renders-in-a-terminal"), || {
         top_in_terminal(ctl)
     });
+    t.check(&n("fleet-mcp-python-client"), || mcp_check(ctl));
     Ok(())
+}
+
+/// The official Python MCP SDK, pinned.
+const MCP_SDK: &str = "mcp==2.3.0";
+
+/// A virtualenv under `target/` with the MCP SDK (`python3 -m venv`, then
+/// `pip install`); made once, reused while it has that version.
+pub(crate) fn mcp_client_python() -> Result<std::path::PathBuf> {
+    let dir = crate::util::target_dir().join("mcp-venv");
+    let python = dir.join("bin/python");
+    let has_sdk = |py: &Path| {
+        crate::util::succeeds(Command::new(py).args([
+            "-c",
+            "import importlib.metadata as m, sys; sys.exit(m.version('mcp') != '2.3.0')",
+        ]))
+    };
+    if python.exists() && has_sdk(&python) {
+        return Ok(python);
+    }
+    crate::util::run(Command::new("python3").arg("-m").arg("venv").arg(&dir))?;
+    crate::util::run(Command::new(dir.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        MCP_SDK,
+    ]))?;
+    if !has_sdk(&python) {
+        bail!(
+            "{} cannot import {MCP_SDK} after installing it",
+            python.display()
+        );
+    }
+    Ok(python)
+}
+
+/// The Python MCP client lists the tools and calls each against the guest:
+/// without flags the mutating ones are neither offered nor served; with
+/// them they work; a policy refusal is a tool error; every call audited.
+fn mcp_check(ctl: &Ctl) -> Result<()> {
+    let crate::suite::Target::Socket(socket) = &ctl.target else {
+        bail!("the MCP check runs with --socket");
+    };
+    let python = mcp_client_python()?;
+    let script = crate::util::root().join("xtask/scripts/mcp_client.py");
+    let dir = crate::suite::scratch("fleet-mcp")?;
+    let run = |mode: &str| -> Result<(Value, String)> {
+        let audit = dir.join(format!("audit-{mode}.log"));
+        let out = output_with_timeout(
+            Command::new(&python)
+                .arg(&script)
+                .arg(&ctl.bin)
+                .arg(socket)
+                .arg(mode)
+                .arg(&audit),
+            Duration::from_secs(180),
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure(out.status.success(), || {
+            format!(
+                "the MCP client ({mode}) failed: {}\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let v: Value = serde_json::from_str(stdout.trim())
+            .map_err(|e| format!("the MCP client printed no JSON ({e}): {stdout}"))?;
+        Ok((v, std::fs::read_to_string(&audit).unwrap_or_default()))
+    };
+    let read_only = [
+        "list_vms",
+        "guest_info",
+        "metrics",
+        "processes",
+        "read_file",
+        "read_log",
+    ];
+    let (plain, audit) = run("plain")?;
+    ensure(plain["server"] == "kvmmanager-ctl", || {
+        format!("server: {plain}")
+    })?;
+    ensure(plain["tools"] == serde_json::json!(read_only), || {
+        format!("tools without flags: {}", plain["tools"])
+    })?;
+    for (tool, schema) in plain["schemas"].as_object().cloned().unwrap_or_default() {
+        ensure(schema["type"] == "object", || {
+            format!("{tool} schema: {schema}")
+        })?;
+    }
+    let r = &plain["results"];
+    for tool in read_only {
+        ensure(r[tool]["isError"] == false, || {
+            format!("{tool}: {}", r[tool])
+        })?;
+    }
+    ensure(
+        r["guest_info"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("kvmm-guest")),
+        || format!("guest_info: {}", r["guest_info"]),
+    )?;
+    let denied = &r["read_file_denied"];
+    ensure(
+        denied["isError"] == true
+            && denied["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("policy_denied")),
+        || format!("read_file /etc/shadow: {denied}"),
+    )?;
+    for tool in ["exec", "write_file"] {
+        ensure(
+            r[tool]["isError"] == true
+                && r[tool]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("disabled")),
+            || format!("{tool} without its flag: {}", r[tool]),
+        )?;
+    }
+    ensure(audit.lines().count() == 9, || {
+        format!("audit lines (want 9, one per call):\n{audit}")
+    })?;
+    ensure(
+        audit.contains("\"tool\":\"exec\"") && audit.contains("\"outcome\":\"error\""),
+        || format!("audit:\n{audit}"),
+    )?;
+    let (allow, audit) = run("allow")?;
+    let r = &allow["results"];
+    ensure(allow["tools"].as_array().map(Vec::len) == Some(8), || {
+        format!("tools with both flags: {}", allow["tools"])
+    })?;
+    ensure(
+        r["exec"]["isError"] == false
+            && r["exec"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("mcp-exec-ok")),
+        || format!("exec with --allow-exec: {}", r["exec"]),
+    )?;
+    ensure(r["write_file"]["isError"] == false, || {
+        format!("write_file with --allow-write: {}", r["write_file"])
+    })?;
+    let back = ctl
+        .run(
+            false,
+            &["cat", "/tmp/kvmmanager/mcp.txt"],
+            Duration::from_secs(60),
+        )?
+        .ok()?;
+    ensure(back.stdout == "mcp-write-ok", || {
+        format!("the file MCP wrote: {:?}", back.stdout)
+    })?;
+    ensure(
+        audit.lines().count() == 9 && !audit.contains("mcp-write-ok"),
+        || format!("audit with flags (9 lines, no file content):\n{audit}"),
+    )
 }
 
 /// `ps` finds `sleep 4242`, `kill` with its start time ends it.
@@ -260,8 +414,13 @@ fn audit_check(ctl: &Ctl) -> Result<()> {
             .unwrap_or_default()
             .iter()
             .filter_map(|l| {
+                // A bare JSON line (the audit file), or after `audit ` (the
+                // log line, whose span has braces of its own).
                 let l = l.as_str()?;
-                let json = l.find('{').map(|i| &l[i..])?;
+                let json = match l.find(": audit {") {
+                    Some(i) => &l[i + ": audit ".len()..],
+                    None => l,
+                };
                 serde_json::from_str(json).ok()
             })
             .collect();
