@@ -479,6 +479,11 @@ impl CliError {
                     {
                         "the guest's configuration disables this method (security.allowed_methods, security.blocked_methods in /etc/kvmmanager-agent/config.json); `kvmmanager-ctl info` lists the disabled ones".to_owned()
                     }
+                    ErrorKind::PolicyDenied
+                        if matches!(e.root(), ClientError::Agent { method, .. } if method == "kill_process") =>
+                    {
+                        "the agent never signals init (pid 1), itself or kernel threads".to_owned()
+                    }
                     ErrorKind::PolicyDenied => "the guest's policy refuses this; check security.allowed_read_paths, allowed_write_paths and command_whitelist in the guest's /etc/kvmmanager-agent/config.json".to_owned(),
                     ErrorKind::NotFound => "check the path or command name in the guest".to_owned(),
                     ErrorKind::MethodNotFound => "the agent may be older than kvmmanager-ctl; see `kvmmanager-ctl info`".to_owned(),
