@@ -562,6 +562,9 @@ pub(crate) fn qemu_debian_suite(
     guest_checks(t, &ctl, &DEBIAN_FACTS, "debian-")?;
     crate::ops_checks::guestops_checks(t, &ctl, "debian-");
     t.check("debian-journal", || journal_check(&ctl));
+    t.check("debian-read-log-journal", || {
+        crate::fleet_checks::journal_log_check(&ctl)
+    });
     t.check("debian-restart-mid-transfer", || restart_mid_transfer(&ctl));
     t.check("debian-upgrade-keeps-config", || {
         upgrade_keeps_config(&ctl, &debs.newer)

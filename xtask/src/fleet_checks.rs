@@ -684,3 +684,40 @@ pub(crate) fn list_libvirt_check(t: &mut Tally, ctl_bin: &Path, running: &str, s
         })
     });
 }
+
+/// On the Debian guest (journald): `logs --unit` reads the agent's own
+/// journal, newest lines, filtered; the audit lines of the requests the
+/// suite made are in it.
+pub(crate) fn journal_log_check(ctl: &Ctl) -> Result<()> {
+    let v = ctl.json(&[
+        "logs",
+        "--unit",
+        "kvmmanager-agent.service",
+        "-n",
+        "20",
+        "--grep",
+        ": audit {",
+        "--since",
+        "1h",
+    ])?;
+    ensure(v["source"] == "journal:kvmmanager-agent.service", || {
+        format!("source: {v}")
+    })?;
+    let lines = v["lines"].as_array().cloned().unwrap_or_default();
+    ensure(
+        !lines.is_empty()
+            && lines.len() <= 20
+            && lines
+                .iter()
+                .all(|l| l.as_str().is_some_and(|l| l.contains(": audit {"))),
+        || format!("the journal's audit lines: {v}"),
+    )?;
+    let v = ctl.json(&["logs", "--unit", "no-such-unit-kvmm.service"])?;
+    ensure(v["lines"] == serde_json::json!([]), || {
+        format!("a unit without a journal: {v}")
+    })?;
+    let r = ctl.run(true, &["logs", "--unit", "-x"], Duration::from_secs(60))?;
+    ensure(r.code != 0, || {
+        format!("logs --unit -x: {}", r.all_output())
+    })
+}
