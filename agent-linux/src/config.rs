@@ -457,24 +457,22 @@ impl Config {
                 )
             })?,
         };
-        let log_file = match raw.log_file {
-            None => None,
-            Some(p) => Some(PathBuf::from(normalize_path(&p).map_err(|e| {
-                invalid("log_file", format!("{p:?}: {}", path_reason(e)))
-            })?)),
+        // A file the agent appends to: absolute, normalised, not `/`.
+        let file_key = |key: &'static str, raw: Option<String>| match raw {
+            None => Ok(None),
+            Some(p) => {
+                let path = PathBuf::from(
+                    normalize_path(&p)
+                        .map_err(|e| invalid(key, format!("{p:?}: {}", path_reason(e))))?,
+                );
+                if path == Path::new("/") {
+                    return Err(invalid(key, "must name a file, not /"));
+                }
+                Ok(Some(path))
+            }
         };
-        if log_file.as_deref() == Some(Path::new("/")) {
-            return Err(invalid("log_file", "must name a file, not /"));
-        }
-        let audit_file = match raw.audit_file {
-            None => None,
-            Some(p) => Some(PathBuf::from(normalize_path(&p).map_err(|e| {
-                invalid("audit_file", format!("{p:?}: {}", path_reason(e)))
-            })?)),
-        };
-        if audit_file.as_deref() == Some(Path::new("/")) {
-            return Err(invalid("audit_file", "must name a file, not /"));
-        }
+        let log_file = file_key("log_file", raw.log_file)?;
+        let audit_file = file_key("audit_file", raw.audit_file)?;
         let port_name = |key: &'static str, name: String| {
             if name.is_empty() || name.contains(['/', '\0']) || name == "." || name == ".." {
                 Err(invalid(

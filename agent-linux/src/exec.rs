@@ -1008,6 +1008,31 @@ async fn capture_bounded(mut r: impl AsyncRead + Unpin) -> Vec<u8> {
     kept
 }
 
+/// A helper's command: `program` with `args`, the fixed environment, `/`
+/// as its directory, a process group of its own, killed if dropped.
+fn helper_command(program: &std::path::Path, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(program);
+    c.args(args)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .process_group(0)
+        .kill_on_drop(true);
+    c
+}
+
+/// Kills a helper's process group. Its leader is not reaped yet (the
+/// caller reaps it after this), so the group id is still the helper's.
+fn kill_helper_group(pgid: Option<i32>) {
+    if let Some(pgid) = pgid {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// Runs a helper program of the guest operations (a freeze hook,
 /// `chpasswd`) at an absolute path, with `args`, `stdin` written to its
 /// stdin (then closed), the fixed environment, in a process group of its
@@ -1019,14 +1044,7 @@ pub(crate) async fn run_helper(
     stdin: Option<Vec<u8>>,
     limit: Duration,
 ) -> io::Result<HelperOutput> {
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .env_clear()
-        .env("PATH", SAFE_PATH)
-        .env("LANG", "C.UTF-8")
-        .current_dir("/")
-        .process_group(0)
-        .kill_on_drop(true)
+    let mut child = helper_command(program, args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -1069,14 +1087,7 @@ pub(crate) async fn run_helper(
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => {
-            if let Some(pgid) = pgid {
-                // The main process is not reaped yet (kill_on_drop reaps
-                // it below), so the group id is still ours.
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pgid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            kill_helper_group(pgid);
             let _ = child.kill().await;
             Ok(HelperOutput {
                 status: None,
@@ -1112,14 +1123,7 @@ pub(crate) async fn read_helper_lines(
     mut on_line: impl FnMut(&[u8]) -> bool,
 ) -> io::Result<HelperLines> {
     use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(program)
-        .args(args)
-        .env_clear()
-        .env("PATH", SAFE_PATH)
-        .env("LANG", "C.UTF-8")
-        .current_dir("/")
-        .process_group(0)
-        .kill_on_drop(true)
+    let mut child = helper_command(program, args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1171,13 +1175,7 @@ pub(crate) async fn read_helper_lines(
             .transpose()?
     };
     if status.is_none() {
-        if let Some(pgid) = pgid {
-            // Not reaped yet, so the group id is still ours.
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pgid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        kill_helper_group(pgid);
         let _ = child.kill().await;
     }
     let stderr = read_err.await.unwrap_or_default();
