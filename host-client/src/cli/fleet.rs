@@ -342,7 +342,18 @@ pub fn parse_virsh_list(text: &str) -> Vec<(String, bool)> {
 /// `--domain` names.
 pub async fn targets(cli: &Cli) -> Result<Vec<FleetTarget>, CliError> {
     if let Some(d) = &cli.domain {
-        return Ok(vec![domain_target(d.clone(), true).await]);
+        let mut cmd = tokio::process::Command::new("virsh");
+        if let Some(uri) = libvirt_uri() {
+            cmd.args(["-c", uri]);
+        }
+        cmd.args(["domstate", "--", d]).kill_on_drop(true);
+        // A domain virsh cannot say is running is looked up anyway: the
+        // channel lookup then says what is wrong.
+        let running = match cmd.output().await {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim() == "running",
+            _ => true,
+        };
+        return Ok(vec![domain_target(d.clone(), running).await]);
     }
     if let Some(s) = &cli.socket {
         return Ok(vec![FleetTarget {
