@@ -158,3 +158,138 @@ fn kill_process_is_refused_when_blocked() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `kvmmanager-ctl`'s fleet commands against the real agent (one agent,
+/// `--socket`): `list`, `top`, `exporter` (a real HTTP request on
+/// loopback) and `mcp` (a scripted MCP session on its stdin).
+#[test]
+fn ctl_fleet_commands_against_the_real_agent() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let ctl = std::path::PathBuf::from(env!("CARGO_BIN_EXE_kvmmanager-agent"))
+        .with_file_name("kvmmanager-ctl");
+    assert!(
+        ctl.exists(),
+        "{} is missing: run `cargo test --workspace`, or `cargo build -p host-client` first",
+        ctl.display()
+    );
+    let agent = AgentProcess::start();
+    let run = |args: &[&str]| {
+        let out = Command::new(&ctl)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let list: Value = serde_json::from_str(&run(&["--json", "list"])).unwrap();
+    assert_eq!(list[0]["state"], "up", "{list}");
+    assert!(list[0]["rtt_ms"].is_number(), "{list}");
+    let top = run(&["--json", "top", "-n", "2", "-i", "1"]);
+    let samples: Vec<Value> = top
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(samples.len(), 2, "{top}");
+    assert!(
+        samples[0][0]["cpu_percent"].is_null(),
+        "no rate from one sample: {top}"
+    );
+    assert!(samples[1][0]["cpu_percent"].is_number(), "{top}");
+
+    // The exporter on a port of its choosing; it says which on stderr.
+    let mut exporter = Command::new(&ctl)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["exporter", "--listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(exporter.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_owned();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let _ = exporter.kill();
+    let _ = exporter.wait();
+    assert!(body.starts_with("HTTP/1.1 200 OK\r\n"), "{body}");
+    let up = format!("kvmm_up{{domain=\"{}\"}} 1.0", agent.socket.display());
+    assert!(
+        body.contains(&up) && body.contains("kvmm_processes{") && body.ends_with("# EOF\n"),
+        "{body}"
+    );
+
+    // MCP: initialize, list the tools, a refused call and a mutating one
+    // without its flag.
+    let session = [
+        json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"test","version":"1"}}}),
+        json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
+        json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}),
+        json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"read_file","arguments":{"path":"/etc/shadow"}}}),
+        json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"exec","arguments":{"command":"true"}}}),
+        json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"metrics","arguments":{}}}),
+    ];
+    let mut mcp = Command::new(&ctl)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .arg("mcp")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = mcp.stdin.take().unwrap();
+        for m in &session {
+            writeln!(stdin, "{m}").unwrap();
+        }
+    }
+    let out = mcp.wait_with_output().unwrap();
+    let replies: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        replies.len(),
+        5,
+        "one reply per request, none for the notification"
+    );
+    assert_eq!(replies[0]["result"]["protocolVersion"], "2025-06-18");
+    let tools = replies[1]["result"]["tools"].as_array().unwrap();
+    assert!(tools
+        .iter()
+        .all(|t| t["name"] != "exec" && t["inputSchema"]["type"] == "object"));
+    assert_eq!(replies[2]["result"]["isError"], true);
+    assert!(replies[2]["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("policy_denied"));
+    assert_eq!(
+        replies[3]["result"]["isError"], true,
+        "exec without --allow-exec"
+    );
+    assert_eq!(replies[4]["result"]["isError"], false);
+    let audit = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        audit.matches("mcp: audit {").count(),
+        3,
+        "every tool call audited:\n{audit}"
+    );
+}
