@@ -293,3 +293,56 @@ fn ctl_fleet_commands_against_the_real_agent() {
         "every tool call audited:\n{audit}"
     );
 }
+
+/// `list` says `not answering` for a channel whose socket accepts but
+/// where no agent answers, and `--watch` repeats.
+#[test]
+fn ctl_list_not_answering_and_watch() {
+    let ctl = std::path::PathBuf::from(env!("CARGO_BIN_EXE_kvmmanager-agent"))
+        .with_file_name("kvmmanager-ctl");
+    assert!(
+        ctl.exists(),
+        "{} is missing: cargo build -p host-client",
+        ctl.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent.sock");
+    // Accepts connections (the kernel's backlog), never answers.
+    let _listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let out = Command::new(&ctl)
+        .arg("--socket")
+        .arg(&silent)
+        .args(["--json", "list", "--vm-timeout", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["state"], "not answering", "{v}");
+    assert!(v[0]["error"].is_string(), "{v}");
+
+    let agent = AgentProcess::start();
+    let mut watch = Command::new(&ctl)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["--json", "list", "--watch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let arrays = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .filter_map(Result::ok)
+        .filter(|v| v[0]["state"] == "up")
+        .count();
+    assert!(
+        arrays >= 2,
+        "--watch 1 for 2.5 s printed {arrays} lists:\n{text}"
+    );
+}
