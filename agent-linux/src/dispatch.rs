@@ -424,14 +424,23 @@ impl Agent {
         };
         let facts = method.facts();
         let attachment_in = attachment.as_ref().map_or(0, |a| a.len() as u64);
+        // A guest-changing request refused before it ran leaves its audit
+        // line too (a blocked method, frozen filesystems, busy).
+        let refused = |e: ErrorObject| {
+            let o = Outcome::err(e);
+            if facts.changes_guest {
+                log_outcome(session, req, method, &o, Instant::now(), attachment_in);
+            }
+            o
+        };
         if !self.config.method_enabled(method) {
-            return Outcome::err(method_disabled(method, &self.config));
+            return refused(method_disabled(method, &self.config));
         }
         if !facts.while_frozen && self.freeze.is_frozen() {
-            return Outcome::err(frozen(method, self.freeze.remaining_seconds()));
+            return refused(frozen(method, self.freeze.remaining_seconds()));
         }
         if attachment.is_some() && !facts.attachment_in {
-            return Outcome::err(ErrorObject::new(
+            return refused(ErrorObject::new(
                 ErrorKind::InvalidParams,
                 format!("{method} takes no attachment (only file_write does); it was discarded"),
             ));
@@ -447,7 +456,7 @@ impl Agent {
             return outcome;
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            return Outcome::err(
+            return refused(
                 ErrorObject::new(
                     ErrorKind::Busy,
                     format!(

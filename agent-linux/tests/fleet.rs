@@ -157,6 +157,15 @@ fn kill_process_is_refused_when_blocked() {
     assert!(child.try_wait().unwrap().is_none(), "still running");
     child.kill().unwrap();
     child.wait().unwrap();
+    drop(c);
+    let lines = audit_lines(&agent.log());
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["method"] == "kill_process" && l["outcome"] == "policy_denied"),
+        "a blocked request leaves its audit line too:\n{}",
+        agent.log()
+    );
 }
 
 /// `kvmmanager-ctl`'s fleet commands against the real agent (one agent,
