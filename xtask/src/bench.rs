@@ -47,7 +47,7 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> crate::util::Xtask
 const SECTIONS: &[(&str, &str)] = &[
     ("ping", "ping round trip"),
     ("exec", "exec `true`, result in hand"),
-    ("raw", "raw port ceiling"),
+    ("raw", "raw port ceilings, both directions"),
     (
         "read",
         "read 32 MiB to host (and its share of the raw ceiling with `raw`)",
@@ -66,7 +66,11 @@ const SECTIONS: &[(&str, &str)] = &[
         "bigmsg",
         "write with max_message_size_kb 1024 (restarts the agent)",
     ),
-    ("fanout", "host fan-out to 256 agents"),
+    (
+        "copyread",
+        "read with zero_copy_reads false (restarts the agent)",
+    ),
+    ("fanout", "host fan-out to 1,024 agents"),
     ("size", "agent binary size"),
 ];
 
@@ -234,6 +238,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
             // times, timed, for `read`).
             if !only.any(&[
                 "read", "write", "load", "rss", "window", "push", "wake", "flood", "bigmsg",
+                "copyread",
             ]) {
                 b.finish();
                 return Ok(());
@@ -257,6 +262,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
             "wake" => b.wake().await?,
             "flood" => b.flood().await?,
             "bigmsg" => b.bigmsg().await?,
+            "copyread" => b.copyread().await?,
             // On the host, by `bench` once the guest is gone.
             "fanout" | "size" => {}
             _ => bail!("bench figure {name:?} has no function in `measure`"),
