@@ -98,6 +98,11 @@ pub struct Config {
     /// Key `fsfreeze_hook_dir` (absolute, default
     /// `/etc/kvmmanager-agent/fsfreeze-hook.d`; `null`: no hooks).
     pub fsfreeze_hook_dir: Option<PathBuf>,
+    /// Key `zero_copy_reads` (default true): `file_read` attachments go
+    /// from the file to the port by `splice(2)` (PERFORMANCE.md); false
+    /// reads them into a buffer first, for a kernel or file system where
+    /// that misbehaves, and as the bench's comparison.
+    pub zero_copy_reads: bool,
     /// Key `security`.
     pub security: SecurityConfig,
 }
@@ -162,6 +167,7 @@ impl Default for Config {
             max_concurrent_requests: 10,
             freeze_timeout: Duration::from_secs(60),
             fsfreeze_hook_dir: Some(PathBuf::from(DEFAULT_FSFREEZE_HOOK_DIR)),
+            zero_copy_reads: true,
             security: SecurityConfig::default(),
         }
     }
@@ -230,6 +236,7 @@ struct RawConfig {
     max_concurrent_requests: Option<u64>,
     freeze_timeout_seconds: Option<u64>,
     fsfreeze_hook_dir: Option<String>,
+    zero_copy_reads: Option<bool>,
     security: Option<RawSecurity>,
 }
 
@@ -260,6 +267,7 @@ const TOP_KEYS: &[&str] = &[
     "max_concurrent_requests",
     "freeze_timeout_seconds",
     "fsfreeze_hook_dir",
+    "zero_copy_reads",
     "security",
 ];
 
@@ -622,6 +630,7 @@ impl Config {
             max_concurrent_requests: max_concurrent_requests as usize,
             freeze_timeout: Duration::from_secs(freeze_timeout),
             fsfreeze_hook_dir,
+            zero_copy_reads: raw.zero_copy_reads.unwrap_or(true),
             security: SecurityConfig {
                 allowed_read_paths,
                 allowed_write_paths,

@@ -62,6 +62,7 @@ use crate::files::{CommitGate, FileService};
 use crate::ops::freeze::FreezeService;
 use crate::ops::users::{KeysOp, SystemUsers};
 use crate::ops::{cpu, disks, logs, memory, mounts, procs, stats, time, trim, users};
+use crate::payload::Payload;
 use crate::power::PowerAction;
 use crate::session::Session;
 use crate::{exec, sysinfo};
@@ -91,7 +92,7 @@ pub struct Outgoing {
     /// The reply, one JSON line with its `\n`.
     pub line: BytesMut,
     /// The raw bytes the line announces, written right after it.
-    pub attachment: Option<Bytes>,
+    pub attachment: Option<Payload>,
     /// A power action to start after the line is flushed.
     pub after: Option<PowerAction>,
     /// Permits released when the reply has been written (or dropped): the
@@ -122,7 +123,7 @@ pub(crate) struct Outcome {
     /// The method's result as JSON, or its error.
     pub(crate) result: Result<Box<RawValue>, ErrorObject>,
     /// Data for the reply's attachment (`file_read`).
-    pub(crate) attachment: Option<Bytes>,
+    pub(crate) attachment: Option<Payload>,
     /// A power action to start once the reply is written.
     pub(crate) after: Option<PowerAction>,
     /// The concurrency slot the call took, held until its reply is written.
@@ -137,7 +138,7 @@ struct Answer {
 
 /// What an answer brings besides its reply: data, an action, its slot.
 struct Held {
-    attachment: Option<Bytes>,
+    attachment: Option<Payload>,
     after: Option<PowerAction>,
     slot: Option<OwnedSemaphorePermit>,
 }

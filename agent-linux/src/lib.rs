@@ -21,6 +21,7 @@ pub mod exec;
 pub mod files;
 pub mod logging;
 pub mod ops;
+pub mod payload;
 pub mod policy;
 pub mod power;
 pub mod qga;

@@ -52,7 +52,7 @@ use agent_common::methods::Method;
 use agent_common::MAX_ATTACHMENT_SIZE;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +61,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dispatch::{Agent, Outgoing, SessionId};
+use crate::payload::{write_payload, ReplySink};
 use crate::session::Session;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -180,7 +181,7 @@ pub async fn serve<R, W>(
     stop: CancellationToken,
 ) where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: ReplySink + Send + 'static,
 {
     let session = next_session_id();
     debug!(session = session.0, "session started");
@@ -382,7 +383,7 @@ fn spawn_request(
 
 /// Writes replies, small ones (`rx`) before those with attachments
 /// (`bulk`), until both queues are closed.
-async fn write_loop<W: AsyncWrite + Unpin>(
+async fn write_loop<W: ReplySink>(
     mut writer: W,
     mut rx: mpsc::Receiver<Outgoing>,
     mut bulk: mpsc::Receiver<Outgoing>,
@@ -398,7 +399,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let write = async {
             writer.write_all(&out.line).await?;
             if let Some(data) = &out.attachment {
-                writer.write_all(data).await?;
+                write_payload(&mut writer, data).await?;
             }
             writer.flush().await
         };

@@ -142,7 +142,7 @@ impl Notifier {
         queue
             .send(Outgoing {
                 line,
-                attachment,
+                attachment: attachment.map(crate::payload::Payload::Bytes),
                 after: None,
                 hold: vec![permit],
             })
@@ -169,12 +169,13 @@ mod tests {
             )
             .await
             .unwrap();
-        let out = rx.recv().await.unwrap();
+        let mut out = rx.recv().await.unwrap();
         assert_eq!(
             &out.line[..],
             b"{\"jsonrpc\":\"2.0\",\"method\":\"stream_data\",\"params\":{\"stream\":1},\"attachment\":3}\n"
         );
-        assert_eq!(out.attachment.as_deref(), Some(&b"a\nb"[..]));
+        let data = out.attachment.take().map(|p| p.into_bytes().unwrap());
+        assert_eq!(data.as_deref(), Some(&b"a\nb"[..]));
         // Its permit is held until the message is written: the next waits.
         let next = s.notifier().notify("stream_data", &(), None);
         assert!(tokio::time::timeout(Duration::from_millis(50), next)

@@ -55,7 +55,7 @@ impl Dialect {
     ) -> tokio::task::JoinHandle<()>
     where
         R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        W: crate::payload::ReplySink + Send + 'static,
     {
         match self {
             Dialect::JsonRpc => {
@@ -211,7 +211,7 @@ async fn serve_open_port(
         set_async(file, false)?;
         info!("host attached");
         let stream = PortStream::new(file.try_clone()?)?;
-        let session = dialect.spawn(tracker, agent, tokio::io::split(stream), OnEof::Drop, stop);
+        let session = dialect.spawn(tracker, agent, stream.split(), OnEof::Drop, stop);
         // The session owns the port while it runs; a panic in it is a bug
         // already reported by the runtime.
         let _ = session.await;
@@ -223,14 +223,68 @@ async fn serve_open_port(
 }
 
 /// The port as a tokio stream. End of file means the host went away.
+///
+/// Its reading and writing halves ([`PortStream::split`]) share the
+/// registration: readiness to read and to write are tracked apart, so
+/// neither half waits on the other (no lock, unlike `tokio::io::split`),
+/// and the writing half can `splice` file data into the port.
 struct PortStream {
-    fd: AsyncFd<File>,
+    fd: Arc<AsyncFd<File>>,
 }
 
 impl PortStream {
     fn new(file: File) -> io::Result<PortStream> {
-        let fd = sys::register(file)?;
+        let fd = Arc::new(sys::register(file)?);
         Ok(PortStream { fd })
+    }
+
+    /// The reading and the writing half.
+    fn split(self) -> (PortStream, PortStream) {
+        let writer = PortStream {
+            fd: Arc::clone(&self.fd),
+        };
+        (self, writer)
+    }
+
+    /// On `WouldBlock`: the port takes nothing both while the host does
+    /// not read and once it has gone; only the hang-up tells them apart.
+    /// A writer blocked by a host that left must end the session (its
+    /// reader may be waiting for this very write, under back-pressure, and
+    /// never see the end of input).
+    fn detached_error(&self) -> io::Result<()> {
+        if host_attached(self.fd.get_ref())? {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the host detached from the port",
+            ))
+        }
+    }
+}
+
+impl crate::payload::ReplySink for PortStream {
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+    ) -> Option<Poll<io::Result<usize>>> {
+        Some(loop {
+            let mut guard = match self.fd.poll_write_ready(cx) {
+                Poll::Ready(Ok(g)) => g,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            };
+            match guard.try_io(|inner| sys::splice_out(pipe, inner.get_ref().as_fd(), len)) {
+                Ok(result) => break Poll::Ready(result),
+                Err(_would_block) => {
+                    if let Err(e) = self.detached_error() {
+                        break Poll::Ready(Err(e));
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -264,19 +318,7 @@ impl AsyncWrite for PortStream {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             match guard.try_io(|inner| inner.get_ref().write(buf)) {
                 Ok(result) => return Poll::Ready(result),
-                // The port takes nothing both while the host does not read
-                // and once it has gone; only the hang-up tells them apart.
-                // A writer blocked by a host that left must end the session
-                // (its reader may be waiting for this very write, under
-                // back-pressure, and never see the end of input).
-                Err(_would_block) => {
-                    if !host_attached(self.fd.get_ref())? {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            "the host detached from the port",
-                        )));
-                    }
-                }
+                Err(_would_block) => self.detached_error()?,
             }
         }
     }

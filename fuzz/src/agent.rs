@@ -987,6 +987,9 @@ impl tokio::io::AsyncWrite for Collect {
     }
 }
 
+/// Takes spliced payloads as bytes read out of their pipe.
+impl agent_linux::payload::ReplySink for Collect {}
+
 async fn feed(mut host: tokio::io::DuplexStream, pieces: Vec<Piece>) {
     use tokio::io::AsyncWriteExt;
     for piece in pieces {

@@ -49,7 +49,7 @@ const SECTIONS: &[(&str, &str)] = &[
     ("ping", "ping round trip"),
     ("exec", "exec `true`, result in hand"),
     ("metrics", "get_metrics round trip and agent CPU per call"),
-    ("raw", "raw port ceiling"),
+    ("raw", "raw port ceilings, both directions"),
     (
         "read",
         "read 32 MiB to host (and its share of the raw ceiling with `raw`)",
@@ -68,7 +68,11 @@ const SECTIONS: &[(&str, &str)] = &[
         "bigmsg",
         "write with max_message_size_kb 1024 (restarts the agent)",
     ),
-    ("fanout", "host fan-out to 256 agents"),
+    (
+        "copyread",
+        "read with zero_copy_reads false (restarts the agent)",
+    ),
+    ("fanout", "host fan-out to 1,024 agents"),
     ("size", "agent binary size"),
 ];
 
@@ -236,6 +240,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
             // times, timed, for `read`).
             if !only.any(&[
                 "read", "write", "load", "rss", "window", "push", "wake", "flood", "bigmsg",
+                "copyread",
             ]) {
                 b.finish();
                 return Ok(());
@@ -260,6 +265,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
             "wake" => b.wake().await?,
             "flood" => b.flood().await?,
             "bigmsg" => b.bigmsg().await?,
+            "copyread" => b.copyread().await?,
             // On the host, by `bench` once the guest is gone.
             "fanout" | "size" => {}
             _ => bail!("bench figure {name:?} has no function in `measure`"),

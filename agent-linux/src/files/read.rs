@@ -1,7 +1,9 @@
-//! `file_read`: whole files and ranges, inline or as an attachment read
-//! into a pooled buffer.
+//! `file_read`: whole files and ranges, inline or as an attachment: a
+//! large chunk spliced into a pipe (see [`crate::payload`]), else read into
+//! a pooled buffer.
 
 use super::*;
+use crate::payload::{Payload, PipeChunk};
 
 /// Smallest `file_read` attachment chunk read into a pooled buffer (1 MiB
 /// each); smaller ones get a buffer of their own size.
@@ -13,11 +15,12 @@ impl FileService {
     pub async fn read(
         &self,
         params: FileReadParams,
-    ) -> Result<(FileReadResult, Option<Bytes>), FileError> {
+    ) -> Result<(FileReadResult, Option<Payload>), FileError> {
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
         let buffers = Arc::clone(&self.read_buffers);
-        blocking(move || read_blocking(&policy, &params, limit, &buffers)).await
+        let splice = self.config.zero_copy_reads;
+        blocking(move || read_blocking(&policy, &params, limit, &buffers, splice)).await
     }
 }
 
@@ -36,12 +39,38 @@ fn read_at_full(file: &File, buf: &mut [u8], offset: u64, path: &str) -> Result<
     Ok(filled)
 }
 
+/// The page size `splice` moves file data in: a chunk that starts on a
+/// page boundary fits a pipe of its own length.
+const PAGE: u64 = 4096;
+
+/// Moves `want` bytes of `file` at `offset` into a pipe of their own:
+/// `None` where the file system or the pipe size limit does not allow it
+/// (the caller reads into a buffer instead). Fewer bytes than `want` only
+/// at the end of the file (the host asks again for the rest otherwise).
+fn splice_chunk(
+    file: &File,
+    offset: u64,
+    want: usize,
+    path: &str,
+) -> Result<Option<(PipeChunk, usize)>, FileError> {
+    let Ok(pipe) = sys::Pipe::with_capacity(want.next_power_of_two()) else {
+        return Ok(None);
+    };
+    match pipe.fill_from(file, offset, want) {
+        Ok(moved) => Ok(Some((PipeChunk::new(pipe, moved), moved))),
+        // Not every file system can splice (EINVAL): read it instead.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(io_err("read", path)(e)),
+    }
+}
+
 fn read_blocking(
     policy: &PathPolicy,
     params: &FileReadParams,
     limit: u64,
     buffers: &Arc<BufferPool>,
-) -> Result<(FileReadResult, Option<Bytes>), FileError> {
+    splice: bool,
+) -> Result<(FileReadResult, Option<Payload>), FileError> {
     let path = params.path.as_str();
     let file = policy.open_read(path)?;
     let size = file.metadata().map_err(io_err("read", path))?.len();
@@ -59,16 +88,23 @@ fn read_blocking(
     if params.encoding == Encoding::Attachment {
         // Buffers are sized to what was asked: a pooled 1 MiB buffer only
         // for a large chunk, an exact one otherwise.
-        let (data, filled) = if want >= POOLED_READ_MIN {
+        let spliced = if splice && want >= POOLED_READ_MIN && offset % PAGE == 0 {
+            splice_chunk(&file, offset, want, path)?
+        } else {
+            None
+        };
+        let (data, filled) = if let Some((chunk, filled)) = spliced {
+            (Payload::Pipe(chunk), filled)
+        } else if want >= POOLED_READ_MIN {
             let mut buf = buffers.take();
             let filled = read_at_full(&file, &mut buf.space()[..want], offset, path)?;
             buf.set_len(filled);
-            (buf.into_bytes(), filled)
+            (Payload::Bytes(buf.into_bytes()), filled)
         } else {
             let mut buf = vec![0u8; want];
             let filled = read_at_full(&file, &mut buf, offset, path)?;
             buf.truncate(filled);
-            (Bytes::from(buf), filled)
+            (Payload::Bytes(Bytes::from(buf)), filled)
         };
         let bytes_read = filled as u64;
         let result = FileReadResult {
@@ -125,6 +161,65 @@ fn read_blocking(
 mod tests {
     use super::*;
     use crate::files::test_env::*;
+
+    /// A 1 MiB-class chunk from a page boundary comes as a pipe, any other
+    /// (small, unaligned, or with zero_copy_reads off) as bytes; the bytes
+    /// are the file's either way.
+    #[tokio::test]
+    async fn large_aligned_chunks_are_spliced_and_others_read() {
+        let e = env_with(8 << 20);
+        let p = format!("{}/big", e.root);
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let cases: &[(u64, Option<u64>, bool)] = &[
+            (0, None, true),
+            (1 << 20, None, true),
+            // The last chunk, shorter than asked.
+            (2 << 20, None, true),
+            (4096, Some(65536), true),
+            // Unaligned, or under 64 KiB: read into a buffer.
+            (100, None, false),
+            (0, Some(1000), false),
+        ];
+        for &(offset, length, spliced) in cases {
+            let (r, payload) = e
+                .svc
+                .read(FileReadParams {
+                    offset,
+                    length,
+                    encoding: Encoding::Attachment,
+                    ..rp(&p)
+                })
+                .await
+                .unwrap();
+            let payload = payload.unwrap();
+            assert_eq!(
+                matches!(payload, Payload::Pipe(_)),
+                spliced,
+                "{offset} {length:?}"
+            );
+            let want = &data[offset as usize..][..r.bytes_read as usize];
+            assert_eq!(payload.len() as u64, r.bytes_read);
+            assert!(
+                payload.into_bytes().unwrap()[..] == *want,
+                "{offset} {length:?}"
+            );
+            let end = (offset + length.unwrap_or(1 << 20)).min(data.len() as u64);
+            assert_eq!(r.bytes_read, end - offset, "{offset} {length:?}");
+        }
+        // With zero_copy_reads off, never a pipe.
+        let mut config = (*e.svc.config).clone();
+        config.zero_copy_reads = false;
+        let svc = FileService::new(Arc::new(config));
+        let (_, payload) = svc
+            .read(FileReadParams {
+                encoding: Encoding::Attachment,
+                ..rp(&p)
+            })
+            .await
+            .unwrap();
+        assert!(matches!(payload, Some(Payload::Bytes(_))));
+    }
 
     #[tokio::test]
     async fn read_ranges_and_eof() {

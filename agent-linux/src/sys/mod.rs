@@ -16,6 +16,9 @@
 //!   [`crate::exec`];
 //! - [`ops`]: `FIFREEZE`, `FITHAW`, `FITRIM`, the RTC's ioctls and
 //!   `localtime_r` for [`crate::ops`];
+//! - [`pipe`]: pipes and `splice` for [`crate::files`] and
+//!   [`crate::payload`] (safe wrappers over nix, kept here with the rest
+//!   of the system calls);
 //! - [`port`]: `fcntl`, reactor registration and reads into uninitialised
 //!   buffers for [`crate::transport`];
 //! - here: the allocator tunables of [`crate::buffers`] and the CPU count of
@@ -23,11 +26,13 @@
 
 mod fs;
 mod ops;
+mod pipe;
 mod port;
 mod process;
 
 pub(crate) use fs::*;
 pub(crate) use ops::*;
+pub(crate) use pipe::*;
 pub(crate) use port::*;
 pub(crate) use process::*;
 

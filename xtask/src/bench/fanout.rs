@@ -1,4 +1,4 @@
-//! The host fan-out figure: 256 host agents on Unix sockets, pinged at once
+//! The host fan-out figure: 1,024 host agents on Unix sockets, pinged at once
 //! by a separate client process.
 
 use std::fs;
@@ -15,7 +15,7 @@ use super::stats::{Figure, Spread};
 use crate::util::{bail, kill_pid, target_dir, Result};
 
 /// Agents of the fan-out figure.
-const FANOUT: usize = 256;
+const FANOUT: usize = 1024;
 
 /// Config of the host agents of the fan-out figure.
 const FANOUT_CONFIG: &str = r#"{
@@ -48,7 +48,8 @@ impl Drop for Agents {
     }
 }
 
-/// 256 host agents on Unix sockets, pinged at once by a separate process.
+/// 1,024 host agents on Unix sockets, pinged at once by a separate process
+/// (its open-file limit raised to the hard limit first: one socket each).
 pub(crate) fn fanout() -> Result<Vec<Figure>> {
     let dir = std::env::temp_dir().join(format!("kvmm-fanout-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
@@ -81,8 +82,10 @@ pub(crate) fn fanout() -> Result<Vec<Figure>> {
     let (mut totals, mut rss, mut answered) = (Vec::new(), Vec::new(), 0u64);
     for _ in 0..3 {
         let out = crate::util::output(
-            Command::new(&me)
-                .args(["bench", "--fanout-client"])
+            Command::new("sh")
+                .arg("-c")
+                .arg(r#"ulimit -n "$(ulimit -Hn)" && exec "$0" bench --fanout-client "$1""#)
+                .arg(&me)
                 .arg(&dir),
         )?;
         let v: serde_json::Value = serde_json::from_str(out.trim()).map_err(err("fan-out"))?;

@@ -36,8 +36,11 @@ pub(crate) struct Bench<'a> {
     /// Both agents' RSS (kB) before any figure ran.
     pub(crate) ours_idle: f64,
     pub(crate) qga_idle: f64,
-    /// The raw port ceiling (`raw`), for the read share and the last row.
+    /// The raw port ceiling guest to host (`raw`), for the read share and
+    /// the last rows.
     pub(crate) raw: Option<Spread>,
+    /// The raw port ceiling host to guest (`raw`), for the write share.
+    pub(crate) raw_in: Option<Spread>,
     /// The host copy of the guest's test file, once pulled.
     pub(crate) local: PathBuf,
     /// The test file's bytes, as pulled.
@@ -77,6 +80,7 @@ impl<'a> Bench<'a> {
             ours_idle,
             qga_idle,
             raw: None,
+            raw_in: None,
             local: out_dir.join("pulled.bin"),
             reference: Vec::new(),
             read_rates: Vec::new(),
@@ -90,7 +94,16 @@ impl<'a> Bench<'a> {
     pub(crate) fn finish(self) {
         if let Some(raw_spread) = self.raw {
             self.figures.push(Figure::new(
-                "raw port ceiling (MiB/s)",
+                "raw port ceiling, guest to host (MiB/s)",
+                raw_spread,
+                None,
+                "(reference)",
+                |_| true,
+            ));
+        }
+        if let Some(raw_spread) = self.raw_in {
+            self.figures.push(Figure::new(
+                "raw port ceiling, host to guest (MiB/s)",
                 raw_spread,
                 None,
                 "(reference)",
@@ -187,24 +200,6 @@ pub(crate) fn status_kb(status: &str, key: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|r| r.trim_start_matches(':').split_whitespace().next())
         .and_then(|v| v.parse().ok())
-}
-
-/// Context switches per thread id of `pid` (`tid switches` lines).
-pub(crate) async fn ctxt(c: &Client, pid: u32) -> Result<BTreeMap<u32, u64>> {
-    let out = sh(
-        c,
-        &format!(
-            "for t in /proc/{pid}/task/*; do echo ${{t##*/}} $(grep ctxt_switches $t/status | awk '{{s+=$2}} END {{print s}}'); done"
-        ),
-    )
-    .await?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-        })
-        .collect())
 }
 
 /// Switches between two per-thread snapshots (threads gone are not counted

@@ -108,6 +108,33 @@ impl Qga {
         }
     }
 
+    /// `sh -c script` through `guest-exec`, its status polled every 200 ms
+    /// until it has exited; its standard output.
+    pub(crate) fn sh(&mut self, script: &str) -> Result<String> {
+        let r = self.call(
+            "guest-exec",
+            json!({"path": "/bin/sh", "arg": ["-c", script], "capture-output": true}),
+        )?;
+        let pid = r["pid"].as_i64().ok_or("guest-exec: no pid")?;
+        let start = Instant::now();
+        loop {
+            let s = self.call("guest-exec-status", json!({"pid": pid}))?;
+            if s["exited"].as_bool() == Some(true) {
+                if s["exitcode"].as_i64() != Some(0) {
+                    bail!("guest-exec `{script}`: {s}");
+                }
+                let out = base64::engine::general_purpose::STANDARD
+                    .decode(s["out-data"].as_str().unwrap_or(""))
+                    .map_err(|e| format!("guest-exec out-data: {e}"))?;
+                return Ok(String::from_utf8_lossy(&out).into_owned());
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("guest-exec `{script}` did not exit within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Reads a guest file in `chunk`-byte `guest-file-read`s; pushes MiB/s.
     pub(crate) fn read_file(
         &mut self,
