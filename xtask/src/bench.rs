@@ -13,6 +13,7 @@
 //! bigmsg) and `resources` (rss, wake, flood, size); the host fan-out is in
 //! `fanout`. [`measure`] calls the in-guest ones in [`SECTIONS`] order.
 
+mod dialect;
 mod fanout;
 mod harness;
 mod latency;
@@ -47,6 +48,10 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> crate::util::Xtask
 const SECTIONS: &[(&str, &str)] = &[
     ("ping", "ping round trip"),
     ("exec", "exec `true`, result in hand"),
+    (
+        "qga",
+        "qemu-ga dialect vs qemu-ga: guest-ping, guest-exec, 16 MiB guest-file-read",
+    ),
     ("raw", "raw port ceiling"),
     (
         "read",
@@ -247,6 +252,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
         match name {
             "ping" => b.ping().await?,
             "exec" => b.exec().await?,
+            "qga" => b.qga_dialect().await?,
             "raw" => b.raw().await?,
             "read" => b.read(),
             "write" => b.write().await?,
