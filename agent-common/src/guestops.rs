@@ -290,6 +290,10 @@ pub struct FsInfoEntry {
     pub total_bytes: Option<u64>,
     /// Bytes in use, when `statvfs` answers.
     pub used_bytes: Option<u64>,
+    /// Bytes free for unprivileged users (`f_bavail`), when `statvfs`
+    /// answers (older agents: absent, read as null).
+    #[serde(default)]
+    pub available_bytes: Option<u64>,
     /// The whole disks beneath it (through partitions, LVM, LUKS, RAID).
     pub disks: Vec<DiskAddress>,
 }

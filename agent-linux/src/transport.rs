@@ -247,14 +247,18 @@ enum Closed {
     Yielded,
 }
 
-/// True when the gate (if any) now gives the port to qemu-ga: waits for a
-/// change of the unit folders first.
-async fn yield_now(gate: &mut Option<&mut Gate>) -> bool {
+/// Returns once the gate (if any) gives the port to qemu-ga, after a
+/// change of the unit folders; never without a gate. It waits through
+/// changes that leave the port to the agent (dpkg's temporary files), so a
+/// `select!` branch on it is never disabled by an early answer.
+async fn until_yield(gate: &mut Option<&mut Gate>) {
     match gate {
-        Some(g) => {
+        Some(g) => loop {
             g.changed().await;
-            matches!(g.owner(), Owner::QemuGa(_))
-        }
+            if matches!(g.owner(), Owner::QemuGa(_)) {
+                return;
+            }
+        },
         None => std::future::pending().await,
     }
 }
@@ -274,7 +278,7 @@ async fn serve_open_port(
             debug!("no host attached; waiting for SIGIO");
             tokio::select! {
                 _ = sigio.recv() => continue,
-                true = yield_now(&mut gate) => {
+                () = until_yield(&mut gate) => {
                     info!("qemu-guest-agent was installed; closing its port");
                     return Ok(Closed::Yielded);
                 }
@@ -300,7 +304,7 @@ async fn serve_open_port(
         loop {
             tokio::select! {
                 _ = &mut session => break,
-                true = yield_now(&mut gate), if !yielded => {
+                () = until_yield(&mut gate), if !yielded => {
                     info!("qemu-guest-agent was installed; ending the session and closing its port");
                     session_stop.cancel();
                     yielded = true;

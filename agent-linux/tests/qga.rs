@@ -645,3 +645,276 @@ fn guest_file_calls_go_through_the_path_policy() {
     );
     assert_eq!(r["error"]["class"], "GenericError", "{r}");
 }
+
+/// Every member of a reply, recursively: `path` (`a.b`, `[]` for the
+/// elements of an array) and the JSON kind of its value.
+fn members(v: &Value) -> std::collections::BTreeSet<(String, &'static str)> {
+    fn walk(v: &Value, path: String, out: &mut std::collections::BTreeSet<(String, &'static str)>) {
+        let kind = match v {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        out.insert((path.clone(), kind));
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(x, p, out);
+                }
+            }
+            Value::Array(a) => {
+                for x in a {
+                    walk(x, format!("{path}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(v, String::new(), &mut out);
+    out
+}
+
+/// Members one agent gives and the other not, on purpose, by command
+/// (PROTOCOL.md, "The qemu-ga dialect", differences): the path and why.
+const DIFFERENT_ON_PURPOSE: &[(&str, &str, &str)] = &[
+    (
+        "guest-get-fsinfo",
+        "[].disk[].serial",
+        "read from sysfs; qemu-ga asks udev's database, which may have none",
+    ),
+    (
+        "guest-get-disks",
+        "[].address.serial",
+        "read from sysfs; qemu-ga asks udev's database, which may have none",
+    ),
+];
+
+/// Read-only commands both agents serve, compared member by member and
+/// fact by fact on this machine.
+const COMPARED: &[&str] = &[
+    "guest-get-host-name",
+    "guest-get-osinfo",
+    "guest-get-timezone",
+    "guest-get-time",
+    "guest-get-users",
+    "guest-get-vcpus",
+    "guest-get-memory-blocks",
+    "guest-get-memory-block-info",
+    "guest-network-get-interfaces",
+    "guest-get-fsinfo",
+    "guest-get-disks",
+    "guest-get-diskstats",
+    "guest-get-cpustats",
+    "guest-fsfreeze-status",
+];
+
+#[test]
+fn every_query_both_serve_has_qemu_ga_s_members_and_facts() {
+    let Some(real) = real_qga() else { return };
+    let agent = AgentProcess::start();
+    let mut ours = connect(&agent);
+    let mut theirs = Qga::connect(&real.socket);
+    let mut report = Vec::new();
+    for name in COMPARED {
+        let b = theirs.cmd(name, json!({}));
+        let a = ours.cmd(name, json!({}));
+        let (Some(a), Some(b)) = (a.get("return"), b.get("return")) else {
+            // Both refuse alike (e.g. no memory hotplug here): same class.
+            assert_eq!(
+                a["error"]["class"], b["error"]["class"],
+                "{name}: {a} vs {b}"
+            );
+            report.push(format!("{name}: both {}", a["error"]["class"]));
+            continue;
+        };
+        let (ma, mb) = (members(a), members(b));
+        // What we give, qemu-ga gives with the same kind (when it has any
+        // element to show it).
+        let listed = |m: &(String, &str)| {
+            DIFFERENT_ON_PURPOSE
+                .iter()
+                .any(|(c, p, _)| c == name && *p == m.0)
+        };
+        for m in &ma {
+            if !mb.contains(m) && !b.as_array().is_some_and(|x| x.is_empty()) && !listed(m) {
+                panic!("{name}: we give {m:?}, qemu-ga does not: {a} vs {b}");
+            }
+        }
+        for m in &mb {
+            if !ma.contains(m) && !a.as_array().is_some_and(|x| x.is_empty()) && !listed(m) {
+                panic!("{name}: qemu-ga gives {m:?}, we do not: {a} vs {b}");
+            }
+        }
+        report.push(format!("{name}: {} members alike", ma.len()));
+        facts(name, a, b);
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// The facts both agents must agree on, per command.
+fn facts(name: &str, a: &Value, b: &Value) {
+    let set = |v: &Value, key: &str| -> std::collections::BTreeSet<String> {
+        v.as_array()
+            .map(|x| x.iter().map(|e| e[key].to_string()).collect())
+            .unwrap_or_default()
+    };
+    match name {
+        "guest-get-host-name"
+        | "guest-get-osinfo"
+        | "guest-get-memory-block-info"
+        | "guest-fsfreeze-status" => assert_eq!(a, b, "{name}"),
+        "guest-get-timezone" => assert_eq!(a["offset"], b["offset"], "{name}: {a} vs {b}"),
+        "guest-get-time" => {
+            let d = a.as_i64().unwrap() - b.as_i64().unwrap();
+            assert!(d.abs() < 5_000_000_000, "{name}: {a} vs {b}");
+        }
+        "guest-get-users" => assert_eq!(set(a, "user"), set(b, "user"), "{name}"),
+        // The same CPUs and states (qemu-ga lists them in readdir order).
+        "guest-get-vcpus" => {
+            let sorted = |v: &Value| {
+                let mut x = v.as_array().unwrap().clone();
+                x.sort_by_key(|c| c["logical-id"].as_i64());
+                x
+            };
+            assert_eq!(sorted(a), sorted(b), "{name}")
+        }
+        "guest-get-memory-blocks" => {
+            assert_eq!(set(a, "phys-index"), set(b, "phys-index"), "{name}")
+        }
+        "guest-network-get-interfaces" => {
+            assert_eq!(set(a, "name"), set(b, "name"), "{name}");
+            for i in a.as_array().unwrap() {
+                let t = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t["name"] == i["name"])
+                    .unwrap();
+                assert_eq!(
+                    i["hardware-address"], t["hardware-address"],
+                    "{name}: {i} vs {t}"
+                );
+                assert_eq!(
+                    set(&i["ip-addresses"], "ip-address"),
+                    set(&t["ip-addresses"], "ip-address"),
+                    "{name}: {i} vs {t}"
+                );
+            }
+        }
+        "guest-get-fsinfo" => {
+            assert_eq!(
+                set(a, "mountpoint"),
+                set(b, "mountpoint"),
+                "{name}: {a} vs {b}"
+            );
+            for f in a.as_array().unwrap() {
+                let t = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t["mountpoint"] == f["mountpoint"])
+                    .unwrap();
+                for k in ["name", "type", "total-bytes"] {
+                    assert_eq!(f[k], t[k], "{name} {}: {k}", f["mountpoint"]);
+                }
+                let d = f["used-bytes"].as_i64().unwrap() - t["used-bytes"].as_i64().unwrap();
+                assert!(
+                    d.abs() < 64 << 20,
+                    "{name} {}: used-bytes {f} vs {t}",
+                    f["mountpoint"]
+                );
+            }
+        }
+        // Every disk qemu-ga lists, we list with the same address and
+        // dependencies; we also list block devices without a bus address
+        // (zram), which qemu-ga 7.2 leaves out.
+        "guest-get-disks" => {
+            for t in b.as_array().unwrap() {
+                let d = a
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|d| d["name"] == t["name"])
+                    .unwrap_or_else(|| panic!("{name}: we have no {}: {a}", t["name"]));
+                assert_eq!(
+                    (&d["partition"], &d["dependencies"], &d["alias"]),
+                    (&t["partition"], &t["dependencies"], &t["alias"]),
+                    "{name}: {d} vs {t}"
+                );
+                let mut addr = d["address"].clone();
+                if let Some(o) = addr.as_object_mut() {
+                    o.remove("serial");
+                }
+                assert_eq!(addr, t["address"], "{name}: {d} vs {t}");
+            }
+            for d in a.as_array().unwrap() {
+                if d["address"]["pci-controller"]["domain"] != -1 {
+                    assert!(
+                        b.as_array().unwrap().iter().any(|t| t["name"] == d["name"]),
+                        "{name}: qemu-ga has no {}",
+                        d["name"]
+                    );
+                }
+            }
+        }
+        "guest-get-diskstats" => {
+            // Ours leaves out devices that never did I/O; every device we
+            // list, qemu-ga lists with the same numbers, and counters
+            // taken after its own are not smaller.
+            for d in a.as_array().unwrap() {
+                let t = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t["name"] == d["name"])
+                    .unwrap_or_else(|| panic!("{name}: qemu-ga has no {}", d["name"]));
+                assert_eq!(
+                    (&d["major"], &d["minor"]),
+                    (&t["major"], &t["minor"]),
+                    "{name}"
+                );
+                for (k, v) in d["stats"].as_object().unwrap() {
+                    if k == "ios-pgr" {
+                        continue;
+                    }
+                    assert!(
+                        v.as_u64() >= t["stats"][k].as_u64(),
+                        "{name} {} {k}: {v} < {}",
+                        d["name"],
+                        t["stats"][k]
+                    );
+                }
+            }
+        }
+        "guest-get-cpustats" => {
+            assert_eq!(set(a, "cpu"), set(b, "cpu"), "{name}");
+            for c in a.as_array().unwrap() {
+                let t = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t["cpu"] == c["cpu"])
+                    .unwrap();
+                for k in ["user", "system", "idle"] {
+                    // Taken after qemu-ga's, in the same unit (ms).
+                    let (x, y) = (c[k].as_u64().unwrap(), t[k].as_u64().unwrap());
+                    assert!(
+                        x >= y && x - y < 60_000,
+                        "{name} cpu {} {k}: {x} vs {y}",
+                        c["cpu"]
+                    );
+                }
+            }
+        }
+        _ => unreachable!("{name} has no facts"),
+    }
+}

@@ -338,8 +338,8 @@ pub(crate) fn virsh_agent_checks(t: &mut Tally, ctl: &Ctl, domain: &str) {
         let dir = crate::suite::scratch("virsh-keys")?;
         let file = dir.join("keys.pub");
         let keys = [
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKvmmqga0000000000000000000000000000000001 one@host",
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKvmmqga0000000000000000000000000000000002 two@host",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDWgPSS9orBb0aATbjX0a3Rlh+phq2fU/v88KhnlgkEm one@kvmm",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDkN+IMxJw0Fn8YxCpOxqBN+5RZiO8rMy3I8xPdjPL3c two@kvmm",
         ];
         std::fs::write(&file, format!("{}\n{}\n", keys[0], keys[1]))?;
         let f = file.display().to_string();
@@ -353,6 +353,15 @@ pub(crate) fn virsh_agent_checks(t: &mut Tally, ctl: &Ctl, domain: &str) {
         let got = virsh(&["get-user-sshkeys", domain, TEST_USER])?;
         ensure(!got.contains(keys[0]) && got.contains(keys[1]), || {
             format!("get-user-sshkeys after remove: {got}")
+        })?;
+        // A key the agent refuses: virsh fails and says why.
+        std::fs::write(&file, "ssh-ed25519 AAAAnot-base64 bad@kvmm\n")?;
+        let mut c = Command::new("virsh");
+        c.args(["-c", LIBVIRT_URI, "set-user-sshkeys", domain, TEST_USER, "--file", &f]);
+        let out = output_with_timeout(&mut c, Duration::from_secs(60))?;
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure(!out.status.success() && said.contains("refused"), || {
+            format!("set-user-sshkeys with a bad key: {}: {said:?}", out.status)
         })?;
         let owner = ctl.sh(&format!(
             "stat -c '%U %a' /home/{TEST_USER}/.ssh /home/{TEST_USER}/.ssh/authorized_keys"
@@ -398,22 +407,25 @@ pub(crate) fn virsh_agent_checks(t: &mut Tally, ctl: &Ctl, domain: &str) {
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| format!("domtime: {out}").into())
         };
-        // An hour back, through the agent, then --sync from the RTC.
-        let back = (host()? - 3600).to_string();
-        virsh(&["domtime", domain, "--time", &back])?;
-        let off = guest()?;
-        let result = (|| {
-            ensure(off.abs_diff(host()? - 3600) < 60, || {
-                format!("guest time after setting it an hour back: {off}")
-            })?;
-            virsh(&["domtime", domain, "--sync"])?;
-            let synced = guest()?;
-            ensure(synced.abs_diff(host()?) < 60, || {
-                format!(
-                    "guest time after --sync: {synced}, host {}",
-                    host().unwrap_or(0)
-                )
+        let near = |what: &str, want: u64| -> Result<()> {
+            let got = guest()?;
+            ensure(got.abs_diff(want) < 60, || {
+                format!("guest time {what}: {got}, expected about {want}")
             })
+        };
+        let result = (|| {
+            // guest-set-time with a time: the clock (and the RTC) set.
+            let back = (host()? - 3600).to_string();
+            virsh(&["domtime", domain, "--time", &back])?;
+            near("after --time an hour back", host()? - 3600)?;
+            virsh(&["domtime", domain, "--now"])?;
+            near("after --now", host()?)?;
+            // The system clock alone an hour back (the RTC keeps the
+            // time), then guest-set-time without a time: from the RTC.
+            ctl.sh("date -s @$(( $(date +%s) - 3600 )) >/dev/null")?;
+            near("after date -s an hour back", host()? - 3600)?;
+            virsh(&["domtime", domain, "--sync"])?;
+            near("after --sync", host()?)
         })();
         if result.is_err() {
             // Never leave the guest an hour off for the checks after.

@@ -633,9 +633,14 @@ async fn run(
                 &["username", "keys"]
             };
             let a = Args::new(args, allowed)?;
+            // Blank entries are no keys: libvirt's `set-user-sshkeys
+            // --file` sends one for the file's last newline, and qemu-ga
+            // (which compares keys with the file's lines) ignores them.
+            let mut keys = Args::strings("keys", a.required("keys")?)?;
+            keys.retain(|k| !k.trim().is_empty());
             let params = SshKeysParams {
                 username: a.string("username")?.to_owned(),
-                keys: Args::strings("keys", a.required("keys")?)?,
+                keys,
             };
             let done = |_| json!({});
             match (add, a.opt_bool("reset")?.unwrap_or(false)) {
@@ -1037,7 +1042,11 @@ fn info(agent: &Agent) -> Value {
 
 fn interface(i: agent_common::methods::NetworkInterface) -> Value {
     let mut o = json!({ "name": i.name });
-    if let Some(mac) = i.mac_address {
+    // qemu-ga gives the loopback's all-zero address too.
+    let mac = i
+        .mac_address
+        .or_else(|| i.is_loopback.then(|| "00:00:00:00:00:00".to_owned()));
+    if let Some(mac) = mac {
         o["hardware-address"] = json!(mac);
     }
     o["ip-addresses"] = Value::Array(
@@ -1087,7 +1096,11 @@ fn fsinfo(f: agent_common::guestops::FsInfoEntry) -> Value {
         "type": f.fs_type,
         "disk": disks,
     });
-    if let Some(t) = f.total_bytes {
+    // As qemu-ga: what a non-root user can fill, used plus available
+    // (without the blocks reserved for root).
+    if let (Some(u), Some(a)) = (f.used_bytes, f.available_bytes) {
+        o["total-bytes"] = json!(u + a);
+    } else if let Some(t) = f.total_bytes {
         o["total-bytes"] = json!(t);
     }
     if let Some(u) = f.used_bytes {

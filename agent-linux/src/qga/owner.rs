@@ -86,6 +86,8 @@ pub(crate) fn owner_in(root: &Path) -> Owner {
 
 /// The rule for port `name`, watched for changes.
 pub(crate) struct Gate {
+    /// `/`; a temporary folder in tests.
+    root: PathBuf,
     /// The inotify instance as a file: any bytes read from it are events,
     /// and any event means "decide again".
     watch: Option<AsyncFd<File>>,
@@ -98,7 +100,12 @@ impl Gate {
         if name != QEMU_GA_PORT || device_given {
             return None;
         }
-        let watch = match Self::watch() {
+        Some(Gate::at(PathBuf::from("/")))
+    }
+
+    /// The gate with systemd's folders under `root`.
+    fn at(root: PathBuf) -> Gate {
+        let watch = match Self::watch(&root) {
             Ok(w) => w,
             Err(e) => {
                 // Still decided before every open; changes are then seen
@@ -107,10 +114,10 @@ impl Gate {
                 None
             }
         };
-        Some(Gate { watch })
+        Gate { root, watch }
     }
 
-    fn watch() -> io::Result<Option<AsyncFd<File>>> {
+    fn watch(root: &Path) -> io::Result<Option<AsyncFd<File>>> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         let mut any = false;
         for dir in UNIT_DIRS {
@@ -121,7 +128,8 @@ impl Gate {
                 | AddWatchFlags::IN_CLOSE_WRITE
                 | AddWatchFlags::IN_ONLYDIR;
             // Folders that do not exist here are skipped.
-            any |= inotify.add_watch(*dir, flags).is_ok();
+            let dir = root.join(dir.trim_start_matches('/'));
+            any |= inotify.add_watch(&dir, flags).is_ok();
         }
         if !any {
             return Ok(None);
@@ -133,7 +141,7 @@ impl Gate {
 
     /// Who owns the port now.
     pub(crate) fn owner(&self) -> Owner {
-        owner_in(Path::new("/"))
+        owner_in(&self.root)
     }
 
     /// Waits until a unit folder changed (never, when nothing is watched).
@@ -177,6 +185,7 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::symlink;
+    use std::time::Duration;
 
     fn unit(root: &Path, dir: &str) -> PathBuf {
         let d = root.join(dir.trim_start_matches('/'));
@@ -225,6 +234,31 @@ mod tests {
         assert_eq!(owner_in(r), Owner::Agent);
         fs::write(unit(r, "/usr/lib/systemd/system"), "[Service]\n").unwrap();
         assert_eq!(owner_in(r), Owner::Agent, "the link has precedence");
+    }
+
+    #[tokio::test]
+    async fn the_gate_wakes_when_the_unit_is_installed_and_masked() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let lib = unit(r, "/usr/lib/systemd/system");
+        let etc = unit(r, "/etc/systemd/system");
+        let mut gate = Gate::at(r.to_path_buf());
+        assert!(gate.watch.is_some());
+        assert_eq!(gate.owner(), Owner::Agent);
+        let wait = Duration::from_secs(5);
+        // As dpkg unpacks: a temporary name, then a rename into place.
+        let tmp = lib.with_extension("service.dpkg-new");
+        fs::write(&tmp, "[Service]\n").unwrap();
+        fs::rename(&tmp, &lib).unwrap();
+        tokio::time::timeout(wait, gate.changed()).await.unwrap();
+        // Events may come in more than one read: drain until decided.
+        while gate.owner() == Owner::Agent {
+            tokio::time::timeout(wait, gate.changed()).await.unwrap();
+        }
+        assert!(matches!(gate.owner(), Owner::QemuGa(_)));
+        symlink("/dev/null", &etc).unwrap();
+        tokio::time::timeout(wait, gate.changed()).await.unwrap();
+        assert_eq!(gate.owner(), Owner::Agent);
     }
 
     #[test]
