@@ -195,7 +195,15 @@ pub async fn serve_port(
             Ok(x) => x,
             Err(e) => {
                 if !warned {
-                    warn!(error = %e, retry_seconds = retry.as_secs(), "port not available; will retry (add the channel to the VM: kvmmanager-ctl channel-xml)");
+                    match dialect {
+                        // Optional: most VMs have no qemu-ga channel.
+                        Dialect::Qga(_) => {
+                            info!(error = %e, retry_seconds = retry.as_secs(), "qemu-ga's port not available; serving it once it appears (libvirt's <channel> named {name})")
+                        }
+                        Dialect::JsonRpc => {
+                            warn!(error = %e, retry_seconds = retry.as_secs(), "port not available; will retry (add the channel to the VM: kvmmanager-ctl channel-xml)")
+                        }
+                    }
                     warned = true;
                 }
                 let changed = async {

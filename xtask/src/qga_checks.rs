@@ -96,8 +96,28 @@ pub(crate) fn beside_qemu_ga_check(t: &mut Tally, ctl: &Ctl, domain: &str) {
             let log = ctl.sh("tail -n 20 /var/log/kvmm-qga-install.log").unwrap_or_default();
             format!("apt-get install qemu-guest-agent: {v}\n{log}")
         })?;
+        // The agent let go of the port at once (the unit appeared).
+        let log = ctl.sh(
+            "journalctl -b -u kvmmanager-agent.service --no-pager -o cat | grep -c 'closing its port' || true",
+        )?;
+        ensure(log.trim() != "0", || {
+            "the agent's journal does not say it closed qemu-ga's port".to_owned()
+        })?;
+        // Debian's postinst may leave the static unit alone (udev starts
+        // it at boot): start it as its documentation says; it must open
+        // the port at its first start.
+        let state = ctl.sh("systemctl show qemu-guest-agent.service -p ActiveState -p NRestarts -p Result")?;
+        println!("  qemu-guest-agent.service after apt-get install: {}", state.split_whitespace().collect::<Vec<_>>().join(" "));
+        if !state.contains("ActiveState=active") {
+            ctl.sh("systemctl start qemu-guest-agent.service")?;
+        }
         // qemu-ga answers libvirt now (its version is not ours).
-        let theirs = wait_version(domain, Duration::from_secs(60), |v| v != AGENT_VERSION)?;
+        let theirs = wait_version(domain, Duration::from_secs(60), |v| v != AGENT_VERSION).map_err(|e| {
+            let diag = ctl
+                .sh("systemctl status --no-pager qemu-guest-agent.service; journalctl -b --no-pager -u qemu-guest-agent.service | tail -n 20")
+                .unwrap_or_default();
+            format!("{e}\n{diag}")
+        })?;
         ensure(theirs.starts_with("7.") || theirs.starts_with("8."), || {
             format!("qemu-ga's version {theirs}")
         })?;
@@ -109,12 +129,6 @@ pub(crate) fn beside_qemu_ga_check(t: &mut Tally, ctl: &Ctl, domain: &str) {
             props.contains("ActiveState=active") && props.contains("NRestarts=0"),
             || format!("qemu-guest-agent.service: {props}"),
         )?;
-        let log = ctl.sh(
-            "journalctl -b -u kvmmanager-agent.service --no-pager -o cat | grep -c 'closing its port' || true",
-        )?;
-        ensure(log.trim() != "0", || {
-            "the agent's journal does not say it closed qemu-ga's port".to_owned()
-        })?;
         // Our own port is unaffected.
         ctl.wait_ping(Duration::from_secs(10)).map(|_| ())
     });
