@@ -918,3 +918,27 @@ fn facts(name: &str, a: &Value, b: &Value) {
         _ => unreachable!("{name} has no facts"),
     }
 }
+
+#[test]
+fn blank_ssh_keys_are_ignored_as_libvirt_sends_one() {
+    // `virsh set-user-sshkeys --file` splits the file at newlines: its last
+    // newline gives a blank key, which qemu-ga ignores. The blank entries
+    // never reach the core's key check: the key list is valid and what
+    // fails is the user lookup.
+    let agent = AgentProcess::start();
+    let mut q = connect(&agent);
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDWgPSS9orBb0aATbjX0a3Rlh+phq2fU/v88KhnlgkEm one@kvmm";
+    for name in [
+        "guest-ssh-add-authorized-keys",
+        "guest-ssh-remove-authorized-keys",
+    ] {
+        let r = q.cmd(
+            name,
+            json!({"username": "no-such-user-kvmm", "keys": [key, "", "  "]}),
+        );
+        let desc = r["error"]["desc"].as_str().unwrap_or_default().to_owned();
+        assert!(desc.contains("no user"), "{name}: {r}");
+        assert!(!desc.contains("refused"), "{name}: {r}");
+    }
+}

@@ -21,15 +21,11 @@
 //! The rule applies only when the port served is qemu-ga's own name
 //! ([`QEMU_GA_PORT`]); any other `qemu_ga_channel_name` is never contended.
 
-use std::fs::File;
-use std::io;
-use std::io::Read;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use tokio::io::unix::AsyncFd;
 use tracing::debug;
+
+use crate::dirwatch::{DirWatch, ENTRY_CHANGES};
 
 /// qemu-ga's port name (and the default of `qemu_ga_channel_name`).
 pub const QEMU_GA_PORT: &str = "org.qemu.guest_agent.0";
@@ -88,9 +84,8 @@ pub(crate) fn owner_in(root: &Path) -> Owner {
 pub(crate) struct Gate {
     /// `/`; a temporary folder in tests.
     root: PathBuf,
-    /// The inotify instance as a file: any bytes read from it are events,
-    /// and any event means "decide again".
-    watch: Option<AsyncFd<File>>,
+    /// systemd's unit folders.
+    watch: Option<DirWatch>,
 }
 
 impl Gate {
@@ -105,7 +100,11 @@ impl Gate {
 
     /// The gate with systemd's folders under `root`.
     fn at(root: PathBuf) -> Gate {
-        let watch = match Self::watch(&root) {
+        let dirs: Vec<PathBuf> = UNIT_DIRS
+            .iter()
+            .map(|d| root.join(d.trim_start_matches('/')))
+            .collect();
+        let watch = match DirWatch::new(&dirs, ENTRY_CHANGES) {
             Ok(w) => w,
             Err(e) => {
                 // Still decided before every open; changes are then seen
@@ -117,28 +116,6 @@ impl Gate {
         Gate { root, watch }
     }
 
-    fn watch(root: &Path) -> io::Result<Option<AsyncFd<File>>> {
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        let mut any = false;
-        for dir in UNIT_DIRS {
-            let flags = AddWatchFlags::IN_CREATE
-                | AddWatchFlags::IN_DELETE
-                | AddWatchFlags::IN_MOVED_TO
-                | AddWatchFlags::IN_MOVED_FROM
-                | AddWatchFlags::IN_CLOSE_WRITE
-                | AddWatchFlags::IN_ONLYDIR;
-            // Folders that do not exist here are skipped.
-            let dir = root.join(dir.trim_start_matches('/'));
-            any |= inotify.add_watch(&dir, flags).is_ok();
-        }
-        if !any {
-            return Ok(None);
-        }
-        // A second descriptor of the same instance (its watches with it).
-        let fd = inotify.as_fd().try_clone_to_owned()?;
-        Ok(Some(crate::sys::register(File::from(fd))?))
-    }
-
     /// Who owns the port now.
     pub(crate) fn owner(&self) -> Owner {
         owner_in(&self.root)
@@ -146,36 +123,9 @@ impl Gate {
 
     /// Waits until a unit folder changed (never, when nothing is watched).
     pub(crate) async fn changed(&mut self) {
-        let Some(fd) = &self.watch else {
-            return std::future::pending().await;
-        };
-        loop {
-            let Ok(mut ready) = fd.readable().await else {
-                return std::future::pending().await;
-            };
-            let mut buf = [0u8; 4096];
-            let mut got = false;
-            let failed = loop {
-                let mut file: &File = fd.get_ref();
-                match file.read(&mut buf) {
-                    Ok(0) => break None,
-                    Ok(_) => got = true,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready.clear_ready();
-                        break None;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => break Some(e),
-                }
-            };
-            match failed {
-                None if got => return,
-                None => {}
-                Some(e) => {
-                    debug!(error = %e, "reading inotify events failed; no longer watching");
-                    return std::future::pending().await;
-                }
-            }
+        match &mut self.watch {
+            Some(w) => w.changed().await,
+            None => std::future::pending().await,
         }
     }
 }
