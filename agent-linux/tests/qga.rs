@@ -942,3 +942,48 @@ fn blank_ssh_keys_are_ignored_as_libvirt_sends_one() {
         assert!(!desc.contains("refused"), "{name}: {r}");
     }
 }
+
+#[test]
+fn guest_names_in_the_method_lists_govern_the_dialect_only() {
+    let agent = AgentProcess::start_with(
+        json!({"blocked_methods": ["guest-exec", "guest-get-osinfo"]}),
+        json!({}),
+    );
+    let mut q = connect(&agent);
+    assert_eq!(
+        q.cmd("guest-exec", json!({"path": "/bin/true"})),
+        generic("guest-exec is disabled by the agent's configuration; remove it from security.blocked_methods to allow it")
+    );
+    let r = q.cmd("guest-get-osinfo", json!({}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    // Its native twin and the other commands on it are served.
+    assert!(q.cmd("guest-get-host-name", json!({}))["return"].is_object());
+    let mut c = agent.connect();
+    let v = c.call(1, "exec_command", json!({"command": "/bin/true"}));
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    let info = q.cmd("guest-info", json!({}));
+    let enabled = |name: &str| {
+        info["return"]["supported_commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["enabled"]
+            .clone()
+    };
+    assert_eq!(enabled("guest-exec"), json!(false));
+    assert_eq!(enabled("guest-exec-status"), json!(true));
+    assert_eq!(enabled("guest-get-host-name"), json!(true));
+    // allowed_methods with guest-* names: only those in the dialect.
+    let agent = AgentProcess::start_with(
+        json!({"allowed_methods": ["get_system_info", "guest-get-host-name"]}),
+        json!({}),
+    );
+    let mut q = connect(&agent);
+    assert!(q.cmd("guest-get-host-name", json!({}))["return"].is_object());
+    assert!(q.cmd("guest-ping", json!({}))["return"].is_object());
+    assert_eq!(
+        q.cmd("guest-get-osinfo", json!({})),
+        generic("guest-get-osinfo is disabled by the agent's configuration; add it to security.allowed_methods to allow it")
+    );
+}
