@@ -17,7 +17,7 @@ mod dialect;
 mod fanout;
 mod harness;
 mod latency;
-mod qga;
+pub(crate) mod qga;
 mod resources;
 mod stats;
 mod transfer;

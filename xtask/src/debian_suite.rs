@@ -683,6 +683,12 @@ pub(crate) fn libvirt_debian_suite(
     });
     crate::qga_checks::unmasked_at_boot_check(t, &ctl, &name);
     crate::qga_checks::mask_check(t, &ctl, &name);
+    crate::qga_checks::same_guest_check(
+        t,
+        &ctl,
+        &name,
+        dom.port_socket(crate::qga_checks::QGA_PEER_PORT),
+    );
     save_journal(&ctl, t, failed_before, "debian-libvirt-qemu-ga");
     t.check("libvirt-debian-shutdown-mode-agent", || {
         crate::qga_checks::virsh(&["shutdown", &name, "--mode", "agent"])?;

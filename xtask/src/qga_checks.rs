@@ -503,3 +503,221 @@ pub(crate) fn virsh_agent_checks(t: &mut Tally, ctl: &Ctl, domain: &str) {
         ensure(out.contains("0-1"), || format!("guestvcpus: {out}"))
     });
 }
+
+/// A second qemu-ga channel of the Debian domain, where the test runs
+/// Debian's qemu-ga beside the agent for the same-guest comparison.
+pub(crate) const QGA_PEER_PORT: &str = "org.kvmmanager.qga-peer.0";
+
+/// Read-only commands compared between the agent (through libvirt) and
+/// Debian's qemu-ga (on [`QGA_PEER_PORT`]) in the same guest.
+const SAME_GUEST: &[&str] = &[
+    "guest-get-host-name",
+    "guest-get-osinfo",
+    "guest-get-timezone",
+    "guest-get-users",
+    "guest-get-vcpus",
+    "guest-get-memory-block-info",
+    "guest-network-get-interfaces",
+    "guest-get-fsinfo",
+    "guest-get-disks",
+    "guest-get-diskstats",
+    "guest-get-cpustats",
+    "guest-fsfreeze-status",
+];
+
+/// Every member of a reply: its path (`a.b`, `[]` for array elements)
+/// and JSON kind.
+fn members(v: &Value) -> std::collections::BTreeSet<(String, &'static str)> {
+    fn walk(v: &Value, path: String, out: &mut std::collections::BTreeSet<(String, &'static str)>) {
+        let kind = match v {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        out.insert((path.clone(), kind));
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(x, p, out);
+                }
+            }
+            Value::Array(a) => {
+                for x in a {
+                    walk(x, format!("{path}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(v, String::new(), &mut out);
+    out
+}
+
+/// The same queries answered by the agent (libvirt's channel) and by
+/// Debian's qemu-ga on a second channel of the same guest: the same
+/// members with the same kinds, and the same facts.
+pub(crate) fn same_guest_check(
+    t: &mut Tally,
+    ctl: &Ctl,
+    domain: &str,
+    peer: Option<std::path::PathBuf>,
+) {
+    t.check("libvirt-debian-qemu-ga-same-guest", || {
+        let peer = peer.ok_or("no host socket for the qemu-ga peer channel")?;
+        ctl.sh(&format!(
+            "mkdir -p /run/kvmm-qga-peer && systemd-run --unit=kvmm-qga-peer --collect /usr/sbin/qemu-ga -m virtio-serial -p /dev/virtio-ports/{QGA_PEER_PORT} -t /run/kvmm-qga-peer"
+        ))?;
+        let result = (|| -> Result<()> {
+            let mut theirs = connect_peer(&peer)?;
+            let version = theirs.call("guest-info", json!({}))?["version"].clone();
+            ensure(version != AGENT_VERSION, || format!("the peer is not qemu-ga: {version}"))?;
+            let mut alike = 0;
+            for name in SAME_GUEST {
+                let b = theirs.call(name, json!({}))?;
+                let a = agent_command(domain, &json!({"execute": name}))?;
+                let (ma, mb) = (members(&a), members(&b));
+                let empty = |v: &Value| v.as_array().is_some_and(|x| x.is_empty());
+                if !empty(&a) && !empty(&b) {
+                    let only_ours: Vec<_> = ma.difference(&mb).collect();
+                    let only_theirs: Vec<_> = mb.difference(&ma).collect();
+                    ensure(only_ours.is_empty() && only_theirs.is_empty(), || {
+                        format!("{name}: only ours {only_ours:?}, only qemu-ga's {only_theirs:?}\nours {a}\nqemu-ga {b}")
+                    })?;
+                }
+                same_facts(name, &a, &b)?;
+                alike += 1;
+            }
+            println!("  {alike} queries alike with qemu-ga {version} in the same guest");
+            Ok(())
+        })();
+        let _ = ctl.sh("systemctl stop kvmm-qga-peer.service || true");
+        result
+    });
+}
+
+/// Connects to the peer's channel once qemu-ga answers there.
+fn connect_peer(path: &std::path::Path) -> Result<crate::bench::qga::Qga> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match crate::bench::qga::Qga::connect(path) {
+            Ok(q) => return Ok(q),
+            Err(e) if Instant::now() >= deadline => bail!("qemu-ga on {QGA_PEER_PORT}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// The facts both must agree on, per command.
+fn same_facts(name: &str, a: &Value, b: &Value) -> Result<()> {
+    let set = |v: &Value, key: &str| -> std::collections::BTreeSet<String> {
+        v.as_array()
+            .map(|x| x.iter().map(|e| e[key].to_string()).collect())
+            .unwrap_or_default()
+    };
+    let sorted = |v: &Value, key: &str| {
+        let mut x = v.as_array().cloned().unwrap_or_default();
+        x.sort_by_key(|e| e[key].to_string());
+        x
+    };
+    let same = |what: &str, x: &dyn std::fmt::Debug, y: &dyn std::fmt::Debug| {
+        let (x, y) = (format!("{x:?}"), format!("{y:?}"));
+        ensure(x == y, || format!("{name} {what}: ours {x}, qemu-ga's {y}"))
+    };
+    match name {
+        "guest-get-host-name"
+        | "guest-get-osinfo"
+        | "guest-get-memory-block-info"
+        | "guest-fsfreeze-status" => same("", a, b),
+        "guest-get-timezone" => same("offset", &a["offset"], &b["offset"]),
+        "guest-get-users" => same("users", &set(a, "user"), &set(b, "user")),
+        "guest-get-vcpus" => same("vcpus", &sorted(a, "logical-id"), &sorted(b, "logical-id")),
+        "guest-network-get-interfaces" => {
+            let key = |v: &Value| -> Vec<(String, String, std::collections::BTreeSet<String>)> {
+                sorted(v, "name")
+                    .iter()
+                    .map(|i| {
+                        (
+                            i["name"].to_string(),
+                            i["hardware-address"].to_string(),
+                            set(&i["ip-addresses"], "ip-address"),
+                        )
+                    })
+                    .collect()
+            };
+            same("interfaces", &key(a), &key(b))
+        }
+        "guest-get-fsinfo" => {
+            let key = |v: &Value| -> Vec<(String, String, String, String, Value)> {
+                sorted(v, "mountpoint")
+                    .iter()
+                    .map(|f| {
+                        (
+                            f["mountpoint"].to_string(),
+                            f["name"].to_string(),
+                            f["type"].to_string(),
+                            f["total-bytes"].to_string(),
+                            f["disk"].clone(),
+                        )
+                    })
+                    .collect()
+            };
+            same("filesystems", &key(a), &key(b))
+        }
+        "guest-get-disks" => same("disks", &sorted(a, "name"), &sorted(b, "name")),
+        "guest-get-diskstats" => {
+            // Ours lists devices that did I/O; each with qemu-ga's device
+            // numbers, and counters taken after its own not smaller.
+            for d in a.as_array().into_iter().flatten() {
+                let t = b
+                    .as_array()
+                    .and_then(|x| x.iter().find(|t| t["name"] == d["name"]))
+                    .ok_or_else(|| format!("{name}: qemu-ga has no {}", d["name"]))?;
+                same(
+                    "device numbers",
+                    &(&d["major"], &d["minor"]),
+                    &(&t["major"], &t["minor"]),
+                )?;
+                for (k, v) in d["stats"].as_object().into_iter().flatten() {
+                    if k != "ios-pgr" {
+                        ensure(v.as_u64() >= t["stats"][k].as_u64(), || {
+                            format!(
+                                "{name} {} {k}: ours {v} < qemu-ga's {}",
+                                d["name"], t["stats"][k]
+                            )
+                        })?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        "guest-get-cpustats" => {
+            same("cpus", &set(a, "cpu"), &set(b, "cpu"))?;
+            for c in a.as_array().into_iter().flatten() {
+                let t = b
+                    .as_array()
+                    .and_then(|x| x.iter().find(|t| t["cpu"] == c["cpu"]))
+                    .ok_or_else(|| format!("{name}: no cpu {}", c["cpu"]))?;
+                for k in ["user", "system", "idle"] {
+                    let (x, y) = (
+                        c[k].as_u64().unwrap_or(0),
+                        t[k].as_u64().unwrap_or(u64::MAX),
+                    );
+                    ensure(x >= y && x - y < 60_000, || {
+                        format!("{name} cpu {} {k}: ours {x}, qemu-ga's {y} (ms)", c["cpu"])
+                    })?;
+                }
+            }
+            Ok(())
+        }
+        _ => bail!("{name} has no facts"),
+    }
+}
