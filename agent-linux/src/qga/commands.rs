@@ -2,9 +2,10 @@
 //! work (`Agent::call`), with qemu-ga's argument and result shapes
 //! (`qga/qapi-schema.json`).
 //!
-//! Only `guest-sync`, `guest-sync-delimited`, `guest-info` and
+//! Only `guest-sync`, `guest-sync-delimited`, `guest-info`, `guest-ping` and
 //! `guest-exec-status` are answered here without a core call: the first
-//! three are about the dialect itself, and `guest-exec-status` reads the
+//! four are about the dialect itself (the native `ping` does nothing and
+//! is never disabled either), and `guest-exec-status` reads the
 //! table that `guest-exec`'s background core call fills. Everything that
 //! touches the guest goes through the core, so policy, slots, time limits,
 //! the frozen refusals and the audit log are the native methods' own.
@@ -23,9 +24,8 @@ use agent_common::jsonrpc::{Id, Request};
 use agent_common::methods::{
     Empty, ExecCommandRpc, ExecParams, ExecResult, FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc,
     FsTrimRpc, GetFsinfoRpc, GetNetworkInfoRpc, GetSystemInfoRpc, GetTimeRpc, GetUsersRpc,
-    GetVcpusRpc, IpFamily, Method, PingRpc, PowerParams, RebootRpc, Rpc, SetTimeRpc,
-    SetUserPasswordRpc, SetVcpusRpc, ShutdownRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysRemoveRpc,
-    SshKeysSetRpc,
+    GetVcpusRpc, IpFamily, Method, PowerParams, RebootRpc, Rpc, SetTimeRpc, SetUserPasswordRpc,
+    SetVcpusRpc, ShutdownRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysRemoveRpc, SshKeysSetRpc,
 };
 use agent_common::methods::{
     FileReadParams, FileReadRpc, FileWriteParams, FileWriteRpc, GetBlockDevicesRpc,
@@ -45,7 +45,7 @@ use crate::session::Session;
 pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
     ("guest-sync-delimited", None, true),
     ("guest-sync", None, true),
-    ("guest-ping", Some(Method::Ping), true),
+    ("guest-ping", None, true),
     ("guest-info", None, true),
     ("guest-get-osinfo", Some(Method::GetSystemInfo), true),
     ("guest-get-host-name", Some(Method::GetSystemInfo), true),
@@ -124,6 +124,10 @@ pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
 /// collected). A `guest-exec` beyond it is refused.
 pub(crate) const MAX_EXEC_ENTRIES: usize = 64;
 
+/// How long `guest-exec-status` waits for a running command to finish
+/// before it answers `exited: false`.
+const STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Files open through `guest-file-open` at once, across sessions.
 pub(crate) const MAX_FILE_HANDLES: usize = 64;
 
@@ -183,6 +187,8 @@ impl Reply {
 pub struct QgaState {
     next_pid: AtomicI64,
     exec: Mutex<BTreeMap<i64, ExecEntry>>,
+    /// Woken when a `guest-exec` result arrives.
+    exec_done: tokio::sync::Notify,
     next_handle: AtomicI64,
     files: Mutex<BTreeMap<i64, FileHandle>>,
 }
@@ -446,8 +452,10 @@ async fn run(
             Reply::of(Ok(info(agent)))
         }
         "guest-ping" => {
+            // Like the native `ping`, which is never disabled and does
+            // nothing: answered here, without a core call.
             Args::new(args, &[])?;
-            mapped::<PingRpc>(agent, session, &empty, |_| json!({})).await
+            Reply::of(Ok(json!({})))
         }
         "guest-get-osinfo" => {
             Args::new(args, &[])?;
@@ -1004,8 +1012,22 @@ async fn run(
         "guest-exec-status" => {
             let a = Args::new(args, &["pid"])?;
             let pid = a.int("pid")?;
-            let mut table = state.table();
             let invalid = || QgaError::generic("Invalid parameter 'pid'");
+            // A command still running gets STATUS_WAIT to finish before
+            // the answer says `exited: false`: a host that polls back to
+            // back then asks a few times instead of hundreds, and leaves
+            // the guest's CPU to the command.
+            let done = state.exec_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let running = matches!(
+                state.table().get(&pid).ok_or_else(invalid)?,
+                ExecEntry::Running
+            );
+            if running {
+                let _ = tokio::time::timeout(STATUS_WAIT, done).await;
+            }
+            let mut table = state.table();
             match table.get(&pid).ok_or_else(invalid)? {
                 ExecEntry::Running => Reply::of(Ok(json!({"exited": false}))),
                 ExecEntry::Done(_) => match table.remove(&pid) {
@@ -1376,6 +1398,7 @@ fn exec(
         drop(slot);
         let status = result.map(|r| exec_status(r, out, err));
         state.table().insert(pid, ExecEntry::Done(status));
+        state.exec_done.notify_waiters();
     });
     Ok(json!({ "pid": pid }))
 }
