@@ -257,6 +257,10 @@ impl serde_json::ser::Formatter for QmpFormatter {
         writer: &mut W,
         fragment: &str,
     ) -> std::io::Result<()> {
+        // ASCII (base64 file contents, most text) in one piece.
+        if fragment.is_ascii() {
+            return writer.write_all(fragment.as_bytes());
+        }
         for c in fragment.chars() {
             if c.is_ascii() {
                 writer.write_all(&[c as u8])?;
