@@ -290,6 +290,10 @@ pub struct FsInfoEntry {
     pub total_bytes: Option<u64>,
     /// Bytes in use, when `statvfs` answers.
     pub used_bytes: Option<u64>,
+    /// Bytes free for unprivileged users (`f_bavail`), when `statvfs`
+    /// answers (older agents: absent, read as null).
+    #[serde(default)]
+    pub available_bytes: Option<u64>,
     /// The whole disks beneath it (through partitions, LVM, LUKS, RAID).
     pub disks: Vec<DiskAddress>,
 }
@@ -323,6 +327,12 @@ pub struct CpuTimes {
     pub softirq_ms: u64,
     /// Stolen by the hypervisor.
     pub steal_ms: u64,
+    /// Running a guest's vCPU (older agents: absent, read as 0).
+    #[serde(default)]
+    pub guest_ms: u64,
+    /// Running a niced guest's vCPU (older agents: absent, read as 0).
+    #[serde(default)]
+    pub guest_nice_ms: u64,
 }
 
 /// One block device's I/O counters since boot (`/proc/diskstats`).
@@ -346,6 +356,40 @@ pub struct DiskIo {
     pub in_flight: u64,
     /// Milliseconds the device was busy.
     pub busy_ms: u64,
+    /// Device number, major (older agents: absent, read as 0, as are the
+    /// counters below).
+    #[serde(default)]
+    pub major: u64,
+    /// Device number, minor.
+    #[serde(default)]
+    pub minor: u64,
+    /// Reads merged with an adjacent one.
+    #[serde(default)]
+    pub read_merges: u64,
+    /// Writes merged with an adjacent one.
+    #[serde(default)]
+    pub write_merges: u64,
+    /// Discards completed.
+    #[serde(default)]
+    pub discards: u64,
+    /// Bytes discarded.
+    #[serde(default)]
+    pub discard_bytes: u64,
+    /// Discards merged.
+    #[serde(default)]
+    pub discard_merges: u64,
+    /// Milliseconds spent discarding.
+    #[serde(default)]
+    pub discard_ms: u64,
+    /// Flushes completed.
+    #[serde(default)]
+    pub flushes: u64,
+    /// Milliseconds spent flushing.
+    #[serde(default)]
+    pub flush_ms: u64,
+    /// Weighted milliseconds doing I/O (time × I/Os in flight).
+    #[serde(default)]
+    pub weighted_ms: u64,
 }
 
 /// One route of the kernel's main routing table.

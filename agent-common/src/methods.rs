@@ -341,6 +341,19 @@ pub struct SystemInfo {
     pub os_version: Option<String>,
     /// `PRETTY_NAME` from os-release.
     pub os_pretty_name: Option<String>,
+    /// `ID` from os-release, e.g. `debian` (absent from older agents: read
+    /// as null, as are the three below).
+    #[serde(default)]
+    pub os_id: Option<String>,
+    /// `VERSION` from os-release, e.g. `12 (bookworm)`.
+    #[serde(default)]
+    pub os_version_name: Option<String>,
+    /// `VARIANT` from os-release, e.g. `Server Edition`.
+    #[serde(default)]
+    pub os_variant: Option<String>,
+    /// `VARIANT_ID` from os-release, e.g. `server`.
+    #[serde(default)]
+    pub os_variant_id: Option<String>,
     /// Kernel release (`uname -r`).
     pub kernel_release: String,
     /// Kernel version string (`uname -v`).

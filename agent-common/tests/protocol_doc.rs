@@ -463,6 +463,7 @@ fn config_keys_and_defaults_match() {
         ("log_file", "`null`"),
         ("audit_file", "`null`"),
         ("channel_name", "`org.kvmmanager.agent.0`"),
+        ("qemu_ga_channel_name", "`org.qemu.guest_agent.0`"),
         ("max_message_size_kb", "`64`"),
         ("connection_retry_seconds", "`5`"),
         ("request_timeout_seconds", "`30`"),

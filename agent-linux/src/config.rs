@@ -81,8 +81,9 @@ pub struct Config {
     /// `org.kvmmanager.agent.0`.
     pub channel_name: String,
     /// Key `qemu_ga_channel_name`: the virtio-serial port on which the
-    /// agent speaks the QEMU guest agent's protocol (usually
-    /// `org.qemu.guest_agent.0`); default null, not served.
+    /// agent speaks the QEMU guest agent's protocol; default
+    /// `org.qemu.guest_agent.0` (left to an installed, unmasked
+    /// `qemu-guest-agent.service`: [`crate::qga`]), `null`: not served.
     pub qemu_ga_channel_name: Option<String>,
     /// Key `max_message_size_kb` (1..=16384, default 64), in bytes here.
     pub max_message_size: usize,
@@ -132,6 +133,13 @@ pub struct SecurityConfig {
     /// Key `blocked_methods` (default empty): methods refused, even if
     /// allowed.
     pub blocked_methods: Vec<Method>,
+    /// The qemu-ga command names (`guest-*`) of `allowed_methods`: when
+    /// any is listed, the qemu-ga dialect serves only those listed (each
+    /// still needs its native method served). `None`: none listed.
+    pub qga_allowed: Option<Vec<String>>,
+    /// The qemu-ga command names of `blocked_methods`: refused in the
+    /// qemu-ga dialect (their native methods are not affected).
+    pub qga_blocked: Vec<String>,
 }
 
 impl Default for SecurityConfig {
@@ -149,6 +157,8 @@ impl Default for SecurityConfig {
             command_max_processes: None,
             allowed_methods: None,
             blocked_methods: Vec::new(),
+            qga_allowed: None,
+            qga_blocked: Vec::new(),
         }
     }
 }
@@ -160,7 +170,7 @@ impl Default for Config {
             log_file: None,
             audit_file: None,
             channel_name: agent_common::DEFAULT_CHANNEL_NAME.to_owned(),
-            qemu_ga_channel_name: None,
+            qemu_ga_channel_name: Some(crate::qga::QEMU_GA_PORT.to_owned()),
             max_message_size: 64 * 1024,
             connection_retry: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
@@ -229,7 +239,9 @@ struct RawConfig {
     log_file: Option<String>,
     audit_file: Option<String>,
     channel_name: Option<String>,
-    qemu_ga_channel_name: Option<String>,
+    /// Absent: the default port; `null`: off.
+    #[serde(default, deserialize_with = "present")]
+    qemu_ga_channel_name: Option<Option<String>>,
     max_message_size_kb: Option<u64>,
     connection_retry_seconds: Option<u64>,
     request_timeout_seconds: Option<u64>,
@@ -311,6 +323,16 @@ fn diagnose<T: serde::de::DeserializeOwned>(
     None
 }
 
+/// A key that is present (with `null` or a value), for keys whose absence
+/// and `null` mean different things.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
 fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
     let value: Value = serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
         line: e.line(),
@@ -390,11 +412,45 @@ fn path_reason(e: PathSyntaxError) -> &'static str {
     }
 }
 
-/// Method names of `key`, each known; `ping`, `sync` and `get_agent_info`
-/// may not be blocked.
-fn method_list(key: &'static str, list: Vec<String>) -> Result<Vec<Method>, ConfigError> {
+/// qemu-ga commands the dialect needs to work at all (libvirt syncs and
+/// pings before anything else): never disabled by a `guest-*` name.
+pub const QGA_ALWAYS_ENABLED: &[&str] = &[
+    "guest-sync",
+    "guest-sync-delimited",
+    "guest-ping",
+    "guest-info",
+];
+
+/// Method names of `key`, each known: native methods, and qemu-ga command
+/// names (`guest-*`) apart; `ping`, `sync` and `get_agent_info` (and
+/// [`QGA_ALWAYS_ENABLED`]) may not be blocked.
+fn method_list(
+    key: &'static str,
+    list: Vec<String>,
+) -> Result<(Vec<Method>, Vec<String>), ConfigError> {
     let mut out = Vec::with_capacity(list.len());
+    let mut qga: Vec<String> = Vec::new();
     for name in list {
+        if name.starts_with("guest-") {
+            if !crate::qga::command_names().any(|c| c == name) {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} is not a qemu-ga command of this agent (see guest-info)"),
+                ));
+            }
+            if key == "security.blocked_methods" && QGA_ALWAYS_ENABLED.contains(&name.as_str()) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{name} cannot be blocked: qemu-ga's clients need guest-sync, guest-sync-delimited, guest-ping and guest-info"
+                    ),
+                ));
+            }
+            if !qga.contains(&name) {
+                qga.push(name);
+            }
+            continue;
+        }
         let Some(m) = Method::from_name(&name) else {
             return Err(invalid(
                 key,
@@ -413,7 +469,7 @@ fn method_list(key: &'static str, list: Vec<String>) -> Result<Vec<Method>, Conf
             out.push(m);
         }
     }
-    Ok(out)
+    Ok((out, qga))
 }
 
 fn path_list(
@@ -492,10 +548,13 @@ impl Config {
             }
         };
         let channel_name = port_name("channel_name", raw.channel_name.unwrap_or(d.channel_name))?;
-        let qemu_ga_channel_name = raw
-            .qemu_ga_channel_name
-            .map(|n| port_name("qemu_ga_channel_name", n))
-            .transpose()?;
+        let qemu_ga_channel_name = match raw.qemu_ga_channel_name {
+            // The default port, unless the agent's own port has its name.
+            None => d.qemu_ga_channel_name.filter(|n| *n != channel_name),
+            Some(n) => n
+                .map(|n| port_name("qemu_ga_channel_name", n))
+                .transpose()?,
+        };
         if qemu_ga_channel_name.as_ref() == Some(&channel_name) {
             return Err(invalid(
                 "qemu_ga_channel_name",
@@ -607,11 +666,14 @@ impl Config {
             1..=4_194_304,
         )?;
 
-        let allowed_methods = s
-            .allowed_methods
-            .map(|l| method_list("security.allowed_methods", l))
-            .transpose()?;
-        let blocked_methods = method_list(
+        let (allowed_methods, qga_allowed) = match s.allowed_methods {
+            None => (None, None),
+            Some(l) => {
+                let (native, qga) = method_list("security.allowed_methods", l)?;
+                (Some(native), (!qga.is_empty()).then_some(qga))
+            }
+        };
+        let (blocked_methods, qga_blocked) = method_list(
             "security.blocked_methods",
             s.blocked_methods.unwrap_or_default(),
         )?;
@@ -641,8 +703,24 @@ impl Config {
                 command_max_processes,
                 allowed_methods,
                 blocked_methods,
+                qga_allowed,
+                qga_blocked,
             },
         })
+    }
+
+    /// True if the policy serves qemu-ga command `name` by its own name
+    /// (`guest-*` names in `security.allowed_methods` and
+    /// `security.blocked_methods`); its native method is checked apart.
+    pub fn qga_command_enabled(&self, name: &str) -> bool {
+        if QGA_ALWAYS_ENABLED.contains(&name) {
+            return true;
+        }
+        let s = &self.security;
+        !s.qga_blocked.iter().any(|n| n == name)
+            && s.qga_allowed
+                .as_ref()
+                .map_or(true, |list| list.iter().any(|n| n == name))
     }
 
     /// True if the policy serves `method` (`security.allowed_methods`,
@@ -762,6 +840,59 @@ mod tests {
         keys.sort_unstable();
         listed.sort_unstable();
         assert_eq!(keys, listed, "every security key is spelled out");
+    }
+
+    #[test]
+    fn qemu_ga_port_is_served_by_default_and_null_turns_it_off() {
+        let port = |text: &str| Config::from_json(text).unwrap().qemu_ga_channel_name;
+        assert_eq!(port("{}").as_deref(), Some("org.qemu.guest_agent.0"));
+        assert_eq!(port(r#"{"qemu_ga_channel_name": null}"#), None);
+        assert_eq!(
+            port(r#"{"qemu_ga_channel_name": "org.example.qga"}"#).as_deref(),
+            Some("org.example.qga")
+        );
+        // The agent's own port named as qemu-ga's: the default steps aside,
+        // a named clash is refused (in the table of refusals).
+        assert_eq!(port(r#"{"channel_name": "org.qemu.guest_agent.0"}"#), None);
+    }
+
+    #[test]
+    fn qemu_ga_command_names_narrow_the_dialect_only() {
+        let c = Config::from_json(
+            r#"{"security": {"allowed_methods": ["exec_command", "guest-exec", "guest-exec-status"],
+                             "blocked_methods": ["guest-file-open", "get_users"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.security.allowed_methods, Some(vec![Method::ExecCommand]));
+        assert_eq!(c.security.blocked_methods, vec![Method::GetUsers]);
+        assert!(c.qga_command_enabled("guest-exec"));
+        assert!(c.qga_command_enabled("guest-ping"), "always served");
+        assert!(!c.qga_command_enabled("guest-get-osinfo"), "not listed");
+        assert!(!c.qga_command_enabled("guest-file-open"), "blocked");
+        let c = Config::from_json(r#"{"security": {"blocked_methods": ["guest-exec"]}}"#).unwrap();
+        assert!(
+            c.method_enabled(Method::ExecCommand),
+            "the native twin stays"
+        );
+        assert!(!c.qga_command_enabled("guest-exec"));
+        assert!(c.qga_command_enabled("guest-get-osinfo"));
+        for (text, why) in [
+            (
+                r#"{"security": {"blocked_methods": ["guest-nope"]}}"#,
+                "not a qemu-ga command",
+            ),
+            (
+                r#"{"security": {"blocked_methods": ["guest-sync"]}}"#,
+                "cannot be blocked",
+            ),
+            (
+                r#"{"security": {"allowed_methods": ["guest-get-devices"]}}"#,
+                "not a qemu-ga command",
+            ),
+        ] {
+            let e = Config::from_json(text).unwrap_err().to_string();
+            assert!(e.contains(why), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -945,9 +1076,14 @@ mod tests {
             ),
             (r#"{"fsfreeze_hook_dir":"hooks"}"#, "fsfreeze_hook_dir"),
             (r#"{"fsfreeze_hook_dir":"/a/../b"}"#, "fsfreeze_hook_dir"),
+            // qemu-ga names are accepted when the dialect has the command.
             (
-                r#"{"security":{"allowed_methods":["guest-ping"]}}"#,
+                r#"{"security":{"allowed_methods":["guest-pong"]}}"#,
                 "security.allowed_methods",
+            ),
+            (
+                r#"{"security":{"blocked_methods":["guest-info"]}}"#,
+                "security.blocked_methods",
             ),
             (
                 r#"{"security":{"allowed_methods":"ping"}}"#,

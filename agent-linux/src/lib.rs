@@ -15,6 +15,7 @@ pub mod cancel;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+mod dirwatch;
 pub mod dispatch;
 pub mod error;
 pub mod exec;

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::dispatch::Agent;
-use crate::qga::QgaState;
+use crate::qga::{Gate, Owner, QgaState};
 use crate::server::{serve, OnEof};
 use crate::sys;
 
@@ -143,6 +143,10 @@ fn open_port(path: &Path) -> io::Result<File> {
 
 /// Serves the virtio-serial port (the given device, or the one named
 /// `name` in sysfs) in `dialect` until `stop` is cancelled.
+///
+/// qemu-ga's own port is opened only while the rule of [`crate::qga::Gate`]
+/// gives it to this agent: never while an unmasked `qemu-guest-agent`
+/// unit is installed, and closed at once when one appears.
 pub async fn serve_port(
     agent: Arc<Agent>,
     dialect: Dialect,
@@ -154,8 +158,31 @@ pub async fn serve_port(
     // Installed before any O_ASYNC is set: SIGIO's default action kills.
     let mut sigio = signal(SignalKind::io()).map_err(TransportError::Signal)?;
     let retry = agent.config().connection_retry;
+    let mut gate = match dialect {
+        Dialect::Qga(_) => Gate::for_port(&name, device.is_some()),
+        Dialect::JsonRpc => None,
+    };
     let mut warned = false;
+    let mut yielded = false;
     while !stop.is_cancelled() {
+        if let Some(gate) = &mut gate {
+            if let Owner::QemuGa(unit) = gate.owner() {
+                if !yielded {
+                    info!(port = %name, unit = %unit.display(), "leaving the port to qemu-guest-agent (installed, not masked); `systemctl mask --now qemu-guest-agent` hands it to this agent");
+                    yielded = true;
+                }
+                tokio::select! {
+                    () = gate.changed() => {}
+                    () = tokio::time::sleep(retry) => {}
+                    () = stop.cancelled() => break,
+                }
+                continue;
+            }
+            if yielded {
+                info!(port = %name, "qemu-guest-agent is masked or gone; serving its port");
+                yielded = false;
+            }
+        }
         let path = device.clone().or_else(|| find_port(&name));
         let opened = match &path {
             Some(p) => open_port(p).map(|f| (p.clone(), f)),
@@ -168,27 +195,80 @@ pub async fn serve_port(
             Ok(x) => x,
             Err(e) => {
                 if !warned {
-                    warn!(error = %e, retry_seconds = retry.as_secs(), "port not available; will retry (add the channel to the VM: kvmmanager-ctl channel-xml)");
+                    match dialect {
+                        // Optional: most VMs have no qemu-ga channel.
+                        Dialect::Qga(_) => {
+                            info!(error = %e, retry_seconds = retry.as_secs(), "qemu-ga's port not available; serving it once it appears (libvirt's <channel> named {name})")
+                        }
+                        Dialect::JsonRpc => {
+                            warn!(error = %e, retry_seconds = retry.as_secs(), "port not available; will retry (add the channel to the VM: kvmmanager-ctl channel-xml)")
+                        }
+                    }
                     warned = true;
                 }
+                let changed = async {
+                    match &mut gate {
+                        Some(g) => g.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = tokio::time::sleep(retry) => continue,
+                    () = changed => continue,
                     () = stop.cancelled() => break,
                 }
             }
         };
         warned = false;
         info!(port = %path.display(), name = %name, "serving the virtio-serial port");
-        if let Err(e) = serve_open_port(&agent, &dialect, &file, &mut sigio, &stop, &tracker).await
-        {
-            warn!(port = %path.display(), error = %e, "port failed; reopening");
-            tokio::select! {
-                () = tokio::time::sleep(retry) => {}
-                () = stop.cancelled() => break,
+        let served = serve_open_port(
+            &agent,
+            &dialect,
+            &file,
+            &mut sigio,
+            gate.as_mut(),
+            &stop,
+            &tracker,
+        )
+        .await;
+        match served {
+            Ok(Closed::Stopped) => break,
+            // The port is closed when `file` drops, below.
+            Ok(Closed::Yielded) => {}
+            Err(e) => {
+                warn!(port = %path.display(), error = %e, "port failed; reopening");
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => {}
+                    () = stop.cancelled() => break,
+                }
             }
         }
     }
     Ok(())
+}
+
+/// Why [`serve_open_port`] let go of the port.
+enum Closed {
+    /// `stop` was cancelled.
+    Stopped,
+    /// qemu-guest-agent owns the port now.
+    Yielded,
+}
+
+/// Returns once the gate (if any) gives the port to qemu-ga, after a
+/// change of the unit folders; never without a gate. It waits through
+/// changes that leave the port to the agent (dpkg's temporary files), so a
+/// `select!` branch on it is never disabled by an early answer.
+async fn until_yield(gate: &mut Option<&mut Gate>) {
+    match gate {
+        Some(g) => loop {
+            g.changed().await;
+            if matches!(g.owner(), Owner::QemuGa(_)) {
+                return;
+            }
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn serve_open_port(
@@ -196,27 +276,54 @@ async fn serve_open_port(
     dialect: &Dialect,
     file: &File,
     sigio: &mut tokio::signal::unix::Signal,
+    mut gate: Option<&mut Gate>,
     stop: &CancellationToken,
     tracker: &TaskTracker,
-) -> io::Result<()> {
+) -> io::Result<Closed> {
     loop {
         set_async(file, true)?;
         if !host_attached(file)? {
             debug!("no host attached; waiting for SIGIO");
             tokio::select! {
                 _ = sigio.recv() => continue,
-                () = stop.cancelled() => return Ok(()),
+                () = until_yield(&mut gate) => {
+                    info!("qemu-guest-agent was installed; closing its port");
+                    return Ok(Closed::Yielded);
+                }
+                () = stop.cancelled() => return Ok(Closed::Stopped),
             }
         }
         set_async(file, false)?;
         info!("host attached");
         let stream = PortStream::new(file.try_clone()?)?;
-        let session = dialect.spawn(tracker, agent, stream.split(), OnEof::Drop, stop);
+        // A token of its own: the session ends when the port is handed to
+        // qemu-ga, and with `stop`.
+        let session_stop = stop.child_token();
+        let mut session = dialect.spawn(
+            tracker,
+            agent,
+            stream.split(),
+            OnEof::Drop,
+            &session_stop,
+        );
         // The session owns the port while it runs; a panic in it is a bug
         // already reported by the runtime.
-        let _ = session.await;
+        let mut yielded = false;
+        loop {
+            tokio::select! {
+                _ = &mut session => break,
+                () = until_yield(&mut gate), if !yielded => {
+                    info!("qemu-guest-agent was installed; ending the session and closing its port");
+                    session_stop.cancel();
+                    yielded = true;
+                }
+            }
+        }
         if stop.is_cancelled() {
-            return Ok(());
+            return Ok(Closed::Stopped);
+        }
+        if yielded {
+            return Ok(Closed::Yielded);
         }
         info!("host detached");
     }

@@ -484,14 +484,35 @@ fn the_same_requests_get_the_same_replies_from_qemu_ga() {
     let a = ours.cmd("guest-info", json!({}));
     let b = theirs.cmd("guest-info", json!({}));
     let theirs_cmds = b["return"]["supported_commands"].as_array().unwrap();
-    for c in a["return"]["supported_commands"].as_array().unwrap() {
-        let t = theirs_cmds
-            .iter()
-            .find(|t| t["name"] == c["name"])
-            .unwrap_or_else(|| panic!("qemu-ga has no {}", c["name"]));
-        assert_eq!(c["success-response"], t["success-response"], "{c} vs {t}");
+    let ours_cmds = a["return"]["supported_commands"].as_array().unwrap();
+    for c in ours_cmds {
+        match theirs_cmds.iter().find(|t| t["name"] == c["name"]) {
+            Some(t) => assert_eq!(c["success-response"], t["success-response"], "{c} vs {t}"),
+            None => assert!(
+                NEWER_THAN_PEER.iter().any(|(n, _)| c["name"] == *n),
+                "qemu-ga has no {}",
+                c["name"]
+            ),
+        }
+    }
+    // And every command the peer enables is ours too (it lists
+    // guest-get-devices, Windows only, disabled).
+    for t in theirs_cmds.iter().filter(|t| t["enabled"] == true) {
+        assert!(
+            ours_cmds.iter().any(|c| c["name"] == t["name"]),
+            "we have no {}",
+            t["name"]
+        );
     }
 }
+
+/// Commands of qemu-ga's current schema newer than the peer on this
+/// machine (Debian 12's qemu-ga 7.2), with the version that added them:
+/// compared with the schema only.
+const NEWER_THAN_PEER: &[(&str, &str)] = &[
+    ("guest-network-get-route", "9.1"),
+    ("guest-get-load", "10.0"),
+];
 
 #[test]
 fn guest_file_calls_go_through_the_path_policy() {
@@ -554,7 +575,415 @@ fn guest_file_calls_go_through_the_path_policy() {
     let r = q.cmd("guest-file-open", json!({"path": "/etc/hostname"}));
     assert_eq!(r["error"]["class"], "GenericError", "{r}");
     assert_eq!(
-        q.cmd("guest-file-open", json!({"path": path, "mode": "r+"})),
-        generic("mode 'r+' is not supported by this agent; use r, w or a (with or without b)")
+        q.cmd("guest-file-open", json!({"path": path, "mode": "rw"})),
+        generic("invalid file open mode 'rw'")
+    );
+    // r+: reads from the start; a write only at the end (after a seek).
+    let r = q.cmd("guest-file-open", json!({"path": path, "mode": "r+"}));
+    let h = r["return"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h, "count": 5})),
+        json!({"return": {"count": 5, "buf-b64": "aGVsbG8=", "eof": false}})
+    );
+    let r = q.cmd("guest-file-write", json!({"handle": h, "buf-b64": "IQ=="}));
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("writes only at the end")),
+        "{r}"
+    );
+    assert_eq!(
+        q.cmd(
+            "guest-file-seek",
+            json!({"handle": h, "offset": 0, "whence": "end"})
+        ),
+        json!({"return": {"position": 11, "eof": true}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-write", json!({"handle": h, "buf-b64": "IQ=="})),
+        json!({"return": {"count": 1, "eof": false}})
+    );
+    q.cmd("guest-file-close", json!({"handle": h}));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello world!");
+    // a+: every write appends; reads start at 0 and follow the writes.
+    let r = q.cmd("guest-file-open", json!({"path": path, "mode": "a+b"}));
+    let h = r["return"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(
+        q.cmd("guest-file-write", json!({"handle": h, "buf-b64": "Pw=="})),
+        json!({"return": {"count": 1, "eof": false}})
+    );
+    assert_eq!(
+        q.cmd(
+            "guest-file-seek",
+            json!({"handle": h, "offset": -2, "whence": 2})
+        ),
+        json!({"return": {"position": 11, "eof": false}})
+    );
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h})),
+        json!({"return": {"count": 2, "buf-b64": "IT8=", "eof": true}})
+    );
+    q.cmd("guest-file-close", json!({"handle": h}));
+    // w+: truncates, then writes and reads back.
+    let r = q.cmd("guest-file-open", json!({"path": path, "mode": "w+"}));
+    let h = r["return"].as_i64().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    q.cmd("guest-file-write", json!({"handle": h, "buf-b64": "YWJj"}));
+    q.cmd(
+        "guest-file-seek",
+        json!({"handle": h, "offset": 0, "whence": "set"}),
+    );
+    assert_eq!(
+        q.cmd("guest-file-read", json!({"handle": h})),
+        json!({"return": {"count": 3, "buf-b64": "YWJj", "eof": true}})
+    );
+    q.cmd("guest-file-close", json!({"handle": h}));
+    // r+ needs the write policy too: /etc/hostname is only readable.
+    let r = q.cmd(
+        "guest-file-open",
+        json!({"path": "/etc/hostname", "mode": "r+"}),
+    );
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+}
+
+/// Every member of a reply, recursively: `path` (`a.b`, `[]` for the
+/// elements of an array) and the JSON kind of its value.
+fn members(v: &Value) -> std::collections::BTreeSet<(String, &'static str)> {
+    fn walk(v: &Value, path: String, out: &mut std::collections::BTreeSet<(String, &'static str)>) {
+        let kind = match v {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        out.insert((path.clone(), kind));
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(x, p, out);
+                }
+            }
+            Value::Array(a) => {
+                for x in a {
+                    walk(x, format!("{path}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(v, String::new(), &mut out);
+    out
+}
+
+/// Members one agent gives and the other not, on purpose, by command
+/// (PROTOCOL.md, "The qemu-ga dialect", differences): the path and why.
+const DIFFERENT_ON_PURPOSE: &[(&str, &str, &str)] = &[
+    (
+        "guest-get-fsinfo",
+        "[].disk[].serial",
+        "read from sysfs; qemu-ga asks udev's database, which may have none",
+    ),
+    (
+        "guest-get-disks",
+        "[].address.serial",
+        "read from sysfs; qemu-ga asks udev's database, which may have none",
+    ),
+];
+
+/// Read-only commands both agents serve, compared member by member and
+/// fact by fact on this machine.
+const COMPARED: &[&str] = &[
+    "guest-get-host-name",
+    "guest-get-osinfo",
+    "guest-get-timezone",
+    "guest-get-time",
+    "guest-get-users",
+    "guest-get-vcpus",
+    "guest-get-memory-blocks",
+    "guest-get-memory-block-info",
+    "guest-network-get-interfaces",
+    "guest-get-fsinfo",
+    "guest-get-disks",
+    "guest-get-diskstats",
+    "guest-get-cpustats",
+    "guest-fsfreeze-status",
+];
+
+#[test]
+fn every_query_both_serve_has_qemu_ga_s_members_and_facts() {
+    let Some(real) = real_qga() else { return };
+    let agent = AgentProcess::start();
+    let mut ours = connect(&agent);
+    let mut theirs = Qga::connect(&real.socket);
+    let mut report = Vec::new();
+    for name in COMPARED {
+        let b = theirs.cmd(name, json!({}));
+        let a = ours.cmd(name, json!({}));
+        let (Some(a), Some(b)) = (a.get("return"), b.get("return")) else {
+            // Both refuse alike (e.g. no memory hotplug here): same class.
+            assert_eq!(
+                a["error"]["class"], b["error"]["class"],
+                "{name}: {a} vs {b}"
+            );
+            report.push(format!("{name}: both {}", a["error"]["class"]));
+            continue;
+        };
+        let (ma, mb) = (members(a), members(b));
+        // What we give, qemu-ga gives with the same kind (when it has any
+        // element to show it).
+        let listed = |m: &(String, &str)| {
+            DIFFERENT_ON_PURPOSE
+                .iter()
+                .any(|(c, p, _)| c == name && *p == m.0)
+        };
+        for m in &ma {
+            if !mb.contains(m) && !b.as_array().is_some_and(|x| x.is_empty()) && !listed(m) {
+                panic!("{name}: we give {m:?}, qemu-ga does not: {a} vs {b}");
+            }
+        }
+        for m in &mb {
+            if !ma.contains(m) && !a.as_array().is_some_and(|x| x.is_empty()) && !listed(m) {
+                panic!("{name}: qemu-ga gives {m:?}, we do not: {a} vs {b}");
+            }
+        }
+        report.push(format!("{name}: {} members alike", ma.len()));
+        facts(name, a, b);
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// The facts both agents must agree on, per command.
+fn facts(name: &str, a: &Value, b: &Value) {
+    let set = |v: &Value, key: &str| -> std::collections::BTreeSet<String> {
+        v.as_array()
+            .map(|x| x.iter().map(|e| e[key].to_string()).collect())
+            .unwrap_or_default()
+    };
+    match name {
+        "guest-get-host-name"
+        | "guest-get-osinfo"
+        | "guest-get-memory-block-info"
+        | "guest-fsfreeze-status" => assert_eq!(a, b, "{name}"),
+        "guest-get-timezone" => assert_eq!(a["offset"], b["offset"], "{name}: {a} vs {b}"),
+        "guest-get-time" => {
+            let d = a.as_i64().unwrap() - b.as_i64().unwrap();
+            assert!(d.abs() < 5_000_000_000, "{name}: {a} vs {b}");
+        }
+        "guest-get-users" => assert_eq!(set(a, "user"), set(b, "user"), "{name}"),
+        // The same CPUs and states (qemu-ga lists them in readdir order).
+        "guest-get-vcpus" => {
+            let sorted = |v: &Value| {
+                let mut x = v.as_array().unwrap().clone();
+                x.sort_by_key(|c| c["logical-id"].as_i64());
+                x
+            };
+            assert_eq!(sorted(a), sorted(b), "{name}")
+        }
+        "guest-get-memory-blocks" => {
+            assert_eq!(set(a, "phys-index"), set(b, "phys-index"), "{name}")
+        }
+        "guest-network-get-interfaces" => {
+            assert_eq!(set(a, "name"), set(b, "name"), "{name}");
+            for i in a.as_array().unwrap() {
+                let t = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t["name"] == i["name"])
+                    .unwrap();
+                assert_eq!(
+                    i["hardware-address"], t["hardware-address"],
+                    "{name}: {i} vs {t}"
+                );
+                assert_eq!(
+                    set(&i["ip-addresses"], "ip-address"),
+                    set(&t["ip-addresses"], "ip-address"),
+                    "{name}: {i} vs {t}"
+                );
+            }
+        }
+        "guest-get-fsinfo" => {
+            assert_eq!(
+                set(a, "mountpoint"),
+                set(b, "mountpoint"),
+                "{name}: {a} vs {b}"
+            );
+            for f in a.as_array().unwrap() {
+                let t = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t["mountpoint"] == f["mountpoint"])
+                    .unwrap();
+                for k in ["name", "type", "total-bytes"] {
+                    assert_eq!(f[k], t[k], "{name} {}: {k}", f["mountpoint"]);
+                }
+                let d = f["used-bytes"].as_i64().unwrap() - t["used-bytes"].as_i64().unwrap();
+                assert!(
+                    d.abs() < 64 << 20,
+                    "{name} {}: used-bytes {f} vs {t}",
+                    f["mountpoint"]
+                );
+            }
+        }
+        // Every disk qemu-ga lists, we list with the same address and
+        // dependencies; we also list block devices without a bus address
+        // (zram), which qemu-ga 7.2 leaves out.
+        "guest-get-disks" => {
+            for t in b.as_array().unwrap() {
+                let d = a
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|d| d["name"] == t["name"])
+                    .unwrap_or_else(|| panic!("{name}: we have no {}: {a}", t["name"]));
+                assert_eq!(
+                    (&d["partition"], &d["dependencies"], &d["alias"]),
+                    (&t["partition"], &t["dependencies"], &t["alias"]),
+                    "{name}: {d} vs {t}"
+                );
+                let mut addr = d["address"].clone();
+                if let Some(o) = addr.as_object_mut() {
+                    o.remove("serial");
+                }
+                assert_eq!(addr, t["address"], "{name}: {d} vs {t}");
+            }
+            for d in a.as_array().unwrap() {
+                if d["address"]["pci-controller"]["domain"] != -1 {
+                    assert!(
+                        b.as_array().unwrap().iter().any(|t| t["name"] == d["name"]),
+                        "{name}: qemu-ga has no {}",
+                        d["name"]
+                    );
+                }
+            }
+        }
+        "guest-get-diskstats" => {
+            // Ours leaves out devices that never did I/O; every device we
+            // list, qemu-ga lists with the same numbers, and counters
+            // taken after its own are not smaller.
+            for d in a.as_array().unwrap() {
+                let t = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t["name"] == d["name"])
+                    .unwrap_or_else(|| panic!("{name}: qemu-ga has no {}", d["name"]));
+                assert_eq!(
+                    (&d["major"], &d["minor"]),
+                    (&t["major"], &t["minor"]),
+                    "{name}"
+                );
+                for (k, v) in d["stats"].as_object().unwrap() {
+                    if k == "ios-pgr" {
+                        continue;
+                    }
+                    assert!(
+                        v.as_u64() >= t["stats"][k].as_u64(),
+                        "{name} {} {k}: {v} < {}",
+                        d["name"],
+                        t["stats"][k]
+                    );
+                }
+            }
+        }
+        "guest-get-cpustats" => {
+            assert_eq!(set(a, "cpu"), set(b, "cpu"), "{name}");
+            for c in a.as_array().unwrap() {
+                let t = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|t| t["cpu"] == c["cpu"])
+                    .unwrap();
+                for k in ["user", "system", "idle"] {
+                    // Taken after qemu-ga's, in the same unit (ms).
+                    let (x, y) = (c[k].as_u64().unwrap(), t[k].as_u64().unwrap());
+                    assert!(
+                        x >= y && x - y < 60_000,
+                        "{name} cpu {} {k}: {x} vs {y}",
+                        c["cpu"]
+                    );
+                }
+            }
+        }
+        _ => unreachable!("{name} has no facts"),
+    }
+}
+
+#[test]
+fn blank_ssh_keys_are_ignored_as_libvirt_sends_one() {
+    // `virsh set-user-sshkeys --file` splits the file at newlines: its last
+    // newline gives a blank key, which qemu-ga ignores. The blank entries
+    // never reach the core's key check: the key list is valid and what
+    // fails is the user lookup.
+    let agent = AgentProcess::start();
+    let mut q = connect(&agent);
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDWgPSS9orBb0aATbjX0a3Rlh+phq2fU/v88KhnlgkEm one@kvmm";
+    for name in [
+        "guest-ssh-add-authorized-keys",
+        "guest-ssh-remove-authorized-keys",
+    ] {
+        let r = q.cmd(
+            name,
+            json!({"username": "no-such-user-kvmm", "keys": [key, "", "  "]}),
+        );
+        let desc = r["error"]["desc"].as_str().unwrap_or_default().to_owned();
+        assert!(desc.contains("no user"), "{name}: {r}");
+        assert!(!desc.contains("refused"), "{name}: {r}");
+    }
+}
+
+#[test]
+fn guest_names_in_the_method_lists_govern_the_dialect_only() {
+    let agent = AgentProcess::start_with(
+        json!({"blocked_methods": ["guest-exec", "guest-get-osinfo"]}),
+        json!({}),
+    );
+    let mut q = connect(&agent);
+    assert_eq!(
+        q.cmd("guest-exec", json!({"path": "/bin/true"})),
+        generic("guest-exec is disabled by the agent's configuration; remove it from security.blocked_methods to allow it")
+    );
+    let r = q.cmd("guest-get-osinfo", json!({}));
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    // Its native twin and the other commands on it are served.
+    assert!(q.cmd("guest-get-host-name", json!({}))["return"].is_object());
+    let mut c = agent.connect();
+    let v = c.call(1, "exec_command", json!({"command": "/bin/true"}));
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    let info = q.cmd("guest-info", json!({}));
+    let enabled = |name: &str| {
+        info["return"]["supported_commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["enabled"]
+            .clone()
+    };
+    assert_eq!(enabled("guest-exec"), json!(false));
+    assert_eq!(enabled("guest-exec-status"), json!(true));
+    assert_eq!(enabled("guest-get-host-name"), json!(true));
+    // allowed_methods with guest-* names: only those in the dialect.
+    let agent = AgentProcess::start_with(
+        json!({"allowed_methods": ["get_system_info", "guest-get-host-name"]}),
+        json!({}),
+    );
+    let mut q = connect(&agent);
+    assert!(q.cmd("guest-get-host-name", json!({}))["return"].is_object());
+    assert!(q.cmd("guest-ping", json!({}))["return"].is_object());
+    assert_eq!(
+        q.cmd("guest-get-osinfo", json!({})),
+        generic("guest-get-osinfo is disabled by the agent's configuration; add it to security.allowed_methods to allow it")
     );
 }

@@ -13,11 +13,12 @@
 //! bigmsg) and `resources` (rss, wake, flood, size); the host fan-out is in
 //! `fanout`. [`measure`] calls the in-guest ones in [`SECTIONS`] order.
 
+mod dialect;
 mod fanout;
 mod harness;
 mod latency;
 mod metrics;
-mod qga;
+pub(crate) mod qga;
 mod resources;
 mod stats;
 mod transfer;
@@ -49,6 +50,10 @@ const SECTIONS: &[(&str, &str)] = &[
     ("ping", "ping round trip"),
     ("exec", "exec `true`, result in hand"),
     ("metrics", "get_metrics round trip and agent CPU per call"),
+    (
+        "qga",
+        "qemu-ga dialect vs qemu-ga: guest-ping, guest-exec, 16 MiB guest-file-read",
+    ),
     ("raw", "raw port ceilings, both directions"),
     (
         "read",
@@ -255,6 +260,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
             "ping" => b.ping().await?,
             "exec" => b.exec().await?,
             "metrics" => b.metrics().await?,
+            "qga" => b.qga_dialect().await?,
             "raw" => b.raw().await?,
             "read" => b.read(),
             "write" => b.write().await?,

@@ -45,6 +45,11 @@ pub(crate) const DATA_MOUNT: &str = "/srv/data";
 /// Root password, for a person on the serial console (`--distro debian --keep`).
 pub(crate) const ROOT_PASSWORD: &str = "kvmm";
 
+/// Where the image keeps Debian's `qemu-guest-agent` `.deb` (not
+/// installed; its libraries are), for the test that installs it beside the
+/// agent with `apt install`, offline.
+pub(crate) const QEMU_GA_DEB_DIR: &str = "/var/cache/kvmm-debs";
+
 /// Printed by [`INSTALL_SCRIPT`] after `apt install`: the unit's state.
 pub(crate) const AGENT_STATE_MARKER: &str = "KVMM-AGENT-STATE";
 
@@ -73,10 +78,14 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "kmod",
+    // Installed by debootstrap only to pull in its libraries and keep its
+    // `.deb` (QEMU_GA_DEB_DIR); purged again by the setup script, so the
+    // guest boots with no qemu-ga and the test installs it with apt.
+    "qemu-guest-agent",
 ];
 
 /// Bump when the recipe below changes in a way the other inputs do not show.
-const RECIPE_VERSION: u32 = 3;
+const RECIPE_VERSION: u32 = 4;
 
 /// Size of the root disk (sparse).
 const ROOT_SIZE: &str = "2G";
@@ -140,6 +149,14 @@ chmod 755 /usr/local/sbin/kvmm-console-report
 cat > /etc/systemd/system/kvmm-console-report.service <<'EOF'
 {REPORT_UNIT}EOF
 systemctl enable kvmm-console-report.service
+# Debian's qemu-guest-agent: keep its .deb, purge the package (its
+# libraries stay installed), so the guest has no qemu-ga until a test
+# installs it beside the agent with apt, offline.
+mkdir -p {QEMU_GA_DEB_DIR}
+cp /var/cache/apt/archives/qemu-guest-agent_*.deb {QEMU_GA_DEB_DIR}/
+dpkg --purge qemu-guest-agent
+apt-mark manual libglib2.0-0 libnuma1 liburing2
+test ! -e /usr/sbin/qemu-ga
 # A fresh machine id on first boot, like a cloud image.
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id

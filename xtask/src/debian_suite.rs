@@ -648,6 +648,7 @@ pub(crate) fn libvirt_debian_suite(
     if !installed {
         return Ok(());
     }
+    crate::qga_checks::default_port_check(t, &name);
     if !t.check("libvirt-debian-owner-edits-config", || {
         owner_edits_config(&ctl)
     }) {
@@ -657,23 +658,43 @@ pub(crate) fn libvirt_debian_suite(
     guest_checks(t, &ctl, &DEBIAN_FACTS, "libvirt-debian-")?;
     crate::ops_checks::guestops_checks(t, &ctl, "libvirt-debian-");
     t.check("libvirt-debian-journal", || journal_check(&ctl));
-    crate::qga_checks::virsh_agent_checks(t, &name);
+    crate::qga_checks::virsh_agent_checks(t, &ctl, &name);
     save_journal(&ctl, t, failed_before, "debian-libvirt");
-    t.check("libvirt-debian-reboot", || {
-        let boots = crate::vm::count_lines(&dom.console, debian::UP_MARKER);
-        ctl.run(true, &["reboot"], Duration::from_secs(60))?.ok()?;
+    let wait_boot = |boots: usize| -> Result<()> {
         let deadline = Instant::now() + DEBIAN_BOOT_TIMEOUT;
         while crate::vm::count_lines(&dom.console, debian::UP_MARKER) <= boots {
             if Instant::now() >= deadline {
-                bail!("no second boot marker within {DEBIAN_BOOT_TIMEOUT:?}");
+                bail!("no new boot marker within {DEBIAN_BOOT_TIMEOUT:?}");
             }
             std::thread::sleep(Duration::from_millis(500));
         }
         ctl.wait_ping(Duration::from_secs(120)).map(|_| ())
+    };
+    // libvirt's agent modes, answered by the agent's qemu-ga dialect.
+    t.check("libvirt-debian-reboot-mode-agent", || {
+        let boots = crate::vm::count_lines(&dom.console, debian::UP_MARKER);
+        crate::qga_checks::virsh(&["reboot", &name, "--mode", "agent"])?;
+        wait_boot(boots)
     });
-    t.check("libvirt-debian-shutdown", || {
-        ctl.run(true, &["shutdown"], Duration::from_secs(60))?
-            .ok()?;
+    // Debian's qemu-guest-agent beside the agent: handed over, never
+    // fought over, at install and at boot; then masked back.
+    crate::qga_checks::beside_qemu_ga_check(t, &ctl, &name);
+    t.check("libvirt-debian-reboot", || {
+        let boots = crate::vm::count_lines(&dom.console, debian::UP_MARKER);
+        ctl.run(true, &["reboot"], Duration::from_secs(60))?.ok()?;
+        wait_boot(boots)
+    });
+    crate::qga_checks::unmasked_at_boot_check(t, &ctl, &name);
+    crate::qga_checks::mask_check(t, &ctl, &name);
+    crate::qga_checks::same_guest_check(
+        t,
+        &ctl,
+        &name,
+        dom.port_socket(crate::qga_checks::QGA_PEER_PORT),
+    );
+    save_journal(&ctl, t, failed_before, "debian-libvirt-qemu-ga");
+    t.check("libvirt-debian-shutdown-mode-agent", || {
+        crate::qga_checks::virsh(&["shutdown", &name, "--mode", "agent"])?;
         dom.wait_shut_off(Duration::from_secs(120))
     });
     drop(dom);

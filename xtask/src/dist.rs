@@ -772,8 +772,9 @@ mod tests {
             ]
         );
         assert_eq!(v["log_level"], "info");
-        // The qemu-ga port stays qemu-ga's unless the admin hands it over.
-        assert!(v["qemu_ga_channel_name"].is_null());
+        // qemu-ga's port is served by default (and left to an installed,
+        // unmasked qemu-guest-agent: packaging/README.md).
+        assert_eq!(v["qemu_ga_channel_name"], "org.qemu.guest_agent.0");
         assert_eq!(v["max_message_size_kb"], 64);
         let s = &v["security"];
         assert_eq!(s["max_file_size_mb"], 10);

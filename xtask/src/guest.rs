@@ -25,6 +25,10 @@ use crate::util::{bail, cargo, heading, output, run, target_dir, Result};
 pub(crate) const AGENT_PORT: &str = "org.kvmmanager.agent.0";
 /// qemu-ga's conventional port name.
 pub(crate) const QEMU_GA_PORT: &str = "org.qemu.guest_agent.0";
+/// The port on which this guest's agent speaks qemu-ga's protocol
+/// (`qemu_ga_channel_name` of [`GUEST_CONFIG`]): not qemu-ga's own, which
+/// Debian's qemu-ga serves in the bench guest, side by side.
+pub(crate) const OUR_QGA_PORT: &str = "org.kvmmanager.qemu-ga.0";
 /// Printed on the console by `/init` once the agent runs.
 pub(crate) const READY_MARKER: &str = "KVMM-GUEST-READY";
 /// The guest's host name.
@@ -46,6 +50,7 @@ pub(crate) const GUEST_CONFIG: &str = r#"{
   "log_file": null,
   "audit_file": "/var/log/kvmmanager-audit.log",
   "channel_name": "org.kvmmanager.agent.0",
+  "qemu_ga_channel_name": "org.kvmmanager.qemu-ga.0",
   "max_message_size_kb": 64,
   "connection_retry_seconds": 5,
   "request_timeout_seconds": 30,
@@ -591,6 +596,8 @@ mod tests {
         assert_eq!(v["security"]["allowed_write_paths"][0], "/tmp/kvmmanager");
         assert!(v["security"]["command_whitelist"].is_null());
         assert_eq!(v["channel_name"], AGENT_PORT);
+        // Never qemu-ga's own port: Debian's qemu-ga has it in the bench guest.
+        assert_eq!(v["qemu_ga_channel_name"], OUR_QGA_PORT);
         // Per-command cgroup limits, checked by the containment check.
         assert_eq!(v["security"]["command_memory_max_mb"], 256);
         assert_eq!(v["security"]["command_max_processes"], 64);

@@ -682,6 +682,10 @@ pub(crate) fn debian_domain_xml(
       <source mode='bind'/>
       <target type='virtio' name='{QEMU_GA_PORT}'/>
     </channel>
+    <channel type='unix'>
+      <source mode='bind'/>
+      <target type='virtio' name='{QGA_PEER_PORT}'/>
+    </channel>
     <serial type='pty'>
       <log file='{console}' append='off'/>
       <target port='0'/>
@@ -694,6 +698,7 @@ pub(crate) fn debian_domain_xml(
 </domain>
 "#,
         QEMU_GA_PORT = crate::guest::QEMU_GA_PORT,
+        QGA_PEER_PORT = crate::qga_checks::QGA_PEER_PORT,
         name = xml_escape(name),
         kernel = e(&image.kernel),
         initrd = e(&image.initrd),
@@ -805,11 +810,16 @@ impl Domain {
 
     /// The host socket libvirt made for the agent's channel.
     pub(crate) fn channel_socket(&self) -> Option<PathBuf> {
+        self.port_socket(AGENT_PORT)
+    }
+
+    /// The host socket libvirt made for the channel named `port`.
+    pub(crate) fn port_socket(&self, port: &str) -> Option<PathBuf> {
         let base = Path::new("/var/lib/libvirt/qemu/channel/target");
         let suffix = format!("-{}", self.name);
         fs::read_dir(base).ok()?.flatten().find_map(|e| {
             let n = e.file_name().to_string_lossy().into_owned();
-            let p = e.path().join(AGENT_PORT);
+            let p = e.path().join(port);
             (n.starts_with("domain-") && n.ends_with(&suffix) && p.exists()).then_some(p)
         })
     }

@@ -57,6 +57,9 @@ pub fn fsinfo(sys: &Path, mounts: &[Mount]) -> FsInfo {
                     .saturating_sub(s.blocks_free())
                     .saturating_mul(s.fragment_size())
             }),
+            available_bytes: usage
+                .as_ref()
+                .map(|s| s.blocks_available().saturating_mul(s.fragment_size())),
             disks,
         });
     }

@@ -64,6 +64,8 @@ pub fn parse_cpu_times(text: &str, hz: u64) -> Vec<CpuTimes> {
                 irq_ms: at(5),
                 softirq_ms: at(6),
                 steal_ms: at(7),
+                guest_ms: at(8),
+                guest_nice_ms: at(9),
             })
         })
         .collect()
@@ -86,6 +88,17 @@ pub fn parse_diskstats(text: &str) -> Vec<DiskIo> {
                 write_ms: n(10),
                 in_flight: n(11),
                 busy_ms: n(12),
+                major: n(0),
+                minor: n(1),
+                read_merges: n(4),
+                write_merges: n(8),
+                weighted_ms: n(13),
+                discards: n(14),
+                discard_merges: n(15),
+                discard_bytes: n(16).saturating_mul(512),
+                discard_ms: n(17),
+                flushes: n(18),
+                flush_ms: n(19),
             };
             (d.reads > 0 || d.writes > 0).then_some(d)
         })
@@ -193,6 +206,19 @@ mod tests {
             (355, 752 * 512, 264)
         );
         assert_eq!((d[0].in_flight, d[0].busy_ms), (2, 376));
+        assert_eq!((d[0].major, d[0].minor), (254, 0));
+        assert_eq!(
+            (d[0].read_merges, d[0].write_merges, d[0].weighted_ms),
+            (0, 124, 775)
+        );
+        // Kernels since 4.18 and 5.5 add discard and flush counters.
+        let t = " 254 16 vdb 10 1 80 2 20 3 160 4 0 9 11 5 6 4096 7 8 9\n";
+        let d = &parse_diskstats(t)[0];
+        assert_eq!(
+            (d.discards, d.discard_merges, d.discard_bytes, d.discard_ms),
+            (5, 6, 4096 * 512, 7)
+        );
+        assert_eq!((d.flushes, d.flush_ms), (8, 9));
     }
 
     #[test]

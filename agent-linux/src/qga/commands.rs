@@ -2,9 +2,10 @@
 //! work (`Agent::call`), with qemu-ga's argument and result shapes
 //! (`qga/qapi-schema.json`).
 //!
-//! Only `guest-sync`, `guest-sync-delimited`, `guest-info` and
+//! Only `guest-sync`, `guest-sync-delimited`, `guest-info`, `guest-ping` and
 //! `guest-exec-status` are answered here without a core call: the first
-//! three are about the dialect itself, and `guest-exec-status` reads the
+//! four are about the dialect itself (the native `ping` does nothing and
+//! is never disabled either), and `guest-exec-status` reads the
 //! table that `guest-exec`'s background core call fills. Everything that
 //! touches the guest goes through the core, so policy, slots, time limits,
 //! the frozen refusals and the audit log are the native methods' own.
@@ -18,17 +19,17 @@ use agent_common::guestops::{
     FreezeStatus, FsFreezeParams, FsTrimParams, SetPasswordParams, SetTimeParams, SetVcpusParams,
     SshKeysParams, SshUserParams, SuspendMode, SuspendParams, VcpuState,
 };
+use agent_common::guestops::{MemoryBlockState, SetMemoryBlocksParams};
 use agent_common::jsonrpc::{Id, Request};
 use agent_common::methods::{
     Empty, ExecCommandRpc, ExecParams, ExecResult, FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc,
     FsTrimRpc, GetFsinfoRpc, GetNetworkInfoRpc, GetSystemInfoRpc, GetTimeRpc, GetUsersRpc,
-    GetVcpusRpc, IpFamily, Method, PingRpc, PowerParams, RebootRpc, Rpc, SetTimeRpc,
-    SetUserPasswordRpc, SetVcpusRpc, ShutdownRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysRemoveRpc,
-    SshKeysSetRpc,
+    GetVcpusRpc, IpFamily, Method, PowerParams, RebootRpc, Rpc, SetTimeRpc, SetUserPasswordRpc,
+    SetVcpusRpc, ShutdownRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysRemoveRpc, SshKeysSetRpc,
 };
 use agent_common::methods::{
-    FileReadParams, FileReadRpc, FileWriteParams, FileWriteRpc, GetMemoryBlocksRpc, SuspendRpc,
-    WriteMode,
+    FileReadParams, FileReadRpc, FileWriteParams, FileWriteRpc, GetBlockDevicesRpc,
+    GetMemoryBlocksRpc, GetStatsRpc, SetMemoryBlocksRpc, SuspendRpc, WriteMode,
 };
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
@@ -44,7 +45,7 @@ use crate::session::Session;
 pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
     ("guest-sync-delimited", None, true),
     ("guest-sync", None, true),
-    ("guest-ping", Some(Method::Ping), true),
+    ("guest-ping", None, true),
     ("guest-info", None, true),
     ("guest-get-osinfo", Some(Method::GetSystemInfo), true),
     ("guest-get-host-name", Some(Method::GetSystemInfo), true),
@@ -57,7 +58,12 @@ pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
         Some(Method::GetNetworkInfo),
         true,
     ),
+    ("guest-network-get-route", Some(Method::GetStats), true),
     ("guest-get-fsinfo", Some(Method::GetFsinfo), true),
+    ("guest-get-disks", Some(Method::GetBlockDevices), true),
+    ("guest-get-diskstats", Some(Method::GetStats), true),
+    ("guest-get-cpustats", Some(Method::GetStats), true),
+    ("guest-get-load", Some(Method::GetStats), true),
     ("guest-fsfreeze-status", Some(Method::FsFreezeStatus), true),
     ("guest-fsfreeze-freeze", Some(Method::FsFreeze), true),
     ("guest-fsfreeze-freeze-list", Some(Method::FsFreeze), true),
@@ -91,6 +97,11 @@ pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
         true,
     ),
     (
+        "guest-set-memory-blocks",
+        Some(Method::SetMemoryBlocks),
+        true,
+    ),
+    (
         "guest-get-memory-block-info",
         Some(Method::GetMemoryBlocks),
         true,
@@ -113,11 +124,24 @@ pub(crate) const COMMANDS: &[(&str, Option<Method>, bool)] = &[
 /// collected). A `guest-exec` beyond it is refused.
 pub(crate) const MAX_EXEC_ENTRIES: usize = 64;
 
+/// How long `guest-exec-status` waits for a running command to finish
+/// before it answers `exited: false`.
+const STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Files open through `guest-file-open` at once, across sessions.
 pub(crate) const MAX_FILE_HANDLES: usize = 64;
 
 /// Bytes `guest-file-read` reads when its `count` is absent (qemu-ga's).
 const DEFAULT_READ_COUNT: i64 = 4096;
+
+/// The most one `guest-file-read` returns (a larger `count` gives a
+/// shorter read; qemu-ga refuses counts above 48 MB): bounds the reply
+/// held in memory.
+const MAX_READ_COUNT: u64 = 8 * 1024 * 1024;
+
+/// Bytes per `file_read` call of a `guest-file-read`: the largest multiple
+/// of 3 within the core's chunk, so the base64 texts of the pieces join.
+const READ_PIECE: u64 = agent_common::MAX_READ_CHUNK / 3 * 3;
 
 /// A qemu-ga error reply: `{"error": {"class": ..., "desc": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,17 +187,57 @@ impl Reply {
 pub struct QgaState {
     next_pid: AtomicI64,
     exec: Mutex<BTreeMap<i64, ExecEntry>>,
+    /// Woken when a `guest-exec` result arrives.
+    exec_done: tokio::sync::Notify,
     next_handle: AtomicI64,
     files: Mutex<BTreeMap<i64, FileHandle>>,
 }
 
-/// A `guest-file-open` handle: a path and where the next read starts. The
-/// file is not held open: every read and write is a core call on the path.
+/// A `guest-file-open` handle: a path, its mode, where the next read
+/// starts and the file's size as last seen. The file is not held open:
+/// every read and write is a core call on the path.
 #[derive(Debug, Clone)]
 struct FileHandle {
     path: String,
-    write: bool,
+    mode: OpenMode,
     position: u64,
+    size: u64,
+}
+
+/// An fopen mode, as qemu-ga accepts them (`guest_file_open_modes` of
+/// `qga/commands-posix.c`): `r`, `w`, `a`, each with `+` and `b` in either
+/// order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OpenMode {
+    read: bool,
+    write: bool,
+    /// Created when missing (w, a).
+    create: bool,
+    /// Emptied at open (w).
+    truncate: bool,
+    /// Every write goes to the end (a).
+    append: bool,
+}
+
+impl OpenMode {
+    fn parse(mode: &str) -> Option<OpenMode> {
+        let (base, plus) = match mode {
+            "r" | "rb" => ('r', false),
+            "w" | "wb" => ('w', false),
+            "a" | "ab" => ('a', false),
+            "r+" | "rb+" | "r+b" => ('r', true),
+            "w+" | "wb+" | "w+b" => ('w', true),
+            "a+" | "ab+" | "a+b" => ('a', true),
+            _ => return None,
+        };
+        Some(OpenMode {
+            read: base == 'r' || plus,
+            write: base != 'r' || plus,
+            create: base != 'r',
+            truncate: base == 'w',
+            append: base == 'a',
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -367,6 +431,17 @@ async fn run(
     args: &Map<String, Value>,
 ) -> Result<Reply, QgaError> {
     let empty = Empty {};
+    if COMMANDS.iter().any(|(n, _, _)| *n == name) && !agent.config().qga_command_enabled(name) {
+        let s = &agent.config().security;
+        let (key, how) = if s.qga_blocked.iter().any(|n| n == name) {
+            ("security.blocked_methods", "remove it from")
+        } else {
+            ("security.allowed_methods", "add it to")
+        };
+        return Err(QgaError::generic(format!(
+            "{name} is disabled by the agent's configuration; {how} {key} to allow it"
+        )));
+    }
     Ok(match name {
         "guest-sync" | "guest-sync-delimited" => {
             let a = Args::new(args, &["id"])?;
@@ -377,8 +452,10 @@ async fn run(
             Reply::of(Ok(info(agent)))
         }
         "guest-ping" => {
+            // Like the native `ping`, which is never disabled and does
+            // nothing: answered here, without a core call.
             Args::new(args, &[])?;
-            mapped::<PingRpc>(agent, session, &empty, |_| json!({})).await
+            Reply::of(Ok(json!({})))
         }
         "guest-get-osinfo" => {
             Args::new(args, &[])?;
@@ -388,10 +465,15 @@ async fn run(
                     "kernel-version": s.kernel_version,
                     "machine": s.architecture,
                 });
+                // As qemu-ga: each os-release field only when the file has it.
                 for (k, v) in [
+                    ("id", s.os_id),
                     ("name", s.os_name),
                     ("pretty-name", s.os_pretty_name),
+                    ("version", s.os_version_name),
                     ("version-id", s.os_version),
+                    ("variant", s.os_variant),
+                    ("variant-id", s.os_variant_id),
                 ] {
                     if let Some(v) = v {
                         o[k] = json!(v);
@@ -559,9 +641,14 @@ async fn run(
                 &["username", "keys"]
             };
             let a = Args::new(args, allowed)?;
+            // Blank entries are no keys: libvirt's `set-user-sshkeys
+            // --file` sends one for the file's last newline, and qemu-ga
+            // (which compares keys with the file's lines) ignores them.
+            let mut keys = Args::strings("keys", a.required("keys")?)?;
+            keys.retain(|k| !k.trim().is_empty());
             let params = SshKeysParams {
                 username: a.string("username")?.to_owned(),
-                keys: Args::strings("keys", a.required("keys")?)?,
+                keys,
             };
             let done = |_| json!({});
             match (add, a.opt_bool("reset")?.unwrap_or(false)) {
@@ -638,6 +725,61 @@ async fn run(
             })
             .await
         }
+        "guest-get-disks" => {
+            Args::new(args, &[])?;
+            mapped::<GetBlockDevicesRpc>(agent, session, &empty, |b| {
+                Value::Array(b.devices.into_iter().map(disk_info).collect())
+            })
+            .await
+        }
+        "guest-get-diskstats" => {
+            Args::new(args, &[])?;
+            mapped::<GetStatsRpc>(agent, session, &empty, |st| {
+                Value::Array(st.disks.into_iter().map(disk_stats).collect())
+            })
+            .await
+        }
+        "guest-get-cpustats" => {
+            Args::new(args, &[])?;
+            mapped::<GetStatsRpc>(agent, session, &empty, |st| {
+                Value::Array(
+                    st.cpus
+                        .into_iter()
+                        .map(|c| {
+                            json!({
+                                "type": "linux", "cpu": c.cpu,
+                                "user": c.user_ms, "nice": c.nice_ms,
+                                "system": c.system_ms, "idle": c.idle_ms,
+                                "iowait": c.iowait_ms, "irq": c.irq_ms,
+                                "softirq": c.softirq_ms, "steal": c.steal_ms,
+                                "guest": c.guest_ms, "guestnice": c.guest_nice_ms,
+                            })
+                        })
+                        .collect(),
+                )
+            })
+            .await
+        }
+        "guest-get-load" => {
+            Args::new(args, &[])?;
+            mapped::<GetStatsRpc>(agent, session, &empty, |st| {
+                let [one, five, fifteen] = st.load_average;
+                json!({"load1m": one, "load5m": five, "load15m": fifteen})
+            })
+            .await
+        }
+        "guest-network-get-route" => {
+            Args::new(args, &[])?;
+            mapped::<GetStatsRpc>(agent, session, &empty, |st| {
+                Value::Array(st.routes.into_iter().filter_map(route).collect())
+            })
+            .await
+        }
+        "guest-set-memory-blocks" => {
+            let a = Args::new(args, &["mem-blks"])?;
+            let wanted = memory_block_states(a.required("mem-blks")?)?;
+            set_memory_blocks(agent, session, wanted).await?
+        }
         "guest-get-memory-block-info" => {
             Args::new(args, &[])?;
             mapped::<GetMemoryBlocksRpc>(
@@ -652,42 +794,43 @@ async fn run(
             let a = Args::new(args, &["path", "mode"])?;
             let path = a.string("path")?.to_owned();
             let mode = a.opt_string("mode")?.unwrap_or("r");
-            let (write, checked) = match mode.trim_end_matches('b') {
-                // Checks the path against the read policy, and that the
-                // file is there, as fopen would.
-                "r" => {
-                    let params = FileReadParams {
-                        path: path.clone(),
-                        offset: 0,
-                        length: Some(1),
-                        encoding: Encoding::Base64,
-                    };
-                    let (r, _, _) = core::<FileReadRpc>(agent, session, &params).await;
-                    (false, r.map(|_| ()))
-                }
-                // Creates or truncates the file (w), or creates it (a), as
-                // fopen would, under the write policy.
-                "w" | "a" => {
-                    let params = FileWriteParams {
-                        path: path.clone(),
-                        encoding: Encoding::Base64,
-                        mode: if mode.starts_with('w') {
-                            WriteMode::Truncate
-                        } else {
-                            WriteMode::Append
-                        },
-                        ..FileWriteParams::default()
-                    };
-                    let (r, _, _) = core::<FileWriteRpc>(agent, session, &params).await;
-                    (true, r.map(|_| ()))
-                }
-                _ => {
-                    return Err(QgaError::generic(format!(
-                        "mode '{mode}' is not supported by this agent; use r, w or a (with or without b)"
-                    )))
-                }
+            let m = OpenMode::parse(mode)
+                .ok_or_else(|| QgaError::generic(format!("invalid file open mode '{mode}'")))?;
+            // What fopen would check, under the policy: the file is there
+            // and readable (r, r+), writable (r+), created or truncated
+            // (w, w+: truncate; a, a+: create), and its size.
+            let read_check = || FileReadParams {
+                path: path.clone(),
+                offset: 0,
+                length: Some(1),
+                encoding: Encoding::Base64,
             };
-            checked?;
+            let write_call = |mode| FileWriteParams {
+                path: path.clone(),
+                encoding: Encoding::Base64,
+                mode,
+                ..FileWriteParams::default()
+            };
+            let size = if m.create {
+                let wmode = if m.truncate {
+                    WriteMode::Truncate
+                } else {
+                    WriteMode::Append
+                };
+                let (r, _, _) = core::<FileWriteRpc>(agent, session, &write_call(wmode)).await;
+                r?.size
+            } else {
+                let (r, _, _) = core::<FileReadRpc>(agent, session, &read_check()).await;
+                let size = r?.size;
+                if m.write {
+                    // r+: also under the write policy (an empty append
+                    // changes nothing).
+                    let (r, _, _) =
+                        core::<FileWriteRpc>(agent, session, &write_call(WriteMode::Append)).await;
+                    r?;
+                }
+                size
+            };
             let mut files = state.files();
             if files.len() >= MAX_FILE_HANDLES {
                 return Err(QgaError::generic(format!(
@@ -699,8 +842,9 @@ async fn run(
                 handle,
                 FileHandle {
                     path,
-                    write,
+                    mode: m,
                     position: 0,
+                    size,
                 },
             );
             Reply::of(Ok(json!(handle)))
@@ -713,26 +857,41 @@ async fn run(
                 QgaError::generic(format!("value '{count}' is invalid for argument count"))
             })?;
             let file = state.handle(handle)?;
-            if file.write {
+            if !file.mode.read {
                 return Err(QgaError::generic(format!(
                     "handle '{handle}' was opened for writing"
                 )));
             }
-            let params = FileReadParams {
-                path: file.path,
-                offset: file.position,
-                length: Some(count),
-                encoding: Encoding::Base64,
-            };
-            let (result, after, slot) = core::<FileReadRpc>(agent, session, &params).await;
-            let r = result?;
+            // One reply of up to `count` bytes (at most MAX_READ_COUNT: a
+            // shorter read, as fread may give), from `file_read` calls of
+            // at most READ_PIECE bytes each: a multiple of 3, so their
+            // base64 texts join into one.
+            let count = count.min(MAX_READ_COUNT);
+            let mut content = String::new();
+            let (mut got, mut eof, mut size) = (0u64, false, file.size);
+            let (mut after, mut slot) = (None, None);
+            while got < count && !eof {
+                let length = (count - got).min(READ_PIECE);
+                let params = FileReadParams {
+                    path: file.path.clone(),
+                    offset: file.position + got,
+                    length: Some(length),
+                    encoding: Encoding::Base64,
+                };
+                let (result, a, s) = core::<FileReadRpc>(agent, session, &params).await;
+                let r = result?;
+                (after, slot) = (a, s);
+                content.push_str(&r.content);
+                got += r.bytes_read;
+                size = r.size;
+                eof = r.eof || r.bytes_read < length;
+            }
             if let Some(f) = state.files().get_mut(&handle) {
-                f.position = r.offset + r.bytes_read;
+                f.position = file.position + got;
+                f.size = size;
             }
             Reply {
-                result: Ok(Some(
-                    json!({"count": r.bytes_read, "buf-b64": r.content, "eof": r.eof}),
-                )),
+                result: Ok(Some(json!({"count": got, "buf-b64": content, "eof": eof}))),
                 after,
                 slot,
             }
@@ -743,9 +902,18 @@ async fn run(
             let encoded = a.string("buf-b64")?;
             let count = a.opt_int("count")?;
             let file = state.handle(handle)?;
-            if !file.write {
+            if !file.mode.write {
                 return Err(QgaError::generic(format!(
                     "handle '{handle}' was opened for reading"
+                )));
+            }
+            // Every write appends: at the end in a/a+, and in the other
+            // modes only when the position is the end (writing into the
+            // middle of a file is not done by this agent).
+            if !file.mode.append && file.position != file.size {
+                return Err(QgaError::generic(format!(
+                    "this agent writes only at the end of a file: handle '{handle}' is at {} of {} bytes; seek to the end first",
+                    file.position, file.size
                 )));
             }
             let mut data = base64::engine::general_purpose::STANDARD
@@ -767,13 +935,17 @@ async fn run(
                 mode: WriteMode::Append,
                 ..FileWriteParams::default()
             };
-            mapped::<FileWriteRpc>(
-                agent,
-                session,
-                &params,
-                |r| json!({"count": r.bytes_written, "eof": false}),
-            )
-            .await
+            let (result, after, slot) = core::<FileWriteRpc>(agent, session, &params).await;
+            let r = result?;
+            if let Some(f) = state.files().get_mut(&handle) {
+                f.size = r.size;
+                f.position = r.size;
+            }
+            Reply {
+                result: Ok(Some(json!({"count": r.bytes_written, "eof": false}))),
+                after,
+                slot,
+            }
         }
         "guest-file-seek" => {
             let a = Args::new(args, &["handle", "offset", "whence"])?;
@@ -793,20 +965,21 @@ async fn run(
                 }
             };
             let file = state.handle(handle)?;
-            if file.write {
-                return Err(QgaError::generic(format!(
-                    "handle '{handle}' was opened for writing, which only appends; it cannot seek"
-                )));
-            }
-            // The size, for `end` and for `eof`, from a one-byte read.
-            let params = FileReadParams {
-                path: file.path,
-                offset: 0,
-                length: Some(1),
-                encoding: Encoding::Base64,
+            // The size, for `end` and for `eof`: read afresh when the
+            // handle may read (a one-byte read), else the size after this
+            // handle's last write.
+            let size = if file.mode.read {
+                let params = FileReadParams {
+                    path: file.path,
+                    offset: 0,
+                    length: Some(1),
+                    encoding: Encoding::Base64,
+                };
+                let (result, _, _) = core::<FileReadRpc>(agent, session, &params).await;
+                result?.size
+            } else {
+                file.size
             };
-            let (result, _, _) = core::<FileReadRpc>(agent, session, &params).await;
-            let size = result?.size;
             let base = match whence {
                 0 => 0,
                 1 => i128::from(file.position),
@@ -817,6 +990,7 @@ async fn run(
             })?;
             if let Some(f) = state.files().get_mut(&handle) {
                 f.position = position;
+                f.size = size;
             }
             Reply::of(Ok(json!({"position": position, "eof": position >= size})))
         }
@@ -838,8 +1012,22 @@ async fn run(
         "guest-exec-status" => {
             let a = Args::new(args, &["pid"])?;
             let pid = a.int("pid")?;
-            let mut table = state.table();
             let invalid = || QgaError::generic("Invalid parameter 'pid'");
+            // A command still running gets STATUS_WAIT to finish before
+            // the answer says `exited: false`: a host that polls back to
+            // back then asks a few times instead of hundreds, and leaves
+            // the guest's CPU to the command.
+            let done = state.exec_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let running = matches!(
+                state.table().get(&pid).ok_or_else(invalid)?,
+                ExecEntry::Running
+            );
+            if running {
+                let _ = tokio::time::timeout(STATUS_WAIT, done).await;
+            }
+            let mut table = state.table();
             match table.get(&pid).ok_or_else(invalid)? {
                 ExecEntry::Running => Reply::of(Ok(json!({"exited": false}))),
                 ExecEntry::Done(_) => match table.remove(&pid) {
@@ -865,7 +1053,8 @@ fn info(agent: &Agent) -> Value {
         .map(|(name, method, success)| {
             json!({
                 "name": name,
-                "enabled": method.map_or(true, |m| agent.config().method_enabled(m)),
+                "enabled": agent.config().qga_command_enabled(name)
+                    && method.map_or(true, |m| agent.config().method_enabled(m)),
                 "success-response": success,
             })
         })
@@ -875,7 +1064,11 @@ fn info(agent: &Agent) -> Value {
 
 fn interface(i: agent_common::methods::NetworkInterface) -> Value {
     let mut o = json!({ "name": i.name });
-    if let Some(mac) = i.mac_address {
+    // qemu-ga gives the loopback's all-zero address too.
+    let mac = i
+        .mac_address
+        .or_else(|| i.is_loopback.then(|| "00:00:00:00:00:00".to_owned()));
+    if let Some(mac) = mac {
         o["hardware-address"] = json!(mac);
     }
     o["ip-addresses"] = Value::Array(
@@ -918,42 +1111,197 @@ fn pci(address: Option<&str>) -> Value {
 }
 
 fn fsinfo(f: agent_common::guestops::FsInfoEntry) -> Value {
-    let disks: Vec<Value> = f
-        .disks
-        .into_iter()
-        .map(|d| {
-            let bus_type = match d.bus_type.as_str() {
-                "ata" => "sata",
-                "virtio" | "scsi" | "nvme" | "usb" => d.bus_type.as_str(),
-                _ => "unknown",
-            };
-            let mut o = json!({
-                "pci-controller": pci(d.pci_address.as_deref()),
-                "bus-type": bus_type,
-                "bus": d.bus.unwrap_or(0),
-                "target": d.target.unwrap_or(0),
-                "unit": d.unit.unwrap_or(0),
-                "dev": d.device,
-            });
-            if let Some(serial) = d.serial {
-                o["serial"] = json!(serial);
-            }
-            o
-        })
-        .collect();
+    let disks: Vec<Value> = f.disks.into_iter().map(disk_address).collect();
     let mut o = json!({
         "name": f.name,
         "mountpoint": f.mount_point,
         "type": f.fs_type,
         "disk": disks,
     });
-    if let Some(t) = f.total_bytes {
+    // As qemu-ga: what a non-root user can fill, used plus available
+    // (without the blocks reserved for root).
+    if let (Some(u), Some(a)) = (f.used_bytes, f.available_bytes) {
+        o["total-bytes"] = json!(u + a);
+    } else if let Some(t) = f.total_bytes {
         o["total-bytes"] = json!(t);
     }
     if let Some(u) = f.used_bytes {
         o["used-bytes"] = json!(u);
     }
     o
+}
+
+/// A disk address as qemu-ga's `GuestDiskAddress`.
+fn disk_address(d: agent_common::guestops::DiskAddress) -> Value {
+    let bus_type = match d.bus_type.as_str() {
+        "ata" => "sata",
+        "virtio" | "scsi" | "nvme" | "usb" => d.bus_type.as_str(),
+        _ => "unknown",
+    };
+    let mut o = json!({
+        "pci-controller": pci(d.pci_address.as_deref()),
+        "bus-type": bus_type,
+        "bus": d.bus.unwrap_or(0),
+        "target": d.target.unwrap_or(0),
+        "unit": d.unit.unwrap_or(0),
+        "dev": d.device,
+    });
+    if let Some(serial) = d.serial {
+        o["serial"] = json!(serial);
+    }
+    o
+}
+
+/// A block device as qemu-ga's `GuestDiskInfo`: device paths, a
+/// partition's disk as its dependency, a device-mapper name as `alias`, the
+/// address of whole disks.
+fn disk_info(d: agent_common::guestops::BlockDevice) -> Value {
+    let dev = |n: &str| format!("/dev/{n}");
+    let mut o = json!({
+        "name": dev(&d.name),
+        "partition": d.kind == "partition",
+        "dependencies": d.dependencies.iter().map(|n| dev(n)).collect::<Vec<_>>(),
+    });
+    if let Some(alias) = d.mapper_name {
+        o["alias"] = json!(alias);
+    }
+    if let Some(address) = d.address {
+        o["address"] = disk_address(address);
+    }
+    o
+}
+
+/// One device's counters as qemu-ga's `GuestDiskStatsInfo` (sectors of 512
+/// bytes, times in ms).
+fn disk_stats(d: agent_common::guestops::DiskIo) -> Value {
+    json!({
+        "name": d.name,
+        "major": d.major,
+        "minor": d.minor,
+        "stats": {
+            "read-sectors": d.read_bytes / 512, "read-ios": d.reads,
+            "read-merges": d.read_merges, "read-ticks": d.read_ms,
+            "write-sectors": d.write_bytes / 512, "write-ios": d.writes,
+            "write-merges": d.write_merges, "write-ticks": d.write_ms,
+            "discard-sectors": d.discard_bytes / 512, "discard-ios": d.discards,
+            "discard-merges": d.discard_merges, "discard-ticks": d.discard_ms,
+            "flush-ios": d.flushes, "flush-ticks": d.flush_ms,
+            "ios-pgr": d.in_flight, "total-ticks": d.busy_ms,
+            "weight-ticks": d.weighted_ms,
+        },
+    })
+}
+
+/// A route as qemu-ga's `GuestNetworkRoute`: the destination's address and
+/// (IPv4) its mask or (IPv6) prefix length; an absent gateway as the
+/// all-zero address, as `/proc/net/route` shows it.
+fn route(r: agent_common::guestops::Route) -> Option<Value> {
+    let (address, prefix) = r.destination.split_once('/')?;
+    let prefix: u32 = prefix.parse().ok()?;
+    Some(match r.family {
+        IpFamily::Ipv4 => {
+            let mask = u32::MAX.checked_shl(32 - prefix.min(32)).unwrap_or(0);
+            json!({
+                "iface": r.interface,
+                "destination": address,
+                "metric": r.metric,
+                "gateway": r.gateway.unwrap_or_else(|| "0.0.0.0".into()),
+                "mask": std::net::Ipv4Addr::from(mask).to_string(),
+                "version": 4,
+            })
+        }
+        IpFamily::Ipv6 => json!({
+            "iface": r.interface,
+            "destination": address,
+            "metric": r.metric,
+            "desprefixlen": prefix.to_string(),
+            "nexthop": r.gateway.unwrap_or_else(|| "::".into()),
+            "version": 6,
+        }),
+    })
+}
+
+/// `mem-blks` of `guest-set-memory-blocks`.
+fn memory_block_states(v: &Value) -> Result<Vec<(u64, bool)>, QgaError> {
+    let items = v.as_array().ok_or_else(|| {
+        QgaError::generic("Invalid parameter type for 'mem-blks', expected: array")
+    })?;
+    items
+        .iter()
+        .map(|item| {
+            let map = item.as_object().ok_or_else(|| {
+                QgaError::generic(
+                    "Invalid parameter type for 'mem-blks', expected: array of objects",
+                )
+            })?;
+            let a = Args::new(map, &["phys-index", "online", "can-offline"])?;
+            let index = u64::try_from(a.int("phys-index")?)
+                .map_err(|_| QgaError::generic("Invalid parameter 'phys-index'"))?;
+            Ok((index, a.boolean("online")?))
+        })
+        .collect()
+}
+
+/// `guest-set-memory-blocks`: one response per entry, as qemu-ga. Entries
+/// naming no block answer `not-found`, those asking offline a block that
+/// cannot go offline `operation-not-supported`; the rest are one
+/// `set_memory_blocks` call, and each answers `success`, or
+/// `operation-failed` when that call failed.
+async fn set_memory_blocks(
+    agent: &Arc<Agent>,
+    session: &Session,
+    wanted: Vec<(u64, bool)>,
+) -> Result<Reply, QgaError> {
+    if wanted.is_empty() {
+        return Ok(Reply::of(Ok(json!([]))));
+    }
+    let (current, _, _) = core::<GetMemoryBlocksRpc>(agent, session, &Empty {}).await;
+    let current = current?;
+    let mut responses: Vec<Option<&str>> = Vec::with_capacity(wanted.len());
+    let mut blocks: Vec<MemoryBlockState> = Vec::new();
+    for &(index, online) in &wanted {
+        let block = u32::try_from(index)
+            .ok()
+            .and_then(|id| current.blocks.iter().find(|b| b.id == id));
+        responses.push(match block {
+            None => Some("not-found"),
+            Some(b) if !online && b.online && !b.can_offline => Some("operation-not-supported"),
+            Some(b) => {
+                // The native call names a block once: the last entry wins.
+                blocks.retain(|s| s.id != b.id);
+                blocks.push(MemoryBlockState { id: b.id, online });
+                None
+            }
+        });
+    }
+    let (applied, after, slot) = if blocks.is_empty() {
+        (Ok(()), None, None)
+    } else {
+        let (r, after, slot) =
+            core::<SetMemoryBlocksRpc>(agent, session, &SetMemoryBlocksParams { blocks }).await;
+        match r {
+            // A policy refusal is the command's error, not a block's.
+            Err(e) if !agent.config().method_enabled(Method::SetMemoryBlocks) => return Err(e),
+            r => (r.map(|_| ()), after, slot),
+        }
+    };
+    let out: Vec<Value> = wanted
+        .iter()
+        .zip(responses)
+        .map(|(&(index, _), r)| {
+            let response = r.unwrap_or(if applied.is_ok() {
+                "success"
+            } else {
+                "operation-failed"
+            });
+            json!({"phys-index": index, "response": response})
+        })
+        .collect();
+    Ok(Reply {
+        result: Ok(Some(Value::Array(out))),
+        after,
+        slot,
+    })
 }
 
 fn vcpu_states(v: &Value) -> Result<Vec<VcpuState>, QgaError> {
@@ -1050,6 +1398,7 @@ fn exec(
         drop(slot);
         let status = result.map(|r| exec_status(r, out, err));
         state.table().insert(pid, ExecEntry::Done(status));
+        state.exec_done.notify_waiters();
     });
     Ok(json!({ "pid": pid }))
 }
@@ -1104,6 +1453,76 @@ mod tests {
         assert!(capture(Some(&json!("merged"))).is_err());
         assert!(capture(Some(&json!("both"))).is_err());
         assert!(capture(Some(&json!(1))).is_err());
+    }
+
+    #[test]
+    fn fopen_modes_are_qemu_ga_s() {
+        let m =
+            |s: &str| OpenMode::parse(s).map(|m| (m.read, m.write, m.create, m.truncate, m.append));
+        for s in ["r", "rb"] {
+            assert_eq!(m(s), Some((true, false, false, false, false)), "{s}");
+        }
+        for s in ["w", "wb"] {
+            assert_eq!(m(s), Some((false, true, true, true, false)), "{s}");
+        }
+        for s in ["a", "ab"] {
+            assert_eq!(m(s), Some((false, true, true, false, true)), "{s}");
+        }
+        for s in ["r+", "rb+", "r+b"] {
+            assert_eq!(m(s), Some((true, true, false, false, false)), "{s}");
+        }
+        for s in ["w+", "wb+", "w+b"] {
+            assert_eq!(m(s), Some((true, true, true, true, false)), "{s}");
+        }
+        for s in ["a+", "ab+", "a+b"] {
+            assert_eq!(m(s), Some((true, true, true, false, true)), "{s}");
+        }
+        for s in ["", "x", "rw", "wx", "r+x", "b", "+r", "R"] {
+            assert_eq!(m(s), None, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn routes_take_qemu_ga_s_shape() {
+        use agent_common::guestops::Route;
+        let v4 = route(Route {
+            family: IpFamily::Ipv4,
+            destination: "10.0.2.0/24".into(),
+            gateway: None,
+            interface: "eth0".into(),
+            metric: 100,
+        })
+        .unwrap();
+        assert_eq!(
+            v4,
+            json!({"iface": "eth0", "destination": "10.0.2.0", "metric": 100,
+                   "gateway": "0.0.0.0", "mask": "255.255.255.0", "version": 4})
+        );
+        let default = route(Route {
+            family: IpFamily::Ipv4,
+            destination: "0.0.0.0/0".into(),
+            gateway: Some("10.0.2.2".into()),
+            interface: "eth0".into(),
+            metric: 0,
+        })
+        .unwrap();
+        assert_eq!(
+            (default["mask"].clone(), default["gateway"].clone()),
+            (json!("0.0.0.0"), json!("10.0.2.2"))
+        );
+        let v6 = route(Route {
+            family: IpFamily::Ipv6,
+            destination: "fe80::/64".into(),
+            gateway: None,
+            interface: "eth0".into(),
+            metric: 256,
+        })
+        .unwrap();
+        assert_eq!(
+            v6,
+            json!({"iface": "eth0", "destination": "fe80::", "metric": 256,
+                   "desprefixlen": "64", "nexthop": "::", "version": 6})
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 mod commands;
 mod framing;
+mod owner;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +25,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use commands::QgaState;
+
+/// The names of every qemu-ga command the dialect serves.
+pub(crate) fn command_names() -> impl Iterator<Item = &'static str> {
+    commands::COMMANDS.iter().map(|(name, _, _)| *name)
+}
 use commands::{QgaError, Reply};
 use framing::{Piece, Splitter, RESET};
+pub use owner::QEMU_GA_PORT;
+pub(crate) use owner::{Gate, Owner};
 
 use crate::dispatch::Agent;
 use crate::session::Session;
@@ -249,6 +257,10 @@ impl serde_json::ser::Formatter for QmpFormatter {
         writer: &mut W,
         fragment: &str,
     ) -> std::io::Result<()> {
+        // ASCII (base64 file contents, most text) in one piece.
+        if fragment.is_ascii() {
+            return writer.write_all(fragment.as_bytes());
+        }
         for c in fragment.chars() {
             if c.is_ascii() {
                 writer.write_all(&[c as u8])?;

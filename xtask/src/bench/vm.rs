@@ -1,4 +1,4 @@
-//! The bench guest: one TCG QEMU with three virtio-serial ports.
+//! The bench guest: one TCG QEMU with four virtio-serial ports.
 
 use std::fs;
 use std::path::PathBuf;
@@ -6,18 +6,21 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::err;
-use crate::guest::{self, AGENT_PORT, QEMU_GA_PORT};
+use crate::guest::{self, AGENT_PORT, OUR_QGA_PORT, QEMU_GA_PORT};
 use crate::util::{bail, kill_pid, Result};
 
 /// Name of the raw port (no agent on it; a guest `dd` writes into it).
 pub(crate) const RAW_PORT: &str = "org.kvmmanager.bench.0";
 
-/// The bench guest: three ports (ours, qemu-ga's, raw). Killed on drop.
+/// The bench guest: four ports (ours, qemu-ga's, ours in qemu-ga's
+/// protocol, raw). Killed on drop.
 pub(crate) struct Vm {
     child: Child,
     dir: PathBuf,
     pub(crate) ours: PathBuf,
     pub(crate) qga: PathBuf,
+    /// Our agent's qemu-ga dialect (`qemu_ga_channel_name` of the guest).
+    pub(crate) ours_qga: PathBuf,
     pub(crate) raw: PathBuf,
 }
 
@@ -32,6 +35,7 @@ impl Vm {
         let ours = dir.join("agent.sock");
         let qga = dir.join("qga.sock");
         let raw = dir.join("raw.sock");
+        let ours_qga = dir.join("ours-qga.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-m", "512", "-smp", "1", "-nographic"]);
         cmd.arg("-kernel").arg(&image.kernel);
@@ -40,9 +44,14 @@ impl Vm {
         cmd.arg("-serial")
             .arg(format!("file:{}", console.display()));
         cmd.args(["-device", "virtio-serial-pci"]);
-        for (i, (sock, name)) in [(&ours, AGENT_PORT), (&qga, QEMU_GA_PORT), (&raw, RAW_PORT)]
-            .into_iter()
-            .enumerate()
+        for (i, (sock, name)) in [
+            (&ours, AGENT_PORT),
+            (&qga, QEMU_GA_PORT),
+            (&raw, RAW_PORT),
+            (&ours_qga, OUR_QGA_PORT),
+        ]
+        .into_iter()
+        .enumerate()
         {
             cmd.arg("-chardev").arg(format!(
                 "socket,path={},server=on,wait=off,id=ch{i}",
@@ -52,7 +61,7 @@ impl Vm {
                 .arg(format!("virtserialport,chardev=ch{i},name={name}"));
         }
         cmd.arg("-append").arg(format!(
-            "console=ttyS0 panic=-1 edd=off quiet kvmm_ports={AGENT_PORT},{QEMU_GA_PORT},{RAW_PORT}"
+            "console=ttyS0 panic=-1 edd=off quiet kvmm_ports={AGENT_PORT},{QEMU_GA_PORT},{RAW_PORT},{OUR_QGA_PORT}"
         ));
         let child = cmd
             .stdin(Stdio::null())
@@ -65,6 +74,7 @@ impl Vm {
             dir,
             ours,
             qga,
+            ours_qga,
             raw,
         };
         let start = Instant::now();
