@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::AddWatchFlags;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::dirwatch::DirWatch;
 use crate::dispatch::Agent;
 use crate::qga::{Gate, Owner, QgaState};
 use crate::server::{serve, OnEof};
@@ -71,6 +73,9 @@ impl Dialect {
         }
     }
 }
+
+/// Where the kernel makes the ports' device nodes (`/dev/vportNpM`).
+const DEV_DIR: &str = "/dev";
 
 /// Where sysfs lists virtio-serial ports.
 const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
@@ -164,6 +169,8 @@ pub async fn serve_port(
     };
     let mut warned = false;
     let mut yielded = false;
+    // Set up while the port is missing (see below).
+    let mut dev_watch: Option<DirWatch> = None;
     while !stop.is_cancelled() {
         if let Some(gate) = &mut gate {
             if let Owner::QemuGa(unit) = gate.owner() {
@@ -171,9 +178,19 @@ pub async fn serve_port(
                     info!(port = %name, unit = %unit.display(), "leaving the port to qemu-guest-agent (installed, not masked); `systemctl mask --now qemu-guest-agent` hands it to this agent");
                     yielded = true;
                 }
+                // Woken by a change to the unit folders only; by the retry
+                // timer too where they cannot be watched.
+                let watching = gate.is_watching();
+                let fallback = async {
+                    if watching {
+                        std::future::pending().await
+                    } else {
+                        tokio::time::sleep(retry).await
+                    }
+                };
                 tokio::select! {
                     () = gate.changed() => {}
-                    () = tokio::time::sleep(retry) => {}
+                    () = fallback => {}
                     () = stop.cancelled() => break,
                 }
                 continue;
@@ -206,20 +223,57 @@ pub async fn serve_port(
                     }
                     warned = true;
                 }
+                // Wait for the port to appear: its device node is made in
+                // the device folder (devtmpfs, with or without udev), so a
+                // watch there wakes the agent when it does, and nothing
+                // else does (no timer while idle). The watch is set up
+                // before looking again, so a port that appears in between
+                // is not missed. Without a watch: the retry timer.
+                let missing = e.kind() == io::ErrorKind::NotFound;
+                if !missing {
+                    // There but not openable (held by another process, say):
+                    // nothing in the folder will change; look again later.
+                    dev_watch = None;
+                } else if dev_watch.is_none() {
+                    let dir = path
+                        .as_deref()
+                        .and_then(Path::parent)
+                        .unwrap_or(Path::new(DEV_DIR))
+                        .to_path_buf();
+                    match DirWatch::new(
+                        &[&dir],
+                        AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
+                    ) {
+                        Ok(Some(w)) => {
+                            dev_watch = Some(w);
+                            continue;
+                        }
+                        Ok(None) | Err(_) => {
+                            debug!(dir = %dir.display(), "cannot watch for the port; looking again every retry interval")
+                        }
+                    }
+                }
                 let changed = async {
                     match &mut gate {
                         Some(g) => g.changed().await,
                         None => std::future::pending().await,
                     }
                 };
+                let appeared = async {
+                    match &mut dev_watch {
+                        Some(w) => w.changed().await,
+                        None => tokio::time::sleep(retry).await,
+                    }
+                };
                 tokio::select! {
-                    () = tokio::time::sleep(retry) => continue,
+                    () = appeared => continue,
                     () = changed => continue,
                     () = stop.cancelled() => break,
                 }
             }
         };
         warned = false;
+        dev_watch = None;
         info!(port = %path.display(), name = %name, "serving the virtio-serial port");
         let served = serve_open_port(
             &agent,
@@ -299,13 +353,7 @@ async fn serve_open_port(
         // A token of its own: the session ends when the port is handed to
         // qemu-ga, and with `stop`.
         let session_stop = stop.child_token();
-        let mut session = dialect.spawn(
-            tracker,
-            agent,
-            stream.split(),
-            OnEof::Drop,
-            &session_stop,
-        );
+        let mut session = dialect.spawn(tracker, agent, stream.split(), OnEof::Drop, &session_stop);
         // The session owns the port while it runs; a panic in it is a bug
         // already reported by the runtime.
         let mut yielded = false;
@@ -524,6 +572,49 @@ pub async fn serve_unix(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether this process has `path` open (its descriptors' links).
+    fn open_here(path: &Path) -> bool {
+        std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+    }
+
+    /// A port missing at start is opened when its device node appears,
+    /// woken by the folder's watch: the retry interval is an hour.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_port_is_opened_when_its_node_appears_without_a_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("vport9p1");
+        let config = crate::config::Config {
+            connection_retry: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve_port(
+            Agent::new(config),
+            Dialect::JsonRpc,
+            "org.example.test.0".into(),
+            Some(dev.clone()),
+            stop.clone(),
+            TaskTracker::new(),
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!open_here(&dev));
+        std::fs::write(&dev, b"").unwrap();
+        let start = std::time::Instant::now();
+        while !open_here(&dev) {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the port that appeared was not opened"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
 
     #[tokio::test]
     async fn a_port_stream_reads_attachments_written_in_small_pieces() {

@@ -121,6 +121,12 @@ impl Gate {
         owner_in(&self.root)
     }
 
+    /// True when changes to the unit folders are seen as they happen (else
+    /// the caller looks again at its retry interval).
+    pub(crate) fn is_watching(&self) -> bool {
+        self.watch.is_some()
+    }
+
     /// Waits until a unit folder changed (never, when nothing is watched).
     pub(crate) async fn changed(&mut self) {
         match &mut self.watch {
