@@ -15,6 +15,7 @@ pub mod error;
 pub mod guestops;
 pub mod jsonrpc;
 pub mod methods;
+pub mod streams;
 
 /// Version of the protocol spoken by this crate, reported by `get_agent_info`.
 ///

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoding::Encoding;
 pub use crate::guestops::*;
+pub use crate::streams::*;
 
 /// A method: its wire name and its params and result types.
 pub trait Rpc {
@@ -213,6 +214,27 @@ methods! {
         MemoryBlocks, Facts::CHANGE;
     /// `suspend`: suspend to RAM, to disk, or both (after replying).
     Suspend => "suspend", SuspendRpc, SuspendParams, PowerResult, Facts::CHANGE;
+    /// `stream_data`: bytes on a stream (the attachment), within the credit
+    /// the agent granted. Instant: handled in order by the reader.
+    StreamData => "stream_data", StreamDataRpc, StreamDataParams, StreamAck,
+        Facts { attachment_in: true, ..Facts::INSTANT };
+    /// `stream_credit`: the agent may send this many more bytes on a stream.
+    StreamCredit => "stream_credit", StreamCreditRpc, StreamCreditParams, StreamAck,
+        Facts::INSTANT;
+    /// `stream_close`: the host sends no more on a stream (half-close).
+    StreamClose => "stream_close", StreamCloseRpc, StreamCloseParams, StreamAck,
+        Facts::INSTANT;
+    /// `stream_reset`: end a stream at once, both ways.
+    StreamReset => "stream_reset", StreamResetRpc, StreamResetParams, StreamAck,
+        Facts::INSTANT;
+    /// `exec_start`: start a command whose stdin and output are streams.
+    ExecStart => "exec_start", ExecStartRpc, ExecStartParams, ExecStartResult,
+        Facts::CHANGE;
+    /// `exec_signal`: send a signal to a streamed command's process group.
+    ExecSignal => "exec_signal", ExecSignalRpc, ExecSignalParams, StreamAck,
+        Facts { changes_guest: true, ..Facts::INSTANT };
+    /// `exec_resize`: resize a streamed command's terminal.
+    ExecResize => "exec_resize", ExecResizeRpc, ExecResizeParams, StreamAck, Facts::INSTANT;
 }
 
 impl Method {

@@ -95,6 +95,10 @@ pub struct Config {
     /// Key `fsfreeze_hook_dir` (absolute, default
     /// `/etc/kvmmanager-agent/fsfreeze-hook.d`; `null`: no hooks).
     pub fsfreeze_hook_dir: Option<PathBuf>,
+    /// Key `shell_command` (a bare name or an absolute path, default
+    /// `/bin/sh`): what a terminal session (`exec_start` with `pty` and no
+    /// `command`) runs; `security.command_whitelist` applies to it.
+    pub shell_command: String,
     /// Key `security`.
     pub security: SecurityConfig,
 }
@@ -158,6 +162,7 @@ impl Default for Config {
             max_concurrent_requests: 10,
             freeze_timeout: Duration::from_secs(60),
             fsfreeze_hook_dir: Some(PathBuf::from(DEFAULT_FSFREEZE_HOOK_DIR)),
+            shell_command: "/bin/sh".to_owned(),
             security: SecurityConfig::default(),
         }
     }
@@ -225,6 +230,7 @@ struct RawConfig {
     max_concurrent_requests: Option<u64>,
     freeze_timeout_seconds: Option<u64>,
     fsfreeze_hook_dir: Option<String>,
+    shell_command: Option<String>,
     security: Option<RawSecurity>,
 }
 
@@ -254,6 +260,7 @@ const TOP_KEYS: &[&str] = &[
     "max_concurrent_requests",
     "freeze_timeout_seconds",
     "fsfreeze_hook_dir",
+    "shell_command",
     "security",
 ];
 
@@ -451,6 +458,18 @@ impl Config {
                 )
             })?,
         };
+        let shell_command = match raw.shell_command {
+            None => d.shell_command.clone(),
+            Some(c)
+                if c.is_empty() || c.contains('\0') || (c.contains('/') && !c.starts_with('/')) =>
+            {
+                return Err(invalid(
+                    "shell_command",
+                    format!("{c:?} must be a bare program name or an absolute path"),
+                ))
+            }
+            Some(c) => c,
+        };
         let log_file = match raw.log_file {
             None => None,
             Some(p) => Some(PathBuf::from(normalize_path(&p).map_err(|e| {
@@ -608,6 +627,7 @@ impl Config {
             max_concurrent_requests: max_concurrent_requests as usize,
             freeze_timeout: Duration::from_secs(freeze_timeout),
             fsfreeze_hook_dir,
+            shell_command,
             security: SecurityConfig {
                 allowed_read_paths,
                 allowed_write_paths,

@@ -41,6 +41,10 @@ use agent_common::methods::{
     PowerResult, RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
 use agent_common::methods::{
+    ExecResizeRpc, ExecSignalRpc, ExecStartRpc, StreamAck, StreamCloseRpc, StreamCreditRpc,
+    StreamDataRpc, StreamResetRpc,
+};
+use agent_common::methods::{
     FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetMemoryBlocksRpc,
     GetStatsRpc, GetTimeRpc, GetUsersRpc, GetVcpusRpc, SetMemoryBlocksRpc, SetTimeRpc,
     SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysParams, SshKeysRemoveRpc,
@@ -78,6 +82,8 @@ pub struct Agent {
     /// `fs_freeze` state: while frozen, methods that could write answer
     /// `frozen`.
     freeze: Arc<FreezeService>,
+    /// Streamed commands running (`exec_start`).
+    execs: Arc<crate::exec_stream::Execs>,
 }
 
 pub use crate::session::SessionId;
@@ -204,6 +210,7 @@ impl Agent {
             slots: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             abort: CancellationToken::new(),
             freeze: FreezeService::new(&config),
+            execs: Arc::default(),
             config,
         })
     }
@@ -745,6 +752,52 @@ impl Agent {
                     })
                 })
                 .await
+            }
+            // The host's stream messages: never wait (the session's reader
+            // runs them itself, in order; `crate::streams`).
+            Method::StreamData => {
+                self.typed::<StreamDataRpc, _, _, _>(req, |p| async move {
+                    session
+                        .streams()
+                        .data(p.stream, attachment.unwrap_or_default(), session.notifier())
+                        .map(|()| StreamAck {})
+                })
+                .await
+            }
+            Method::StreamCredit => {
+                self.typed::<StreamCreditRpc, _, _, _>(req, |p| async move {
+                    session
+                        .streams()
+                        .credit(p.stream, p.bytes)
+                        .map(|()| StreamAck {})
+                })
+                .await
+            }
+            Method::StreamClose => {
+                self.typed::<StreamCloseRpc, _, _, _>(req, |p| async move {
+                    session.streams().close(p.stream).map(|()| StreamAck {})
+                })
+                .await
+            }
+            Method::StreamReset => {
+                self.typed::<StreamResetRpc, _, _, _>(req, |p| async move {
+                    session.streams().reset(p.stream).map(|()| StreamAck {})
+                })
+                .await
+            }
+            Method::ExecStart => {
+                self.typed::<ExecStartRpc, _, _, _>(req, |p| async move {
+                    self.execs.start(&self.config, session, p)
+                })
+                .await
+            }
+            Method::ExecSignal => {
+                self.typed::<ExecSignalRpc, _, _, _>(req, |p| self.execs.signal(session, p))
+                    .await
+            }
+            Method::ExecResize => {
+                self.typed::<ExecResizeRpc, _, _, _>(req, |p| self.execs.resize(session, p))
+                    .await
             }
         }
     }

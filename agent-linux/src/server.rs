@@ -191,6 +191,7 @@ pub async fn serve<R, W>(
     let context = Arc::new(Session::new(
         session,
         tx.downgrade(),
+        bulk_tx.downgrade(),
         Arc::clone(&budget.pending),
     ));
     let requests = TaskTracker::new();
@@ -317,6 +318,17 @@ pub async fn serve<R, W>(
             },
         };
         let permit = or_end!(budget.acquire(&incoming, data.is_some()));
+        if is_stream_message(&incoming) {
+            // In order, here: they never wait (`crate::streams`).
+            let data = data.map(BytesMut::freeze);
+            if let Some(mut out) = agent.handle(&context, incoming, data).await {
+                out.hold.push(permit);
+                if or_end!(tx.send(out)).is_err() {
+                    break;
+                }
+            }
+            continue;
+        }
         spawn_request(
             &requests,
             &agent,
@@ -351,6 +363,17 @@ pub async fn serve<R, W>(
         agent.release_memory();
     });
     debug!(session = session.0, "session ended");
+}
+
+/// True for the host's stream messages (`stream_data`, `stream_credit`,
+/// `stream_close`, `stream_reset`), which the reader handles itself, in
+/// the order they came: a stream's data must not be reordered, and
+/// handling them never waits.
+fn is_stream_message(incoming: &Incoming) -> bool {
+    matches!(incoming, Incoming::Single(Ok(req)) if matches!(
+        Method::from_name(&req.method),
+        Some(Method::StreamData | Method::StreamCredit | Method::StreamClose | Method::StreamReset)
+    ))
 }
 
 /// Runs one request on a task of its own; its reply, holding `permit`,

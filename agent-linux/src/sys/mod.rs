@@ -14,6 +14,8 @@
 //!   `getrandom`, a bounded `readdir`);
 //! - [`process`]: pidfds, `waitpid` and `clone3(CLONE_INTO_CGROUP)` for
 //!   [`crate::exec`];
+//! - [`pty`]: the terminal size ioctl and the child's `setsid` +
+//!   `TIOCSCTTY` for [`crate::exec`]'s streamed commands;
 //! - [`ops`]: `FIFREEZE`, `FITHAW`, `FITRIM`, the RTC's ioctls and
 //!   `localtime_r` for [`crate::ops`];
 //! - [`port`]: `fcntl`, reactor registration and reads into uninitialised
@@ -25,11 +27,13 @@ mod fs;
 mod ops;
 mod port;
 mod process;
+mod pty;
 
 pub(crate) use fs::*;
 pub(crate) use ops::*;
 pub(crate) use port::*;
 pub(crate) use process::*;
+pub(crate) use pty::*;
 
 /// The number of CPUs online (`sysconf(_SC_NPROCESSORS_ONLN)`; -1 if the
 /// system cannot tell).
