@@ -471,6 +471,7 @@ fn config_keys_and_defaults_match() {
             "fsfreeze_hook_dir",
             "`/etc/kvmmanager-agent/fsfreeze-hook.d`",
         ),
+        ("shell_command", "`/bin/sh`"),
         (
             "security.allowed_read_paths",
             r#"`["/tmp", "/var/log", "/etc/hostname", "/etc/os-release"]`"#,

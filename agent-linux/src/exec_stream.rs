@@ -367,20 +367,19 @@ impl Command {
         tokio::pin!(expired);
         let mut timed_out = false;
         let mut outputs_done = false;
-        let mut exited = false;
+        let mut stdin_done = false;
         // Until the main process exits (or must be killed).
         loop {
             tokio::select! {
-                r = self.child.exited(), if !exited => {
+                r = self.child.exited() => {
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "waiting for a streamed command failed; killing it");
                         self.child.kill();
                     }
-                    exited = true;
                     break;
                 }
                 _ = &mut outputs, if !outputs_done => outputs_done = true,
-                _ = &mut stdin => {}
+                _ = &mut stdin, if !stdin_done => stdin_done = true,
                 Some(c) = self.controls.recv() => match c {
                     Control::Signal(sig, done) => {
                         let _ = done.send(self.child.signal(sig));
@@ -405,7 +404,6 @@ impl Command {
                 }
             }
         }
-        let _ = exited;
         if !outputs_done {
             // Descendants may still hold the output: a short grace, then
             // the group goes; what is in the pipes is still sent.

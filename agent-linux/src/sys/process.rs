@@ -78,6 +78,8 @@ pub(crate) fn waitpid(pid: libc::pid_t, block: bool) -> io::Result<Option<ExitSt
 /// Descriptors 0-2 are overwritten in the child in order, so none of
 /// `stdio` and `err_fd` may be one of them (the caller checks). `err_fd`
 /// should be close-on-exec, so its reader sees end-of-file at the `execve`.
+// The arguments are what execve and the child's set-up need, each once.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn clone_exec_into_cgroup(
     cgroup: BorrowedFd<'_>,
     stdio: [BorrowedFd<'_>; 3],

@@ -17,6 +17,8 @@
 mod format;
 pub mod ops;
 mod render;
+pub mod stream;
+mod term;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -183,6 +185,10 @@ pub struct ExecArgs {
     /// With --json, keep stdout/stderr base64-encoded instead of decoding them as text.
     #[arg(long)]
     pub binary: bool,
+    /// Stream: print output as it comes and pass our stdin through (no
+    /// output limit; the command ends when kvmmanager-ctl does).
+    #[arg(long, conflicts_with_all = ["stdin", "binary"])]
+    pub stream: bool,
     /// The command and its arguments (no shell: arguments are passed verbatim).
     #[arg(
         required = true,
@@ -217,6 +223,11 @@ pub enum Command {
         after_help = "Example:\n  kvmmanager-ctl -d web1 exec --env LC_ALL=C -- ls -l /var/log"
     )]
     Exec(ExecArgs),
+    /// Open a terminal session in the guest (raw mode; the window size follows ours).
+    #[command(
+        after_help = "Examples:\n  kvmmanager-ctl -d web1 shell\n  kvmmanager-ctl -d web1 shell -- top\n\nExits with the session's exit status."
+    )]
+    Shell(stream::ShellArgs),
     /// Print a guest file to stdout.
     Cat {
         /// Absolute path in the guest.
@@ -541,7 +552,7 @@ pub fn run(cli: Cli) -> i32 {
             )))
             .try_init();
     }
-    let is_exec = matches!(cli.command, Command::Exec(_));
+    let is_exec = matches!(cli.command, Command::Exec(_) | Command::Shell(_));
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -691,7 +702,9 @@ async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
                 out(&render_df(&d))?;
             }
         }
+        Command::Exec(args) if args.stream => return stream::exec(client, args).await,
         Command::Exec(args) => return exec(client, args, json).await,
+        Command::Shell(args) => return stream::shell(client, args).await,
         Command::Read { path, output } if output.as_os_str() == "-" => cat(client, &path).await?,
         Command::Cat { path } => cat(client, &path).await?,
         Command::Read { path, output }
