@@ -886,6 +886,8 @@ mod tests {
             (r#"{"log_level":3}"#, "log_level"),
             (r#"{"log_file":"agent.log"}"#, "log_file"),
             (r#"{"log_file":""}"#, "log_file"),
+            (r#"{"shell_command":""}"#, "shell_command"),
+            (r#"{"shell_command":"bin/sh"}"#, "shell_command"),
             (r#"{"log_file":"/"}"#, "log_file"),
             (r#"{"log_file":"/var/log/../x"}"#, "log_file"),
             (r#"{"channel_name":""}"#, "channel_name"),

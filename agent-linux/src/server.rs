@@ -111,19 +111,23 @@ pub const LARGEST_REPLY: u64 =
 /// it):
 ///
 /// `FIXED_OVERHEAD`
-/// + per session: its read buffer (`max_message_size` + `MAX_ATTACHMENT_SIZE`)
-///   and its pending replies that hold no slot
+/// + per session: its read buffer (`max_message_size` + `MAX_ATTACHMENT_SIZE`),
+///   its pending replies that hold no slot
 ///   ((`pending_limit` + `INSTANT_RESERVE`) x (2 x `max_message_size` + 4 KiB):
-///   an error echoes at most the id and parts of its line)
+///   an error echoes at most the id and parts of its line), and its streams
+///   (`MAX_STREAMS` x (`STREAM_WINDOW` of the host's data not yet used +
+///   `STREAM_CHUNK` of output on its way): 10 MiB)
 /// + `max_concurrent_requests` x `LARGEST_REPLY` (shared by all sessions).
 ///
 /// With the default config and one host: 16 MiB + 1.06 MiB + 24 x 132 KiB
-/// + 10 x 10 MiB, about 120 MiB.
+/// + 10 MiB + 10 x 10 MiB, about 130 MiB.
 pub fn memory_bound(config: &Config, sessions: u64) -> u64 {
     let line = config.max_message_size as u64;
     let per_session = line
         + agent_common::MAX_ATTACHMENT_SIZE
-        + (pending_limit(config) + INSTANT_RESERVE) as u64 * (2 * line + 4096);
+        + (pending_limit(config) + INSTANT_RESERVE) as u64 * (2 * line + 4096)
+        + agent_common::streams::MAX_STREAMS as u64
+            * (agent_common::streams::STREAM_WINDOW + agent_common::streams::STREAM_CHUNK);
     FIXED_OVERHEAD + sessions * per_session + config.max_concurrent_requests as u64 * LARGEST_REPLY
 }
 

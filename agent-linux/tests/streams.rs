@@ -256,3 +256,73 @@ fn the_raw_wire_credit_violations_reset_and_the_session_end_kills() {
     assert!(gone(pid), "the reset command {pid} still runs");
     assert!(gone(pid2), "the command {pid2} outlived its session");
 }
+
+/// `kvmmanager-ctl` beside the agent (built by `cargo test --workspace`,
+/// or `cargo build -p host-client`).
+fn ctl(agent: &AgentProcess, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let ctl = std::path::PathBuf::from(env!("CARGO_BIN_EXE_kvmmanager-agent"))
+        .with_file_name("kvmmanager-ctl");
+    assert!(
+        ctl.exists(),
+        "{} is missing: build host-client first",
+        ctl.display()
+    );
+    let mut child = std::process::Command::new(ctl)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn ctl_exec_stream_and_shell_pass_bytes_and_exit_statuses() {
+    let agent = AgentProcess::start();
+    let out = ctl(
+        &agent,
+        &[
+            "exec",
+            "--stream",
+            "--",
+            "sh",
+            "-c",
+            "cat; echo err >&2; exit 4",
+        ],
+        b"piped through\n",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piped through\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert_eq!(out.status.code(), Some(4));
+    // Killed by a signal: 128 + N.
+    let out = ctl(
+        &agent,
+        &["exec", "--stream", "--", "sh", "-c", "kill -TERM $$"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(143), "{out:?}");
+    // Not on a terminal here: no raw mode, the default size.
+    let out = ctl(
+        &agent,
+        &["shell", "--", "sh", "-c", "stty size; exit 3"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("24 80"),
+        "{out:?}"
+    );
+    // A refused command is an error of kvmmanager-ctl's own.
+    let agent = AgentProcess::start_with(json!({"command_whitelist": ["true"]}), json!({}));
+    let out = ctl(&agent, &["shell"], b"");
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("whitelist"),
+        "{out:?}"
+    );
+}
