@@ -235,6 +235,9 @@ methods! {
         Facts { changes_guest: true, ..Facts::INSTANT };
     /// `exec_resize`: resize a streamed command's terminal.
     ExecResize => "exec_resize", ExecResizeRpc, ExecResizeParams, StreamAck, Facts::INSTANT;
+    /// `forward_open`: connect to a TCP port in the guest, the bytes as a stream.
+    ForwardOpen => "forward_open", ForwardOpenRpc, ForwardOpenParams, ForwardOpenResult,
+        Facts::QUERY;
 }
 
 impl Method {

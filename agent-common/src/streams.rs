@@ -175,6 +175,32 @@ pub struct ExecExitParams {
     pub duration_ms: u64,
 }
 
+/// Params of `forward_open`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardOpenParams {
+    /// The guest address to connect to: an IP address (no names), one
+    /// that `security.allowed_forwards` lists.
+    pub host: String,
+    /// The TCP port.
+    pub port: u16,
+    /// The id of the stream that carries the connection's bytes.
+    pub stream: u64,
+    /// Bytes the host grants at once; default [`STREAM_WINDOW`], at most
+    /// [`MAX_STREAM_WINDOW`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+}
+
+/// Result of `forward_open`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardOpenResult {
+    /// The stream, as asked.
+    pub stream: u64,
+    /// Bytes the host may send before more credit.
+    pub window: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -484,6 +484,7 @@ fn config_keys_and_defaults_match() {
         ("security.command_max_processes", "`null`"),
         ("security.allowed_methods", "`null`"),
         ("security.blocked_methods", "`[]`"),
+        ("security.allowed_forwards", "`[]`"),
     ];
     let doc = doc();
     let text = section(&doc, "## Limits and configuration").expect("a limits section");

@@ -67,6 +67,36 @@ impl LogLevel {
     }
 }
 
+/// A guest address `forward_open` may connect to
+/// (`security.allowed_forwards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardRule {
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// The port; `None`: any.
+    pub port: Option<u16>,
+}
+
+impl ForwardRule {
+    /// `ADDRESS:PORT` or `ADDRESS:*`, IPv6 in brackets.
+    pub fn parse(text: &str) -> Option<ForwardRule> {
+        let (host, port) = text.rsplit_once(':')?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let ip: std::net::IpAddr = host.parse().ok()?;
+        if ip.is_ipv6() && !text.starts_with('[') {
+            return None;
+        }
+        let port = match port {
+            "*" => None,
+            p => Some(p.parse::<u16>().ok().filter(|p| *p > 0)?),
+        };
+        Some(ForwardRule { ip, port })
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -125,6 +155,9 @@ pub struct SecurityConfig {
     /// Key `allowed_methods`: the methods served; `None` (default): all.
     /// `ping`, `sync` and `get_agent_info` are served whatever it says.
     pub allowed_methods: Option<Vec<Method>>,
+    /// Key `allowed_forwards` (default empty: no forwarding): the guest
+    /// addresses `forward_open` may connect to.
+    pub allowed_forwards: Vec<ForwardRule>,
     /// Key `blocked_methods` (default empty): methods refused, even if
     /// allowed.
     pub blocked_methods: Vec<Method>,
@@ -145,6 +178,7 @@ impl Default for SecurityConfig {
             command_max_processes: None,
             allowed_methods: None,
             blocked_methods: Vec::new(),
+            allowed_forwards: Vec::new(),
         }
     }
 }
@@ -247,6 +281,7 @@ struct RawSecurity {
     command_max_processes: Option<u64>,
     allowed_methods: Option<Vec<String>>,
     blocked_methods: Option<Vec<String>>,
+    allowed_forwards: Option<Vec<String>>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -274,6 +309,7 @@ const SECURITY_KEYS: &[&str] = &[
     "security.command_max_processes",
     "security.allowed_methods",
     "security.blocked_methods",
+    "security.allowed_forwards",
 ];
 
 /// Finds the key (of `known`, dotted with `prefix`) that makes `object` fail
@@ -614,6 +650,22 @@ impl Config {
             s.blocked_methods.unwrap_or_default(),
         )?;
 
+        let allowed_forwards = s
+            .allowed_forwards
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                ForwardRule::parse(r).ok_or_else(|| {
+                    invalid(
+                        "security.allowed_forwards",
+                        format!(
+                            "{r:?} is not ADDRESS:PORT or ADDRESS:* (an IP address; IPv6 in brackets)"
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
         Ok(Config {
             log_level,
             log_file,
@@ -638,8 +690,18 @@ impl Config {
                 command_max_processes,
                 allowed_methods,
                 blocked_methods,
+                allowed_forwards,
             },
         })
+    }
+
+    /// True if `security.allowed_forwards` lets `forward_open` connect to
+    /// `addr`.
+    pub fn forward_allowed(&self, addr: std::net::SocketAddr) -> bool {
+        self.security
+            .allowed_forwards
+            .iter()
+            .any(|r| r.ip == addr.ip() && r.port.map_or(true, |p| p == addr.port()))
     }
 
     /// True if the policy serves `method` (`security.allowed_methods`,
@@ -879,6 +941,20 @@ mod tests {
     }
 
     #[test]
+    fn allowed_forwards_match_address_and_port() {
+        let c =
+            Config::from_json(r#"{"security":{"allowed_forwards":["127.0.0.1:80","[::1]:*"]}}"#)
+                .unwrap();
+        let ok = |a: &str| c.forward_allowed(a.parse().unwrap());
+        assert!(ok("127.0.0.1:80"));
+        assert!(!ok("127.0.0.1:81"));
+        assert!(!ok("127.0.0.2:80"));
+        assert!(ok("[::1]:1"));
+        assert!(ok("[::1]:65535"));
+        assert!(!Config::default().forward_allowed("127.0.0.1:80".parse().unwrap()));
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let cases: &[(&str, &str)] = &[
             (r#"{"log_level":"verbose"}"#, "log_level"),
@@ -888,6 +964,18 @@ mod tests {
             (r#"{"log_file":""}"#, "log_file"),
             (r#"{"shell_command":""}"#, "shell_command"),
             (r#"{"shell_command":"bin/sh"}"#, "shell_command"),
+            (
+                r#"{"security":{"allowed_forwards":["localhost:80"]}}"#,
+                "security.allowed_forwards",
+            ),
+            (
+                r#"{"security":{"allowed_forwards":["::1:80"]}}"#,
+                "security.allowed_forwards",
+            ),
+            (
+                r#"{"security":{"allowed_forwards":["127.0.0.1:0"]}}"#,
+                "security.allowed_forwards",
+            ),
             (r#"{"log_file":"/"}"#, "log_file"),
             (r#"{"log_file":"/var/log/../x"}"#, "log_file"),
             (r#"{"channel_name":""}"#, "channel_name"),

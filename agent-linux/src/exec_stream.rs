@@ -329,8 +329,8 @@ struct Command {
 }
 
 /// Our side of the command's descriptors, as async readers and writers.
-type Reader = Box<dyn AsyncRead + Send + Unpin>;
-type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+pub(crate) type Reader = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 impl Command {
     async fn run(mut self) {
@@ -477,7 +477,7 @@ impl Command {
 /// dropped and still granted back, so the host never waits on it. At the
 /// host's `stream_close` stdin is closed (on a terminal it stays open: the
 /// host sends the terminal's end-of-file character instead).
-async fn pump_in(stream: Stream, mut input: Option<Writer>, pty: bool) {
+pub(crate) async fn pump_in(stream: Stream, mut input: Option<Writer>, pty: bool) {
     while let Some(data) = stream.recv().await {
         if let Some(w) = &mut input {
             if w.write_all(&data).await.is_err() {
@@ -501,7 +501,7 @@ async fn pump_in(stream: Stream, mut input: Option<Writer>, pty: bool) {
 /// The command's output to the host, as far as its credit allows; ends at
 /// end of output (a terminal's EIO once every process closed it) or when
 /// the stream is gone.
-async fn pump_out(stream: Stream, mut output: Reader) {
+pub(crate) async fn pump_out(stream: Stream, mut output: Reader) {
     loop {
         let Ok(room) = stream.writable().await else {
             return;

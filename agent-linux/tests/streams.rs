@@ -326,3 +326,128 @@ fn ctl_exec_stream_and_shell_pass_bytes_and_exit_statuses() {
         "{out:?}"
     );
 }
+
+/// A TCP service on loopback standing in for one inside the guest: it
+/// answers each connection with `size` bytes of a pattern, then echoes
+/// what it reads until the peer closes.
+fn tcp_service(size: usize) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+                if conn.write_all(&data).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 65536];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_carry_many_connections_and_report_refusals() {
+    let size = 3 << 20;
+    let port = tcp_service(size);
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let agent = AgentProcess::start_with(
+        json!({"allowed_forwards": [format!("127.0.0.1:{port}"), format!("127.0.0.1:{closed_port}")]}),
+        json!({}),
+    );
+    let client = Client::connect(&agent.socket).await.unwrap();
+    let expected: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let client = client.clone();
+        let expected = expected.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut f = client.forward_open("127.0.0.1", port).await.unwrap();
+            let mut got = vec![0u8; size];
+            f.reader.read_exact(&mut got).await.unwrap();
+            assert!(got == expected, "connection {i}: the download differs");
+            let hello = format!("hello {i}\n");
+            f.writer.write_all(hello.as_bytes()).await.unwrap();
+            f.writer.shutdown().await.unwrap();
+            let mut echo = String::new();
+            f.reader.read_to_string(&mut echo).await.unwrap();
+            assert_eq!(echo, hello);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let e = client
+        .forward_open("127.0.0.1", closed_port)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e}");
+    let e = client.forward_open("127.0.0.1", 22).await.unwrap_err();
+    assert!(e.is_policy_denied(), "{e}");
+    let e = client.forward_open("localhost", port).await.unwrap_err();
+    assert!(e.to_string().contains("IP address"), "{e}");
+    // Off by default.
+    let plain = AgentProcess::start();
+    let client = Client::connect(&plain.socket).await.unwrap();
+    assert!(client
+        .forward_open("127.0.0.1", port)
+        .await
+        .unwrap_err()
+        .is_policy_denied());
+}
+
+#[test]
+fn ctl_forward_listens_and_forwards_each_connection() {
+    use std::io::{BufRead, Read, Write};
+    let port = tcp_service(100_000);
+    let agent = AgentProcess::start_with(
+        json!({"allowed_forwards": [format!("127.0.0.1:{port}")]}),
+        json!({}),
+    );
+    let ctl = std::path::PathBuf::from(env!("CARGO_BIN_EXE_kvmmanager-agent"))
+        .with_file_name("kvmmanager-ctl");
+    let mut child = std::process::Command::new(ctl)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["forward", &format!("0:127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let local: std::net::SocketAddr = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(local).unwrap();
+        let mut got = vec![0u8; 100_000];
+        s.read_exact(&mut got).unwrap();
+        assert!(got.iter().enumerate().all(|(i, b)| *b == (i % 253) as u8));
+        s.write_all(b"ping\n").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut echo = String::new();
+        s.read_to_string(&mut echo).unwrap();
+        assert_eq!(echo, "ping\n");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

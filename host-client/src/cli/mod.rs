@@ -228,6 +228,11 @@ pub enum Command {
         after_help = "Examples:\n  kvmmanager-ctl -d web1 shell\n  kvmmanager-ctl -d web1 shell -- top\n\nExits with the session's exit status."
     )]
     Shell(stream::ShellArgs),
+    /// Forward a local TCP port to an address inside the guest (until Ctrl-C).
+    #[command(
+        after_help = "Example:\n  kvmmanager-ctl -d web1 forward 8080:127.0.0.1:80\n\nThe agent connects only to addresses its security.allowed_forwards lists."
+    )]
+    Forward(stream::ForwardArgs),
     /// Print a guest file to stdout.
     Cat {
         /// Absolute path in the guest.
@@ -705,6 +710,7 @@ async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
         Command::Exec(args) if args.stream => return stream::exec(client, args).await,
         Command::Exec(args) => return exec(client, args, json).await,
         Command::Shell(args) => return stream::shell(client, args).await,
+        Command::Forward(args) => return stream::forward(client, args).await,
         Command::Read { path, output } if output.as_os_str() == "-" => cat(client, &path).await?,
         Command::Cat { path } => cat(client, &path).await?,
         Command::Read { path, output }

@@ -228,6 +228,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn forward_specs() {
+        let spec = |b: &str, l, h: &str, g| ForwardSpec {
+            bind: b.into(),
+            local_port: l,
+            guest_host: h.into(),
+            guest_port: g,
+        };
+        assert_eq!(
+            parse_forward("8080:127.0.0.1:80"),
+            Ok(spec("127.0.0.1", 8080, "127.0.0.1", 80))
+        );
+        assert_eq!(
+            parse_forward("0.0.0.0:0:10.0.0.2:443"),
+            Ok(spec("0.0.0.0", 0, "10.0.0.2", 443))
+        );
+        assert_eq!(
+            parse_forward("[::1]:8080:[::1]:80"),
+            Ok(spec("::1", 8080, "::1", 80))
+        );
+        for bad in [
+            "80",
+            "8080:80",
+            "x:1.2.3.4:80",
+            "1:1.2.3.4:0",
+            "1:2:3:4:5",
+            "1:h:99999",
+        ] {
+            assert!(parse_forward(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn exit_codes() {
         let e = |exit_code, signal, timed_out| ExecExitParams {
             stream: 1,
@@ -241,5 +273,121 @@ mod tests {
         assert_eq!(exit_code(&e(None, Some(15), false)), 143);
         assert_eq!(exit_code(&e(None, Some(9), true)), 124);
         assert_eq!(exit_code(&e(None, None, false)), 255);
+    }
+}
+
+/// What `forward` listens on and where it connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardSpec {
+    /// The local address to listen on (default 127.0.0.1).
+    pub bind: String,
+    /// The local port.
+    pub local_port: u16,
+    /// The guest address (an IP address).
+    pub guest_host: String,
+    /// The guest port.
+    pub guest_port: u16,
+}
+
+/// Parses `[BIND:]LOCALPORT:GUESTHOST:GUESTPORT` (IPv6 addresses in
+/// brackets).
+pub fn parse_forward(text: &str) -> Result<ForwardSpec, String> {
+    let mut parts = Vec::new();
+    let mut depth = 0;
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ':' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    let unbracket = |s: &str| {
+        s.strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .unwrap_or(s)
+            .to_owned()
+    };
+    let port = |s: &str, what: &str| {
+        s.parse::<u16>()
+            .map_err(|_| format!("{what} {s:?} is not a port number (0 to 65535)"))
+    };
+    let (bind, rest) = match parts.len() {
+        3 => ("127.0.0.1".to_owned(), &parts[..]),
+        4 => (unbracket(parts[0]), &parts[1..]),
+        _ => {
+            return Err(format!(
+                "{text:?} is not [BIND:]LOCALPORT:GUESTHOST:GUESTPORT (e.g. 8080:127.0.0.1:80)"
+            ))
+        }
+    };
+    let guest_port = port(rest[2], "GUESTPORT")?;
+    if guest_port == 0 {
+        return Err("GUESTPORT must not be 0".into());
+    }
+    Ok(ForwardSpec {
+        bind,
+        local_port: port(rest[0], "LOCALPORT")?,
+        guest_host: unbracket(rest[1]),
+        guest_port,
+    })
+}
+
+/// Arguments of `forward`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ForwardArgs {
+    /// Listen on BIND:LOCALPORT (BIND defaults to 127.0.0.1) and connect each
+    /// connection to GUESTHOST:GUESTPORT inside the guest.
+    #[arg(value_name = "[BIND:]LOCALPORT:GUESTHOST:GUESTPORT", value_parser = parse_forward)]
+    pub spec: ForwardSpec,
+}
+
+/// `forward`: listens until interrupted; one stream per connection.
+pub(super) async fn forward(client: &Client, args: ForwardArgs) -> Result<i32, CliError> {
+    let spec = args.spec;
+    let listener = tokio::net::TcpListener::bind((spec.bind.as_str(), spec.local_port))
+        .await
+        .map_err(local("cannot listen on the local address"))?;
+    let here = listener
+        .local_addr()
+        .map_err(local("cannot read the local address"))?;
+    eprintln!(
+        "kvmmanager-ctl: forwarding {here} to {}:{} in the guest (Ctrl-C to stop)",
+        spec.guest_host, spec.guest_port
+    );
+    loop {
+        let (socket, peer) = listener
+            .accept()
+            .await
+            .map_err(local("cannot accept a connection"))?;
+        let client = client.clone();
+        let (host, port) = (spec.guest_host.clone(), spec.guest_port);
+        tokio::spawn(async move {
+            let _ = socket.set_nodelay(true);
+            let guest = match client.forward_open(&host, port).await {
+                Ok(g) => g,
+                Err(e) => {
+                    // Dropping the socket tells the local client.
+                    eprintln!("kvmmanager-ctl: forward: {peer} to {host}:{port}: {e}");
+                    return;
+                }
+            };
+            let (mut from_local, mut to_local) = socket.into_split();
+            let (mut from_guest, mut to_guest) = (guest.reader, guest.writer);
+            let up = async {
+                let _ = tokio::io::copy(&mut from_local, &mut to_guest).await;
+                let _ = to_guest.shutdown().await;
+            };
+            let down = async {
+                let _ = tokio::io::copy(&mut from_guest, &mut to_local).await;
+                let _ = to_local.shutdown().await;
+            };
+            tokio::join!(up, down);
+        });
     }
 }

@@ -65,6 +65,7 @@ impl ExecRequest {
 }
 
 /// A running streamed command.
+#[derive(Debug)]
 pub struct ExecStream {
     /// The command's stdin (on a terminal: its keyboard). Shut it down to
     /// close stdin (on a terminal, send the end-of-file character instead).
@@ -140,6 +141,11 @@ impl ExecControl {
 /// asks, and a process-wide counter gives that for every client.
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh stream id, with the next one free too (for a second stream).
+pub(super) fn next_stream_id() -> u64 {
+    NEXT_STREAM.fetch_add(2, Ordering::Relaxed)
+}
+
 impl Client {
     /// Starts a command in the guest whose stdin and output are streams
     /// (`exec_start`): bytes flow as they come, both ways, with flow
@@ -163,7 +169,7 @@ impl Client {
         let conn = self.ready().await?;
         let window = req.window.unwrap_or(STREAM_WINDOW);
         let table = self.inner.streams.clone();
-        let id = NEXT_STREAM.fetch_add(2, Ordering::Relaxed);
+        let id = next_stream_id();
         let stderr_id = (req.separate_stderr && req.pty.is_none()).then_some(id + 1);
         let main = table.register(id, conn.serial(), window);
         let err = stderr_id.map(|e| table.register(e, conn.serial(), window));

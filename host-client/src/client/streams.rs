@@ -287,6 +287,23 @@ pub struct StreamReader {
     chunk: Bytes,
 }
 
+impl std::fmt::Debug for StreamReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader")
+            .field("stream", &self.handle.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for StreamWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamWriter")
+            .field("stream", &self.handle.shared.id)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl StreamReader {
     pub(super) fn new(handle: Arc<Handle>) -> StreamReader {
         StreamReader {
