@@ -68,7 +68,8 @@ impl Group {
             Group::Guest => &["busybox-static", "cpio", "binutils"],
             // qemu-ga's shared libraries, copied from the host into the guest.
             Group::QemuGa => &["libglib2.0-0", "libnuma1", "liburing2", "libudev1"],
-            Group::Qemu => &["qemu-system-x86", "qemu-utils", "socat"],
+            // tmux and curl: the stream checks' terminal and HTTP client.
+            Group::Qemu => &["qemu-system-x86", "qemu-utils", "socat", "tmux", "curl"],
             Group::Distro => &["debootstrap", "e2fsprogs"],
             Group::Peer => &["qemu-guest-agent"],
             Group::Libvirt => &[

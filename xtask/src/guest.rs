@@ -57,7 +57,8 @@ pub(crate) const GUEST_CONFIG: &str = r#"{
     "max_file_size_mb": 128,
     "max_command_timeout_seconds": 300,
     "command_memory_max_mb": 256,
-    "command_max_processes": 64
+    "command_max_processes": 64,
+    "allowed_forwards": ["127.0.0.1:*"]
   }
 }
 "#;

@@ -729,6 +729,7 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
         crate::probe::socat_ping(&vm.socket).map(|_| ())
     });
     guest_checks(t, &ctl, &INITRAMFS_FACTS, "")?;
+    crate::stream_checks::stream_checks(t, &ctl)?;
     t.check("reboot", || {
         let markers = crate::vm::count_markers(&vm.console);
         ctl.run(true, &["reboot"], Duration::from_secs(60))?.ok()?;
