@@ -238,6 +238,8 @@ methods! {
     /// `forward_open`: connect to a TCP port in the guest, the bytes as a stream.
     ForwardOpen => "forward_open", ForwardOpenRpc, ForwardOpenParams, ForwardOpenResult,
         Facts::QUERY;
+    /// `follow_log`: a file's new lines as they are written (`tail -F`), as a stream.
+    FollowLog => "follow_log", FollowLogRpc, FollowLogParams, FollowLogResult, Facts::QUERY;
 }
 
 impl Method {

@@ -201,6 +201,32 @@ pub struct ForwardOpenResult {
     pub window: u64,
 }
 
+/// Params of `follow_log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowLogParams {
+    /// The file, beneath `security.allowed_read_paths`.
+    pub path: String,
+    /// Lines already in the file to send first (at most 10000); default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lines: Option<u32>,
+    /// Only lines containing this text (plain text, case-sensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// The id of the stream that carries the lines.
+    pub stream: u64,
+    /// Bytes the host grants at once; default [`STREAM_WINDOW`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+}
+
+/// Result of `follow_log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowLogResult {
+    /// The stream, as asked.
+    pub stream: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,8 +41,8 @@ use agent_common::methods::{
     PowerResult, RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
 use agent_common::methods::{
-    ExecResizeRpc, ExecSignalRpc, ExecStartRpc, ForwardOpenRpc, StreamAck, StreamCloseRpc,
-    StreamCreditRpc, StreamDataRpc, StreamResetRpc,
+    ExecResizeRpc, ExecSignalRpc, ExecStartRpc, FollowLogRpc, ForwardOpenRpc, StreamAck,
+    StreamCloseRpc, StreamCreditRpc, StreamDataRpc, StreamResetRpc,
 };
 use agent_common::methods::{
     FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetMemoryBlocksRpc,
@@ -798,6 +798,12 @@ impl Agent {
             Method::ExecResize => {
                 self.typed::<ExecResizeRpc, _, _, _>(req, |p| self.execs.resize(session, p))
                     .await
+            }
+            Method::FollowLog => {
+                self.typed::<FollowLogRpc, _, _, _>(req, |p| {
+                    crate::follow::start(&self.config, session, p)
+                })
+                .await
             }
             Method::ForwardOpen => {
                 self.typed::<ForwardOpenRpc, _, _, _>(req, |p| {

@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod exec_stream;
 pub mod files;
+pub mod follow;
 pub mod forward;
 pub mod logging;
 pub mod ops;

@@ -105,6 +105,9 @@ struct State {
     agent_closed: bool,
     /// Reset by either side, or the session ended.
     reset: bool,
+    /// The agent's `stream_reset` is on its way: the stream's later
+    /// messages (an `exec_exit`) wait until it is queued, to follow it.
+    resetting: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -219,10 +222,12 @@ impl Streams {
             }
             if !st.input || st.host_closed {
                 st.reset = true;
+                st.resetting = true;
                 return Some("data_after_close");
             }
             if len > st.window_in {
                 st.reset = true;
+                st.resetting = true;
                 return Some("flow_control");
             }
             st.window_in -= len;
@@ -238,14 +243,21 @@ impl Streams {
                 "the host broke a stream's rules; resetting it"
             );
             lock(&self.table).remove(&id);
-            spawn_send(
-                notifier,
-                agent_common::methods::Method::StreamReset.as_str(),
-                StreamResetParams {
-                    stream: id,
-                    reason: Some(reason.to_owned()),
-                },
-            );
+            let notifier = notifier.clone();
+            // From a task of its own: the reader never waits.
+            tokio::spawn(async move {
+                let _ = notifier
+                    .notify_ordered(
+                        agent_common::methods::Method::StreamReset.as_str(),
+                        &StreamResetParams {
+                            stream: id,
+                            reason: Some(reason.to_owned()),
+                        },
+                        None,
+                    )
+                    .await;
+                shared.update(|st| st.resetting = false);
+            });
         }
         Ok(())
     }
@@ -286,18 +298,6 @@ impl Streams {
             });
         }
     }
-}
-
-/// Sends a message from a task of its own (the reader never waits).
-fn spawn_send<P: Serialize + Send + Sync + 'static>(
-    notifier: &Notifier,
-    method: &'static str,
-    params: P,
-) {
-    let notifier = notifier.clone();
-    tokio::spawn(async move {
-        let _ = notifier.notify_ordered(method, &params, None).await;
-    });
 }
 
 /// The handler's end of a stream; clones share it.
@@ -474,6 +474,8 @@ impl Stream {
         params: &P,
         attachment: Option<Bytes>,
     ) -> Result<(), StreamGone> {
+        // After the agent's own reset of the stream, if one is on its way.
+        self.0.shared.wait(|st| (!st.resetting).then_some(())).await;
         self.0
             .notifier
             .notify_ordered(method, params, attachment)

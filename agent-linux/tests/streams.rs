@@ -451,3 +451,108 @@ fn ctl_forward_listens_and_forwards_each_connection() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_log_tails_filters_and_survives_rotation_and_truncation() {
+    use std::io::Write;
+    let agent = AgentProcess::start();
+    let path = agent.read_dir().join("app.log");
+    std::fs::write(
+        &path,
+        "old 1\nerror old 2\nold 3\nerror old 4\nerror old 5\n",
+    )
+    .unwrap();
+    let client = Client::connect(&agent.socket).await.unwrap();
+    let p = path.to_str().unwrap();
+    let mut all = client.follow_log(p, Some(2), None).await.unwrap();
+    let mut errors = client.follow_log(p, Some(2), Some("error")).await.unwrap();
+    assert_eq!(
+        read_until(&mut all, "old 5\n").await,
+        "error old 4\nerror old 5\n"
+    );
+    assert_eq!(
+        read_until(&mut errors, "old 5\n").await,
+        "error old 4\nerror old 5\n"
+    );
+    let append = |text: &str| {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    };
+    // A line written in two pieces arrives whole.
+    append("new 6\nerror ");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    append("new 7\n");
+    assert_eq!(
+        read_until(&mut all, "new 7\n").await,
+        "new 6\nerror new 7\n"
+    );
+    assert_eq!(read_until(&mut errors, "new 7\n").await, "error new 7\n");
+    // Rotated: renamed away, a new file in its place.
+    std::fs::rename(&path, agent.read_dir().join("app.log.1")).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    std::fs::write(&path, "rotated 8\nerror rotated 9\n").unwrap();
+    assert_eq!(
+        read_until(&mut all, "rotated 9\n").await,
+        "rotated 8\nerror rotated 9\n"
+    );
+    assert_eq!(
+        read_until(&mut errors, "rotated 9\n").await,
+        "error rotated 9\n"
+    );
+    // Truncated: read again from its start.
+    std::fs::write(&path, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    append("after truncation 10\n");
+    assert_eq!(read_until(&mut all, "10\n").await, "after truncation 10\n");
+    // Outside the read roots, and a missing file: refused at once.
+    let e = client
+        .follow_log("/etc/shadow", None, None)
+        .await
+        .unwrap_err();
+    assert!(e.is_policy_denied(), "{e}");
+    let missing = agent.read_dir().join("nope.log");
+    let e = client
+        .follow_log(missing.to_str().unwrap(), None, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nope.log"), "{e}");
+}
+
+#[test]
+fn ctl_logs_follow_prints_the_last_lines_then_new_ones() {
+    use std::io::{BufRead, Write};
+    let agent = AgentProcess::start();
+    let path = agent.read_dir().join("svc.log");
+    std::fs::write(&path, "a\nb\nc\n").unwrap();
+    let ctl = std::path::PathBuf::from(env!("CARGO_BIN_EXE_kvmmanager-agent"))
+        .with_file_name("kvmmanager-ctl");
+    let mut child = std::process::Command::new(ctl)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["logs", "-f", "-n", "2", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut seen = Vec::new();
+    for text in ["b\n", "c\n"] {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        seen.push(line.clone());
+        assert_eq!(line, text, "{seen:?}");
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(b"d\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "d\n");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -61,7 +61,9 @@ fn agent_rss_kb(ctl: &Ctl) -> Result<u64> {
 /// Every stream check; `tmux` and `curl` come from `cargo xtask deps`.
 pub(crate) fn stream_checks(t: &mut Tally, ctl: &Ctl) -> Result<()> {
     let dir = scratch("streams")?;
-    t.check("stream-exec-100mib-round-trip", || exec_round_trip(ctl, &dir));
+    t.check("stream-exec-100mib-round-trip", || {
+        exec_round_trip(ctl, &dir)
+    });
     t.check("stream-shell-in-tmux", || shell_in_tmux(ctl, &dir));
     t.check("stream-forward-curl", || forward_curl(ctl, &dir));
     t.check("stream-stalled-stalls-alone", || stalled_stream(ctl));
@@ -81,7 +83,9 @@ fn exec_round_trip(ctl: &Ctl, dir: &Path) -> Result<()> {
         .stderr(Stdio::inherit())
         .status()?;
     let secs = started.elapsed().as_secs_f64();
-    ensure(status.success(), || format!("exec --stream exited {status}"))?;
+    ensure(status.success(), || {
+        format!("exec --stream exited {status}")
+    })?;
     let (a, b) = (sha256(&input)?, sha256(&output)?);
     ensure(a == b, || {
         format!("the output's sha256 {b} is not the input's {a}")
@@ -252,7 +256,11 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
         ],
         Stdio::null(),
     )?;
-    let mut forward = ctl_bg(ctl, &["forward", &format!("0:127.0.0.1:{port}")], Stdio::null())?;
+    let mut forward = ctl_bg(
+        ctl,
+        &["forward", &format!("0:127.0.0.1:{port}")],
+        Stdio::null(),
+    )?;
     let mut err = BufReader::new(
         forward
             .0
@@ -300,7 +308,9 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
     }
     for (mut c, out) in curls {
         let status = c.0.wait()?;
-        ensure(status.success(), || format!("a parallel curl exited {status}"))?;
+        ensure(status.success(), || {
+            format!("a parallel curl exited {status}")
+        })?;
         let sum = sha256(&out)?;
         ensure(sum == mib_sum, || {
             format!("{}: sha256 {sum}, the guest's is {mib_sum}", out.display())
@@ -326,7 +336,10 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
     ensure(sum == big_sum, || {
         format!("the 100 MiB download's sha256 {sum} is not the guest's {big_sum}")
     })?;
-    println!("  100 MiB through the forward in {secs:.1} s ({:.1} MiB/s)", 100.0 / secs);
+    println!(
+        "  100 MiB through the forward in {secs:.1} s ({:.1} MiB/s)",
+        100.0 / secs
+    );
     let _ = fs::remove_file(&big);
     // A port nothing listens on: curl sees the connection closed, and
     // kvmmanager-ctl says why.
@@ -343,7 +356,9 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
         Command::new("curl").args(["-sS", "--max-time", "20", &format!("http://{local}/")]),
         Duration::from_secs(30),
     )?;
-    ensure(!out.status.success(), || "curl got a page from a closed port".into())?;
+    ensure(!out.status.success(), || {
+        "curl got a page from a closed port".into()
+    })?;
     line.clear();
     err.read_line(&mut line)?;
     ensure(line.contains("refused"), || {
@@ -357,7 +372,11 @@ fn stalled_stream(ctl: &Ctl) -> Result<()> {
     // Our end of its stdout is a pipe we never read: kvmmanager-ctl stops
     // reading the stream once the pipe is full, and the agent stops
     // sending once the window is spent.
-    let stalled = ctl_bg(ctl, &["exec", "--stream", "--", "yes", "stalled"], Stdio::piped())?;
+    let stalled = ctl_bg(
+        ctl,
+        &["exec", "--stream", "--", "yes", "stalled"],
+        Stdio::piped(),
+    )?;
     std::thread::sleep(Duration::from_secs(3));
     let before = agent_rss_kb(ctl)?;
     for _ in 0..5 {
@@ -370,7 +389,14 @@ fn stalled_stream(ctl: &Ctl) -> Result<()> {
         let out = ctl
             .run(
                 false,
-                &["exec", "--stream", "--", "sh", "-c", "head -c 1000000 /dev/zero | wc -c"],
+                &[
+                    "exec",
+                    "--stream",
+                    "--",
+                    "sh",
+                    "-c",
+                    "head -c 1000000 /dev/zero | wc -c",
+                ],
                 Duration::from_secs(60),
             )?
             .ok()?;

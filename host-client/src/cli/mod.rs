@@ -233,6 +233,11 @@ pub enum Command {
         after_help = "Example:\n  kvmmanager-ctl -d web1 forward 8080:127.0.0.1:80\n\nThe agent connects only to addresses its security.allowed_forwards lists."
     )]
     Forward(stream::ForwardArgs),
+    /// Show a guest log file's last lines and follow it (-f, until Ctrl-C).
+    #[command(
+        after_help = "Example:\n  kvmmanager-ctl -d web1 logs -f -n 50 --grep error /var/log/syslog"
+    )]
+    Logs(stream::LogsArgs),
     /// Print a guest file to stdout.
     Cat {
         /// Absolute path in the guest.
@@ -711,6 +716,8 @@ async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
         Command::Exec(args) => return exec(client, args, json).await,
         Command::Shell(args) => return stream::shell(client, args).await,
         Command::Forward(args) => return stream::forward(client, args).await,
+        // -f is required (clap): a `logs` without it (read_log) is not here.
+        Command::Logs(args) => return stream::follow_logs(client, args).await,
         Command::Read { path, output } if output.as_os_str() == "-" => cat(client, &path).await?,
         Command::Cat { path } => cat(client, &path).await?,
         Command::Read { path, output }

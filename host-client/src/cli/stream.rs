@@ -223,6 +223,32 @@ pub(super) async fn shell(client: &Client, args: ShellArgs) -> Result<i32, CliEr
     Ok(exit_code(&exit))
 }
 
+/// Arguments of `logs`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogsArgs {
+    /// Follow the file as it grows, across rotation (tail -F), until Ctrl-C.
+    /// Required in this build.
+    #[arg(short, long, required = true)]
+    pub follow: bool,
+    /// Start with the file's last N lines.
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 10)]
+    pub lines: u32,
+    /// Only lines containing TEXT.
+    #[arg(long, value_name = "TEXT")]
+    pub grep: Option<String>,
+    /// Absolute path in the guest, beneath allowed_read_paths.
+    pub path: String,
+}
+
+/// `logs -f`.
+pub(super) async fn follow_logs(client: &Client, args: LogsArgs) -> Result<i32, CliError> {
+    let log = client
+        .follow_log(&args.path, Some(args.lines), args.grep.as_deref())
+        .await?;
+    pump_out(log, std::io::stdout()).await?;
+    Ok(super::EXIT_OK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

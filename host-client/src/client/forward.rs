@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use agent_common::methods::{ForwardOpenParams, ForwardOpenResult, Method, STREAM_WINDOW};
+use agent_common::methods::{
+    FollowLogParams, FollowLogResult, ForwardOpenParams, ForwardOpenResult, Method, STREAM_WINDOW,
+};
 
 use super::exec_stream::next_stream_id;
 use super::streams::{Handle, StreamReader, StreamWriter};
@@ -71,5 +73,53 @@ impl Client {
             reader: StreamReader::new(handle.clone()),
             writer: StreamWriter::new(handle),
         })
+    }
+
+    /// Follows a guest file beneath the agent's `allowed_read_paths` as it
+    /// grows, across rotation (`tail -F`; `follow_log`): its last `lines`
+    /// lines first, then each new line, only those containing `filter` if
+    /// given. The reader ends only if the file cannot be read any more;
+    /// drop it to stop.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut log = client.follow_log("/var/log/syslog", Some(20), Some("error")).await?;
+    /// while let Some(lines) = log.read_chunk().await? {
+    ///     print!("{}", String::from_utf8_lossy(&lines));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn follow_log(
+        &self,
+        path: &str,
+        lines: Option<u32>,
+        filter: Option<&str>,
+    ) -> Result<StreamReader, ClientError> {
+        let conn = self.ready().await?;
+        let table = self.inner.streams.clone();
+        let id = next_stream_id();
+        let shared = table.register(id, conn.serial(), STREAM_WINDOW);
+        let params = FollowLogParams {
+            path: path.to_owned(),
+            lines,
+            filter: filter.map(str::to_owned),
+            stream: id,
+            window: Some(STREAM_WINDOW),
+        };
+        let method = Method::FollowLog.as_str();
+        let opened = self
+            .request_on_conn(&conn, method, &params)
+            .await
+            .and_then(|raw| decode::<FollowLogResult>(method, &raw));
+        if let Err(e) = opened {
+            table.forget(id);
+            return Err(e);
+        }
+        Ok(StreamReader::new(Arc::new(Handle {
+            shared,
+            conn,
+            table,
+        })))
     }
 }
