@@ -149,6 +149,12 @@ trap 'echo "kvmm-init: halt"; sync; halt -f' USR1
     done
 ) &
 
+# A web server on loopback for the stream checks' port forward
+# (`cargo xtask vm-test`, stream_checks.rs): a service of the guest's own,
+# reached only through the agent.
+mkdir -p /tmp/www && echo forwarded-page > /tmp/www/index.html
+httpd -p 127.0.0.1:8080 -h /tmp/www
+
 # Optional peer for benchmarks: qemu-ga on its own port (image built --with-qemu-ga).
 if [ -x /usr/bin/qemu-ga ] && [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ]; then
     (

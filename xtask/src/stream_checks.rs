@@ -3,6 +3,10 @@
 //! 100 MiB through a streamed command's stdin and stdout, curl through
 //! `kvmmanager-ctl forward` from busybox httpd in the guest, and a stalled
 //! stream that leaves others, `ping` and the agent's memory alone.
+//!
+//! The port has one host connection at a time: each check is one
+//! `kvmmanager-ctl` process (or, for the stalled stream, one host-library
+//! client) at a time, and the guest's web server is started by its `/init`.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -47,15 +51,6 @@ fn sha256(path: &Path) -> Result<String> {
         .next()
         .map(str::to_owned)
         .ok_or_else(|| format!("sha256sum {}: {text}", path.display()).into())
-}
-
-/// The guest agent's resident memory, kB.
-fn agent_rss_kb(ctl: &Ctl) -> Result<u64> {
-    let out = ctl.sh("grep VmRSS /proc/$(pidof kvmmanager-agent | cut -d' ' -f1)/status")?;
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("no VmRSS in {out:?}").into())
 }
 
 /// Every stream check; `tmux` and `curl` come from `cargo xtask deps`.
@@ -194,6 +189,15 @@ fn shell_in_tmux(ctl: &Ctl, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The local address in `forward`'s first line
+/// (`kvmmanager-ctl: forwarding ADDRESS to ...`).
+fn local_address(line: &str) -> Result<String> {
+    match line.split_whitespace().collect::<Vec<_>>()[..] {
+        [_, "forwarding", addr, ..] => Ok(addr.to_owned()),
+        _ => bail!("kvmmanager-ctl forward did not start: {}", line.trim()),
+    }
+}
+
 /// Starts `kvmmanager-ctl ARGS` in the background with stderr piped.
 fn ctl_bg(ctl: &Ctl, args: &[&str], stdout: Stdio) -> Result<Bg> {
     let child = ctl
@@ -205,9 +209,9 @@ fn ctl_bg(ctl: &Ctl, args: &[&str], stdout: Stdio) -> Result<Bg> {
     Ok(Bg(child))
 }
 
-/// busybox httpd in the guest (run by a streamed exec that lives as long
-/// as the returned process), a forward to it, 8 parallel fetches and a
-/// 100 MiB download by checksum; a refused port reported cleanly.
+/// busybox httpd in the guest (started by its `/init`), a forward to it,
+/// 8 parallel fetches and a 100 MiB download by checksum; a refused port
+/// reported cleanly.
 fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
     let guest_sum = ctl
         .run(
@@ -219,8 +223,7 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
                 "--",
                 "sh",
                 "-c",
-                "mkdir -p /tmp/www && echo forwarded-page > /tmp/www/index.html && \
-                 head -c 1048576 /dev/urandom > /tmp/www/mib && \
+                "head -c 1048576 /dev/urandom > /tmp/www/mib && \
                  head -c 104857600 /dev/urandom > /tmp/www/big && \
                  sha256sum /tmp/www/mib /tmp/www/big",
             ],
@@ -240,22 +243,8 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
             .ok_or_else(|| format!("no checksum of {name} in {sums:?}"))
     };
     let (mib_sum, big_sum) = (sum_of("/tmp/www/mib")?, sum_of("/tmp/www/big")?);
+    // busybox httpd runs from the guest's /init (guest.rs).
     let port = HTTPD_PORT.to_string();
-    let _httpd = ctl_bg(
-        ctl,
-        &[
-            "exec",
-            "--stream",
-            "--",
-            "httpd",
-            "-f",
-            "-p",
-            &format!("127.0.0.1:{port}"),
-            "-h",
-            "/tmp/www",
-        ],
-        Stdio::null(),
-    )?;
     let mut forward = ctl_bg(
         ctl,
         &["forward", &format!("0:127.0.0.1:{port}")],
@@ -270,11 +259,7 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
     );
     let mut line = String::new();
     err.read_line(&mut line)?;
-    let local = line
-        .split_whitespace()
-        .nth(2)
-        .ok_or_else(|| format!("no local address in {line:?}"))?
-        .to_owned();
+    let local = local_address(&line)?;
     // httpd may take a moment to listen: retry the first page.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -341,17 +326,15 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
         100.0 / secs
     );
     let _ = fs::remove_file(&big);
+    // The port takes one host at a time.
+    drop(forward);
     // A port nothing listens on: curl sees the connection closed, and
     // kvmmanager-ctl says why.
     let mut refused = ctl_bg(ctl, &["forward", "0:127.0.0.1:8099"], Stdio::null())?;
     let mut err = BufReader::new(refused.0.stderr.take().ok_or("stderr not piped")?);
     let mut line = String::new();
     err.read_line(&mut line)?;
-    let local = line
-        .split_whitespace()
-        .nth(2)
-        .ok_or_else(|| format!("no local address in {line:?}"))?
-        .to_owned();
+    let local = local_address(&line)?;
     let out = output_with_timeout(
         Command::new("curl").args(["-sS", "--max-time", "20", &format!("http://{local}/")]),
         Duration::from_secs(30),
@@ -366,50 +349,99 @@ fn forward_curl(ctl: &Ctl, dir: &Path) -> Result<()> {
     })
 }
 
-/// A streamed command whose output nobody reads: `ping` and another
-/// stream still answer, and the agent's memory stays put.
+/// A streamed command whose output nobody reads: `ping` and other
+/// streams on the same connection still answer, and the agent's memory
+/// stays put (through the host library: the port has one host at a time).
 fn stalled_stream(ctl: &Ctl) -> Result<()> {
-    // Our end of its stdout is a pipe we never read: kvmmanager-ctl stops
-    // reading the stream once the pipe is full, and the agent stops
-    // sending once the window is spent.
-    let stalled = ctl_bg(
-        ctl,
-        &["exec", "--stream", "--", "yes", "stalled"],
-        Stdio::piped(),
-    )?;
-    std::thread::sleep(Duration::from_secs(3));
-    let before = agent_rss_kb(ctl)?;
-    for _ in 0..5 {
-        let started = Instant::now();
-        let v = ctl.json(&["ping"])?;
-        ensure(v["pong"] == true, || format!("ping: {v}"))?;
-        ensure(started.elapsed() < Duration::from_secs(5), || {
-            format!("ping took {:?} beside a stalled stream", started.elapsed())
-        })?;
-        let out = ctl
-            .run(
-                false,
-                &[
-                    "exec",
-                    "--stream",
-                    "--",
-                    "sh",
-                    "-c",
-                    "head -c 1000000 /dev/zero | wc -c",
-                ],
-                Duration::from_secs(60),
-            )?
-            .ok()?;
-        ensure(out.stdout.trim() == "1000000", || {
-            format!("another stream: {:?}", out.stdout)
-        })?;
-    }
-    std::thread::sleep(Duration::from_secs(3));
-    let after = agent_rss_kb(ctl)?;
-    println!("  agent RSS {before} kB with a stalled stream, {after} kB 10 s later");
-    ensure(after < before + 4096, || {
-        format!("the agent grew from {before} kB to {after} kB beside a stalled stream")
+    use host_client::{agent_common::methods::ExecParams, Client, ExecRequest};
+    use tokio::io::AsyncReadExt;
+    let sock = socket(ctl)?.to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let e = |what: &'static str| move |err: host_client::ClientError| format!("{what}: {err}");
+    rt.block_on(async move {
+        let c = Client::connect(&sock).await.map_err(e("connect"))?;
+        let rss = || async {
+            let r = c
+                .exec(&ExecParams {
+                    command: "sh".into(),
+                    args: vec![
+                        "-c".into(),
+                        "grep VmRSS /proc/$(pidof kvmmanager-agent | cut -d' ' -f1)/status".into(),
+                    ],
+                    ..ExecParams::default()
+                })
+                .await
+                .map_err(e("VmRSS"))?;
+            r.stdout
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| format!("no VmRSS in {:?}", r.stdout))
+        };
+        let mut stalled = c
+            .exec_start(ExecRequest::new("yes", ["stalled"]))
+            .await
+            .map_err(e("exec_start yes"))?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = rss().await?;
+        for i in 0..5 {
+            let started = Instant::now();
+            c.ping().await.map_err(e("ping"))?;
+            if started.elapsed() > Duration::from_secs(2) {
+                return Err(format!(
+                    "ping took {:?} beside a stalled stream",
+                    started.elapsed()
+                ));
+            }
+            let mut other = c
+                .exec_start(ExecRequest::new("sh", ["-c", "head -c 1000000 /dev/zero"]))
+                .await
+                .map_err(e("exec_start"))?;
+            let mut out = Vec::new();
+            other
+                .stdout
+                .read_to_end(&mut out)
+                .await
+                .map_err(|err| format!("stream {i}: {err}"))?;
+            if out.len() != 1_000_000 {
+                return Err(format!("stream {i} gave {} bytes", out.len()));
+            }
+            let exit = other.control.wait().await.map_err(e("wait"))?;
+            if exit.exit_code != Some(0) {
+                return Err(format!("stream {i} ended {exit:?}"));
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss().await?;
+        println!(
+            "  agent RSS {before} kB beside a stalled stream, {after} kB after 5 more streams"
+        );
+        if after > before + 4096 {
+            return Err(format!(
+                "the agent grew from {before} kB to {after} kB beside a stalled stream"
+            ));
+        }
+        // Stalled, not lost: it still delivers, from its start.
+        let first = stalled
+            .stdout
+            .read_chunk()
+            .await
+            .map_err(|err| format!("the stalled stream: {err}"))?
+            .unwrap_or_default();
+        if !first.starts_with(b"stalled\n") {
+            return Err(format!(
+                "the stalled stream starts {:?}",
+                String::from_utf8_lossy(&first[..first.len().min(40)])
+            ));
+        }
+        stalled
+            .control
+            .signal("KILL")
+            .await
+            .map_err(e("kill yes"))?;
+        Ok::<(), String>(())
     })?;
-    drop(stalled);
     Ok(())
 }
