@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 /// host's data), and grants again as it consumes them.
 pub const STREAM_WINDOW: u64 = 256 * 1024;
 
-/// The most bytes the agent sends in one `stream_data`.
-pub const STREAM_CHUNK: u64 = 64 * 1024;
+/// The most bytes the agent sends in one `stream_data` (per-message costs
+/// dominate in an emulated guest: 64 KiB chunks forwarded at 37 MiB/s).
+pub const STREAM_CHUNK: u64 = 256 * 1024;
 
 /// The largest window a host may grant the agent (`window` of the opening
 /// method, and the sum of its `stream_credit` grants outstanding).

@@ -116,11 +116,11 @@ pub const LARGEST_REPLY: u64 =
 ///   ((`pending_limit` + `INSTANT_RESERVE`) x (2 x `max_message_size` + 4 KiB):
 ///   an error echoes at most the id and parts of its line), and its streams
 ///   (`MAX_STREAMS` x (`STREAM_WINDOW` of the host's data not yet used +
-///   `STREAM_CHUNK` of output on its way): 10 MiB)
+///   `STREAM_CHUNK` of output on its way): 16 MiB)
 /// + `max_concurrent_requests` x `LARGEST_REPLY` (shared by all sessions).
 ///
 /// With the default config and one host: 16 MiB + 1.06 MiB + 24 x 132 KiB
-/// + 10 MiB + 10 x 10 MiB, about 130 MiB.
+/// + 16 MiB + 10 x 10 MiB, about 136 MiB.
 pub fn memory_bound(config: &Config, sessions: u64) -> u64 {
     let line = config.max_message_size as u64;
     let per_session = line

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use agent_common::methods::{
     ExecExitParams, ExecResizeParams, ExecResizeRpc, ExecSignalParams, ExecSignalRpc,
-    ExecStartParams, ExecStartResult, Method, PtyParams, STREAM_WINDOW,
+    ExecStartParams, ExecStartResult, Method, PtyParams,
 };
 
 use super::streams::{Handle, Shared, StreamReader, StreamWriter};
@@ -45,7 +45,7 @@ pub struct ExecRequest {
     /// merged into stdout.
     pub separate_stderr: bool,
     /// Bytes the agent may send on each stream before this side has read
-    /// them; `None`: 256 KiB.
+    /// them; `None`: 1 MiB.
     pub window: Option<u64>,
 }
 
@@ -167,7 +167,7 @@ impl Client {
     /// ```
     pub async fn exec_start(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
         let conn = self.ready().await?;
-        let window = req.window.unwrap_or(STREAM_WINDOW);
+        let window = req.window.unwrap_or(super::streams::HOST_WINDOW);
         let table = self.inner.streams.clone();
         let id = next_stream_id();
         let stderr_id = (req.separate_stderr && req.pty.is_none()).then_some(id + 1);

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use agent_common::methods::{
-    FollowLogParams, FollowLogResult, ForwardOpenParams, ForwardOpenResult, Method, STREAM_WINDOW,
+    FollowLogParams, FollowLogResult, ForwardOpenParams, ForwardOpenResult, Method,
 };
+
+use super::streams::HOST_WINDOW;
 
 use super::exec_stream::next_stream_id;
 use super::streams::{Handle, StreamReader, StreamWriter};
@@ -44,12 +46,12 @@ impl Client {
         let conn = self.ready().await?;
         let table = self.inner.streams.clone();
         let id = next_stream_id();
-        let shared = table.register(id, conn.serial(), STREAM_WINDOW);
+        let shared = table.register(id, conn.serial(), HOST_WINDOW);
         let params = ForwardOpenParams {
             host: host.to_owned(),
             port,
             stream: id,
-            window: Some(STREAM_WINDOW),
+            window: Some(HOST_WINDOW),
         };
         let method = Method::ForwardOpen.as_str();
         let opened = self
@@ -99,13 +101,13 @@ impl Client {
         let conn = self.ready().await?;
         let table = self.inner.streams.clone();
         let id = next_stream_id();
-        let shared = table.register(id, conn.serial(), STREAM_WINDOW);
+        let shared = table.register(id, conn.serial(), HOST_WINDOW);
         let params = FollowLogParams {
             path: path.to_owned(),
             lines,
             filter: filter.map(str::to_owned),
             stream: id,
-            window: Some(STREAM_WINDOW),
+            window: Some(HOST_WINDOW),
         };
         let method = Method::FollowLog.as_str();
         let opened = self

@@ -18,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 
 use agent_common::methods::{
     ExecExitParams, Method, StreamCloseParams, StreamCreditParams, StreamDataParams,
-    StreamResetParams, EXEC_EXIT, STREAM_CHUNK,
+    StreamResetParams, EXEC_EXIT,
 };
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -48,6 +48,15 @@ pub(super) fn is_stream_method(method: &str) -> bool {
 pub(crate) struct StreamTable {
     map: Mutex<HashMap<u64, Arc<Shared>>>,
 }
+
+/// The most bytes this side sends in one `stream_data`: a quarter of the
+/// agent's window, so the agent's grants keep several in flight.
+const HOST_CHUNK: u64 = agent_common::methods::STREAM_WINDOW / 4;
+
+/// The window this side grants by default: the agent's data waits in
+/// this side's memory, not the guest's, and a larger window keeps the
+/// agent's 256 KiB messages flowing.
+pub(crate) const HOST_WINDOW: u64 = 1 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Each critical section is a few field updates: never inconsistent.
@@ -438,8 +447,8 @@ impl AsyncWrite for StreamWriter {
             st.write_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        // At most STREAM_CHUNK, which fits in usize.
-        let n = data.len().min(st.credit.min(STREAM_CHUNK) as usize);
+        // At most HOST_CHUNK, which fits in usize.
+        let n = data.len().min(st.credit.min(HOST_CHUNK) as usize);
         st.credit -= n as u64;
         drop(st);
         let conn = self.handle.conn.clone();
