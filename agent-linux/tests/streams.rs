@@ -556,3 +556,33 @@ fn ctl_logs_follow_prints_the_last_lines_then_new_ones() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_forward_without_closing_it_lets_the_agent_go() {
+    // A service that sends ten bytes and hangs up: the agent's side of each
+    // stream closes, the host's never does.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = std::io::Write::write_all(&mut conn, b"0123456789");
+        }
+    });
+    let agent = AgentProcess::start_with(
+        json!({"allowed_forwards": [format!("127.0.0.1:{port}")]}),
+        json!({}),
+    );
+    let client = Client::connect(&agent.socket).await.unwrap();
+    // More forwards than a connection may have streams open at once: each
+    // dropped one must free its stream on the agent.
+    for _ in 0..(agent_common::methods::MAX_STREAMS + 8) {
+        let mut f = client.forward_open("127.0.0.1", port).await.unwrap();
+        let mut all = Vec::new();
+        f.reader.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"0123456789");
+        drop(f);
+        // The reset goes out from a task of its own.
+        tokio::task::yield_now().await;
+    }
+}

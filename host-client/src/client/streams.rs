@@ -83,6 +83,8 @@ struct State {
     /// Bytes taken by the user and not granted back yet.
     consumed: u64,
     agent_closed: bool,
+    /// This side sent `stream_close`.
+    host_closed: bool,
     /// Why the stream ended abruptly.
     reset: Option<String>,
     /// Bytes this side may still send.
@@ -268,7 +270,9 @@ pub(super) struct Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         let st = lock(&self.shared.state);
-        let open = st.reset.is_none() && !st.agent_closed;
+        // Not over both ways (a writer dropped without `shutdown`, a reader
+        // dropped before the end): the agent lets go of it too.
+        let open = st.reset.is_none() && !(st.agent_closed && st.host_closed);
         drop(st);
         if open {
             self.conn.spawn_notification(
@@ -479,6 +483,7 @@ impl AsyncWrite for StreamWriter {
             return Poll::Ready(Ok(()));
         }
         self.closed = true;
+        lock(&self.handle.shared.state).host_closed = true;
         let conn = self.handle.conn.clone();
         let id = self.handle.shared.id;
         self.sending = Some(Box::pin(async move {
