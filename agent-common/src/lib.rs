@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod guestops;
 pub mod jsonrpc;
 pub mod methods;
+pub mod streams;
 
 /// Version of the protocol spoken by this crate, reported by `get_agent_info`.
 ///

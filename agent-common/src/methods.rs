@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::encoding::Encoding;
 pub use crate::fleet::*;
 pub use crate::guestops::*;
+pub use crate::streams::*;
 
 /// A method: its wire name and its params and result types.
 pub trait Rpc {
@@ -224,6 +225,32 @@ methods! {
     KillProcess => "kill_process", KillProcessRpc, KillParams, KillResult, Facts::CHANGE;
     /// `read_log`: the last lines of a log file or of a unit's journal.
     ReadLog => "read_log", ReadLogRpc, ReadLogParams, LogLines, Facts::QUERY;
+    /// `stream_data`: bytes on a stream (the attachment), within the credit
+    /// the agent granted. Instant: handled in order by the reader.
+    StreamData => "stream_data", StreamDataRpc, StreamDataParams, StreamAck,
+        Facts { attachment_in: true, ..Facts::INSTANT };
+    /// `stream_credit`: the agent may send this many more bytes on a stream.
+    StreamCredit => "stream_credit", StreamCreditRpc, StreamCreditParams, StreamAck,
+        Facts::INSTANT;
+    /// `stream_close`: the host sends no more on a stream (half-close).
+    StreamClose => "stream_close", StreamCloseRpc, StreamCloseParams, StreamAck,
+        Facts::INSTANT;
+    /// `stream_reset`: end a stream at once, both ways.
+    StreamReset => "stream_reset", StreamResetRpc, StreamResetParams, StreamAck,
+        Facts::INSTANT;
+    /// `exec_start`: start a command whose stdin and output are streams.
+    ExecStart => "exec_start", ExecStartRpc, ExecStartParams, ExecStartResult,
+        Facts::CHANGE;
+    /// `exec_signal`: send a signal to a streamed command's process group.
+    ExecSignal => "exec_signal", ExecSignalRpc, ExecSignalParams, StreamAck,
+        Facts { changes_guest: true, ..Facts::INSTANT };
+    /// `exec_resize`: resize a streamed command's terminal.
+    ExecResize => "exec_resize", ExecResizeRpc, ExecResizeParams, StreamAck, Facts::INSTANT;
+    /// `forward_open`: connect to a TCP port in the guest, the bytes as a stream.
+    ForwardOpen => "forward_open", ForwardOpenRpc, ForwardOpenParams, ForwardOpenResult,
+        Facts::QUERY;
+    /// `follow_log`: a file's new lines as they are written (`tail -F`), as a stream.
+    FollowLog => "follow_log", FollowLogRpc, FollowLogParams, FollowLogResult, Facts::QUERY;
 }
 
 impl Method {

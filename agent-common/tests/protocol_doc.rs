@@ -473,6 +473,7 @@ fn config_keys_and_defaults_match() {
             "fsfreeze_hook_dir",
             "`/etc/kvmmanager-agent/fsfreeze-hook.d`",
         ),
+        ("shell_command", "`/bin/sh`"),
         (
             "security.allowed_read_paths",
             r#"`["/tmp", "/var/log", "/etc/hostname", "/etc/os-release"]`"#,
@@ -485,6 +486,7 @@ fn config_keys_and_defaults_match() {
         ("security.command_max_processes", "`null`"),
         ("security.allowed_methods", "`null`"),
         ("security.blocked_methods", "`[]`"),
+        ("security.allowed_forwards", "`[]`"),
     ];
     let doc = doc();
     let text = section(&doc, "## Limits and configuration").expect("a limits section");

@@ -67,6 +67,36 @@ impl LogLevel {
     }
 }
 
+/// A guest address `forward_open` may connect to
+/// (`security.allowed_forwards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardRule {
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// The port; `None`: any.
+    pub port: Option<u16>,
+}
+
+impl ForwardRule {
+    /// `ADDRESS:PORT` or `ADDRESS:*`, IPv6 in brackets.
+    pub fn parse(text: &str) -> Option<ForwardRule> {
+        let (host, port) = text.rsplit_once(':')?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let ip: std::net::IpAddr = host.parse().ok()?;
+        if ip.is_ipv6() && !text.starts_with('[') {
+            return None;
+        }
+        let port = match port {
+            "*" => None,
+            p => Some(p.parse::<u16>().ok().filter(|p| *p > 0)?),
+        };
+        Some(ForwardRule { ip, port })
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -104,6 +134,10 @@ pub struct Config {
     /// reads them into a buffer first, for a kernel or file system where
     /// that misbehaves, and as the bench's comparison.
     pub zero_copy_reads: bool,
+    /// Key `shell_command` (a bare name or an absolute path, default
+    /// `/bin/sh`): what a terminal session (`exec_start` with `pty` and no
+    /// `command`) runs; `security.command_whitelist` applies to it.
+    pub shell_command: String,
     /// Key `security`.
     pub security: SecurityConfig,
 }
@@ -130,6 +164,9 @@ pub struct SecurityConfig {
     /// Key `allowed_methods`: the methods served; `None` (default): all.
     /// `ping`, `sync` and `get_agent_info` are served whatever it says.
     pub allowed_methods: Option<Vec<Method>>,
+    /// Key `allowed_forwards` (default empty: no forwarding): the guest
+    /// addresses `forward_open` may connect to.
+    pub allowed_forwards: Vec<ForwardRule>,
     /// Key `blocked_methods` (default empty): methods refused, even if
     /// allowed.
     pub blocked_methods: Vec<Method>,
@@ -159,6 +196,7 @@ impl Default for SecurityConfig {
             blocked_methods: Vec::new(),
             qga_allowed: None,
             qga_blocked: Vec::new(),
+            allowed_forwards: Vec::new(),
         }
     }
 }
@@ -178,6 +216,7 @@ impl Default for Config {
             freeze_timeout: Duration::from_secs(60),
             fsfreeze_hook_dir: Some(PathBuf::from(DEFAULT_FSFREEZE_HOOK_DIR)),
             zero_copy_reads: true,
+            shell_command: "/bin/sh".to_owned(),
             security: SecurityConfig::default(),
         }
     }
@@ -249,6 +288,7 @@ struct RawConfig {
     freeze_timeout_seconds: Option<u64>,
     fsfreeze_hook_dir: Option<String>,
     zero_copy_reads: Option<bool>,
+    shell_command: Option<String>,
     security: Option<RawSecurity>,
 }
 
@@ -265,6 +305,7 @@ struct RawSecurity {
     command_max_processes: Option<u64>,
     allowed_methods: Option<Vec<String>>,
     blocked_methods: Option<Vec<String>>,
+    allowed_forwards: Option<Vec<String>>,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -280,6 +321,7 @@ const TOP_KEYS: &[&str] = &[
     "freeze_timeout_seconds",
     "fsfreeze_hook_dir",
     "zero_copy_reads",
+    "shell_command",
     "security",
 ];
 
@@ -293,6 +335,7 @@ const SECURITY_KEYS: &[&str] = &[
     "security.command_max_processes",
     "security.allowed_methods",
     "security.blocked_methods",
+    "security.allowed_forwards",
 ];
 
 /// Finds the key (of `known`, dotted with `prefix`) that makes `object` fail
@@ -535,6 +578,18 @@ impl Config {
                 Ok(Some(path))
             }
         };
+        let shell_command = match raw.shell_command {
+            None => d.shell_command.clone(),
+            Some(c)
+                if c.is_empty() || c.contains('\0') || (c.contains('/') && !c.starts_with('/')) =>
+            {
+                return Err(invalid(
+                    "shell_command",
+                    format!("{c:?} must be a bare program name or an absolute path"),
+                ))
+            }
+            Some(c) => c,
+        };
         let log_file = file_key("log_file", raw.log_file)?;
         let audit_file = file_key("audit_file", raw.audit_file)?;
         let port_name = |key: &'static str, name: String| {
@@ -678,6 +733,22 @@ impl Config {
             s.blocked_methods.unwrap_or_default(),
         )?;
 
+        let allowed_forwards = s
+            .allowed_forwards
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                ForwardRule::parse(r).ok_or_else(|| {
+                    invalid(
+                        "security.allowed_forwards",
+                        format!(
+                            "{r:?} is not ADDRESS:PORT or ADDRESS:* (an IP address; IPv6 in brackets)"
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
         Ok(Config {
             log_level,
             log_file,
@@ -693,6 +764,7 @@ impl Config {
             freeze_timeout: Duration::from_secs(freeze_timeout),
             fsfreeze_hook_dir,
             zero_copy_reads: raw.zero_copy_reads.unwrap_or(true),
+            shell_command,
             security: SecurityConfig {
                 allowed_read_paths,
                 allowed_write_paths,
@@ -705,6 +777,7 @@ impl Config {
                 blocked_methods,
                 qga_allowed,
                 qga_blocked,
+                allowed_forwards,
             },
         })
     }
@@ -721,6 +794,15 @@ impl Config {
             && s.qga_allowed
                 .as_ref()
                 .map_or(true, |list| list.iter().any(|n| n == name))
+    }
+
+    /// True if `security.allowed_forwards` lets `forward_open` connect to
+    /// `addr`.
+    pub fn forward_allowed(&self, addr: std::net::SocketAddr) -> bool {
+        self.security
+            .allowed_forwards
+            .iter()
+            .any(|r| r.ip == addr.ip() && r.port.map_or(true, |p| p == addr.port()))
     }
 
     /// True if the policy serves `method` (`security.allowed_methods`,
@@ -1018,6 +1100,20 @@ mod tests {
     }
 
     #[test]
+    fn allowed_forwards_match_address_and_port() {
+        let c =
+            Config::from_json(r#"{"security":{"allowed_forwards":["127.0.0.1:80","[::1]:*"]}}"#)
+                .unwrap();
+        let ok = |a: &str| c.forward_allowed(a.parse().unwrap());
+        assert!(ok("127.0.0.1:80"));
+        assert!(!ok("127.0.0.1:81"));
+        assert!(!ok("127.0.0.2:80"));
+        assert!(ok("[::1]:1"));
+        assert!(ok("[::1]:65535"));
+        assert!(!Config::default().forward_allowed("127.0.0.1:80".parse().unwrap()));
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let cases: &[(&str, &str)] = &[
             (r#"{"log_level":"verbose"}"#, "log_level"),
@@ -1025,6 +1121,20 @@ mod tests {
             (r#"{"log_level":3}"#, "log_level"),
             (r#"{"log_file":"agent.log"}"#, "log_file"),
             (r#"{"log_file":""}"#, "log_file"),
+            (r#"{"shell_command":""}"#, "shell_command"),
+            (r#"{"shell_command":"bin/sh"}"#, "shell_command"),
+            (
+                r#"{"security":{"allowed_forwards":["localhost:80"]}}"#,
+                "security.allowed_forwards",
+            ),
+            (
+                r#"{"security":{"allowed_forwards":["::1:80"]}}"#,
+                "security.allowed_forwards",
+            ),
+            (
+                r#"{"security":{"allowed_forwards":["127.0.0.1:0"]}}"#,
+                "security.allowed_forwards",
+            ),
             (r#"{"log_file":"/"}"#, "log_file"),
             (r#"{"log_file":"/var/log/../x"}"#, "log_file"),
             (r#"{"audit_file":"audit.log"}"#, "audit_file"),

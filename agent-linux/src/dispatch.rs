@@ -41,6 +41,10 @@ use agent_common::methods::{
     PowerResult, RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
 use agent_common::methods::{
+    ExecResizeRpc, ExecSignalRpc, ExecStartRpc, FollowLogRpc, ForwardOpenRpc, StreamAck,
+    StreamCloseRpc, StreamCreditRpc, StreamDataRpc, StreamResetRpc,
+};
+use agent_common::methods::{
     FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetMemoryBlocksRpc,
     GetStatsRpc, GetTimeRpc, GetUsersRpc, GetVcpusRpc, SetMemoryBlocksRpc, SetTimeRpc,
     SetUserPasswordRpc, SetVcpusRpc, SshKeysAddRpc, SshKeysGetRpc, SshKeysParams, SshKeysRemoveRpc,
@@ -82,6 +86,8 @@ pub struct Agent {
     freeze: Arc<FreezeService>,
     /// `allowed_read_paths`, for `read_log`.
     log_paths: Arc<crate::policy::PathPolicy>,
+    /// Streamed commands running (`exec_start`).
+    execs: Arc<crate::exec_stream::Execs>,
 }
 
 pub use crate::session::SessionId;
@@ -211,6 +217,7 @@ impl Agent {
             log_paths: Arc::new(crate::policy::PathPolicy::new(
                 &config.security.allowed_read_paths,
             )),
+            execs: Arc::default(),
             config,
         })
     }
@@ -786,6 +793,64 @@ impl Agent {
                         p,
                         self.config.security.max_file_size,
                     )
+                })
+                .await
+            }
+            // The host's stream messages: never wait (the session's reader
+            // runs them itself, in order; `crate::streams`).
+            Method::StreamData => {
+                self.typed::<StreamDataRpc, _, _, _>(req, |p| async move {
+                    session
+                        .streams()
+                        .data(p.stream, attachment.unwrap_or_default(), session.notifier())
+                        .map(|()| StreamAck {})
+                })
+                .await
+            }
+            Method::StreamCredit => {
+                self.typed::<StreamCreditRpc, _, _, _>(req, |p| async move {
+                    session
+                        .streams()
+                        .credit(p.stream, p.bytes)
+                        .map(|()| StreamAck {})
+                })
+                .await
+            }
+            Method::StreamClose => {
+                self.typed::<StreamCloseRpc, _, _, _>(req, |p| async move {
+                    session.streams().close(p.stream).map(|()| StreamAck {})
+                })
+                .await
+            }
+            Method::StreamReset => {
+                self.typed::<StreamResetRpc, _, _, _>(req, |p| async move {
+                    session.streams().reset(p.stream).map(|()| StreamAck {})
+                })
+                .await
+            }
+            Method::ExecStart => {
+                self.typed::<ExecStartRpc, _, _, _>(req, |p| async move {
+                    self.execs.start(&self.config, session, p)
+                })
+                .await
+            }
+            Method::ExecSignal => {
+                self.typed::<ExecSignalRpc, _, _, _>(req, |p| self.execs.signal(session, p))
+                    .await
+            }
+            Method::ExecResize => {
+                self.typed::<ExecResizeRpc, _, _, _>(req, |p| self.execs.resize(session, p))
+                    .await
+            }
+            Method::FollowLog => {
+                self.typed::<FollowLogRpc, _, _, _>(req, |p| {
+                    crate::follow::start(&self.config, session, p)
+                })
+                .await
+            }
+            Method::ForwardOpen => {
+                self.typed::<ForwardOpenRpc, _, _, _>(req, |p| {
+                    crate::forward::open(&self.config, session, p)
                 })
                 .await
             }

@@ -500,12 +500,27 @@ impl MainProcess {
 /// are spawned by std and moved into their cgroup (module docs).
 static NO_CLONE_INTO_CGROUP: AtomicBool = AtomicBool::new(false);
 
-/// What [`spawn`] started: the main process and our ends of its pipes.
+/// What [`spawn`] started: the main process and our ends of its pipes
+/// (none on a pseudo-terminal, whose master side the caller holds).
 struct Spawned {
     process: MainProcess,
     stdin: Option<OwnedFd>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+/// How a command's descriptors 0-2 are wired.
+#[derive(Clone, Copy)]
+enum Wiring<'a> {
+    /// Output captured (`exec_command`): stdin a pipe (or `/dev/null`),
+    /// stdout and stderr pipes.
+    Capture { stdin_piped: bool },
+    /// Streamed: stdin and stdout pipes; stderr a pipe of its own, or
+    /// stdout's.
+    Pipes { stderr_apart: bool },
+    /// On a pseudo-terminal: all three are its slave side, which becomes
+    /// the controlling terminal of the command's own session.
+    Pty(BorrowedFd<'a>),
 }
 
 /// What to run, as the child of [`spawn_into_cgroup`] needs it (every
@@ -516,7 +531,50 @@ struct ExecPlan<'a> {
     args: &'a [String],
     env: &'a BTreeMap<String, String>,
     cwd: &'a std::path::Path,
-    stdin_piped: bool,
+    wiring: Wiring<'a>,
+}
+
+/// The child's descriptors 0-2 for `wiring` and our ends of them.
+fn wire(wiring: Wiring<'_>) -> io::Result<([OwnedFd; 3], [Option<OwnedFd>; 3])> {
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    Ok(match wiring {
+        Wiring::Capture { stdin_piped } => {
+            let (stdin_child, stdin_ours): (OwnedFd, Option<OwnedFd>) = if stdin_piped {
+                let (r, w) = nix::unistd::pipe2(cloexec)?;
+                (r, Some(w))
+            } else {
+                (std::fs::File::open("/dev/null")?.into(), None)
+            };
+            let (stdout_ours, stdout_child) = nix::unistd::pipe2(cloexec)?;
+            let (stderr_ours, stderr_child) = nix::unistd::pipe2(cloexec)?;
+            (
+                [stdin_child, stdout_child, stderr_child],
+                [stdin_ours, Some(stdout_ours), Some(stderr_ours)],
+            )
+        }
+        Wiring::Pipes { stderr_apart } => {
+            let (stdin_child, stdin_ours) = nix::unistd::pipe2(cloexec)?;
+            let (stdout_ours, stdout_child) = nix::unistd::pipe2(cloexec)?;
+            let (stderr_child, stderr_ours) = if stderr_apart {
+                let (ours, child) = nix::unistd::pipe2(cloexec)?;
+                (child, Some(ours))
+            } else {
+                (stdout_child.try_clone()?, None)
+            };
+            (
+                [stdin_child, stdout_child, stderr_child],
+                [Some(stdin_ours), Some(stdout_ours), stderr_ours],
+            )
+        }
+        Wiring::Pty(slave) => (
+            [
+                slave.try_clone_to_owned()?,
+                slave.try_clone_to_owned()?,
+                slave.try_clone_to_owned()?,
+            ],
+            [None, None, None],
+        ),
+    })
 }
 
 fn cstring(bytes: impl Into<Vec<u8>>) -> io::Result<CString> {
@@ -539,14 +597,8 @@ fn spawn_into_cgroup(plan: &ExecPlan<'_>, cgroup: BorrowedFd<'_>) -> io::Result<
         .map(|(k, v)| cstring(format!("{k}={v}")))
         .collect::<io::Result<_>>()?;
     let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
-    let (stdin_child, stdin_ours): (OwnedFd, Option<OwnedFd>) = if plan.stdin_piped {
-        let (r, w) = nix::unistd::pipe2(cloexec)?;
-        (r, Some(w))
-    } else {
-        (std::fs::File::open("/dev/null")?.into(), None)
-    };
-    let (stdout_ours, stdout_child) = nix::unistd::pipe2(cloexec)?;
-    let (stderr_ours, stderr_child) = nix::unistd::pipe2(cloexec)?;
+    let ([stdin_child, stdout_child, stderr_child], [stdin_ours, stdout_ours, stderr_ours]) =
+        wire(plan.wiring)?;
     let (err_ours, err_child) = nix::unistd::pipe2(cloexec)?;
     let stdio = [
         stdin_child.as_raw_fd(),
@@ -574,6 +626,7 @@ fn spawn_into_cgroup(plan: &ExecPlan<'_>, cgroup: BorrowedFd<'_>) -> io::Result<
         &argv,
         &envp,
         &cwd,
+        matches!(plan.wiring, Wiring::Pty(_)),
     ) {
         Ok(pid) => pid,
         Err(e)
@@ -669,32 +722,50 @@ fn spawn_std(
         .args(plan.args)
         .env_clear()
         .envs(plan.env)
-        .current_dir(plan.cwd)
-        .stdin(if plan.stdin_piped {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .current_dir(plan.cwd);
+    // Our ends of pipes made here (std makes those of `Stdio::piped`).
+    let mut made: [Option<OwnedFd>; 3] = [None, None, None];
+    match plan.wiring {
+        Wiring::Capture { stdin_piped } => {
+            cmd.stdin(if stdin_piped {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        }
+        Wiring::Pipes { stderr_apart } => {
+            let (fds, ours) = wire(Wiring::Pipes { stderr_apart })?;
+            let [stdin, stdout, stderr] = fds;
+            cmd.stdin(stdin)
+                .stdout(stdout)
+                .stderr(stderr)
+                .process_group(0);
+            made = ours;
+        }
+        Wiring::Pty(slave) => {
+            cmd.stdin(slave.try_clone_to_owned()?)
+                .stdout(slave.try_clone_to_owned()?)
+                .stderr(slave.try_clone_to_owned()?);
+            sys::session_with_tty(&mut cmd);
+        }
+    }
     let mut child = cmd.spawn()?;
+    // Stdio given to the child is closed here, in the parent, with `cmd`.
+    drop(cmd);
     // First thing after the spawn: the window ends here.
     let contained = cgroup.map_or(Ok(()), |cg| cg.add(child.id()));
-    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
-    let spawned = match (stdout, stderr) {
-        (Some(stdout), Some(stderr)) => Spawned {
-            process: MainProcess::Std(child),
-            stdin: stdin.map(OwnedFd::from),
-            stdout: stdout.into(),
-            stderr: stderr.into(),
-        },
-        // Both were set to piped above.
-        _ => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::other("std did not return the output pipes"));
-        }
+    let [made_in, made_out, made_err] = made;
+    let stdin = child.stdin.take().map(OwnedFd::from).or(made_in);
+    let stdout = child.stdout.take().map(OwnedFd::from).or(made_out);
+    let stderr = child.stderr.take().map(OwnedFd::from).or(made_err);
+    let spawned = Spawned {
+        process: MainProcess::Std(child),
+        stdin,
+        stdout,
+        stderr,
     };
     Ok((spawned, contained))
 }
@@ -804,7 +875,9 @@ async fn run(
         args: &params.args,
         env: &env,
         cwd: &cwd,
-        stdin_piped: !stdin_data.is_empty(),
+        wiring: Wiring::Capture {
+            stdin_piped: !stdin_data.is_empty(),
+        },
     };
     let start = Instant::now();
     let deadline = tokio::time::Instant::from_std(start + limit);
@@ -845,8 +918,14 @@ async fn run(
     tracing::debug!(command = %params.command, pid = running.pgid.as_raw(), "command started");
     // Our ends of the pipes, non-blocking and registered with the runtime.
     // A failure here drops `running`, which kills and reaps the group.
-    let stdout = Some(pipe::Receiver::from_owned_fd(stdout).map_err(spawn_error)?);
-    let stderr = Some(pipe::Receiver::from_owned_fd(stderr).map_err(spawn_error)?);
+    let stdout = stdout
+        .map(pipe::Receiver::from_owned_fd)
+        .transpose()
+        .map_err(spawn_error)?;
+    let stderr = stderr
+        .map(pipe::Receiver::from_owned_fd)
+        .transpose()
+        .map_err(spawn_error)?;
     let stdin = stdin
         .map(pipe::Sender::from_owned_fd)
         .transpose()
@@ -930,6 +1009,222 @@ async fn run(
         timed_out,
         duration_ms,
     })
+}
+
+/// A streamed command (`exec_start`, `crate::exec_stream`): started under
+/// `exec_command`'s policy, contained the same way, its descriptors handed
+/// to the caller, which pumps them.
+pub(crate) struct Streamed {
+    running: Running,
+    cgroups: Option<&'static CommandCgroups>,
+    /// Our end of its stdin (pipes only).
+    pub(crate) stdin: Option<OwnedFd>,
+    /// Our end of its stdout (and stderr, unless apart; pipes only).
+    pub(crate) stdout: Option<OwnedFd>,
+    /// Our end of its stderr, when apart.
+    pub(crate) stderr: Option<OwnedFd>,
+    /// The pseudo-terminal's master side, with `pty`.
+    pub(crate) pty: Option<OwnedFd>,
+    /// The status, if [`Streamed::exited`] had to reap to see the exit.
+    reaped: Option<ExitStatus>,
+}
+
+/// How [`start_streamed`] wires a command.
+pub(crate) enum StreamedStdio<'a> {
+    /// Pipes; stderr on a pipe of its own or on stdout's.
+    Pipes {
+        /// Stderr on a pipe of its own.
+        stderr_apart: bool,
+    },
+    /// A pseudo-terminal of this size, with `TERM`.
+    Pty {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+        /// `TERM`.
+        term: &'a str,
+    },
+}
+
+/// Opens a pseudo-terminal pair, both sides close-on-exec.
+fn open_pty(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::OFlag;
+    use std::os::unix::fs::OpenOptionsExt;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let name = nix::pty::ptsname_r(&master)?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(name)?;
+    // A close-on-exec copy that std owns; the original closes here.
+    let master = master.as_fd().try_clone_to_owned()?;
+    sys::set_winsize(master.as_fd(), rows, cols)?;
+    Ok((master, slave.into()))
+}
+
+/// Starts a streamed command: `command` under the command policy, `env`
+/// under the environment rules, `cwd` checked, in a cgroup of its own
+/// where commands are contained. `timeout_seconds` is checked against the
+/// limit (`None`: no limit; the caller enforces it).
+pub(crate) fn start_streamed(
+    config: &Config,
+    command: &str,
+    args: &[String],
+    env: &BTreeMap<String, String>,
+    cwd: Option<&str>,
+    timeout_seconds: Option<u64>,
+    stdio: StreamedStdio<'_>,
+) -> Result<Streamed, ExecError> {
+    let policy = CommandPolicy::new(config.security.command_whitelist.as_deref());
+    let check = ExecParams {
+        command: command.to_owned(),
+        env: env.clone(),
+        timeout_seconds,
+        ..ExecParams::default()
+    };
+    check_env(&check, policy.is_restricted())?;
+    if timeout_seconds.is_some() {
+        time_limit(config, &check)?;
+    }
+    if let Some(i) = args.iter().position(|a| a.contains('\0')) {
+        return Err(ExecError::InvalidRequest {
+            reason: format!("args[{i}] contains a NUL byte, which no argument can hold"),
+        });
+    }
+    let (program, argv0) = policy.resolve(command)?;
+    let cwd = check_cwd(cwd)?;
+    let mut full_env: BTreeMap<String, String> = base_env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    if let StreamedStdio::Pty { term, .. } = stdio {
+        full_env.insert("TERM".to_owned(), term.to_owned());
+    }
+    full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let spawn_error = |source| ExecError::Spawn {
+        command: command.to_owned(),
+        source,
+    };
+    let containment_error = |source| ExecError::Containment {
+        command: command.to_owned(),
+        source,
+    };
+    let (pty, slave) = match stdio {
+        StreamedStdio::Pty { rows, cols, .. } => {
+            let (m, s) = open_pty(rows, cols).map_err(spawn_error)?;
+            (Some(m), Some(s))
+        }
+        StreamedStdio::Pipes { .. } => (None, None),
+    };
+    let wiring = match (&stdio, &slave) {
+        (StreamedStdio::Pipes { stderr_apart }, _) => Wiring::Pipes {
+            stderr_apart: *stderr_apart,
+        },
+        (StreamedStdio::Pty { .. }, Some(slave)) => Wiring::Pty(slave.as_fd()),
+        // A pty always has its slave side (opened above).
+        (StreamedStdio::Pty { .. }, None) => unreachable!("a pty without its slave side"),
+    };
+    let plan = ExecPlan {
+        program: &program,
+        argv0: &argv0,
+        args,
+        env: &full_env,
+        cwd: &cwd,
+        wiring,
+    };
+    let cgroups = crate::cgroup::current().and_then(|c| c.cgroups());
+    let cgroup = cgroups
+        .map(CommandCgroups::create)
+        .transpose()
+        .map_err(containment_error)?;
+    let (spawned, contained) = match spawn(&plan, cgroup.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(cg) = cgroup {
+                cg.remove_blocking();
+            }
+            return Err(match e {
+                SpawnFailure::Start(source) => spawn_error(source),
+                SpawnFailure::Cgroup(source) => containment_error(source),
+            });
+        }
+    };
+    // Only the child keeps the slave side: the master reads EIO once the
+    // child and its descendants have all closed it.
+    drop(slave);
+    let Spawned {
+        process,
+        stdin,
+        stdout,
+        stderr,
+    } = spawned;
+    let running = Running::new(process, cgroup);
+    contained.map_err(containment_error)?;
+    tracing::debug!(
+        command,
+        pid = running.pgid.as_raw(),
+        "streamed command started"
+    );
+    Ok(Streamed {
+        running,
+        cgroups,
+        stdin,
+        stdout,
+        stderr,
+        pty,
+        reaped: None,
+    })
+}
+
+impl Streamed {
+    /// The main process's pid (and its process group's id).
+    pub(crate) fn pid(&self) -> u32 {
+        self.running.pgid.as_raw().unsigned_abs()
+    }
+
+    /// Sends `signal` to the command's process group while its main
+    /// process is unreaped (so the id is still ours).
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) -> io::Result<()> {
+        if !self.running.armed {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        nix::sys::signal::killpg(self.running.pgid, signal).map_err(io::Error::from)
+    }
+
+    /// SIGKILL to the group and the cgroup.
+    pub(crate) fn kill(&self) {
+        self.running.kill_group();
+    }
+
+    /// Waits for the main process to exit, without reaping it where a
+    /// pidfd allows (then the group can still be signalled).
+    pub(crate) async fn exited(&mut self) -> io::Result<()> {
+        if let Some(status) = self.running.exited().await? {
+            // Reaped: the group id may be reused from now on.
+            self.running.disarm();
+            self.reaped = Some(status);
+        }
+        Ok(())
+    }
+
+    /// Kills what is left of the group, reaps the main process and
+    /// recycles the cgroup: the command is over.
+    pub(crate) async fn finish(mut self) -> io::Result<ExitStatus> {
+        self.running.kill_group();
+        let status = match self.reaped.take() {
+            Some(s) => s,
+            None => self.running.reap().await?,
+        };
+        self.running.disarm();
+        if let (Some(cgroup), Some(cgroups)) = (self.running.cgroup.take(), self.cgroups) {
+            cgroups.recycle(cgroup);
+        }
+        Ok(status)
+    }
 }
 
 /// Bytes of JSON text each of stdout and stderr may take in a reply, so that
@@ -1941,13 +2236,14 @@ mod tests {
             ],
             env: &env,
             cwd: std::path::Path::new("/"),
-            stdin_piped: false,
+            wiring: Wiring::Capture { stdin_piped: false },
         };
         let (spawned, contained) = spawn_std(&plan, Some(&cg)).unwrap();
         contained.unwrap();
         let mut running = Running::new(spawned.process, None);
         let mut out = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::from(spawned.stdout), &mut out).unwrap();
+        std::io::Read::read_to_string(&mut std::fs::File::from(spawned.stdout.unwrap()), &mut out)
+            .unwrap();
         running.reap().await.unwrap();
         running.disarm();
         let path = crate::cgroup::unified_path(&out).unwrap();

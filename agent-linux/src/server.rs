@@ -112,19 +112,23 @@ pub const LARGEST_REPLY: u64 =
 /// it):
 ///
 /// `FIXED_OVERHEAD`
-/// + per session: its read buffer (`max_message_size` + `MAX_ATTACHMENT_SIZE`)
-///   and its pending replies that hold no slot
+/// + per session: its read buffer (`max_message_size` + `MAX_ATTACHMENT_SIZE`),
+///   its pending replies that hold no slot
 ///   ((`pending_limit` + `INSTANT_RESERVE`) x (2 x `max_message_size` + 4 KiB):
-///   an error echoes at most the id and parts of its line)
+///   an error echoes at most the id and parts of its line), and its streams
+///   (`MAX_STREAMS` x (`STREAM_WINDOW` of the host's data not yet used +
+///   `STREAM_CHUNK` of output on its way): 16 MiB)
 /// + `max_concurrent_requests` x `LARGEST_REPLY` (shared by all sessions).
 ///
 /// With the default config and one host: 16 MiB + 1.06 MiB + 24 x 132 KiB
-/// + 10 x 10 MiB, about 120 MiB.
+/// + 16 MiB + 10 x 10 MiB, about 136 MiB.
 pub fn memory_bound(config: &Config, sessions: u64) -> u64 {
     let line = config.max_message_size as u64;
     let per_session = line
         + agent_common::MAX_ATTACHMENT_SIZE
-        + (pending_limit(config) + INSTANT_RESERVE) as u64 * (2 * line + 4096);
+        + (pending_limit(config) + INSTANT_RESERVE) as u64 * (2 * line + 4096)
+        + agent_common::streams::MAX_STREAMS as u64
+            * (agent_common::streams::STREAM_WINDOW + agent_common::streams::STREAM_CHUNK);
     FIXED_OVERHEAD + sessions * per_session + config.max_concurrent_requests as u64 * LARGEST_REPLY
 }
 
@@ -192,6 +196,7 @@ pub async fn serve<R, W>(
     let context = Arc::new(Session::new(
         session,
         tx.downgrade(),
+        bulk_tx.downgrade(),
         Arc::clone(&budget.pending),
     ));
     let requests = TaskTracker::new();
@@ -318,6 +323,17 @@ pub async fn serve<R, W>(
             },
         };
         let permit = or_end!(budget.acquire(&incoming, data.is_some()));
+        if is_stream_message(&incoming) {
+            // In order, here: they never wait (`crate::streams`).
+            let data = data.map(BytesMut::freeze);
+            if let Some(mut out) = agent.handle(&context, incoming, data).await {
+                out.hold.push(permit);
+                if or_end!(tx.send(out)).is_err() {
+                    break;
+                }
+            }
+            continue;
+        }
         spawn_request(
             &requests,
             &agent,
@@ -352,6 +368,17 @@ pub async fn serve<R, W>(
         agent.release_memory();
     });
     debug!(session = session.0, "session ended");
+}
+
+/// True for the host's stream messages (`stream_data`, `stream_credit`,
+/// `stream_close`, `stream_reset`), which the reader handles itself, in
+/// the order they came: a stream's data must not be reordered, and
+/// handling them never waits.
+fn is_stream_message(incoming: &Incoming) -> bool {
+    matches!(incoming, Incoming::Single(Ok(req)) if matches!(
+        Method::from_name(&req.method),
+        Some(Method::StreamData | Method::StreamCredit | Method::StreamClose | Method::StreamReset)
+    ))
 }
 
 /// Runs one request on a task of its own; its reply, holding `permit`,

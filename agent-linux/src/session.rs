@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cancel::Running;
 use crate::dispatch::Outgoing;
+use crate::streams::Streams;
 
 /// A connection's identity, for state that belongs to one host connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,26 +33,31 @@ pub struct Session {
     notifier: Notifier,
     ended: CancellationToken,
     running: Running,
+    streams: Streams,
 }
 
 impl Session {
-    /// A session whose messages go to `queue`, each holding a permit of
-    /// `budget` until written (the session's back-pressure). The queue is
-    /// held weakly: the session's writer ends when its reader and requests
-    /// are done, whoever still holds the session.
+    /// A session whose messages go to `queue` (stream messages, which
+    /// keep their order, to `ordered`), each holding a permit of `budget`
+    /// until written (the session's back-pressure). The queues are held
+    /// weakly: the session's writer ends when its reader and requests are
+    /// done, whoever still holds the session.
     pub fn new(
         id: SessionId,
         queue: mpsc::WeakSender<Outgoing>,
+        ordered: mpsc::WeakSender<Outgoing>,
         budget: Arc<Semaphore>,
     ) -> Session {
         Session {
             id,
             notifier: Notifier {
                 queue: Some(queue),
+                ordered: Some(ordered),
                 budget,
             },
             ended: CancellationToken::new(),
             running: Running::default(),
+            streams: Streams::default(),
         }
     }
 
@@ -62,10 +68,12 @@ impl Session {
             id,
             notifier: Notifier {
                 queue: None,
+                ordered: None,
                 budget: Arc::new(Semaphore::new(0)),
             },
             ended: CancellationToken::new(),
             running: Running::default(),
+            streams: Streams::default(),
         }
     }
 
@@ -89,16 +97,27 @@ impl Session {
         &self.running
     }
 
-    /// Ends the session: everything watching [`Session::ended`] stops.
+    /// The session's open streams (`crate::streams`).
+    pub fn streams(&self) -> &Streams {
+        &self.streams
+    }
+
+    /// Ends the session: everything watching [`Session::ended`] stops, and
+    /// every stream is reset.
     pub fn end(&self) {
         self.ended.cancel();
+        self.streams.end_all();
     }
 }
 
 /// Sends notifications through a session's writer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Notifier {
     queue: Option<mpsc::WeakSender<Outgoing>>,
+    /// The writer's second queue, written in order after `queue`: stream
+    /// messages go there so that a stream's data, close and exit keep
+    /// their order (and a `ping` reply overtakes them).
+    ordered: Option<mpsc::WeakSender<Outgoing>>,
     budget: Arc<Semaphore>,
 }
 
@@ -118,8 +137,29 @@ impl Notifier {
         params: &P,
         attachment: Option<Bytes>,
     ) -> Result<(), SessionEnded> {
-        let queue = self
-            .queue
+        self.send(&self.queue, method, params, attachment).await
+    }
+
+    /// [`Notifier::notify`] for a stream's messages: they are written in
+    /// the order sent, after any reply waiting (so a `ping` is never behind
+    /// more than the one message being written).
+    pub async fn notify_ordered<P: Serialize>(
+        &self,
+        method: &str,
+        params: &P,
+        attachment: Option<Bytes>,
+    ) -> Result<(), SessionEnded> {
+        self.send(&self.ordered, method, params, attachment).await
+    }
+
+    async fn send<P: Serialize>(
+        &self,
+        queue: &Option<mpsc::WeakSender<Outgoing>>,
+        method: &str,
+        params: &P,
+        attachment: Option<Bytes>,
+    ) -> Result<(), SessionEnded> {
+        let queue = queue
             .as_ref()
             .and_then(mpsc::WeakSender::upgrade)
             .ok_or(SessionEnded)?;
@@ -159,8 +199,14 @@ mod tests {
     #[tokio::test]
     async fn notifications_go_through_the_writer_under_the_budget() {
         let (tx, mut rx) = mpsc::channel(4);
+        let (ordered, _ordered_rx) = mpsc::channel(4);
         let budget = Arc::new(Semaphore::new(1));
-        let s = Session::new(SessionId(3), tx.downgrade(), Arc::clone(&budget));
+        let s = Session::new(
+            SessionId(3),
+            tx.downgrade(),
+            ordered.downgrade(),
+            Arc::clone(&budget),
+        );
         s.notifier()
             .notify(
                 "stream_data",

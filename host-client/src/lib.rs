@@ -46,5 +46,8 @@ pub use client::{
     AgentStream, BoxedStream, CallOptions, Client, ClientOptions, ConnectFuture, ConnectionState,
     Notification, Subscription, DEFAULT_SUBSCRIPTION_CAPACITY,
 };
+pub use client::{
+    ExecControl, ExecRequest, ExecStream, ForwardStream, Pty, StreamReader, StreamWriter,
+};
 pub use error::ClientError;
 pub use transfer::{Progress, PushOptions, TransferSummary};

@@ -21,6 +21,7 @@ mod metrics;
 pub(crate) mod qga;
 mod resources;
 mod stats;
+mod streams;
 mod transfer;
 mod vm;
 
@@ -61,6 +62,10 @@ const SECTIONS: &[(&str, &str)] = &[
     ),
     ("write", "write 32 MiB into guest"),
     ("load", "ping p99 during a 32 MiB read"),
+    (
+        "streams",
+        "streamed exec first byte; forward throughput (and share of `raw`); ping p99 during a forward",
+    ),
     ("rss", "agent RSS idle and peak"),
     ("window", "read with 1, 2, 8 chunks in flight"),
     ("push", "push 1 KiB, connection open"),
@@ -244,8 +249,8 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
             // file, put in the guest and pulled to the host once (three
             // times, timed, for `read`).
             if !only.any(&[
-                "read", "write", "load", "rss", "window", "push", "wake", "flood", "bigmsg",
-                "copyread",
+                "read", "write", "load", "streams", "rss", "window", "push", "wake", "flood",
+                "bigmsg", "copyread",
             ]) {
                 b.finish();
                 return Ok(());
@@ -265,6 +270,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
             "read" => b.read(),
             "write" => b.write().await?,
             "load" => b.load().await?,
+            "streams" => b.streams().await?,
             "rss" => b.rss().await?,
             "window" => b.window().await?,
             "push" => b.push().await?,

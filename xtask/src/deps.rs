@@ -69,13 +69,16 @@ impl Group {
             // qemu-ga's shared libraries, copied from the host into the guest.
             Group::QemuGa => &["libglib2.0-0", "libnuma1", "liburing2", "libudev1"],
             // bsdutils: `script`, the terminal `top` is captured in;
-            // python3-venv: the venv of the MCP client (fleet_checks.rs).
+            // python3-venv: the venv of the MCP client (fleet_checks.rs);
+            // tmux and curl: the stream checks' terminal and HTTP client.
             Group::Qemu => &[
                 "qemu-system-x86",
                 "qemu-utils",
                 "socat",
                 "bsdutils",
                 "python3-venv",
+                "tmux",
+                "curl",
             ],
             Group::Distro => &["debootstrap", "e2fsprogs"],
             Group::Peer => &["qemu-guest-agent"],

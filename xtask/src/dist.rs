@@ -768,7 +768,8 @@ mod tests {
                 "max_message_size_kb",
                 "qemu_ga_channel_name",
                 "request_timeout_seconds",
-                "security"
+                "security",
+                "shell_command"
             ]
         );
         assert_eq!(v["log_level"], "info");

@@ -63,7 +63,8 @@ pub(crate) const GUEST_CONFIG: &str = r#"{
     "max_file_size_mb": 128,
     "max_command_timeout_seconds": 300,
     "command_memory_max_mb": 256,
-    "command_max_processes": 64
+    "command_max_processes": 64,
+    "allowed_forwards": ["127.0.0.1:*"]
   }
 }
 "#;
@@ -153,6 +154,12 @@ trap 'echo "kvmm-init: halt"; sync; halt -f' USR1
         sleep 1
     done
 ) &
+
+# A web server on loopback for the stream checks' port forward
+# (`cargo xtask vm-test`, stream_checks.rs): a service of the guest's own,
+# reached only through the agent.
+mkdir -p /tmp/www && echo forwarded-page > /tmp/www/index.html
+httpd -p 127.0.0.1:8080 -h /tmp/www
 
 # Optional peer for benchmarks: qemu-ga on its own port (image built --with-qemu-ga).
 if [ -x /usr/bin/qemu-ga ] && [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ]; then

@@ -19,6 +19,7 @@ mod probe;
 mod qga_checks;
 mod qmp;
 mod soak;
+mod stream_checks;
 mod suite;
 mod util;
 mod vm;

@@ -730,6 +730,7 @@ fn qemu_suite(t: &mut Tally, image: &GuestImage, ctl_bin: &Path) -> Result<()> {
     });
     guest_checks(t, &ctl, &INITRAMFS_FACTS, "")?;
     crate::fleet_checks::fleet_checks(t, &ctl, "")?;
+    crate::stream_checks::stream_checks(t, &ctl)?;
     t.check("reboot", || {
         let markers = crate::vm::count_markers(&vm.console);
         ctl.run(true, &["reboot"], Duration::from_secs(60))?.ok()?;

@@ -14,6 +14,8 @@
 //!   `getrandom`, a bounded `readdir`);
 //! - [`process`]: pidfds, `waitpid` and `clone3(CLONE_INTO_CGROUP)` for
 //!   [`crate::exec`];
+//! - [`pty`]: the terminal size ioctl and the child's `setsid` +
+//!   `TIOCSCTTY` for [`crate::exec`]'s streamed commands;
 //! - [`ops`]: `FIFREEZE`, `FITHAW`, `FITRIM`, the RTC's ioctls and
 //!   `localtime_r` for [`crate::ops`];
 //! - [`pipe`]: pipes and `splice` for [`crate::files`] and
@@ -29,12 +31,14 @@ mod ops;
 mod pipe;
 mod port;
 mod process;
+mod pty;
 
 pub(crate) use fs::*;
 pub(crate) use ops::*;
 pub(crate) use pipe::*;
 pub(crate) use port::*;
 pub(crate) use process::*;
+pub(crate) use pty::*;
 
 /// The number of CPUs online (`sysconf(_SC_NPROCESSORS_ONLN)`; -1 if the
 /// system cannot tell).

@@ -68,7 +68,9 @@ pub(crate) fn waitpid(pid: libc::pid_t, block: bool) -> io::Result<Option<ExitSt
 /// Starts `program` with `argv` and `envp` in a new process born in the
 /// cgroup open as `cgroup` (`clone3(CLONE_INTO_CGROUP)`, no `CLONE_VM`: the
 /// child runs on a copy-on-write copy, as after `fork`). The child puts
-/// `stdio` on descriptors 0, 1 and 2, makes its own process group, changes
+/// `stdio` on descriptors 0, 1 and 2, makes its own process group (with
+/// `tty`: its own session, with descriptor 0 as its controlling terminal,
+/// a pseudo-terminal's slave side), changes
 /// to `cwd`, resets SIGPIPE and its signal mask and calls `execve`; if any
 /// step fails it writes `errno` (native-endian `c_int`) to `err_fd` and
 /// exits 127. Returns the child's pid; it is the caller's to reap.
@@ -76,6 +78,8 @@ pub(crate) fn waitpid(pid: libc::pid_t, block: bool) -> io::Result<Option<ExitSt
 /// Descriptors 0-2 are overwritten in the child in order, so none of
 /// `stdio` and `err_fd` may be one of them (the caller checks). `err_fd`
 /// should be close-on-exec, so its reader sees end-of-file at the `execve`.
+// The arguments are what execve and the child's set-up need, each once.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn clone_exec_into_cgroup(
     cgroup: BorrowedFd<'_>,
     stdio: [BorrowedFd<'_>; 3],
@@ -84,6 +88,7 @@ pub(crate) fn clone_exec_into_cgroup(
     argv: &[CString],
     envp: &[CString],
     cwd: &CStr,
+    tty: bool,
 ) -> io::Result<libc::pid_t> {
     // Every allocation happens here, before the clone.
     let argv_ptrs: Vec<*const libc::c_char> = argv
@@ -113,6 +118,7 @@ pub(crate) fn clone_exec_into_cgroup(
                     argv_ptrs.as_ptr(),
                     envp_ptrs.as_ptr(),
                     cwd.as_ptr(),
+                    tty,
                 )
             }
         }
@@ -191,6 +197,7 @@ unsafe fn exec_child(
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     cwd: *const libc::c_char,
+    tty: bool,
 ) -> ! {
     // SAFETY: plain syscalls on descriptors and on the caller's valid
     // pointers; the errno read and write go through valid locals.
@@ -206,7 +213,12 @@ unsafe fn exec_child(
                 child_fail(err_fd);
             }
         }
-        if libc::setpgid(0, 0) < 0 || libc::chdir(cwd) < 0 {
+        let grouped = if tty {
+            libc::setsid() >= 0 && libc::ioctl(0, libc::TIOCSCTTY, 0) >= 0
+        } else {
+            libc::setpgid(0, 0) >= 0
+        };
+        if !grouped || libc::chdir(cwd) < 0 {
             child_fail(err_fd);
         }
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);

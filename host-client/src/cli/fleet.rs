@@ -67,6 +67,10 @@ pub struct KillArgs {
 /// Arguments of `logs`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogsArgs {
+    /// Follow the file as it grows, across rotation (`tail -F`), until
+    /// Ctrl-C, starting with its last N lines.
+    #[arg(short, long, conflicts_with_all = ["unit", "since"])]
+    pub follow: bool,
     /// A log file in the guest (beneath its allowed_read_paths).
     #[arg(required_unless_present = "unit", conflicts_with = "unit")]
     pub path: Option<String>,

@@ -20,6 +20,8 @@ mod format;
 pub mod mcp;
 pub mod ops;
 mod render;
+pub mod stream;
+mod term;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -186,6 +188,10 @@ pub struct ExecArgs {
     /// With --json, keep stdout/stderr base64-encoded instead of decoding them as text.
     #[arg(long)]
     pub binary: bool,
+    /// Stream: print output as it comes and pass our stdin through (no
+    /// output limit; the command ends when kvmmanager-ctl does).
+    #[arg(long, conflicts_with_all = ["stdin", "binary"])]
+    pub stream: bool,
     /// The command and its arguments (no shell: arguments are passed verbatim).
     #[arg(
         required = true,
@@ -220,6 +226,16 @@ pub enum Command {
         after_help = "Example:\n  kvmmanager-ctl -d web1 exec --env LC_ALL=C -- ls -l /var/log"
     )]
     Exec(ExecArgs),
+    /// Open a terminal session in the guest (raw mode; the window size follows ours).
+    #[command(
+        after_help = "Examples:\n  kvmmanager-ctl -d web1 shell\n  kvmmanager-ctl -d web1 shell -- top\n\nExits with the session's exit status."
+    )]
+    Shell(stream::ShellArgs),
+    /// Forward a local TCP port to an address inside the guest (until Ctrl-C).
+    #[command(
+        after_help = "Example:\n  kvmmanager-ctl -d web1 forward 8080:127.0.0.1:80\n\nThe agent connects only to addresses its security.allowed_forwards lists."
+    )]
+    Forward(stream::ForwardArgs),
     /// Print a guest file to stdout.
     Cat {
         /// Absolute path in the guest.
@@ -341,9 +357,10 @@ pub enum Command {
     /// Send a signal to a process in the guest.
     #[command(after_help = "Example:\n  kvmmanager-ctl -d web1 kill 812 --signal TERM")]
     Kill(fleet::KillArgs),
-    /// Show the last lines of a guest log file, or of a unit's journal.
+    /// Show the last lines of a guest log file, or of a unit's journal; with
+    /// -f, follow a file as it grows, across rotation (until Ctrl-C).
     #[command(
-        after_help = "Example:\n  kvmmanager-ctl -d web1 logs --unit nginx.service -n 50 --grep error --since 1h"
+        after_help = "Examples:\n  kvmmanager-ctl -d web1 logs --unit nginx.service -n 50 --grep error --since 1h\n  kvmmanager-ctl -d web1 logs -f -n 50 --grep error /var/log/syslog"
     )]
     Logs(fleet::LogsArgs),
     /// Show the guest's metrics: CPU, memory, pressure, disks, network, filesystems.
@@ -577,7 +594,7 @@ pub fn run(cli: Cli) -> i32 {
             )))
             .try_init();
     }
-    let is_exec = matches!(cli.command, Command::Exec(_));
+    let is_exec = matches!(cli.command, Command::Exec(_) | Command::Shell(_));
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -733,7 +750,16 @@ async fn execute(client: &Client, cli: Cli) -> Result<i32, CliError> {
                 out(&render_df(&d))?;
             }
         }
+        Command::Exec(args) if args.stream => return stream::exec(client, args).await,
         Command::Exec(args) => return exec(client, args, json).await,
+        Command::Shell(args) => return stream::shell(client, args).await,
+        Command::Forward(args) => return stream::forward(client, args).await,
+        // -f is required (clap): a `logs` without it (read_log) is not here.
+        Command::Logs(args) if args.follow => {
+            // `follow` requires a path (clap: conflicts with `unit`).
+            let path = args.path.unwrap_or_default();
+            return stream::follow_logs(client, &path, args.lines, args.grep.as_deref()).await;
+        }
         Command::Read { path, output } if output.as_os_str() == "-" => cat(client, &path).await?,
         Command::Cat { path } => cat(client, &path).await?,
         Command::Read { path, output }

@@ -26,6 +26,7 @@ use super::call::Flow;
 use super::connector::{ReadHalf, WriteHalf};
 use super::notify::{self, Subscribers};
 use super::state::{ConnectionState, StateTx};
+use super::streams::{self, StreamTable};
 use super::Client;
 use crate::error::ClientError;
 
@@ -177,6 +178,8 @@ impl Shared {
 enum Awaiting {
     Reply(Response),
     Notification(notify::Header),
+    /// A stream's data (`crate::client::streams`).
+    Stream(notify::Header),
 }
 
 /// What the reader reports its end to.
@@ -186,7 +189,17 @@ struct Ends {
     reconnect: bool,
 }
 
-async fn read_loop(read: ReadHalf, shared: Arc<Shared>, subscribers: Arc<Subscribers>, ends: Ends) {
+/// Where the reader hands notifications: subscriptions, and the streams.
+struct Sinks {
+    subscribers: Arc<Subscribers>,
+    streams: Arc<StreamTable>,
+}
+
+async fn read_loop(read: ReadHalf, shared: Arc<Shared>, sinks: Sinks, ends: Ends) {
+    let Sinks {
+        subscribers,
+        streams,
+    } = sinks;
     let mut frames = FramedRead::new(read, JsonLinesCodec::new(MAX_RESPONSE_SIZE));
     // A response or notification waiting for its attachment.
     let mut awaiting: Option<Awaiting> = None;
@@ -197,7 +210,8 @@ async fn read_loop(read: ReadHalf, shared: Arc<Shared>, subscribers: Arc<Subscri
                     Ok(r) => r,
                     Err(e) => {
                         if let Some(n) = notify::Header::parse(&line) {
-                            awaiting = notification(&mut frames, &shared, &subscribers, n);
+                            awaiting =
+                                notification(&mut frames, &shared, (&subscribers, &streams), n);
                         } else {
                             tracing::debug!("dropping a line that is not a response: {e}");
                         }
@@ -230,6 +244,9 @@ async fn read_loop(read: ReadHalf, shared: Arc<Shared>, subscribers: Arc<Subscri
                 Some(Awaiting::Notification(n)) => {
                     subscribers.deliver(n.into_notification(Some(data.freeze())));
                 }
+                Some(Awaiting::Stream(n)) => {
+                    stream_message(&shared, &streams, n, Some(data.freeze()));
+                }
                 None => {}
             },
             Ok(Frame::Oversized) => {
@@ -243,6 +260,7 @@ async fn read_loop(read: ReadHalf, shared: Arc<Shared>, subscribers: Arc<Subscri
     }
     tracing::debug!("agent connection closed");
     shared.close();
+    streams.lost(Arc::as_ptr(&shared) as usize);
     ends.state.lost(ends.generation, ends.reconnect);
 }
 
@@ -256,13 +274,30 @@ async fn read_loop(read: ReadHalf, shared: Arc<Shared>, subscribers: Arc<Subscri
 /// so the stream stays in step.
 fn notification(
     frames: &mut FramedRead<ReadHalf, JsonLinesCodec>,
-    shared: &Shared,
-    subscribers: &Subscribers,
+    shared: &Arc<Shared>,
+    (subscribers, streams): (&Subscribers, &StreamTable),
     n: notify::Header,
 ) -> Option<Awaiting> {
     if shared.lock().sync.is_some() {
         tracing::debug!(method = %n.method, "dropping a notification while syncing");
         return None;
+    }
+    if streams::is_stream_method(&n.method) {
+        return match n.attachment {
+            None => {
+                stream_message(shared, streams, n, None);
+                None
+            }
+            Some(len) if len <= MAX_ATTACHMENT_SIZE => {
+                // Within the limit, so it fits in usize.
+                frames.decoder_mut().expect_attachment(len as usize);
+                Some(Awaiting::Stream(n))
+            }
+            Some(len) => {
+                frames.decoder_mut().skip_attachment(len);
+                None
+            }
+        };
     }
     match n.attachment {
         None => {
@@ -289,9 +324,95 @@ fn notification(
     }
 }
 
+/// Hands a stream message to its stream; resets a stream whose rules
+/// the agent broke.
+fn stream_message(
+    shared: &Arc<Shared>,
+    streams: &StreamTable,
+    n: notify::Header,
+    data: Option<Bytes>,
+) {
+    if let streams::Reply::Reset(stream, reason) = streams.deliver(&n.method, &n.params, data) {
+        if let Some(writer) = shared.writer.get().and_then(std::sync::Weak::upgrade) {
+            spawn_line(
+                writer,
+                Some(shared.clone()),
+                Method::StreamReset.as_str(),
+                &agent_common::methods::StreamResetParams {
+                    stream,
+                    reason: Some(reason.to_owned()),
+                },
+            );
+        }
+    }
+}
+
+/// Writes a notification line (no attachment) from a task of its own.
+fn spawn_line<P: Serialize>(
+    writer: Arc<AsyncMutex<Writer>>,
+    shared: Option<Arc<Shared>>,
+    method: &str,
+    params: &P,
+) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Ok(line) = encode_notification(method, params, None) else {
+        return;
+    };
+    handle.spawn(async move {
+        if shared.as_ref().is_some_and(|s| s.lock().dead) {
+            return;
+        }
+        let mut w = writer.lock_owned().await;
+        if write_line(&mut w, &line, false).await.is_err() {
+            if let Some(s) = shared {
+                s.close();
+            }
+        }
+    });
+}
+
 impl Conn {
     fn is_dead(&self) -> bool {
         self.shared.lock().dead
+    }
+
+    /// The identity streams record to be ended with this connection.
+    pub(super) fn serial(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
+    /// Sends a notification, with `attachment` (and its check value) after
+    /// it.
+    pub(super) async fn send_notification<P: Serialize>(
+        &self,
+        method: &str,
+        params: &P,
+        attachment: Option<Bytes>,
+    ) -> Result<(), ClientError> {
+        if self.is_dead() {
+            return Err(ClientError::ConnectionLost);
+        }
+        let line = encode_notification(method, params, attachment.as_deref())?;
+        self.send(&line, false, attachment.as_ref()).await
+    }
+
+    /// [`Conn::send_notification`] from a task of its own (from a `Drop`
+    /// or a poll function); nothing is sent without a runtime.
+    pub(super) fn spawn_notification<P: Serialize + Send + Sync + 'static>(
+        self: &Arc<Self>,
+        method: &'static str,
+        params: P,
+        attachment: Option<Bytes>,
+    ) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let conn = self.clone();
+        handle.spawn(async move {
+            let _ = conn.send_notification(method, &params, attachment).await;
+        });
     }
 
     /// Writes `line` and the `attachment` it announces, preceded by the
@@ -370,7 +491,7 @@ impl Conn {
                 id: Some(id),
                 upload_id: None,
             };
-            let Ok(line) = encode_notification(CANCEL, &params) else {
+            let Ok(line) = encode_notification(CANCEL, &params, None) else {
                 continue;
             };
             if self.send(&line, false, None).await.is_err() {
@@ -407,7 +528,7 @@ fn spawn_cancel(
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let Ok(line) = encode_notification(CANCEL, &params) else {
+    let Ok(line) = encode_notification(CANCEL, &params, None) else {
         return;
     };
     handle.spawn(async move {
@@ -602,15 +723,19 @@ fn encode_request<P: Serialize>(
     Ok(buf)
 }
 
-fn encode_notification<P: Serialize>(method: &str, params: &P) -> Result<BytesMut, ClientError> {
+fn encode_notification<P: Serialize>(
+    method: &str,
+    params: &P,
+    attachment: Option<&[u8]>,
+) -> Result<BytesMut, ClientError> {
     let mut buf = BytesMut::new();
     let req = OutgoingRequest {
         jsonrpc: agent_common::jsonrpc::JSONRPC_VERSION,
         method,
         params,
         id: None,
-        attachment: None,
-        attachment_crc32: None,
+        attachment: attachment.map(|a| a.len() as u64),
+        attachment_crc32: attachment.map(agent_common::attachment_crc32),
     };
     encode_line(&req, &mut buf).map_err(|e| match e {
         agent_common::codec::CodecError::Serialize(source) => ClientError::Encode {
@@ -768,12 +893,11 @@ impl Client {
             generation,
             reconnect: self.inner.opts.reconnect,
         };
-        let reader = tokio::spawn(read_loop(
-            read,
-            shared.clone(),
-            self.inner.subscribers.clone(),
-            ends,
-        ));
+        let sinks = Sinks {
+            subscribers: self.inner.subscribers.clone(),
+            streams: self.inner.streams.clone(),
+        };
+        let reader = tokio::spawn(read_loop(read, shared.clone(), sinks, ends));
         let writer = Arc::new(AsyncMutex::new(Writer {
             half: write,
             dirty: false,
@@ -946,6 +1070,42 @@ impl Client {
                     conn.needs_resync.store(true, Ordering::Release);
                     return Err(timed_out());
                 }
+            }
+        }
+    }
+
+    /// A call on `conn` itself, never on another connection (a stream's
+    /// open: the stream lives on the connection it was opened on).
+    pub(super) async fn request_on_conn<P: Serialize>(
+        &self,
+        conn: &Arc<Conn>,
+        method: &str,
+        params: &P,
+    ) -> Result<Box<RawValue>, ClientError> {
+        let deadline = self.deadline_for(self.call_timeout());
+        let timed_out = || ClientError::Timeout {
+            method: method.to_owned(),
+            after: self.call_timeout(),
+        };
+        let permit = if takes_slot(method) && self.inner.opts.flow_control {
+            match self.flow_permit(deadline).await? {
+                Flow::Permit(p) => Some(p),
+                Flow::Unbounded => None,
+                Flow::TimedOut => return Err(timed_out()),
+            }
+        } else {
+            None
+        };
+        let cancel = takes_slot(method) && self.cancel_abandoned();
+        match self
+            .request_on(conn, method, params, None, deadline, permit, cancel)
+            .await
+        {
+            Attempt::Done(r) => r.map(|(raw, _)| raw),
+            Attempt::NotSent(e) => Err(e),
+            Attempt::TimedOut => {
+                conn.needs_resync.store(true, Ordering::Release);
+                Err(timed_out())
             }
         }
     }

@@ -34,19 +34,25 @@
 mod call;
 mod conn;
 mod connector;
+mod exec_stream;
+mod forward;
 mod notify;
 mod ops;
 mod state;
+mod streams;
 
 pub use call::CallOptions;
 pub(crate) use conn::random_u64;
 use conn::Conn;
 use connector::Connector;
 pub use connector::{AgentStream, BoxedStream, ConnectFuture};
+pub use exec_stream::{ExecControl, ExecRequest, ExecStream, Pty};
+pub use forward::ForwardStream;
 use notify::Subscribers;
 pub use notify::{Notification, Subscription, DEFAULT_SUBSCRIPTION_CAPACITY};
 pub use state::ConnectionState;
 use state::StateTx;
+pub use streams::{StreamReader, StreamWriter};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -174,6 +180,8 @@ struct Inner {
     limits: StdMutex<Option<Limits>>,
     /// Subscriptions to notifications; they outlive connections.
     subscribers: Arc<Subscribers>,
+    /// Open streams (they end with their connection).
+    streams: Arc<streams::StreamTable>,
     /// Published connection state.
     state: Arc<StateTx>,
     /// Flow control: one permit per agent slot (`max_concurrent_requests`,
@@ -249,6 +257,7 @@ impl Client {
                 next_id: AtomicU64::new(start),
                 limits: StdMutex::new(None),
                 subscribers: Arc::default(),
+                streams: Arc::default(),
                 state: Arc::new(StateTx::new()),
                 flow: StdMutex::new(None),
             }),
