@@ -769,10 +769,12 @@ mod tests {
                 "qemu_ga_channel_name",
                 "request_timeout_seconds",
                 "security",
-                "shell_command"
+                "shell_command",
+                "zero_copy_reads"
             ]
         );
         assert_eq!(v["log_level"], "info");
+        assert_eq!(v["zero_copy_reads"], true);
         // qemu-ga's port is served by default (and left to an installed,
         // unmasked qemu-guest-agent: packaging/README.md).
         assert_eq!(v["qemu_ga_channel_name"], "org.qemu.guest_agent.0");
