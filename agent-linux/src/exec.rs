@@ -683,6 +683,36 @@ enum SpawnFailure {
     Cgroup(CgroupError),
 }
 
+/// A started command: what [`spawn`] returns, and its cgroup.
+type SpawnedIn = (Spawned, Result<(), CgroupError>, Option<CommandCgroup>);
+
+/// Makes the command's cgroup (where commands are contained) and spawns
+/// `plan` into it; if the spawn fails, the cgroup (empty) is removed again.
+fn spawn_in_new_cgroup(
+    plan: &ExecPlan<'_>,
+    cgroups: Option<&CommandCgroups>,
+    spawn_error: impl Fn(io::Error) -> ExecError,
+    containment_error: impl Fn(CgroupError) -> ExecError,
+) -> Result<SpawnedIn, ExecError> {
+    let cgroup = cgroups
+        .map(CommandCgroups::create)
+        .transpose()
+        .map_err(&containment_error)?;
+    match spawn(plan, cgroup.as_ref()) {
+        Ok((spawned, contained)) => Ok((spawned, contained, cgroup)),
+        Err(e) => {
+            // Nothing runs in the cgroup: one rmdir.
+            if let Some(cg) = cgroup {
+                cg.remove_blocking();
+            }
+            Err(match e {
+                SpawnFailure::Start(source) => spawn_error(source),
+                SpawnFailure::Cgroup(source) => containment_error(source),
+            })
+        }
+    }
+}
+
 /// Starts `plan`: straight into `cgroup` where the kernel can
 /// ([`spawn_into_cgroup`]), else through std and, with a cgroup, moved into
 /// it at once (the second value says whether that worked).
@@ -889,23 +919,8 @@ async fn run(
         command: params.command.clone(),
         source,
     };
-    let cgroup = cgroups
-        .map(CommandCgroups::create)
-        .transpose()
-        .map_err(containment_error)?;
-    let (spawned, contained) = match spawn(&plan, cgroup.as_ref()) {
-        Ok(s) => s,
-        Err(e) => {
-            // Nothing runs in the cgroup: one rmdir.
-            if let Some(cg) = cgroup {
-                cg.remove_blocking();
-            }
-            return Err(match e {
-                SpawnFailure::Start(source) => spawn_error(source),
-                SpawnFailure::Cgroup(source) => containment_error(source),
-            });
-        }
-    };
+    let (spawned, contained, cgroup) =
+        spawn_in_new_cgroup(&plan, cgroups, spawn_error, containment_error)?;
     let Spawned {
         process,
         stdin,
@@ -1137,22 +1152,8 @@ pub(crate) fn start_streamed(
         wiring,
     };
     let cgroups = crate::cgroup::current().and_then(|c| c.cgroups());
-    let cgroup = cgroups
-        .map(CommandCgroups::create)
-        .transpose()
-        .map_err(containment_error)?;
-    let (spawned, contained) = match spawn(&plan, cgroup.as_ref()) {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(cg) = cgroup {
-                cg.remove_blocking();
-            }
-            return Err(match e {
-                SpawnFailure::Start(source) => spawn_error(source),
-                SpawnFailure::Cgroup(source) => containment_error(source),
-            });
-        }
-    };
+    let (spawned, contained, cgroup) =
+        spawn_in_new_cgroup(&plan, cgroups, spawn_error, containment_error)?;
     // Only the child keeps the slave side: the master reads EIO once the
     // child and its descendants have all closed it.
     drop(slave);

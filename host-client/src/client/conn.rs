@@ -347,7 +347,9 @@ fn stream_message(
     }
 }
 
-/// Writes a notification line (no attachment) from a task of its own.
+/// Writes a notification line (no attachment) from a task of its own;
+/// without a runtime (it is shutting down) nothing is sent. A failed write
+/// ends the connection (`shared`).
 fn spawn_line<P: Serialize>(
     writer: Arc<AsyncMutex<Writer>>,
     shared: Option<Arc<Shared>>,
@@ -525,23 +527,7 @@ fn spawn_cancel(
     shared: Option<Arc<Shared>>,
     params: CancelParams,
 ) {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let Ok(line) = encode_notification(CANCEL, &params, None) else {
-        return;
-    };
-    handle.spawn(async move {
-        if shared.as_ref().is_some_and(|s| s.lock().dead) {
-            return;
-        }
-        let mut w = writer.lock_owned().await;
-        if write_line(&mut w, &line, false).await.is_err() {
-            if let Some(s) = shared {
-                s.close();
-            }
-        }
-    });
+    spawn_line(writer, shared, CANCEL, &params);
 }
 
 /// The chunked upload a `file_write` reply opened (`upload_id` and not
