@@ -33,14 +33,17 @@
 //! is born in its cgroup and nothing it forks can be outside: no window.
 //! std's `Command` has no hook for that, so this path is the agent's own
 //! ([`spawn_into_cgroup`], over the system call wrapper
-//! `sys::clone_exec_into_cgroup`, which holds the child's code): a
-//! `fork`-like clone (no `CLONE_VM`, so the child
-//! runs on its own copy-on-write copy of this stack, as with `fork`) whose
-//! child calls only async-signal-safe functions (`dup2`, `setpgid`, `chdir`,
-//! `sigprocmask`, `execve`, and on failure `write` of errno to a
-//! close-on-exec pipe and `_exit`), with every string and array built before
-//! the clone. It costs the page-table copy that `posix_spawn` avoids (below);
-//! containment is worth it. Where `clone3` or `CLONE_INTO_CGROUP` is missing
+//! `sys::clone_exec_into_cgroup`, which holds the child's code): on x86-64
+//! a `CLONE_VM | CLONE_VFORK` clone, as `posix_spawn` makes, whose child
+//! runs on a stack of its own in the agent's memory while the calling
+//! thread waits for its `execve` (elsewhere a `fork`-like clone on a
+//! copy-on-write copy). The child resets caught signals to their defaults
+//! (all signals are blocked across the clone, so no handler of the agent
+//! runs in it) and calls only async-signal-safe functions (`dup2`,
+//! `setpgid`, `chdir`, `sigprocmask`, `execve`, and on failure `write` of
+//! errno to a close-on-exec pipe and `_exit`), with every string and array
+//! built before the clone.
+//! Where `clone3` or `CLONE_INTO_CGROUP` is missing
 //! (kernel before 5.7, or a seccomp filter answering ENOSYS) the agent
 //! spawns through std and writes the child's pid to the cgroup's
 //! `cgroup.procs` as the very next step. That leaves a window: `posix_spawn`
