@@ -495,13 +495,7 @@ impl CommandCgroups {
                 continue;
             }
             tracing::info!(cgroup = %entry.path().display(), "removing the cgroup of a command of a previous agent");
-            CommandCgroup {
-                dir: entry.path(),
-                kill: self.kill,
-                done: false,
-                killed: AtomicBool::new(false),
-            }
-            .remove_blocking();
+            CommandCgroup::at(entry.path(), self.kill).remove_blocking();
         }
     }
 
@@ -509,7 +503,11 @@ impl CommandCgroups {
     /// kept for the next command when it is empty, else killed again and
     /// removed in the background. Never waits.
     pub fn recycle(&self, cg: CommandCgroup) {
-        if !cg.killed.load(Ordering::Relaxed) && cg.is_empty() {
+        // Found empty by the kill at the command's end: nothing can have
+        // entered since (only the agent puts processes in it), so no
+        // second read of cgroup.events.
+        let empty = cg.seen_empty.swap(false, Ordering::Relaxed) || cg.is_empty();
+        if !cg.killed.load(Ordering::Relaxed) && empty {
             let mut free = self.lock_free();
             if free.len() < KEEP_FREE {
                 free.push(cg);
@@ -547,12 +545,7 @@ impl CommandCgroups {
             path: dir.clone(),
             source,
         })?;
-        let cg = CommandCgroup {
-            dir,
-            kill: self.kill,
-            done: false,
-            killed: AtomicBool::new(false),
-        };
+        let cg = CommandCgroup::at(dir, self.kill);
         let limits = [
             ("memory.max", self.limits.memory_max),
             ("pids.max", self.limits.pids_max),
@@ -583,6 +576,9 @@ pub struct CommandCgroup {
     /// cgroup is never reused: on some kernels (seen on 6.18) a child
     /// cloned into a cgroup that was once killed is killed at birth.
     killed: AtomicBool,
+    /// True when [`CommandCgroup::kill`] last found it empty; taken by
+    /// [`CommandCgroups::recycle`].
+    seen_empty: AtomicBool,
 }
 
 impl Drop for CommandCgroups {
@@ -600,12 +596,7 @@ impl Drop for CommandCgroup {
             return;
         }
         self.kill();
-        let rest = CommandCgroup {
-            dir: std::mem::take(&mut self.dir),
-            kill: self.kill,
-            done: false,
-            killed: AtomicBool::new(false),
-        };
+        let rest = CommandCgroup::at(std::mem::take(&mut self.dir), self.kill);
         self.done = true;
         let remove = move || rest.remove_blocking();
         match tokio::runtime::Handle::try_current() {
@@ -616,6 +607,17 @@ impl Drop for CommandCgroup {
 }
 
 impl CommandCgroup {
+    /// The cgroup at `dir`, emptied with `kill`, not yet removed.
+    fn at(dir: PathBuf, kill: KillMethod) -> CommandCgroup {
+        CommandCgroup {
+            dir,
+            kill,
+            done: false,
+            killed: AtomicBool::new(false),
+            seen_empty: AtomicBool::new(false),
+        }
+    }
+
     /// The cgroup's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -649,6 +651,7 @@ impl CommandCgroup {
     /// a cgroup whose command ended by itself can be reused.
     pub fn kill(&self) {
         if self.is_empty() {
+            self.seen_empty.store(true, Ordering::Relaxed);
             return;
         }
         self.killed.store(true, Ordering::Relaxed);

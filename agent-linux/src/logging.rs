@@ -1,7 +1,6 @@
 //! Logging setup: `tracing` to stderr and, if configured, to `log_file`.
 
 use std::fs::OpenOptions;
-use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -52,11 +51,12 @@ pub fn init(level: LogLevel, log_file: Option<&Path>) -> Result<(), LoggingError
             let writer = Held::new(std::io::stderr).and(Held::new(Mutex::new(file)));
             builder.with_ansi(false).with_writer(writer).init();
         }
-        // Colour only for a person at a terminal: journald (or a console)
-        // would store the escape codes, and under TCG a serial console
-        // pays for every byte.
+        // No colour, even at a terminal: journald (or a console) would store
+        // the escape codes, under TCG a serial console pays for every byte,
+        // and tracing-subscriber's `ansi` feature costs the binary about
+        // 8 KB of the size budget (PERFORMANCE.md).
         None => builder
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(false)
             .with_writer(Held::new(std::io::stderr))
             .init(),
     }

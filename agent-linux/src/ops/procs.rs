@@ -1,12 +1,14 @@
 //! `get_metrics`, `list_processes` and `kill_process`.
 //!
-//! Memory, swap, load, uptime, network counters, filesystem usage and the
-//! processes come from the `sysinfo` crate (the same crate serves a
-//! Windows agent). What it lacks is read from `/proc` directly: the
-//! cumulative time per CPU and state (`/proc/stat`; sysinfo gives only a
-//! percentage between two of its own refreshes), the I/O counters per block
-//! device (`/proc/diskstats`; sysinfo counts per mounted filesystem) and
-//! pressure stall information (`/proc/pressure/*`). Blocking; nothing is
+//! Memory, swap, load, uptime and the processes come from the `sysinfo`
+//! crate (the same crate serves a Windows agent). The rest is read from
+//! `/proc` directly: the cumulative time per CPU and state (`/proc/stat`;
+//! sysinfo gives only a percentage between two of its own refreshes), the
+//! I/O counters per block device (`/proc/diskstats`; sysinfo counts per
+//! mounted filesystem), pressure stall information (`/proc/pressure/*`),
+//! the network counters (`/proc/net/dev`) and the filesystems (the mounts
+//! and `statvfs` of `get_disk_usage`): sysinfo's `disk` and `network`
+//! features cost the binary more than these few lines. Blocking; nothing is
 //! kept between calls, so two hosts asking at once see the same counters.
 
 use std::collections::HashMap;
@@ -21,8 +23,8 @@ use agent_common::methods::{
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, Uid, User};
 use sysinfo::{
-    DiskRefreshKind, Disks, MemoryRefreshKind, Networks, ProcessRefreshKind, ProcessStatus,
-    ProcessesToUpdate, System, ThreadKind, UpdateKind,
+    MemoryRefreshKind, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, ThreadKind,
+    UpdateKind,
 };
 
 use crate::error::RpcError;
@@ -64,34 +66,21 @@ pub fn metrics() -> Result<Metrics, SysInfoError> {
         swap_used_bytes: sys.used_swap(),
     };
 
-    let mut networks: Vec<NetworkCounters> = Networks::new_with_refreshed_list()
-        .list()
-        .iter()
-        .map(|(name, n)| NetworkCounters {
-            name: name.clone(),
-            rx_bytes: n.total_received(),
-            rx_packets: n.total_packets_received(),
-            rx_errors: n.total_errors_on_received(),
-            tx_bytes: n.total_transmitted(),
-            tx_packets: n.total_packets_transmitted(),
-            tx_errors: n.total_errors_on_transmitted(),
-        })
-        .collect();
+    let mut networks = parse_net_dev(&read("/proc/net/dev")?);
     networks.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let filesystems =
-        Disks::new_with_refreshed_list_specifics(DiskRefreshKind::nothing().with_storage())
-            .list()
-            .iter()
-            .map(|d| FilesystemMetrics {
-                mount_point: d.mount_point().to_string_lossy().into_owned(),
-                device: d.name().to_string_lossy().into_owned(),
-                fs_type: d.file_system().to_string_lossy().into_owned(),
-                total_bytes: d.total_space(),
-                available_bytes: d.available_space(),
-                read_only: d.is_read_only(),
-            })
-            .collect();
+    let filesystems = crate::sysinfo::disk_usage(false)?
+        .filesystems
+        .into_iter()
+        .map(|f| FilesystemMetrics {
+            mount_point: f.mount_point,
+            device: f.device,
+            fs_type: f.fs_type,
+            total_bytes: f.total_bytes,
+            available_bytes: f.free_bytes,
+            read_only: f.read_only,
+        })
+        .collect();
 
     Ok(Metrics {
         timestamp_ms: SystemTime::now()
@@ -109,6 +98,31 @@ pub fn metrics() -> Result<Metrics, SysInfoError> {
         filesystems,
         process_count,
     })
+}
+
+/// The counters of each interface in `/proc/net/dev`'s `text` (two heading
+/// lines, then `name: rx_bytes rx_packets rx_errs ... tx_bytes tx_packets
+/// tx_errs ...`); lines that do not parse are skipped.
+pub fn parse_net_dev(text: &str) -> Vec<NetworkCounters> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, counters) = line.split_once(':')?;
+            let v: Vec<u64> = counters
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            (v.len() >= 16).then(|| NetworkCounters {
+                name: name.trim().to_owned(),
+                rx_bytes: v[0],
+                rx_packets: v[1],
+                rx_errors: v[2],
+                tx_bytes: v[8],
+                tx_packets: v[9],
+                tx_errors: v[10],
+            })
+        })
+        .collect()
 }
 
 /// The time in each state summed over `cpus`.
@@ -510,6 +524,23 @@ mod tests {
             rss_bytes: rss,
             start_time: start,
         }
+    }
+
+    #[test]
+    fn net_dev_counters_parse_and_headings_are_skipped() {
+        let text = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo: 2840680088  296975    0    0    0     0          0         0 2840680088  296975    0    0    0     0       0          0
+  eth0:    1000      10    2    0    0     0          0         0     2000      20    3    0    0     0       0          0
+ bad0: 1 2 3
+";
+        let n = parse_net_dev(text);
+        assert_eq!(n.len(), 2, "{n:?}");
+        assert_eq!(n[0].name, "lo");
+        assert_eq!(n[0].rx_bytes, 2_840_680_088);
+        let eth = &n[1];
+        assert_eq!((eth.rx_bytes, eth.rx_packets, eth.rx_errors), (1000, 10, 2));
+        assert_eq!((eth.tx_bytes, eth.tx_packets, eth.tx_errors), (2000, 20, 3));
     }
 
     #[test]
