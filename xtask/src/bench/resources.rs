@@ -16,8 +16,18 @@ use crate::guest;
 use crate::util::{bail, heading, target_dir, Result};
 
 impl Bench<'_> {
-    /// `rss`: both agents' RSS before the first figure, and their peak
-    /// after the transfers so far.
+    /// Resets both agents' peak RSS (`VmHWM`, through `clear_refs`), so
+    /// that `rss` reports the file transfers' peak alone.
+    pub(crate) async fn reset_peak_rss(&mut self) -> Result<()> {
+        let script = format!(
+            "echo 5 > /proc/{}/clear_refs && echo 5 > /proc/{}/clear_refs",
+            self.our_pid, self.qga_pid
+        );
+        sh(&self.c, &script).await.map(drop)
+    }
+
+    /// `rss`: both agents' RSS before the first figure, and their peak in
+    /// the file transfers (read, write, load), measured before the streams.
     pub(crate) async fn rss(&mut self) -> Result<()> {
         let ours_st = proc_status(&self.c, self.our_pid).await?;
         let qga_st = proc_status(&self.c, self.qga_pid).await?;
