@@ -145,6 +145,34 @@ fn sys_u64(iface: &str, file: &str) -> Option<u64> {
         .ok()
 }
 
+/// The counters of interface `name` (`/sys/class/net/<name>/statistics`;
+/// 0 for a counter that cannot be read).
+pub fn interface_statistics(name: &str) -> InterfaceStatistics {
+    let s = |f: &str| sys_u64(name, &format!("statistics/{f}")).unwrap_or(0);
+    InterfaceStatistics {
+        rx_bytes: s("rx_bytes"),
+        rx_packets: s("rx_packets"),
+        rx_errors: s("rx_errors"),
+        rx_dropped: s("rx_dropped"),
+        tx_bytes: s("tx_bytes"),
+        tx_packets: s("tx_packets"),
+        tx_errors: s("tx_errors"),
+        tx_dropped: s("tx_dropped"),
+    }
+}
+
+/// The names of the network interfaces (`/sys/class/net`).
+pub fn interface_names() -> Result<Vec<String>, SysInfoError> {
+    let dir = "/sys/class/net";
+    let entries = fs::read_dir(dir).map_err(|source| SysInfoError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok(entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect())
+}
+
 fn prefix_len(mask: &[u8]) -> u8 {
     mask.iter().map(|b| b.count_ones() as u8).sum()
 }
@@ -209,17 +237,7 @@ pub fn network_info() -> Result<NetworkInfo, SysInfoError> {
     for iface in ifaces.values_mut() {
         let n = iface.name.clone();
         iface.mtu = sys_u64(&n, "mtu").and_then(|m| u32::try_from(m).ok());
-        let s = |f: &str| sys_u64(&n, &format!("statistics/{f}")).unwrap_or(0);
-        iface.statistics = InterfaceStatistics {
-            rx_bytes: s("rx_bytes"),
-            rx_packets: s("rx_packets"),
-            rx_errors: s("rx_errors"),
-            rx_dropped: s("rx_dropped"),
-            tx_bytes: s("tx_bytes"),
-            tx_packets: s("tx_packets"),
-            tx_errors: s("tx_errors"),
-            tx_dropped: s("tx_dropped"),
-        };
+        iface.statistics = interface_statistics(&n);
     }
     Ok(NetworkInfo {
         interfaces: ifaces.into_values().collect(),

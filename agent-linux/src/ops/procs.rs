@@ -5,10 +5,11 @@
 //! `/proc` directly: the cumulative time per CPU and state (`/proc/stat`;
 //! sysinfo gives only a percentage between two of its own refreshes), the
 //! I/O counters per block device (`/proc/diskstats`; sysinfo counts per
-//! mounted filesystem), pressure stall information (`/proc/pressure/*`),
-//! the network counters (`/proc/net/dev`) and the filesystems (the mounts
-//! and `statvfs` of `get_disk_usage`): sysinfo's `disk` and `network`
-//! features cost the binary more than these few lines. Blocking; nothing is
+//! mounted filesystem) and pressure stall information (`/proc/pressure/*`);
+//! the network counters and the filesystems come from the readers of
+//! `get_network_info` (`/sys/class/net/*/statistics`) and `get_disk_usage`
+//! (the mounts and `statvfs`): sysinfo's `disk` and `network` features
+//! cost the binary more than reusing them. Blocking; nothing is
 //! kept between calls, so two hosts asking at once see the same counters.
 
 use std::collections::HashMap;
@@ -66,7 +67,21 @@ pub fn metrics() -> Result<Metrics, SysInfoError> {
         swap_used_bytes: sys.used_swap(),
     };
 
-    let mut networks = parse_net_dev(&read("/proc/net/dev")?);
+    let mut networks: Vec<NetworkCounters> = crate::sysinfo::interface_names()?
+        .into_iter()
+        .map(|name| {
+            let s = crate::sysinfo::interface_statistics(&name);
+            NetworkCounters {
+                name,
+                rx_bytes: s.rx_bytes,
+                rx_packets: s.rx_packets,
+                rx_errors: s.rx_errors,
+                tx_bytes: s.tx_bytes,
+                tx_packets: s.tx_packets,
+                tx_errors: s.tx_errors,
+            }
+        })
+        .collect();
     networks.sort_by(|a, b| a.name.cmp(&b.name));
 
     let filesystems = crate::sysinfo::disk_usage(false)?
@@ -98,31 +113,6 @@ pub fn metrics() -> Result<Metrics, SysInfoError> {
         filesystems,
         process_count,
     })
-}
-
-/// The counters of each interface in `/proc/net/dev`'s `text` (two heading
-/// lines, then `name: rx_bytes rx_packets rx_errs ... tx_bytes tx_packets
-/// tx_errs ...`); lines that do not parse are skipped.
-pub fn parse_net_dev(text: &str) -> Vec<NetworkCounters> {
-    text.lines()
-        .filter_map(|line| {
-            let (name, counters) = line.split_once(':')?;
-            let v: Vec<u64> = counters
-                .split_whitespace()
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .ok()?;
-            (v.len() >= 16).then(|| NetworkCounters {
-                name: name.trim().to_owned(),
-                rx_bytes: v[0],
-                rx_packets: v[1],
-                rx_errors: v[2],
-                tx_bytes: v[8],
-                tx_packets: v[9],
-                tx_errors: v[10],
-            })
-        })
-        .collect()
 }
 
 /// The time in each state summed over `cpus`.
@@ -524,23 +514,6 @@ mod tests {
             rss_bytes: rss,
             start_time: start,
         }
-    }
-
-    #[test]
-    fn net_dev_counters_parse_and_headings_are_skipped() {
-        let text = "Inter-|   Receive                                                |  Transmit
- face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
-    lo: 2840680088  296975    0    0    0     0          0         0 2840680088  296975    0    0    0     0       0          0
-  eth0:    1000      10    2    0    0     0          0         0     2000      20    3    0    0     0       0          0
- bad0: 1 2 3
-";
-        let n = parse_net_dev(text);
-        assert_eq!(n.len(), 2, "{n:?}");
-        assert_eq!(n[0].name, "lo");
-        assert_eq!(n[0].rx_bytes, 2_840_680_088);
-        let eth = &n[1];
-        assert_eq!((eth.rx_bytes, eth.rx_packets, eth.rx_errors), (1000, 10, 2));
-        assert_eq!((eth.tx_bytes, eth.tx_packets, eth.tx_errors), (2000, 20, 3));
     }
 
     #[test]
