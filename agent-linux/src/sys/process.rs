@@ -249,27 +249,18 @@ extern "C" fn child_entry(plan: *const ChildPlan) -> ! {
 /// Only in the child of [`spawn_child`], with all signals blocked.
 #[cfg(target_arch = "x86_64")]
 unsafe fn reset_caught_signals() {
-    /// The kernel's `struct sigaction` on x86-64.
+    /// The kernel's `struct sigaction` on x86-64 (all zeros: `SIG_DFL`).
     #[repr(C)]
+    #[derive(Default)]
     struct KernelSigaction {
         handler: usize,
         flags: u64,
         restorer: usize,
         mask: u64,
     }
-    let default = KernelSigaction {
-        handler: 0,
-        flags: 0,
-        restorer: 0,
-        mask: 0,
-    };
+    let default = KernelSigaction::default();
     for sig in 1..=64 {
-        let mut old = KernelSigaction {
-            handler: 0,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
+        let mut old = KernelSigaction::default();
         // SAFETY: rt_sigaction reads and writes one live local of the
         // kernel's layout, with the kernel's sigset size (8).
         unsafe {
