@@ -50,7 +50,8 @@ impl RpcError for SysInfoError {
     }
 }
 
-fn read(path: &str) -> Result<String, SysInfoError> {
+/// The text of a file under `/proc` or `/sys`.
+pub(crate) fn read(path: &str) -> Result<String, SysInfoError> {
     fs::read_to_string(path).map_err(|source| SysInfoError::Read {
         path: path.to_owned(),
         source,
@@ -77,12 +78,29 @@ pub fn parse_os_release(text: &str) -> BTreeMap<String, String> {
 }
 
 /// Value in bytes of a `/proc/meminfo` field (given in kB there).
-fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
+pub(crate) fn meminfo_bytes(meminfo: &str, key: &str) -> u64 {
     meminfo
         .lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
         .map_or(0, |kb| kb.saturating_mul(1024))
+}
+
+/// The 1, 5 and 15 minute load averages of `/proc/loadavg`.
+pub(crate) fn parse_loadavg(text: &str) -> [f64; 3] {
+    let mut load = [0.0f64; 3];
+    for (slot, field) in load.iter_mut().zip(text.split_whitespace()) {
+        *slot = field.parse().unwrap_or(0.0);
+    }
+    load
+}
+
+/// Seconds since boot, the first field of `/proc/uptime`.
+pub(crate) fn parse_uptime(text: &str) -> f64 {
+    text.split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Gathers `get_system_info`.
@@ -98,10 +116,6 @@ pub fn system_info() -> Result<SystemInfo, SysInfoError> {
     let meminfo = read("/proc/meminfo")?;
     let uptime = read("/proc/uptime")?;
     let loadavg = read("/proc/loadavg")?;
-    let mut load = [0.0f64; 3];
-    for (slot, field) in load.iter_mut().zip(loadavg.split_whitespace()) {
-        *slot = field.parse().unwrap_or(0.0);
-    }
     let cpu_model = fs::read_to_string("/proc/cpuinfo").ok().and_then(|t| {
         t.lines()
             .find(|l| l.starts_with("model name"))
@@ -128,12 +142,8 @@ pub fn system_info() -> Result<SystemInfo, SysInfoError> {
         memory_available_bytes: meminfo_bytes(&meminfo, "MemAvailable"),
         swap_total_bytes: meminfo_bytes(&meminfo, "SwapTotal"),
         swap_free_bytes: meminfo_bytes(&meminfo, "SwapFree"),
-        uptime_seconds: uptime
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.0),
-        load_average: load,
+        uptime_seconds: parse_uptime(&uptime),
+        load_average: parse_loadavg(&loadavg),
     })
 }
 

@@ -1,7 +1,8 @@
 //! The guest operations: freeze and thaw ([`freeze`]), trim ([`trim`]),
 //! time ([`time`]), users, SSH keys and passwords ([`users`]), vCPUs
 //! ([`cpu`]) and memory blocks ([`memory`]), the filesystem-to-disk map ([`disks`]) statistics
-//! ([`stats`]), metrics, processes and signals ([`procs`]), logs
+//! ([`stats`]), metrics, processes and signals ([`procs`], over the
+//! process table of [`proc_pid`]), logs
 //! ([`logs`]) and suspend ([`suspend`]), over the mount
 //! table ([`mounts`]). Each handler knows nothing of the wire; `dispatch`
 //! calls them. Their `unsafe` system calls are in `sys` (`sys/ops.rs`);
@@ -14,6 +15,7 @@ pub mod freeze;
 pub mod logs;
 pub mod memory;
 pub mod mounts;
+pub mod proc_pid;
 pub mod procs;
 pub mod stats;
 pub mod suspend;

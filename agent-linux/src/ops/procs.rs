@@ -1,15 +1,10 @@
-//! `get_metrics`, `list_processes` and `kill_process`.
-//!
-//! Memory, swap, load, uptime and the processes come from the `sysinfo`
-//! crate (the same crate serves a Windows agent). The rest is read from
-//! `/proc` directly: the cumulative time per CPU and state (`/proc/stat`;
-//! sysinfo gives only a percentage between two of its own refreshes), the
-//! I/O counters per block device (`/proc/diskstats`; sysinfo counts per
-//! mounted filesystem) and pressure stall information (`/proc/pressure/*`);
-//! the network counters and the filesystems come from the readers of
-//! `get_network_info` (`/sys/class/net/*/statistics`) and `get_disk_usage`
-//! (the mounts and `statvfs`): sysinfo's `disk` and `network` features
-//! cost the binary more than reusing them. Blocking; nothing is
+//! `get_metrics`, `list_processes` and `kill_process`, read from `/proc`:
+//! memory and swap (`/proc/meminfo`), load and uptime, the cumulative time
+//! per CPU and state (`/proc/stat`), the I/O counters per block device
+//! (`/proc/diskstats`), pressure stall information (`/proc/pressure/*`) and
+//! the processes ([`proc_pid`]); the network counters and the filesystems
+//! come from the readers of `get_network_info` (`/sys/class/net/*/statistics`)
+//! and `get_disk_usage` (the mounts and `statvfs`). Blocking; nothing is
 //! kept between calls, so two hosts asking at once see the same counters.
 
 use std::collections::HashMap;
@@ -23,49 +18,36 @@ use agent_common::methods::{
 };
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, Uid, User};
-use sysinfo::{
-    MemoryRefreshKind, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, ThreadKind,
-    UpdateKind,
-};
 
 use crate::error::RpcError;
+use crate::ops::proc_pid::{self, Units};
 use crate::ops::stats;
-use crate::sysinfo::SysInfoError;
+use crate::sysinfo::{meminfo_bytes, parse_loadavg, parse_uptime, read, SysInfoError};
 
 /// `get_metrics`.
 pub fn metrics() -> Result<Metrics, SysInfoError> {
-    let read = |path: &str| {
-        std::fs::read_to_string(path).map_err(|source| SysInfoError::Read {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let cpus = stats::parse_cpu_times(&read("/proc/stat")?, crate::sys::clock_ticks());
+    let proc_stat = read("/proc/stat")?;
+    let cpus = stats::parse_cpu_times(&proc_stat, crate::sys::clock_ticks());
     let disks = stats::parse_diskstats(&read("/proc/diskstats")?);
-
-    let mut sys = System::new();
-    sys.refresh_memory_specifics(MemoryRefreshKind::everything());
-    // Processes only (no threads, nothing of each read but its stat line).
-    sys.refresh_processes_specifics(
-        ProcessesToUpdate::All,
-        true,
-        ProcessRefreshKind::nothing().without_tasks(),
-    );
-    let process_count = sys
-        .processes()
-        .values()
-        .filter(|p| p.thread_kind() != Some(ThreadKind::Kernel))
-        .count() as u32;
-    let load = System::load_average();
+    let meminfo = read("/proc/meminfo")?;
+    let mem = |key| meminfo_bytes(&meminfo, key);
     let memory = MemoryMetrics {
-        total_bytes: sys.total_memory(),
-        free_bytes: sys.free_memory(),
-        available_bytes: sys.available_memory(),
-        used_bytes: sys.total_memory().saturating_sub(sys.available_memory()),
-        swap_total_bytes: sys.total_swap(),
-        swap_free_bytes: sys.free_swap(),
-        swap_used_bytes: sys.used_swap(),
+        total_bytes: mem("MemTotal"),
+        free_bytes: mem("MemFree"),
+        available_bytes: mem("MemAvailable"),
+        used_bytes: mem("MemTotal").saturating_sub(mem("MemAvailable")),
+        swap_total_bytes: mem("SwapTotal"),
+        swap_free_bytes: mem("SwapFree"),
+        swap_used_bytes: mem("SwapTotal").saturating_sub(mem("SwapFree")),
     };
+    let process_count = proc_pid::read_all()
+        .map_err(|source| SysInfoError::Read {
+            path: "/proc".to_owned(),
+            source,
+        })?
+        .iter()
+        .filter(|p| !p.kernel)
+        .count() as u32;
 
     let mut networks: Vec<NetworkCounters> = crate::sysinfo::interface_names()?
         .into_iter()
@@ -101,9 +83,9 @@ pub fn metrics() -> Result<Metrics, SysInfoError> {
         timestamp_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
-        uptime_seconds: System::uptime(),
-        boot_time: System::boot_time(),
-        load_average: [load.one, load.five, load.fifteen],
+        uptime_seconds: parse_uptime(&read("/proc/uptime")?) as u64,
+        boot_time: proc_pid::boot_time(&proc_stat).unwrap_or(0),
+        load_average: parse_loadavg(&read("/proc/loadavg")?),
         cpu_total: sum_cpus(&cpus),
         cpus,
         memory,
@@ -180,35 +162,25 @@ pub fn list_processes(p: ProcessListParams) -> Result<ProcessList, ProcessError>
         Some(n) => n,
         None => MAX_PROCESSES,
     } as usize;
-    let mut sys = System::new();
-    sys.refresh_processes_specifics(
-        ProcessesToUpdate::All,
-        true,
-        ProcessRefreshKind::nothing()
-            .without_tasks()
-            .with_memory()
-            .with_cpu()
-            .with_user(UpdateKind::Always)
-            .with_cmd(UpdateKind::Always),
-    );
+    let table = proc_pid::read_all().map_err(ProcessError::Table)?;
+    let units = Units::of_this_system(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
     let mut names = UserNames::default();
-    let mut all: Vec<ProcessInfo> = sys
-        .processes()
-        .values()
-        .filter(|proc_| p.include_kernel_threads || proc_.thread_kind() != Some(ThreadKind::Kernel))
-        .map(|proc_| {
-            let uid = proc_.user_id().map(|u| **u);
+    let mut all: Vec<ProcessInfo> = table
+        .into_iter()
+        .filter(|s| p.include_kernel_threads || !s.kernel)
+        .map(|s| {
+            let uid = proc_pid::uid(s.pid);
             ProcessInfo {
-                pid: proc_.pid().as_u32(),
-                ppid: proc_.parent().map(|p| p.as_u32()),
+                pid: s.pid,
+                ppid: (s.ppid != 0).then_some(s.ppid),
                 uid,
                 user: uid.and_then(|u| names.name(u)),
-                state: state_name(proc_.status()).to_owned(),
-                name: proc_.name().to_string_lossy().into_owned(),
-                cmdline: bounded_cmdline(proc_.cmd().iter().map(|a| a.to_string_lossy())),
-                cpu_time_ms: proc_.accumulated_cpu_time(),
-                rss_bytes: proc_.memory(),
-                start_time: proc_.start_time(),
+                state: s.state_name().to_owned(),
+                cmdline: bounded_cmdline(proc_pid::cmdline(s.pid).iter()),
+                cpu_time_ms: s.cpu_time_ms(units),
+                rss_bytes: s.rss_bytes(units),
+                start_time: s.start_time(units),
+                name: s.comm,
             }
         })
         .filter(|info| matches(info, &p))
@@ -275,23 +247,6 @@ pub fn bounded_cmdline<S: AsRef<str>>(args: impl Iterator<Item = S>) -> Vec<Stri
         left -= end;
     }
     out
-}
-
-fn state_name(s: ProcessStatus) -> &'static str {
-    match s {
-        ProcessStatus::Run => "running",
-        ProcessStatus::Sleep => "sleeping",
-        ProcessStatus::UninterruptibleDiskSleep => "disk_sleep",
-        ProcessStatus::Stop => "stopped",
-        ProcessStatus::Tracing => "tracing",
-        ProcessStatus::Zombie => "zombie",
-        ProcessStatus::Dead => "dead",
-        ProcessStatus::Idle => "idle",
-        ProcessStatus::Parked => "parked",
-        ProcessStatus::Wakekill => "wakekill",
-        ProcessStatus::Waking => "waking",
-        _ => "unknown",
-    }
 }
 
 /// User names by uid, looked up once per call.
@@ -399,22 +354,18 @@ pub fn kill_process(p: KillParams) -> Result<KillResult, ProcessError> {
             None,
         )?;
     }
-    let mut sys = System::new();
-    let spid = sysinfo::Pid::from_u32(p.pid);
-    sys.refresh_processes_specifics(
-        ProcessesToUpdate::Some(&[spid]),
-        true,
-        ProcessRefreshKind::nothing().without_tasks(),
-    );
-    let proc_ = sys.process(spid).ok_or(ProcessError::NotFound(p.pid))?;
+    let stat = proc_pid::read_one(p.pid)
+        .map_err(ProcessError::Table)?
+        .ok_or(ProcessError::NotFound(p.pid))?;
+    let units = Units::of_this_system(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
     // A thread id names the process it belongs to in /proc/<tid>/status.
     let tgid = thread_group(p.pid).unwrap_or(p.pid);
     check_target(
         Target {
             pid: p.pid,
             tgid,
-            kernel: proc_.thread_kind() == Some(ThreadKind::Kernel),
-            start_time: proc_.start_time(),
+            kernel: stat.kernel,
+            start_time: stat.start_time(units),
         },
         std::process::id(),
         p.start_time,
@@ -451,6 +402,9 @@ pub enum ProcessError {
     /// A signal name not in the list.
     #[error("unknown signal {0:?}: use TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP or CONT")]
     Signal(String),
+    /// `/proc` could not be read.
+    #[error("could not read the process table under /proc")]
+    Table(#[source] std::io::Error),
     /// No such process.
     #[error("no process {0}")]
     NotFound(u32),
@@ -492,7 +446,9 @@ impl RpcError for ProcessError {
             ProcessError::Limit(_) | ProcessError::Signal(_) => ErrorKind::InvalidParams,
             ProcessError::NotFound(_) | ProcessError::Reused { .. } => ErrorKind::NotFound,
             ProcessError::Refused { .. } => ErrorKind::PolicyDenied,
-            ProcessError::Kill { source, .. } => crate::error::io_error_kind(source),
+            ProcessError::Kill { source, .. } | ProcessError::Table(source) => {
+                crate::error::io_error_kind(source)
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use agent_common::methods::{CpuTimes, DiskIo, GuestStats, IpFamily, Route};
 
-use crate::sysinfo::SysInfoError;
+use crate::sysinfo::{parse_loadavg, read, SysInfoError};
 
 /// `RTF_UP`: the route is usable.
 const RTF_UP: u32 = 0x1;
@@ -16,20 +16,9 @@ const RTF_REJECT: u32 = 0x200;
 /// `RTF_LOCAL`: a route to one of the guest's own addresses (local table).
 const RTF_LOCAL: u32 = 0x8000_0000;
 
-fn read(path: &str) -> Result<String, SysInfoError> {
-    std::fs::read_to_string(path).map_err(|source| SysInfoError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
 /// `get_stats`.
 pub fn stats() -> Result<GuestStats, SysInfoError> {
-    let mut load_average = [0.0f64; 3];
-    let loadavg = read("/proc/loadavg")?;
-    for (slot, field) in load_average.iter_mut().zip(loadavg.split_whitespace()) {
-        *slot = field.parse().unwrap_or(0.0);
-    }
+    let load_average = parse_loadavg(&read("/proc/loadavg")?);
     let cpus = parse_cpu_times(&read("/proc/stat")?, crate::sys::clock_ticks());
     let disks = parse_diskstats(&read("/proc/diskstats")?);
     // A guest without IPv6 has no ipv6_route.

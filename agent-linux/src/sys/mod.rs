@@ -24,7 +24,7 @@
 //! - [`port`]: `fcntl`, reactor registration and reads into uninitialised
 //!   buffers for [`crate::transport`];
 //! - here: the allocator tunables of [`crate::buffers`] and the CPU count of
-//!   [`crate::sysinfo`].
+//!   [`crate::sysinfo`] and the page size of [`crate::ops::proc_pid`].
 
 mod fs;
 mod ops;
@@ -45,6 +45,14 @@ pub(crate) use pty::*;
 pub(crate) fn online_cpus() -> libc::c_long {
     // SAFETY: sysconf has no memory-safety preconditions.
     unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }
+}
+
+/// Bytes per page (`sysconf(_SC_PAGESIZE)`; 4096 if the system cannot
+/// tell).
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
 }
 
 /// `mallopt(M_ARENA_MAX, 1)` under glibc (one heap for every thread); a
