@@ -1,10 +1,12 @@
-//! Reusable read buffers for `file_read` chunks sent as attachments.
+//! Reusable 1 MiB buffers for file data: `file_read` chunks sent as
+//! attachments, and attachments of 64 KiB or more received from a host.
 //!
 //! A fresh 1 MiB buffer per chunk costs 256 page faults to fill and an
 //! `munmap` to free (musl serves such sizes with `mmap`); under TCG that was
-//! a large share of a chunk's time. The pool keeps a few buffers alive
-//! between chunks: a chunk is read into one, sent as [`Bytes`] without a
-//! copy, and the buffer returns to the pool when the reply has been written.
+//! a large share of a chunk's time (a fifth of a 32 MiB write's). The pool
+//! keeps a few buffers alive between chunks: a chunk is read into one,
+//! passed on as [`Bytes`] without a copy, and the buffer returns to the pool
+//! when the reply has been written or the request is done with the data.
 //! The pool holds at most [`KEEP`] buffers and is emptied when a session
 //! ends, so an idle agent does not keep transfer memory.
 
@@ -12,8 +14,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-/// Buffers kept for reuse.
-const KEEP: usize = 2;
+/// Buffers kept for reuse: the chunks of a transfer in flight at once
+/// with the host library's default window (2), the one being read, and one
+/// spare.
+pub const KEEP: usize = 4;
 
 /// A pool of equally sized byte buffers.
 #[derive(Debug)]
@@ -39,6 +43,11 @@ impl BufferPool {
             len: 0,
             pool: Arc::clone(self),
         }
+    }
+
+    /// The size of its buffers.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     /// Frees every buffer kept.

@@ -60,6 +60,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::error::{to_error_object, RpcError};
 use crate::files::{CommitGate, FileService};
@@ -248,6 +249,11 @@ impl Agent {
     pub fn abort_all(&self) {
         self.abort.cancel();
         self.files.abort_all();
+    }
+
+    /// The buffers file data is read into, either way (`crate::buffers`).
+    pub fn transfer_buffers(&self) -> Arc<BufferPool> {
+        self.files.transfer_buffers()
     }
 
     /// Frees the memory kept for reuse (pooled read buffers) and hands the

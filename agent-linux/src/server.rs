@@ -41,6 +41,7 @@
 //! with an attachment (file data). A `ping` sent during a transfer waits for
 //! at most the one attachment being written, not for every chunk queued.
 
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,15 +51,16 @@ use agent_common::envelope;
 use agent_common::jsonrpc::{announced_attachment, parse_message, Announced, Incoming};
 use agent_common::methods::Method;
 use agent_common::MAX_ATTACHMENT_SIZE;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::dispatch::{Agent, Outgoing, SessionId};
 use crate::payload::{write_payload, ReplySink};
@@ -118,10 +120,12 @@ pub const LARGEST_REPLY: u64 =
 ///   an error echoes at most the id and parts of its line), and its streams
 ///   (`MAX_STREAMS` x (`STREAM_WINDOW` of the host's data not yet used +
 ///   `STREAM_CHUNK` of output on its way): 16 MiB)
-/// + `max_concurrent_requests` x `LARGEST_REPLY` (shared by all sessions).
+/// + `max_concurrent_requests` x `LARGEST_REPLY` (shared by all sessions)
+/// + the transfer buffers kept for reuse while no request holds them
+///   ([`crate::buffers::KEEP`] x 1 MiB, shared by all sessions).
 ///
 /// With the default config and one host: 16 MiB + 1.06 MiB + 24 x 132 KiB
-/// + 16 MiB + 10 x 10 MiB, about 136 MiB.
+/// + 16 MiB + 10 x 10 MiB + 4 MiB, about 140 MiB.
 pub fn memory_bound(config: &Config, sessions: u64) -> u64 {
     let line = config.max_message_size as u64;
     let per_session = line
@@ -129,7 +133,10 @@ pub fn memory_bound(config: &Config, sessions: u64) -> u64 {
         + (pending_limit(config) + INSTANT_RESERVE) as u64 * (2 * line + 4096)
         + agent_common::streams::MAX_STREAMS as u64
             * (agent_common::streams::STREAM_WINDOW + agent_common::streams::STREAM_CHUNK);
-    FIXED_OVERHEAD + sessions * per_session + config.max_concurrent_requests as u64 * LARGEST_REPLY
+    FIXED_OVERHEAD
+        + sessions * per_session
+        + config.max_concurrent_requests as u64 * LARGEST_REPLY
+        + crate::buffers::KEEP as u64 * agent_common::MAX_READ_CHUNK
 }
 
 /// What the end of input means on a transport.
@@ -202,8 +209,7 @@ pub async fn serve<R, W>(
     let requests = TaskTracker::new();
     let mut writer_task = tokio::spawn(write_loop(writer, rx, bulk_rx, write_timeout));
     let mut frames = FramedRead::new(reader, JsonLinesCodec::new(agent.config().max_message_size));
-    // A parsed request waiting for its attachment.
-    let mut awaiting: Option<Incoming> = None;
+    let buffers = agent.transfer_buffers();
     let mut eof = false;
     let mut writer_done = false;
     // Input that ends the session: stop, the writer gone, or end of input.
@@ -220,34 +226,7 @@ pub async fn serve<R, W>(
         };
     }
     loop {
-        let in_attachment = frames.decoder().in_attachment();
-        let next = async {
-            if in_attachment {
-                tokio::time::timeout(ATTACHMENT_TIMEOUT, frames.next()).await
-            } else {
-                Ok(frames.next().await)
-            }
-        };
-        let frame = or_end!(next);
-        let Ok(frame) = frame else {
-            warn!(
-                session = session.0,
-                "an attachment did not arrive within {} s; dropping input up to the next resync byte",
-                ATTACHMENT_TIMEOUT.as_secs()
-            );
-            frames.read_buffer_mut().clear();
-            frames.decoder_mut().discard_until_resync();
-            if let Some(incoming) = awaiting.take() {
-                let reply = Outgoing::reply(envelope::attachment_timeout(
-                    &incoming,
-                    ATTACHMENT_TIMEOUT.as_secs(),
-                ));
-                if or_end!(tx.send(reply)).is_err() {
-                    break;
-                }
-            }
-            continue;
-        };
+        let frame = or_end!(frames.next());
         let (incoming, data) = match frame {
             None => {
                 eof = true;
@@ -287,45 +266,68 @@ pub async fn serve<R, W>(
                         let usable = matches!(&incoming, Incoming::Single(Ok(_)));
                         if usable && len <= MAX_ATTACHMENT_SIZE {
                             // Within the limit, so it fits in usize.
-                            frames.decoder_mut().expect_attachment(len as usize);
-                            awaiting = Some(incoming);
-                            continue;
-                        }
-                        frames.decoder_mut().skip_attachment(len);
-                        if !usable {
-                            // Refused for another reason: its own reply.
-                            (incoming, None)
-                        } else {
-                            warn!(
-                                session = session.0,
-                                len, "discarded an oversized attachment"
-                            );
-                            let reply =
-                                Outgoing::reply(envelope::attachment_too_large(&incoming, len));
-                            if or_end!(tx.send(reply)).is_err() {
-                                break;
+                            let read = read_attachment(&mut frames, len as usize, &buffers);
+                            match or_end!(tokio::time::timeout(ATTACHMENT_TIMEOUT, read)) {
+                                Ok(Ok(data)) => (incoming, Some(data)),
+                                Ok(Err(e)) => {
+                                    if e.kind() != io::ErrorKind::UnexpectedEof {
+                                        warn!(session = session.0, error = %e, "reading from the host failed");
+                                    }
+                                    eof = true;
+                                    break;
+                                }
+                                Err(_) => {
+                                    warn!(
+                                        session = session.0,
+                                        "an attachment did not arrive within {} s; dropping input up to the next resync byte",
+                                        ATTACHMENT_TIMEOUT.as_secs()
+                                    );
+                                    frames.read_buffer_mut().clear();
+                                    frames.decoder_mut().discard_until_resync();
+                                    let reply = Outgoing::reply(envelope::attachment_timeout(
+                                        &incoming,
+                                        ATTACHMENT_TIMEOUT.as_secs(),
+                                    ));
+                                    if or_end!(tx.send(reply)).is_err() {
+                                        break;
+                                    }
+                                    continue;
+                                }
                             }
-                            continue;
+                        } else {
+                            frames.decoder_mut().skip_attachment(len);
+                            if !usable {
+                                // Refused for another reason: its own reply.
+                                (incoming, None)
+                            } else {
+                                warn!(
+                                    session = session.0,
+                                    len, "discarded an oversized attachment"
+                                );
+                                let reply =
+                                    Outgoing::reply(envelope::attachment_too_large(&incoming, len));
+                                if or_end!(tx.send(reply)).is_err() {
+                                    break;
+                                }
+                                continue;
+                            }
                         }
                     }
                 }
             }
-            Some(Ok(Frame::Attachment(data))) => match awaiting.take() {
-                Some(incoming) => (incoming, Some(data)),
-                None => {
-                    // The codec returns one only after expect_attachment.
-                    warn!(
-                        session = session.0,
-                        "dropped an attachment no request announced"
-                    );
-                    continue;
-                }
-            },
+            Some(Ok(Frame::Attachment(_))) => {
+                // The codec returns one only after expect_attachment, which
+                // this loop never calls (see read_attachment).
+                warn!(
+                    session = session.0,
+                    "dropped an attachment no request announced"
+                );
+                continue;
+            }
         };
         let permit = or_end!(budget.acquire(&incoming, data.is_some()));
         if is_stream_message(&incoming) {
             // In order, here: they never wait (`crate::streams`).
-            let data = data.map(BytesMut::freeze);
             if let Some(mut out) = agent.handle(&context, incoming, data).await {
                 out.hold.push(permit);
                 if or_end!(tx.send(out)).is_err() {
@@ -338,7 +340,7 @@ pub async fn serve<R, W>(
             &requests,
             &agent,
             &context,
-            (incoming, data.map(BytesMut::freeze)),
+            (incoming, data),
             permit,
             (&tx, &bulk_tx),
         );
@@ -368,6 +370,49 @@ pub async fn serve<R, W>(
         agent.release_memory();
     });
     debug!(session = session.0, "session ended");
+}
+
+/// Attachments at least this large are read into a pooled buffer.
+const POOLED_ATTACHMENT: usize = 64 * 1024;
+
+/// Reads the `len` bytes of an announced attachment: those the framing has
+/// buffered already, then the rest straight from the host into the
+/// attachment's own buffer, no further than its end. A large attachment
+/// goes into a buffer of `pool` (a fresh 1 MiB buffer costs 256 page
+/// faults to fill and an `munmap` to free: under TCG a fifth of a write's
+/// time); it returns to the pool when the request is done with the bytes.
+async fn read_attachment<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, JsonLinesCodec>,
+    len: usize,
+    pool: &Arc<BufferPool>,
+) -> io::Result<Bytes> {
+    let buffered = frames.read_buffer_mut();
+    if buffered.len() >= len {
+        return Ok(buffered.split_to(len).freeze());
+    }
+    if len < POOLED_ATTACHMENT || len > pool.size() {
+        let mut data = vec![0u8; len];
+        fill(frames, &mut data).await?;
+        return Ok(Bytes::from(data));
+    }
+    let mut buf = pool.take();
+    fill(frames, &mut buf.space()[..len]).await?;
+    buf.set_len(len);
+    Ok(buf.into_bytes())
+}
+
+/// Fills `out` with what `frames` buffered (less than `out`), then from its
+/// reader; end of input before it is full is `UnexpectedEof`.
+async fn fill<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, JsonLinesCodec>,
+    out: &mut [u8],
+) -> io::Result<()> {
+    let buffered = frames.read_buffer_mut();
+    let have = buffered.len();
+    out[..have].copy_from_slice(buffered);
+    buffered.clear();
+    frames.get_mut().read_exact(&mut out[have..]).await?;
+    Ok(())
 }
 
 /// True for the host's stream messages (`stream_data`, `stream_credit`,

@@ -367,6 +367,12 @@ impl FileService {
         }
     }
 
+    /// The pool of 1 MiB buffers for file data in either direction: chunks
+    /// read as attachments, and attachments received.
+    pub fn transfer_buffers(&self) -> Arc<BufferPool> {
+        Arc::clone(&self.read_buffers)
+    }
+
     /// Number of uploads open (all sessions).
     pub fn open_uploads(&self) -> usize {
         lock(&self.uploads).len()
