@@ -58,7 +58,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use crate::buffers::BufferPool;
 use crate::config::Config;
@@ -371,7 +371,15 @@ impl Agent {
                 })
             }
         };
-        let span = info_span!("request", method = %req.method, id = %req.id.as_ref().map_or("-".into(), |i| i.to_string()));
+        // The span names the request in what it logs; the methods answered
+        // from memory log nothing, and a span (its fields formatted by the
+        // subscriber, entered at every poll) would cost `ping` more than
+        // its answer.
+        let span = if Method::from_name(&req.method).is_some_and(answered_from_memory) {
+            Span::none()
+        } else {
+            info_span!("request", method = %req.method, id = %req.id.as_ref().map_or("-".into(), |i| i.to_string()))
+        };
         let id = req.id.clone();
         let outcome = self
             .call(session, &req, cx, attachment)
@@ -917,6 +925,15 @@ impl Agent {
             limits: self.config.limits(),
         }
     }
+}
+
+/// The methods answered from memory, without waiting for anything and
+/// without logging: `ping`, `sync`, `get_agent_info`. The session's reader
+/// answers them itself (`server.rs`), without a task or a tracing span.
+/// (Other instant methods may wait: `cancel` removes a staging file, which
+/// blocks while filesystems are frozen; `fs_thaw` thaws them.)
+pub(crate) fn answered_from_memory(method: Method) -> bool {
+    matches!(method, Method::Ping | Method::Sync | Method::GetAgentInfo)
 }
 
 /// Never fails; the uninhabited error type keeps [`Agent::typed`] generic.

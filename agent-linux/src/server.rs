@@ -62,7 +62,7 @@ use tracing::{debug, info, warn};
 
 use crate::buffers::BufferPool;
 use crate::config::Config;
-use crate::dispatch::{Agent, Outgoing, SessionId};
+use crate::dispatch::{answered_from_memory, Agent, Outgoing, SessionId};
 use crate::payload::{write_payload, ReplySink};
 use crate::session::Session;
 
@@ -166,10 +166,7 @@ impl Budget {
 
     /// Waits for the permit `incoming` needs.
     async fn acquire(&self, incoming: &Incoming, has_data: bool) -> OwnedSemaphorePermit {
-        let instant = !has_data
-            && matches!(incoming, Incoming::Single(Ok(req))
-                if Method::from_name(&req.method).is_some_and(Method::is_instant));
-        let sem = if instant {
+        let sem = if is_instant(incoming, has_data) {
             &self.instant
         } else {
             &self.pending
@@ -326,8 +323,11 @@ pub async fn serve<R, W>(
             }
         };
         let permit = or_end!(budget.acquire(&incoming, data.is_some()));
-        if is_stream_message(&incoming) {
-            // In order, here: they never wait (`crate::streams`).
+        if is_stream_message(&incoming) || is_answered_at_once(&incoming, data.is_some()) {
+            // Here, without a task of their own: they never wait (stream
+            // messages, in order: `crate::streams`; `ping`, `sync`,
+            // `get_agent_info`: a task would cost a `ping` more than its
+            // answer).
             if let Some(mut out) = agent.handle(&context, incoming, data).await {
                 out.hold.push(permit);
                 if or_end!(tx.send(out)).is_err() {
@@ -413,6 +413,23 @@ async fn fill<R: AsyncRead + Unpin>(
     buffered.clear();
     frames.get_mut().read_exact(&mut out[have..]).await?;
     Ok(())
+}
+
+/// True for a single request of an instant method (see
+/// [`Method::is_instant`]) without an attachment: it takes a permit of the
+/// [`INSTANT_RESERVE`].
+fn is_instant(incoming: &Incoming, has_data: bool) -> bool {
+    !has_data
+        && matches!(incoming, Incoming::Single(Ok(req))
+            if Method::from_name(&req.method).is_some_and(Method::is_instant))
+}
+
+/// True for a single request without an attachment of a method
+/// [`answered_from_memory`]: the reader answers it itself.
+fn is_answered_at_once(incoming: &Incoming, has_data: bool) -> bool {
+    !has_data
+        && matches!(incoming, Incoming::Single(Ok(req))
+            if Method::from_name(&req.method).is_some_and(answered_from_memory))
 }
 
 /// True for the host's stream messages (`stream_data`, `stream_credit`,
