@@ -348,3 +348,70 @@ fn policy_refusals_are_exit_1_with_a_config_hint() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pong"], true);
 }
+
+/// `kvmmanager-ctl exporter` started on a free loopback port; its address
+/// is read from the line it prints.
+struct Exporter {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Exporter {
+    fn start(sock: &Path) -> Exporter {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvmmanager-ctl"))
+            .arg("--socket")
+            .arg(sock)
+            .args(["exporter", "--listen", "127.0.0.1:0", "--vm-timeout", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("kvmmanager-ctl exporter: serving http://")
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .unwrap();
+        Exporter { child, addr }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_exporter_answers_while_another_client_stays_silent() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    // No agent behind the socket: the VM is reported down.
+    let exporter = Exporter::start(&dir.path().join("vm.sock"));
+    let silent = TcpStream::connect(exporter.addr).unwrap();
+    let mut client = TcpStream::connect(exporter.addr).unwrap();
+    client
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("kvmm_up{"), "{answer}");
+    assert!(answer.trim_end().ends_with("# EOF"), "{answer}");
+    // Served before the silent client's own time limit ran out: one client
+    // at a time would have answered only after closing it.
+    silent.set_nonblocking(true).unwrap();
+    let r = (&silent).read(&mut [0u8; 16]);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the silent connection was closed or answered: {r:?}"
+    );
+}

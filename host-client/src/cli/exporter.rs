@@ -2,11 +2,14 @@
 //! `GET /metrics` scrapes every VM at once (each within `--vm-timeout`)
 //! and answers in the OpenMetrics text format (`prometheus-client`), one
 //! label set per domain; `kvmm_up` and `kvmm_scrape_duration_seconds` for
-//! every VM, answering or not.
+//! every VM, answering or not. Connections are served concurrently (at
+//! most [`MAX_CONNECTIONS`] at once), each within time limits, so a client
+//! that connects and stays silent delays nobody.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,6 +28,12 @@ type C = Family<Labels, Counter<f64, AtomicU64>>;
 /// Most bytes of a request's head read.
 const MAX_HEAD: usize = 8 * 1024;
 
+/// Connections served at once; further ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Time a client gets to send its request head, and to take the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves until interrupted.
 pub(super) async fn serve(cli: &Cli, a: &ExporterArgs) -> Result<i32, CliError> {
     let listener = TcpListener::bind(a.listen)
@@ -38,21 +47,23 @@ pub(super) async fn serve(cli: &Cli, a: &ExporterArgs) -> Result<i32, CliError> 
         listener.local_addr().map_or(a.listen, |l| l)
     );
     let limit = Duration::from_secs(a.vm_timeout.max(1));
+    let mut serving = FuturesUnordered::new();
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
+        let room = serving.len() < MAX_CONNECTIONS;
+        tokio::select! {
+            r = listener.accept(), if room => match r {
+                Ok((stream, _)) => serving.push(handle(cli, stream, limit)),
                 Err(e) => {
                     eprintln!("kvmmanager-ctl exporter: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
                 }
             },
+            Some(r) = serving.next() => {
+                if let Err(e) = r {
+                    eprintln!("kvmmanager-ctl exporter: {e}");
+                }
+            }
             _ = tokio::signal::ctrl_c() => return Ok(super::EXIT_OK),
-        };
-        // One scrape at a time: Prometheus scrapes one target serially.
-        if let Err(e) = handle(cli, stream, limit).await {
-            eprintln!("kvmmanager-ctl exporter: {e}");
         }
     }
 }
@@ -70,10 +81,7 @@ async fn handle(cli: &Cli, mut s: TcpStream, limit: Duration) -> std::io::Result
         }
         Ok::<_, std::io::Error>(())
     };
-    if tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(CLIENT_TIMEOUT, read).await.is_err() {
         return Ok(());
     }
     let line = String::from_utf8_lossy(&head);
@@ -107,9 +115,14 @@ async fn handle(cli: &Cli, mut s: TcpStream, limit: Duration) -> std::io::Result
             "kvmmanager-ctl exporter: see /metrics\n".to_owned(),
         )
     };
-    s.write_all(response(status, ctype, &body).as_bytes())
-        .await?;
-    s.shutdown().await
+    let answer = async {
+        s.write_all(response(status, ctype, &body).as_bytes())
+            .await?;
+        s.shutdown().await
+    };
+    tokio::time::timeout(CLIENT_TIMEOUT, answer)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 fn response(status: &str, ctype: &str, body: &str) -> String {
