@@ -1,6 +1,7 @@
 //! Waiting for a change in a few folders without a timer (inotify): for
-//! systemd's unit folders (who owns qemu-ga's port, [`crate::qga`]) and
-//! for `/dev` (a virtio-serial port that appears, [`crate::transport`]).
+//! systemd's unit folders (who owns qemu-ga's port, [`crate::qga`]), for
+//! `/dev` (a virtio-serial port that appears, [`crate::transport`]) and for
+//! the folder of a followed log ([`crate::follow`]).
 
 use std::fs::File;
 use std::io::{self, Read};

@@ -2,33 +2,47 @@
 //! `security.allowed_read_paths` followed as it grows, with `tail -F`'s
 //! rules, its lines carried by a stream (`crate::streams`).
 //!
-//! The file is opened through the path policy, then checked every
-//! [`POLL`]: new bytes are read (as far as the host's credit allows: a
-//! host that stops reading stops the reading), a file shorter than what
-//! was read (truncated) is read again from its start, and a path that now
-//! names another file (rotated) is switched to once the old file has been
-//! read to its end; a path that is gone is waited for. The first lines
-//! sent are the last `lines` of the file. A `filter` keeps the lines that
-//! contain it.
+//! The file is opened through the path policy, then checked whenever its
+//! folder changes (inotify on the folder: an append or a truncation is a
+//! change of an entry, and so are rotations; [`POLL`] where the folder
+//! cannot be watched): new bytes are read (as far as the host's credit
+//! allows: a host that stops reading stops the reading), a file shorter
+//! than what was read (truncated) is read again from its start, and a path
+//! that now names another file (rotated) is switched to once the old file
+//! has been read to its end; a path that is gone is waited for. No timer
+//! runs while the file does not change. The first lines sent are the last
+//! `lines` of the file. A `filter` keeps the lines that contain it.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_common::error::ErrorKind;
 use agent_common::methods::{FollowLogParams, FollowLogResult, MAX_STREAM_WINDOW, STREAM_WINDOW};
 use bytes::Bytes;
+use nix::sys::inotify::AddWatchFlags;
 
 use crate::config::Config;
+use crate::dirwatch::{DirWatch, ENTRY_CHANGES};
 use crate::error::RpcError;
 use crate::policy::{PathPolicy, PolicyError};
 use crate::session::Session;
 use crate::streams::{Open, Stream, StreamError};
 
-/// How often a followed file is checked.
+/// How often a followed file is checked where its folder cannot be
+/// watched (no inotify, or no watch left).
 pub const POLL: Duration = Duration::from_millis(250);
+
+/// Files switched to in one read of a follow (a path replaced again and
+/// again must not keep the read going).
+const MAX_SWITCHES: usize = 8;
+
+/// What wakes a follow: entries of the folder created, removed, renamed,
+/// written or truncated.
+const FOLDER_CHANGES: AddWatchFlags = ENTRY_CHANGES.union(AddWatchFlags::IN_MODIFY);
 
 /// The most lines `lines` may ask for.
 pub const MAX_LINES: u32 = 10_000;
@@ -133,6 +147,52 @@ fn identity(f: &File) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
+/// The device and inode of a folder; `None` while it does not exist.
+fn folder_identity(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// What a follow waits on between reads: the followed path's folder,
+/// watched with inotify, or a timer of [`POLL`] where it cannot be.
+struct Wake {
+    /// The folder.
+    dir: PathBuf,
+    /// Its watch, and the folder's identity when the watch began.
+    watch: Option<(DirWatch, (u64, u64))>,
+}
+
+impl Wake {
+    fn new(path: &str) -> Wake {
+        Wake {
+            dir: Path::new(path)
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .to_path_buf(),
+            watch: None,
+        }
+    }
+
+    /// Waits until the folder changes. `now` is the folder's identity as
+    /// the last read found it: when that is not the watched folder (the
+    /// first time, or the folder was replaced), a new watch begins and this
+    /// returns at once, so the caller reads what came before it.
+    async fn wait(&mut self, now: Option<(u64, u64)>) {
+        if self.watch.as_ref().map(|(_, id)| *id) != now {
+            self.watch = now.and_then(|id| {
+                let w = DirWatch::new(&[&self.dir], FOLDER_CHANGES).ok().flatten();
+                w.map(|w| (w, id))
+            });
+            if self.watch.is_some() {
+                return;
+            }
+        }
+        match &mut self.watch {
+            Some((w, _)) => w.changed().await,
+            None => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
 /// `follow_log`: checks, opens the file, sends its last lines and leaves
 /// the follow to a task of its own.
 pub async fn start(
@@ -232,12 +292,17 @@ async fn send_all(stream: &Stream, mut data: Vec<u8>) -> bool {
 enum Tick {
     /// New matching lines (maybe none).
     Lines(Vec<u8>),
+    /// New matching lines (maybe none), and the path named yet another
+    /// file after [`MAX_SWITCHES`]: check again without waiting.
+    Again(Vec<u8>),
     /// The file cannot be read any more.
     Failed(String),
 }
 
 /// Reads what is new (at most a window's worth), switching files on
-/// truncation and rotation (blocking: on the blocking pool).
+/// truncation and rotation (blocking: on the blocking pool). A file
+/// switched to is read in the same call (nothing may announce its lines
+/// again), up to [`MAX_SWITCHES`] files per call.
 fn tick(
     policy: &PathPolicy,
     path: &str,
@@ -247,50 +312,55 @@ fn tick(
 ) -> Tick {
     let mut out = Vec::new();
     let mut buf = vec![0u8; budget.clamp(4096, 256 * 1024)];
-    // Read the current file as far as it goes.
-    if let Some(cur) = f.as_mut() {
-        match cur.file.metadata() {
-            Ok(m) if m.len() < cur.offset => {
-                // Truncated: from its start again.
-                cur.offset = 0;
-            }
-            Ok(_) => {}
-            Err(e) => return Tick::Failed(e.to_string()),
-        }
-        if cur.file.seek(SeekFrom::Start(cur.offset)).is_err() {
-            return Tick::Failed("seek failed".into());
-        }
-        while out.len() < budget {
-            match cur.file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => {
-                    cur.offset += k as u64;
-                    lines.feed(&buf[..k], &mut out);
+    for _ in 0..=MAX_SWITCHES {
+        // Read the current file as far as it goes.
+        if let Some(cur) = f.as_mut() {
+            match cur.file.metadata() {
+                Ok(m) if m.len() < cur.offset => {
+                    // Truncated: from its start again.
+                    cur.offset = 0;
                 }
+                Ok(_) => {}
                 Err(e) => return Tick::Failed(e.to_string()),
             }
+            if cur.file.seek(SeekFrom::Start(cur.offset)).is_err() {
+                return Tick::Failed("seek failed".into());
+            }
+            while out.len() < budget {
+                match cur.file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        cur.offset += k as u64;
+                        lines.feed(&buf[..k], &mut out);
+                    }
+                    Err(e) => return Tick::Failed(e.to_string()),
+                }
+            }
+            if out.len() >= budget {
+                return Tick::Lines(out);
+            }
         }
-        if out.len() >= budget {
+        // At the end of the current file: does the path name another one
+        // now? Gone for now (rotated away, not yet created again): wait.
+        let Ok(file) = policy.open_read(path) else {
             return Tick::Lines(out);
-        }
-    }
-    // At the end of the current file: does the path name another one now?
-    // Gone for now (rotated away, not yet created again): wait.
-    if let Ok(file) = policy.open_read(path) {
+        };
         let Ok(id) = identity(&file) else {
             return Tick::Lines(out);
         };
-        if f.as_ref().map(|c| c.id) != Some(id) {
-            tracing::debug!(path, "followed file replaced; following the new one");
-            lines.partial.clear();
-            *f = Some(Followed {
-                file,
-                id,
-                offset: 0,
-            });
+        if f.as_ref().map(|c| c.id) == Some(id) {
+            return Tick::Lines(out);
         }
+        tracing::debug!(path, "followed file replaced; following the new one");
+        lines.partial.clear();
+        *f = Some(Followed {
+            file,
+            id,
+            offset: 0,
+        });
     }
-    Tick::Lines(out)
+    // A path replaced faster than it is read: the caller comes back at once.
+    Tick::Again(out)
 }
 
 async fn follow(
@@ -305,6 +375,7 @@ async fn follow(
         return;
     }
     let mut state = Some((Some(followed), lines));
+    let mut wake = Wake::new(&path);
     loop {
         // Only as much as the host may take now: a host that stops reading
         // stops the reading.
@@ -314,16 +385,22 @@ async fn follow(
         let Some((mut f, mut lines)) = state.take() else {
             return;
         };
-        let (policy2, path2) = (policy.clone(), path.clone());
+        let (policy2, path2, dir) = (policy.clone(), path.clone(), wake.dir.clone());
         let r = tokio::task::spawn_blocking(move || {
             let t = tick(&policy2, &path2, &mut f, &mut lines, budget);
-            (t, f, lines)
+            (t, f, lines, folder_identity(&dir))
         })
         .await;
-        let Ok((t, f, lines)) = r else { return };
+        let Ok((t, f, lines, folder)) = r else { return };
         state = Some((f, lines));
         match t {
-            Tick::Lines(out) if out.is_empty() => tokio::time::sleep(POLL).await,
+            Tick::Lines(out) if out.is_empty() => wake.wait(folder).await,
+            Tick::Again(out) => {
+                if !send_all(&stream, out).await {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
             Tick::Lines(out) => {
                 if !send_all(&stream, out).await {
                     return;
@@ -361,5 +438,58 @@ mod tests {
             last_lines(b"x err\ny\nz err\n", 5, false, &l),
             b"x err\nz err\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_follow_wakes_on_changes_of_its_folder_not_on_a_timer() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, b"one\n").unwrap();
+        let mut wake = Wake::new(log.to_str().unwrap());
+        let id = folder_identity(dir.path());
+        assert!(id.is_some());
+        // The first wait begins the watch and returns: the caller reads
+        // what came before it.
+        tokio::time::timeout(Duration::from_secs(5), wake.wait(id))
+            .await
+            .expect("a new watch returns at once");
+        assert!(wake.watch.is_some(), "the folder is watched");
+        // Nothing changes: no wake-up, not even after several POLLs.
+        let idle = tokio::time::timeout(4 * POLL, wake.wait(id)).await;
+        assert!(idle.is_err(), "woke up with nothing changed");
+        // An append wakes it, then a truncation, then a rotation.
+        for change in ["append", "truncate", "rotate"] {
+            // What the previous change left queued (its close, say) is
+            // taken first, so that only this change can wake the waiter.
+            while tokio::time::timeout(Duration::from_millis(200), wake.wait(id))
+                .await
+                .is_ok()
+            {}
+            let waiter = tokio::spawn(async move {
+                let mut wake = wake;
+                wake.wait(id).await;
+                wake
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            match change {
+                "append" => {
+                    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+                    f.write_all(b"two\n").unwrap();
+                }
+                "truncate" => std::fs::File::create(&log).map(drop).unwrap(),
+                _ => std::fs::rename(&log, dir.path().join("app.log.1")).unwrap(),
+            }
+            wake = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .unwrap_or_else(|_| panic!("{change} not seen"))
+                .unwrap();
+        }
+        // The folder gone: polled (no watch) until it comes back.
+        drop(dir);
+        tokio::time::timeout(Duration::from_secs(5), wake.wait(None))
+            .await
+            .expect("polled");
+        assert!(wake.watch.is_none());
     }
 }
