@@ -586,3 +586,46 @@ async fn dropping_a_forward_without_closing_it_lets_the_agent_go() {
         tokio::task::yield_now().await;
     }
 }
+
+#[test]
+fn the_blocking_client_streams_a_command_and_a_log() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let agent = AgentProcess::start();
+    let client = host_client::blocking::Client::connect(&agent.socket).unwrap();
+    let mut run = client
+        .exec_start(sh("read x; echo got $x; echo oops >&2; exit 3"))
+        .unwrap();
+    assert!(run.control.pid() > 0);
+    run.stdin.write_all(b"hi\n").unwrap();
+    run.stdin.shutdown().unwrap();
+    let mut out = String::new();
+    run.stdout.read_to_string(&mut out).unwrap();
+    assert_eq!(out, "got hi\noops\n");
+    assert_eq!(run.control.wait().unwrap().exit_code, Some(3));
+
+    let path = agent.read_dir().join("blocking.log");
+    std::fs::write(&path, "one\ntwo\n").unwrap();
+    let mut log = BufReader::new(
+        client
+            .follow_log(path.to_str().unwrap(), Some(1), None)
+            .unwrap(),
+    );
+    let mut line = String::new();
+    log.read_line(&mut line).unwrap();
+    assert_eq!(line, "two\n");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    f.write_all(b"three\n").unwrap();
+    line.clear();
+    log.read_line(&mut line).unwrap();
+    assert_eq!(line, "three\n");
+
+    // Inside a runtime a read is refused, not a stall.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let e = rt.block_on(async { log.read_line(&mut line) }).unwrap_err();
+    assert!(e.to_string().contains("runtime"), "{e}");
+}

@@ -14,7 +14,13 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Streams ([`Client::exec_start`], [`Client::forward_open`],
+//! [`Client::follow_log`]) come as [`Reader`]s and [`Writer`]s, which are
+//! [`std::io::Read`] and [`std::io::Write`]; a thread per direction keeps
+//! both flowing (the agent's flow control holds a side nobody reads).
 
+use std::io;
 use std::path::Path;
 
 use agent_common::methods::{
@@ -22,7 +28,10 @@ use agent_common::methods::{
     FileWriteResult, NetworkInfo, PingResult, PowerResult, Rpc, SystemInfo,
 };
 
-use crate::{ClientError, ClientOptions, Progress, PushOptions, TransferSummary};
+use agent_common::streams::ExecExitParams;
+use tokio_util::io::SyncIoBridge;
+
+use crate::{ClientError, ClientOptions, ExecRequest, Progress, PushOptions, TransferSummary};
 
 /// A blocking client: [`crate::Client`] plus its own runtime.
 ///
@@ -290,6 +299,188 @@ impl Client {
     pub fn reboot(&self, delay_seconds: u64) -> Result<PowerResult, ClientError> {
         self.block(self.inner.reboot(delay_seconds))
     }
+
+    /// See [`crate::Client::exec_start`].
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock")?;
+    /// use std::io::{Read, Write};
+    /// let mut run = c.exec_start(host_client::ExecRequest::new("cat", Vec::<String>::new()))?;
+    /// run.stdin.write_all(b"hello\n")?;
+    /// run.stdin.shutdown()?;
+    /// let mut out = String::new();
+    /// run.stdout.read_to_string(&mut out)?;
+    /// assert_eq!(run.control.wait()?.exit_code, Some(0));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn exec_start(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
+        let run = self.block(self.inner.exec_start(req))?;
+        Ok(ExecStream {
+            stdin: self.writer(run.stdin),
+            stdout: self.reader(run.stdout),
+            stderr: run.stderr.map(|r| self.reader(r)),
+            control: ExecControl {
+                inner: run.control,
+                rt: self.runtime().handle().clone(),
+            },
+        })
+    }
+
+    /// See [`crate::Client::forward_open`].
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock")?;
+    /// use std::io::{Read, Write};
+    /// let mut web = c.forward_open("127.0.0.1", 80)?;
+    /// web.writer.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    /// let mut page = Vec::new();
+    /// web.reader.read_to_end(&mut page)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn forward_open(&self, host: &str, port: u16) -> Result<ForwardStream, ClientError> {
+        let s = self.block(self.inner.forward_open(host, port))?;
+        Ok(ForwardStream {
+            reader: self.reader(s.reader),
+            writer: self.writer(s.writer),
+        })
+    }
+
+    /// See [`crate::Client::follow_log`].
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock")?;
+    /// use std::io::{BufRead, BufReader};
+    /// let log = c.follow_log("/var/log/syslog", Some(10), Some("error"))?;
+    /// for line in BufReader::new(log).lines() {
+    ///     println!("{}", line?);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn follow_log(
+        &self,
+        path: &str,
+        lines: Option<u32>,
+        filter: Option<&str>,
+    ) -> Result<Reader, ClientError> {
+        let r = self.block(self.inner.follow_log(path, lines, filter))?;
+        Ok(self.reader(r))
+    }
+
+    fn reader(&self, r: crate::StreamReader) -> Reader {
+        Reader(SyncIoBridge::new_with_handle(
+            r,
+            self.runtime().handle().clone(),
+        ))
+    }
+
+    fn writer(&self, w: crate::StreamWriter) -> Writer {
+        Writer(SyncIoBridge::new_with_handle(
+            w,
+            self.runtime().handle().clone(),
+        ))
+    }
+}
+
+/// A stream's incoming side ([`crate::StreamReader`]) as [`io::Read`]: a
+/// read waits for the next bytes; 0 is the end of the stream. Inside a
+/// tokio runtime a read fails ([`ClientError::InsideRuntime`]) instead of
+/// stalling it.
+#[derive(Debug)]
+pub struct Reader(SyncIoBridge<crate::StreamReader>);
+
+impl io::Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        outside_runtime().map_err(io::Error::other)?;
+        self.0.read(buf)
+    }
+}
+
+/// A stream's outgoing side ([`crate::StreamWriter`]) as [`io::Write`]: a
+/// write waits for the agent's credit. Inside a tokio runtime a write
+/// fails ([`ClientError::InsideRuntime`]) instead of stalling it.
+#[derive(Debug)]
+pub struct Writer(SyncIoBridge<crate::StreamWriter>);
+
+impl io::Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        outside_runtime().map_err(io::Error::other)?;
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        outside_runtime().map_err(io::Error::other)?;
+        self.0.flush()
+    }
+}
+
+impl Writer {
+    /// Sends no more (the guest side reads end of input: a command's stdin
+    /// closes, a forwarded connection is half-closed).
+    pub fn shutdown(&mut self) -> io::Result<()> {
+        outside_runtime().map_err(io::Error::other)?;
+        self.0.shutdown()
+    }
+}
+
+/// A running streamed command (see [`crate::ExecStream`]).
+#[derive(Debug)]
+pub struct ExecStream {
+    /// The command's stdin; [`Writer::shutdown`] closes it.
+    pub stdin: Writer,
+    /// Its stdout (with stderr unless separate).
+    pub stdout: Reader,
+    /// Its stderr, when asked for separately.
+    pub stderr: Option<Reader>,
+    /// Signals, resizes and the exit.
+    pub control: ExecControl,
+}
+
+/// Signals, resizes and the exit of a streamed command (see
+/// [`crate::ExecControl`]); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ExecControl {
+    inner: crate::ExecControl,
+    rt: tokio::runtime::Handle,
+}
+
+impl ExecControl {
+    /// The command's pid in the guest.
+    pub fn pid(&self) -> u32 {
+        self.inner.pid()
+    }
+
+    /// See [`crate::ExecControl::signal`].
+    pub fn signal(&self, signal: &str) -> Result<(), ClientError> {
+        outside_runtime()?;
+        self.rt.block_on(self.inner.signal(signal))
+    }
+
+    /// See [`crate::ExecControl::resize`].
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        outside_runtime()?;
+        self.rt.block_on(self.inner.resize(rows, cols))
+    }
+
+    /// See [`crate::ExecControl::wait`].
+    pub fn wait(&self) -> Result<ExecExitParams, ClientError> {
+        outside_runtime()?;
+        self.rt.block_on(self.inner.wait())
+    }
+}
+
+/// A TCP connection inside the guest (see [`crate::ForwardStream`]).
+#[derive(Debug)]
+pub struct ForwardStream {
+    /// From the guest's service.
+    pub reader: Reader,
+    /// To the guest's service; [`Writer::shutdown`] half-closes.
+    pub writer: Writer,
 }
 
 /// Blocking inside a tokio runtime would stall it (and `block_on` there
