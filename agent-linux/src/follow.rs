@@ -147,15 +147,25 @@ fn identity(f: &File) -> std::io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
-/// The device and inode of a folder; `None` while it does not exist.
-fn folder_identity(dir: &Path) -> Option<(u64, u64)> {
+/// The device and inode of the followed path's folder, when a watch on
+/// that folder sees the file's changes: `None` (so the follow polls) while
+/// the path names nothing, or when it reaches its file through a symbolic
+/// link into another folder.
+fn folder_identity(path: &Path) -> Option<(u64, u64)> {
+    let dir = path.parent()?;
+    let file = std::fs::canonicalize(path).ok()?;
+    if file.parent()? != std::fs::canonicalize(dir).ok()? {
+        return None;
+    }
     std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// What a follow waits on between reads: the followed path's folder,
 /// watched with inotify, or a timer of [`POLL`] where it cannot be.
 struct Wake {
-    /// The folder.
+    /// The followed path.
+    path: PathBuf,
+    /// Its folder.
     dir: PathBuf,
     /// Its watch, and the folder's identity when the watch began.
     watch: Option<(DirWatch, (u64, u64))>,
@@ -164,6 +174,7 @@ struct Wake {
 impl Wake {
     fn new(path: &str) -> Wake {
         Wake {
+            path: PathBuf::from(path),
             dir: Path::new(path)
                 .parent()
                 .unwrap_or(Path::new("/"))
@@ -385,10 +396,10 @@ async fn follow(
         let Some((mut f, mut lines)) = state.take() else {
             return;
         };
-        let (policy2, path2, dir) = (policy.clone(), path.clone(), wake.dir.clone());
+        let (policy2, path2, watched) = (policy.clone(), path.clone(), wake.path.clone());
         let r = tokio::task::spawn_blocking(move || {
             let t = tick(&policy2, &path2, &mut f, &mut lines, budget);
-            (t, f, lines, folder_identity(&dir))
+            (t, f, lines, folder_identity(&watched))
         })
         .await;
         let Ok((t, f, lines, folder)) = r else { return };
@@ -447,8 +458,15 @@ mod tests {
         let log = dir.path().join("app.log");
         std::fs::write(&log, b"one\n").unwrap();
         let mut wake = Wake::new(log.to_str().unwrap());
-        let id = folder_identity(dir.path());
+        let id = folder_identity(&log);
         assert!(id.is_some());
+        // Reached through a link into another folder, or gone: polled.
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/real.log"), b"").unwrap();
+        std::os::unix::fs::symlink("sub/real.log", dir.path().join("link.log")).unwrap();
+        assert_eq!(folder_identity(&dir.path().join("link.log")), None);
+        assert!(folder_identity(&dir.path().join("sub/real.log")).is_some());
+        assert_eq!(folder_identity(&dir.path().join("gone.log")), None);
         // The first wait begins the watch and returns: the caller reads
         // what came before it.
         tokio::time::timeout(Duration::from_secs(5), wake.wait(id))
