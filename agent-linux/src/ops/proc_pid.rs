@@ -23,12 +23,14 @@ pub struct Units {
 }
 
 impl Units {
-    /// This system's units; `proc_stat` is the text of `/proc/stat`.
-    pub fn of_this_system(proc_stat: &str) -> Units {
+    /// This system's units (the boot time from `/proc/stat`; 0 if it
+    /// cannot be read).
+    pub fn of_this_system() -> Units {
+        let proc_stat = fs::read_to_string("/proc/stat").unwrap_or_default();
         Units {
             hz: crate::sys::clock_ticks(),
             page_size: crate::sys::page_size(),
-            boot_time: boot_time(proc_stat).unwrap_or(0),
+            boot_time: boot_time(&proc_stat).unwrap_or(0),
         }
     }
 }
@@ -124,10 +126,11 @@ pub fn parse_stat(text: &[u8]) -> Option<Stat> {
     })
 }
 
-/// The real uid of a `/proc/<pid>/status` text.
-pub fn parse_status_uid(text: &str) -> Option<u32> {
+/// The first number of the `key` line of a `/proc/<pid>/status` text
+/// (`Uid:`: the real uid; `Tgid:`: the thread group).
+pub fn parse_status_field(text: &str, key: &str) -> Option<u32> {
     text.lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
@@ -171,9 +174,23 @@ pub fn read_all() -> io::Result<Vec<Stat>> {
         .collect())
 }
 
+/// The `key` field of `/proc/<pid>/status`; `None` if the process is gone.
+fn status_field(pid: u32, key: &str) -> Option<u32> {
+    parse_status_field(
+        &fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        key,
+    )
+}
+
 /// A process's real uid; `None` if it is gone.
 pub fn uid(pid: u32) -> Option<u32> {
-    parse_status_uid(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+    status_field(pid, "Uid:")
+}
+
+/// The process a thread id belongs to (its thread group; a process's own
+/// pid for a process); `None` if it is gone.
+pub fn thread_group(pid: u32) -> Option<u32> {
+    status_field(pid, "Tgid:")
 }
 
 /// A process's arguments; empty if it is gone or a kernel thread.
@@ -230,8 +247,9 @@ mod tests {
     #[test]
     fn status_cmdline_and_btime() {
         let status = "Name:\tsh\nTgid:\t7\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n";
-        assert_eq!(parse_status_uid(status), Some(1000));
-        assert_eq!(parse_status_uid("Name:\tsh\n"), None);
+        assert_eq!(parse_status_field(status, "Uid:"), Some(1000));
+        assert_eq!(parse_status_field(status, "Tgid:"), Some(7));
+        assert_eq!(parse_status_field("Name:\tsh\n", "Uid:"), None);
         assert_eq!(parse_cmdline(b"sleep\x0030\x00"), ["sleep", "30"]);
         assert_eq!(parse_cmdline(b"a\x00\x00b\x00"), ["a", "", "b"]);
         assert!(parse_cmdline(b"").is_empty());
@@ -255,7 +273,7 @@ mod tests {
         assert_eq!(uid(me), Some(crate::sys::geteuid()));
         assert!(!cmdline(me).is_empty());
         assert_eq!(read_one(u32::MAX - 1).unwrap(), None);
-        let u = Units::of_this_system(&fs::read_to_string("/proc/stat").unwrap());
+        let u = Units::of_this_system();
         assert!(u.boot_time > 0 && s.start_time(u) >= u.boot_time);
     }
 }

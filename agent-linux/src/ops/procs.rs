@@ -163,7 +163,7 @@ pub fn list_processes(p: ProcessListParams) -> Result<ProcessList, ProcessError>
         None => MAX_PROCESSES,
     } as usize;
     let table = proc_pid::read_all().map_err(ProcessError::Table)?;
-    let units = Units::of_this_system(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
+    let units = Units::of_this_system();
     let mut names = UserNames::default();
     let mut all: Vec<ProcessInfo> = table
         .into_iter()
@@ -357,9 +357,9 @@ pub fn kill_process(p: KillParams) -> Result<KillResult, ProcessError> {
     let stat = proc_pid::read_one(p.pid)
         .map_err(ProcessError::Table)?
         .ok_or(ProcessError::NotFound(p.pid))?;
-    let units = Units::of_this_system(&std::fs::read_to_string("/proc/stat").unwrap_or_default());
+    let units = Units::of_this_system();
     // A thread id names the process it belongs to in /proc/<tid>/status.
-    let tgid = thread_group(p.pid).unwrap_or(p.pid);
+    let tgid = proc_pid::thread_group(p.pid).unwrap_or(p.pid);
     check_target(
         Target {
             pid: p.pid,
@@ -382,15 +382,6 @@ pub fn kill_process(p: KillParams) -> Result<KillResult, ProcessError> {
         pid: p.pid,
         signal: name.to_owned(),
     })
-}
-
-/// The `Tgid` of `/proc/<pid>/status`.
-fn thread_group(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Why `list_processes` or `kill_process` failed.
