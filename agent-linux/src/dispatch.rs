@@ -256,7 +256,7 @@ impl Agent {
         self.files.transfer_buffers()
     }
 
-    /// Frees the memory kept for reuse (pooled read buffers) and hands the
+    /// Frees the memory kept for reuse (pooled transfer buffers) and hands the
     /// heap's free memory back to the kernel: once a session's last request
     /// is done.
     pub fn release_memory(&self) {

@@ -339,8 +339,9 @@ pub struct FileService {
     uploads: Uploads,
     /// [`UPLOAD_IDLE_TIMEOUT`], shorter in tests.
     idle_timeout: Duration,
-    /// Buffers for chunks read as attachments.
-    read_buffers: Arc<BufferPool>,
+    /// Buffers for file data either way: chunks read as attachments, and
+    /// attachments received (`crate::server`).
+    transfer_buffers: Arc<BufferPool>,
 }
 
 impl FileService {
@@ -363,14 +364,14 @@ impl FileService {
             write_policy,
             uploads: Arc::new(Mutex::new(HashMap::new())),
             idle_timeout,
-            read_buffers: BufferPool::new(MAX_READ_CHUNK as usize),
+            transfer_buffers: BufferPool::new(MAX_READ_CHUNK as usize),
         }
     }
 
     /// The pool of 1 MiB buffers for file data in either direction: chunks
     /// read as attachments, and attachments received.
     pub fn transfer_buffers(&self) -> Arc<BufferPool> {
-        Arc::clone(&self.read_buffers)
+        Arc::clone(&self.transfer_buffers)
     }
 
     /// Number of uploads open (all sessions).

@@ -18,7 +18,7 @@ impl FileService {
     ) -> Result<(FileReadResult, Option<Payload>), FileError> {
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
-        let buffers = Arc::clone(&self.read_buffers);
+        let buffers = Arc::clone(&self.transfer_buffers);
         let splice = self.config.zero_copy_reads;
         blocking(move || read_blocking(&policy, &params, limit, &buffers, splice)).await
     }

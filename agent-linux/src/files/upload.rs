@@ -236,7 +236,7 @@ impl FileService {
 
     /// Aborts `session`'s uploads and deletes their staging files.
     pub fn end_session(&self, session: u64) {
-        self.read_buffers.clear();
+        self.transfer_buffers.clear();
         let removed: Vec<Arc<Upload>> = {
             let mut map = lock(&self.uploads);
             let ids: Vec<String> = map
@@ -275,10 +275,10 @@ impl FileService {
         removed.is_some()
     }
 
-    /// Frees the pooled read buffers (they are kept only while transfers
-    /// run).
+    /// Frees the pooled transfer buffers (they are kept only while
+    /// transfers run).
     pub fn release_buffers(&self) {
-        self.read_buffers.clear();
+        self.transfer_buffers.clear();
     }
 
     /// Aborts every upload (agent shutdown).
