@@ -165,9 +165,8 @@ fn folder_identity(path: &Path) -> Option<(u64, u64)> {
 struct Wake {
     /// The followed path.
     path: PathBuf,
-    /// Its folder.
-    dir: PathBuf,
-    /// Its watch, and the folder's identity when the watch began.
+    /// The watch of its folder, and the folder's identity when the watch
+    /// began.
     watch: Option<(DirWatch, (u64, u64))>,
 }
 
@@ -175,10 +174,6 @@ impl Wake {
     fn new(path: &str) -> Wake {
         Wake {
             path: PathBuf::from(path),
-            dir: Path::new(path)
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .to_path_buf(),
             watch: None,
         }
     }
@@ -189,8 +184,10 @@ impl Wake {
     /// returns at once, so the caller reads what came before it.
     async fn wait(&mut self, now: Option<(u64, u64)>) {
         if self.watch.as_ref().map(|(_, id)| *id) != now {
-            self.watch = now.and_then(|id| {
-                let w = DirWatch::new(&[&self.dir], FOLDER_CHANGES).ok().flatten();
+            // An identity means the path has a folder (folder_identity).
+            let dir = self.path.parent();
+            self.watch = now.zip(dir).and_then(|(id, dir)| {
+                let w = DirWatch::new(&[dir], FOLDER_CHANGES).ok().flatten();
                 w.map(|w| (w, id))
             });
             if self.watch.is_some() {
@@ -396,10 +393,11 @@ async fn follow(
         let Some((mut f, mut lines)) = state.take() else {
             return;
         };
-        let (policy2, path2, watched) = (policy.clone(), path.clone(), wake.path.clone());
+        let (policy2, path2) = (policy.clone(), path.clone());
         let r = tokio::task::spawn_blocking(move || {
             let t = tick(&policy2, &path2, &mut f, &mut lines, budget);
-            (t, f, lines, folder_identity(&watched))
+            let folder = folder_identity(Path::new(&path2));
+            (t, f, lines, folder)
         })
         .await;
         let Ok((t, f, lines, folder)) = r else { return };
