@@ -12,6 +12,13 @@ use host_client::{Client, ExecRequest, Pty};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Appends `text` to the file at `path`, as a logging program would.
+fn append(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
 fn sh(script: &str) -> ExecRequest {
     ExecRequest::new("sh", ["-c", script])
 }
@@ -454,7 +461,6 @@ fn ctl_forward_listens_and_forwards_each_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_log_tails_filters_and_survives_rotation_and_truncation() {
-    use std::io::Write;
     let agent = AgentProcess::start();
     let path = agent.read_dir().join("app.log");
     std::fs::write(
@@ -474,17 +480,10 @@ async fn follow_log_tails_filters_and_survives_rotation_and_truncation() {
         read_until(&mut errors, "old 5\n").await,
         "error old 4\nerror old 5\n"
     );
-    let append = |text: &str| {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-    };
     // A line written in two pieces arrives whole.
-    append("new 6\nerror ");
+    append(&path, "new 6\nerror ");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    append("new 7\n");
+    append(&path, "new 7\n");
     assert_eq!(
         read_until(&mut all, "new 7\n").await,
         "new 6\nerror new 7\n"
@@ -505,7 +504,7 @@ async fn follow_log_tails_filters_and_survives_rotation_and_truncation() {
     // Truncated: read again from its start.
     std::fs::write(&path, "").unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    append("after truncation 10\n");
+    append(&path, "after truncation 10\n");
     assert_eq!(read_until(&mut all, "10\n").await, "after truncation 10\n");
     // Outside the read roots, and a missing file: refused at once.
     let e = client
@@ -523,7 +522,7 @@ async fn follow_log_tails_filters_and_survives_rotation_and_truncation() {
 
 #[test]
 fn ctl_logs_follow_prints_the_last_lines_then_new_ones() {
-    use std::io::{BufRead, Write};
+    use std::io::BufRead;
     let agent = AgentProcess::start();
     let path = agent.read_dir().join("svc.log");
     std::fs::write(&path, "a\nb\nc\n").unwrap();
@@ -545,11 +544,7 @@ fn ctl_logs_follow_prints_the_last_lines_then_new_ones() {
         seen.push(line.clone());
         assert_eq!(line, text, "{seen:?}");
     }
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(b"d\n").unwrap();
+    append(&path, "d\n");
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "d\n");
@@ -613,11 +608,7 @@ fn the_blocking_client_streams_a_command_and_a_log() {
     let mut line = String::new();
     log.read_line(&mut line).unwrap();
     assert_eq!(line, "two\n");
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(b"three\n").unwrap();
+    append(&path, "three\n");
     line.clear();
     log.read_line(&mut line).unwrap();
     assert_eq!(line, "three\n");
