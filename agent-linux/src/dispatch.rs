@@ -4,7 +4,7 @@
 //! [`Agent::handle`] takes a parsed line (the envelope,
 //! `agent_common::envelope`, sorted it into single requests, batches and
 //! notifications) and the [`Session`] it came on, runs each request through
-//! [`Agent::call`] and assembles the one reply line owed. `call` applies, in
+//! `Agent::call` and assembles the one reply line owed. `call` applies, in
 //! one place and from each method's [`Facts`](agent_common::methods::Facts)
 //! (declared beside its types in agent-common's method table, never in a
 //! list here):
@@ -301,7 +301,7 @@ impl Agent {
 
     /// Handles one parsed line and the attachment that followed it: the
     /// JSON-RPC envelope (single, batch, notifications) around
-    /// [`Agent::call`]. `None` when nothing is owed (notifications).
+    /// `Agent::call`. `None` when nothing is owed (notifications).
     pub async fn handle(
         self: &Arc<Self>,
         session: &Session,

@@ -2,7 +2,7 @@
 //!
 //! This is the only module that spawns processes: commands here, and the
 //! init system's power command for [`crate::power`]
-//! ([`run_power_command`]). The program is resolved by
+//! (`run_power_command`). The program is resolved by
 //! [`CommandPolicy`] (bare names in [`SAFE_PATH`] only, optional whitelist)
 //! and started directly, never through a shell, in a new process group and,
 //! where the agent could set up cgroups at start ([`crate::cgroup`]), in a
@@ -32,7 +32,7 @@
 //! agent starts the child with `clone3(CLONE_INTO_CGROUP)`, so the program
 //! is born in its cgroup and nothing it forks can be outside: no window.
 //! std's `Command` has no hook for that, so this path is the agent's own
-//! ([`spawn_into_cgroup`], over the system call wrapper
+//! (`spawn_into_cgroup`, over the system call wrapper
 //! `sys::clone_exec_into_cgroup`, which holds the child's code): on x86-64
 //! a `CLONE_VM | CLONE_VFORK` clone, as `posix_spawn` makes, whose child
 //! runs on a stack of its own in the agent's memory while the calling
@@ -1280,7 +1280,7 @@ pub(crate) async fn run_power_command(program: &str, args: &[&str]) -> io::Resul
 /// Most bytes kept of each of a helper's stdout and stderr.
 pub const HELPER_OUTPUT: usize = 16 * 1024;
 
-/// What a helper program ([`run_helper`]) did.
+/// What a helper program (`run_helper`) did.
 #[derive(Debug)]
 pub struct HelperOutput {
     /// Its exit status; `None` if it ran out of time and its process group
@@ -1397,7 +1397,7 @@ pub(crate) async fn run_helper(
     }
 }
 
-/// What a line reader ([`read_helper_lines`]) did.
+/// What a line reader (`read_helper_lines`) did.
 #[derive(Debug)]
 pub struct HelperLines {
     /// Its exit status; `None` if it was stopped (enough lines, too many

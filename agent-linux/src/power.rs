@@ -7,7 +7,7 @@
 //! and busybox init) and falls back to `sync` + the `reboot(2)` system call
 //! when PID 1 is a plain shell script (a minimal guest) or when the init
 //! system has not brought the guest down in time. The init system's command
-//! is started by [`crate::exec::run_power_command`], like every process
+//! is started by `crate::exec::run_power_command`, like every process
 //! the agent starts.
 
 use std::path::Path;

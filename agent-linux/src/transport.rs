@@ -149,7 +149,7 @@ fn open_port(path: &Path) -> io::Result<File> {
 /// Serves the virtio-serial port (the given device, or the one named
 /// `name` in sysfs) in `dialect` until `stop` is cancelled.
 ///
-/// qemu-ga's own port is opened only while the rule of [`crate::qga::Gate`]
+/// qemu-ga's own port is opened only while the rule of `crate::qga::Gate`
 /// gives it to this agent: never while an unmasked `qemu-guest-agent`
 /// unit is installed, and closed at once when one appears.
 pub async fn serve_port(
@@ -521,7 +521,7 @@ fn bind_owner_only(path: &Path) -> io::Result<std::os::unix::net::UnixListener> 
 
 /// Serves clients on a Unix socket at `path` in `dialect` until `stop` is
 /// cancelled. A stale socket file is replaced; the socket is owner-only
-/// (0600) from the start (see [`bind_owner_only`]).
+/// (0600) from the start (see `bind_owner_only`).
 pub async fn serve_unix(
     agent: Arc<Agent>,
     dialect: Dialect,

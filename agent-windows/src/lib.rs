@@ -5,7 +5,7 @@
 //! synchronise with and identify a Windows guest. The dispatcher and the
 //! synchronous line loop ([`serve`]) are platform-neutral and tested on
 //! Linux (the binary's `--stdio` mode); the service entry point and the
-//! virtio-serial port are behind `cfg(windows)` in [`service`].
+//! virtio-serial port are behind `cfg(windows)` in `service`.
 #![deny(missing_docs)]
 
 use std::io::{self, Read, Write};

@@ -239,7 +239,7 @@ fn machine() -> String {
 }
 
 /// The figures measured in the guest, in [`SECTIONS`] order, each if
-/// `only` has it; `fanout` and `size` are measured on the host by [`bench`].
+/// `only` has it; `fanout` and `size` are measured on the host by [`bench()`].
 async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>) -> Result<()> {
     let mut b = Bench::start(vm, out_dir, figures).await?;
     for &(name, _) in SECTIONS {

@@ -1,6 +1,6 @@
 //! `cargo xtask test`: everything CI runs, in order, with a timed summary.
 //!
-//! deps → fmt → clippy → dependency review → unit/integration tests → fuzz
+//! deps → fmt → clippy → docs → dependency review → unit/integration tests → fuzz
 //! targets (30 s each) → Windows check → packages
 //! (+ package test) → real-VM tests (QEMU, libvirt). Every stage runs even
 //! after a failure (so one run shows every problem), except that the VM
@@ -131,6 +131,14 @@ pub(crate) fn test() -> Result<()> {
             "warnings",
         ]))?;
         Ok("no warnings".to_owned())
+    });
+    stage("doc", &mut || {
+        // Broken or private links in the API docs fail, as warnings do in
+        // clippy.
+        run(cargo()
+            .args(["doc", "--no-deps", "--workspace"])
+            .env("RUSTDOCFLAGS", "-D warnings"))?;
+        Ok("API docs build without warnings".to_owned())
     });
     stage("deny", &mut || {
         // Licences, banned and duplicate crates, sources; advisories need the

@@ -7,7 +7,7 @@
 //! table ([`mounts`]). Each handler knows nothing of the wire; `dispatch`
 //! calls them. Their `unsafe` system calls are in `sys` (`sys/ops.rs`);
 //! the programs they run (freeze hooks, `chpasswd`) are started by
-//! [`crate::exec::run_helper`].
+//! `crate::exec::run_helper`.
 
 pub mod cpu;
 pub mod disks;

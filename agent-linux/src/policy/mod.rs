@@ -96,7 +96,7 @@
 //! [`PolicyError`] and the config keys named in refusals are here; the
 //! path rules ([`PathPolicy`], the safe walk of the roots) are in `path.rs`,
 //! the command rules ([`CommandPolicy`], [`SAFE_PATH`]) in `command.rs`,
-//! and the system calls both use in [`crate::sys`].
+//! and the system calls both use in `crate::sys`.
 
 use std::io;
 

@@ -5,11 +5,11 @@
 //! `org.qemu.guest_agent.0`) or a Unix socket (`--listen qga:unix:PATH`),
 //! so libvirt, Proxmox and KubeVirt talk to this agent as they talk to
 //! qemu-ga. Requests are JSON objects `{"execute": NAME, "arguments": {..},
-//! "id": ..}` ([`framing`]); replies `{"return": ..}` or `{"error":
+//! "id": ..}` (`framing`); replies `{"return": ..}` or `{"error":
 //! {"class": .., "desc": ..}}`, with the request's `id` when it had one,
 //! written as qemu-ga writes them (`": "` and `", "` between members).
 //! Commands run one after the other, in order, as qemu-ga runs them; each
-//! maps onto a core method ([`commands`]).
+//! maps onto a core method (`commands`).
 
 mod commands;
 mod framing;

@@ -10,7 +10,7 @@
 //! `write_file` only with `--allow-write`. A tool's arguments are the
 //! agent method's typed params (agent-common) plus `vm`; they are checked
 //! against those types before anything is sent, and the input schemas
-//! list exactly those fields ([`tools`], tested). An agent's refusal
+//! list exactly those fields (`tools`, tested). An agent's refusal
 //! (`policy_denied` and the rest) comes back as a tool result with
 //! `isError: true` and the agent's message. Every tool call is audited:
 //! one JSON line on stderr, and in `--audit-file` if given.
