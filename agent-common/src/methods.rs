@@ -251,6 +251,10 @@ methods! {
         Facts::QUERY;
     /// `follow_log`: a file's new lines as they are written (`tail -F`), as a stream.
     FollowLog => "follow_log", FollowLogRpc, FollowLogParams, FollowLogResult, Facts::QUERY;
+    /// `file_read_stream`: a file's bytes from an offset to its end, as a
+    /// stream the agent sends as fast as the host's credit allows.
+    FileReadStream => "file_read_stream", FileReadStreamRpc, FileReadStreamParams,
+        FileReadStreamResult, Facts::QUERY;
 }
 
 impl Method {

@@ -228,6 +228,38 @@ pub struct FollowLogResult {
     pub stream: u64,
 }
 
+/// The most bytes the agent sends in one `stream_data` of a
+/// `file_read_stream` (a file's chunk goes whole, as a `file_read`
+/// attachment does).
+pub const FILE_STREAM_CHUNK: u64 = crate::MAX_READ_CHUNK;
+
+/// Params of `file_read_stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileReadStreamParams {
+    /// The file, beneath `security.allowed_read_paths`.
+    pub path: String,
+    /// Byte offset to start at. Default 0.
+    #[serde(default)]
+    pub offset: u64,
+    /// The id of the stream that carries the bytes.
+    pub stream: u64,
+    /// Bytes the host grants at once; default [`STREAM_WINDOW`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
+}
+
+/// Result of `file_read_stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileReadStreamResult {
+    /// The stream, as asked.
+    pub stream: u64,
+    /// The file's size when it was opened: the stream carries its bytes
+    /// from `offset` to this size (fewer only if the file shrinks
+    /// meanwhile), then the agent closes its side.
+    pub size: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

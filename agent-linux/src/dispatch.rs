@@ -41,8 +41,8 @@ use agent_common::methods::{
     PowerResult, RebootRpc, Rpc, ShutdownRpc, SyncResult, SyncRpc, TimeLimit,
 };
 use agent_common::methods::{
-    ExecResizeRpc, ExecSignalRpc, ExecStartRpc, FollowLogRpc, ForwardOpenRpc, StreamAck,
-    StreamCloseRpc, StreamCreditRpc, StreamDataRpc, StreamResetRpc,
+    ExecResizeRpc, ExecSignalRpc, ExecStartRpc, FileReadStreamRpc, FollowLogRpc, ForwardOpenRpc,
+    StreamAck, StreamCloseRpc, StreamCreditRpc, StreamDataRpc, StreamResetRpc,
 };
 use agent_common::methods::{
     FsFreezeRpc, FsFreezeStatusRpc, FsThawRpc, FsTrimRpc, GetFsinfoRpc, GetMemoryBlocksRpc,
@@ -859,6 +859,12 @@ impl Agent {
             Method::FollowLog => {
                 self.typed::<FollowLogRpc, _, _, _>(req, |p| {
                     crate::follow::start(&self.config, session, p)
+                })
+                .await
+            }
+            Method::FileReadStream => {
+                self.typed::<FileReadStreamRpc, _, _, _>(req, |p| {
+                    self.files.read_stream(session, p)
                 })
                 .await
             }

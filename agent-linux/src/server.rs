@@ -109,6 +109,15 @@ pub const FIXED_OVERHEAD: u64 = 16 << 20;
 pub const LARGEST_REPLY: u64 =
     agent_common::MAX_RESPONSE_SIZE as u64 + 2 * agent_common::MAX_EXEC_OUTPUT;
 
+/// The most bytes one stream's message on its way holds: a
+/// `file_read_stream` chunk (other streams send at most `STREAM_CHUNK`).
+pub const LARGEST_STREAM_MESSAGE: u64 =
+    if agent_common::streams::FILE_STREAM_CHUNK > agent_common::streams::STREAM_CHUNK {
+        agent_common::streams::FILE_STREAM_CHUNK
+    } else {
+        agent_common::streams::STREAM_CHUNK
+    };
+
 /// The bound on the agent's memory with `sessions` hosts connected, each
 /// sending anything and reading nothing (PROTOCOL.md and SECURITY.md state
 /// it):
@@ -119,20 +128,21 @@ pub const LARGEST_REPLY: u64 =
 ///   ((`pending_limit` + `INSTANT_RESERVE`) x (2 x `max_message_size` + 4 KiB):
 ///   an error echoes at most the id and parts of its line), and its streams
 ///   (`MAX_STREAMS` x (`STREAM_WINDOW` of the host's data not yet used +
-///   `STREAM_CHUNK` of output on its way): 16 MiB)
+///   [`LARGEST_STREAM_MESSAGE`] on its way, a `file_read_stream`'s 1 MiB
+///   chunk): 40 MiB)
 /// + `max_concurrent_requests` x `LARGEST_REPLY` (shared by all sessions)
 /// + the transfer buffers kept for reuse while no request holds them
 ///   ([`crate::buffers::KEEP`] x 1 MiB, shared by all sessions).
 ///
 /// With the default config and one host: 16 MiB + 1.06 MiB + 24 x 132 KiB
-/// + 16 MiB + 10 x 10 MiB + 4 MiB, about 140 MiB.
+/// + 40 MiB + 10 x 10 MiB + 4 MiB, about 164 MiB.
 pub fn memory_bound(config: &Config, sessions: u64) -> u64 {
     let line = config.max_message_size as u64;
     let per_session = line
         + agent_common::MAX_ATTACHMENT_SIZE
         + (pending_limit(config) + INSTANT_RESERVE) as u64 * (2 * line + 4096)
         + agent_common::streams::MAX_STREAMS as u64
-            * (agent_common::streams::STREAM_WINDOW + agent_common::streams::STREAM_CHUNK);
+            * (agent_common::streams::STREAM_WINDOW + LARGEST_STREAM_MESSAGE);
     FIXED_OVERHEAD
         + sessions * per_session
         + config.max_concurrent_requests as u64 * LARGEST_REPLY

@@ -13,13 +13,14 @@
 use std::sync::Arc;
 
 use agent_common::jsonrpc::OutgoingRequest;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::Running;
 use crate::dispatch::Outgoing;
+use crate::payload::Payload;
 use crate::streams::Streams;
 
 /// A connection's identity, for state that belongs to one host connection.
@@ -135,7 +136,7 @@ impl Notifier {
         &self,
         method: &str,
         params: &P,
-        attachment: Option<Bytes>,
+        attachment: Option<Payload>,
     ) -> Result<(), SessionEnded> {
         self.send(&self.queue, method, params, attachment).await
     }
@@ -147,7 +148,7 @@ impl Notifier {
         &self,
         method: &str,
         params: &P,
-        attachment: Option<Bytes>,
+        attachment: Option<Payload>,
     ) -> Result<(), SessionEnded> {
         self.send(&self.ordered, method, params, attachment).await
     }
@@ -157,7 +158,7 @@ impl Notifier {
         queue: &Option<mpsc::WeakSender<Outgoing>>,
         method: &str,
         params: &P,
-        attachment: Option<Bytes>,
+        attachment: Option<Payload>,
     ) -> Result<(), SessionEnded> {
         let queue = queue
             .as_ref()
@@ -182,12 +183,40 @@ impl Notifier {
         queue
             .send(Outgoing {
                 line,
-                attachment: attachment.map(crate::payload::Payload::Bytes),
+                attachment,
                 after: None,
                 hold: vec![permit],
             })
             .await
             .map_err(|_| SessionEnded)
+    }
+}
+
+/// A session for the tests of the parts that send on one.
+#[cfg(test)]
+pub(crate) mod test_session {
+    use super::*;
+    use crate::dispatch::SessionId;
+
+    /// A session whose ordered messages (streams) arrive on the receiver;
+    /// keep the sender while the test runs (the session holds it weakly).
+    pub(crate) fn session() -> (Session, mpsc::Receiver<Outgoing>, mpsc::Sender<Outgoing>) {
+        let (tx, _rx) = mpsc::channel(1);
+        let (otx, orx) = mpsc::channel(64);
+        let s = Session::new(
+            SessionId(1),
+            tx.downgrade(),
+            otx.downgrade(),
+            Arc::new(Semaphore::new(64)),
+        );
+        // The senders must outlive the test: the session holds them weakly.
+        std::mem::forget(tx);
+        (s, orx, otx)
+    }
+
+    /// An outgoing message's line as JSON.
+    pub(crate) fn line(o: &Outgoing) -> serde_json::Value {
+        serde_json::from_slice(&o.line).unwrap()
     }
 }
 
@@ -211,7 +240,7 @@ mod tests {
             .notify(
                 "stream_data",
                 &serde_json::json!({"stream": 1}),
-                Some(Bytes::from_static(b"a\nb")),
+                Some(Payload::Bytes(bytes::Bytes::from_static(b"a\nb"))),
             )
             .await
             .unwrap();

@@ -26,6 +26,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::error::RpcError;
+use crate::payload::Payload;
 use crate::session::{Notifier, SessionEnded};
 
 /// Why a stream message or an open was refused.
@@ -376,14 +377,20 @@ impl Stream {
     /// Waits for credit to send: at most this many bytes
     /// (up to [`STREAM_CHUNK`]) may go in the next [`Stream::send`].
     pub async fn writable(&self) -> Result<usize, StreamGone> {
+        self.writable_up_to(STREAM_CHUNK).await
+    }
+
+    /// [`Stream::writable`] for a stream whose messages may carry up to
+    /// `chunk` bytes (a `file_read_stream`'s carry whole file chunks).
+    pub async fn writable_up_to(&self, chunk: u64) -> Result<usize, StreamGone> {
         self.0
             .shared
             .wait(|st| {
                 if st.reset {
                     Some(Err(StreamGone))
                 } else if st.credit_out > 0 {
-                    // At most STREAM_CHUNK, which fits in usize.
-                    Some(Ok(st.credit_out.min(STREAM_CHUNK) as usize))
+                    // At most a chunk, which fits in usize.
+                    Some(Ok(st.credit_out.min(chunk) as usize))
                 } else {
                     None
                 }
@@ -391,8 +398,10 @@ impl Stream {
             .await
     }
 
-    /// Sends `data`, which must fit the credit [`Stream::writable`] gave.
-    pub async fn send(&self, data: Bytes) -> Result<(), StreamGone> {
+    /// Sends `data`, which must fit the credit [`Stream::writable`] gave:
+    /// bytes, or file data waiting in a pipe.
+    pub async fn send(&self, data: impl Into<Payload>) -> Result<(), StreamGone> {
+        let data = data.into();
         let len = data.len() as u64;
         let ok = self.0.shared.update(|st| {
             if st.reset || st.agent_closed || len > st.credit_out {
@@ -472,7 +481,7 @@ impl Stream {
         &self,
         method: &str,
         params: &P,
-        attachment: Option<Bytes>,
+        attachment: Option<Payload>,
     ) -> Result<(), StreamGone> {
         // After the agent's own reset of the stream, if one is on its way.
         self.0.shared.wait(|st| (!st.resetting).then_some(())).await;
@@ -487,28 +496,8 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::{Outgoing, SessionId};
-    use crate::session::Session;
+    use crate::session::test_session::{line, session};
     use std::time::Duration;
-    use tokio::sync::{mpsc, Semaphore};
-
-    fn session() -> (Session, mpsc::Receiver<Outgoing>, mpsc::Sender<Outgoing>) {
-        let (tx, _rx) = mpsc::channel(1);
-        let (otx, orx) = mpsc::channel(64);
-        let s = Session::new(
-            SessionId(1),
-            tx.downgrade(),
-            otx.downgrade(),
-            Arc::new(Semaphore::new(64)),
-        );
-        // The senders must outlive the test: the session holds them weakly.
-        std::mem::forget(tx);
-        (s, orx, otx)
-    }
-
-    fn line(o: &Outgoing) -> serde_json::Value {
-        serde_json::from_slice(&o.line).unwrap()
-    }
 
     #[tokio::test]
     async fn data_within_credit_is_queued_and_granted_back() {

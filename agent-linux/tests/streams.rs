@@ -583,7 +583,7 @@ async fn dropping_a_forward_without_closing_it_lets_the_agent_go() {
 }
 
 #[test]
-fn the_blocking_client_streams_a_command_and_a_log() {
+fn the_blocking_client_streams_a_command_a_log_and_a_file() {
     use std::io::{BufRead, BufReader, Read, Write};
     let agent = AgentProcess::start();
     let client = host_client::blocking::Client::connect(&agent.socket).unwrap();
@@ -612,6 +612,16 @@ fn the_blocking_client_streams_a_command_and_a_log() {
     line.clear();
     log.read_line(&mut line).unwrap();
     assert_eq!(line, "three\n");
+
+    // A file from an offset to its end, and its size.
+    let file = agent.read_dir().join("data.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let (mut rest, size) = client.read_stream(file.to_str().unwrap(), 1000).unwrap();
+    assert_eq!(size, data.len() as u64);
+    let mut got = Vec::new();
+    rest.read_to_end(&mut got).unwrap();
+    assert!(got == data[1000..], "the stream gave other bytes");
 
     // Inside a runtime a read is refused, not a stall.
     let rt = tokio::runtime::Builder::new_current_thread()

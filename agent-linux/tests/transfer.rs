@@ -1,6 +1,7 @@
 //! The host library against the real agent binary: a 100 MB file pushed and
-//! pulled back byte-equal with flat memory on both sides, and reconnection
-//! after the agent restarts. Kept in its own test binary so the host-side
+//! pulled back byte-equal with flat memory on both sides, pulls by one
+//! stream and by chunks (and the fall-back from one to the other), and
+//! reconnection after the agent restarts. Kept in its own test binary so the host-side
 //! memory figure is this test's alone.
 
 mod common;
@@ -9,7 +10,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use common::{status_kb, AgentProcess};
-use host_client::{Client, PushOptions};
+use host_client::{Client, ClientOptions, PushOptions};
 use serde_json::json;
 
 const SIZE: u64 = 100 * 1024 * 1024;
@@ -99,6 +100,45 @@ async fn a_100_mb_file_round_trips_with_flat_memory() {
         host_peak < host_before + 48 * 1024,
         "host RSS grew from {host_before} kB to {host_peak} kB"
     );
+}
+
+/// A pull goes by one `file_read_stream` where the agent serves it: with
+/// `file_read` disabled the pull still works, and only by that stream.
+/// With `file_read_stream` disabled (or an older agent) it falls back to
+/// `file_read` chunks. Both give the file's bytes, its unaligned tail and
+/// an empty file included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_by_stream_and_by_chunks() {
+    for blocked in ["file_read", "file_read_stream"] {
+        let agent = AgentProcess::start_with(json!({ "blocked_methods": [blocked] }), json!({}));
+        let files = [("big.bin", 3 * 1024 * 1024 + 12_345), ("empty.bin", 0)];
+        for (name, size) in files {
+            let guest = agent.write_dir().join(name);
+            random_file(&guest, size);
+            let guest_path = guest.display().to_string();
+            for stream_reads in [true, false] {
+                let client = Client::lazy(
+                    &agent.socket,
+                    ClientOptions {
+                        stream_reads,
+                        ..ClientOptions::default()
+                    },
+                );
+                let back = agent.dir.path().join("back.bin");
+                let r = client.pull(&guest_path, &back, |_| {}).await;
+                // Only a client that asks for chunks against an agent
+                // that disables them fails, and says why.
+                if blocked == "file_read" && !stream_reads {
+                    let e = r.expect_err("file_read is disabled");
+                    assert!(e.is_policy_denied(), "{e}");
+                    continue;
+                }
+                let r = r.unwrap_or_else(|e| panic!("{blocked} off, {stream_reads}: {e}"));
+                assert_eq!(r.bytes, size);
+                assert!(same_bytes(&guest, &back), "{name}: pulled file differs");
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

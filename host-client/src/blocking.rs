@@ -372,6 +372,23 @@ impl Client {
         Ok(self.reader(r))
     }
 
+    /// See [`crate::Client::read_stream`]: the file's bytes from `offset`
+    /// and its size.
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let c = host_client::blocking::Client::connect("/tmp/vm.sock")?;
+    /// let (mut data, size) = c.read_stream("/var/log/syslog", 0)?;
+    /// let copied = std::io::copy(&mut data, &mut std::io::sink())?;
+    /// assert!(copied <= size);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn read_stream(&self, path: &str, offset: u64) -> Result<(Reader, u64), ClientError> {
+        let (r, size) = self.block(self.inner.read_stream(path, offset))?;
+        Ok((self.reader(r), size))
+    }
+
     fn reader(&self, r: crate::StreamReader) -> Reader {
         Reader(SyncIoBridge::new_with_handle(
             r,

@@ -137,6 +137,15 @@ pub enum ClientError {
     /// where blocking would stall the runtime. Nothing was sent.
     #[error("blocking::Client cannot be used inside a tokio runtime (it would block it); use the async host_client::Client there")]
     InsideRuntime,
+    /// A stream ended before its end: the agent reset it (`reason` says
+    /// why, such as a read error in the guest).
+    #[error("the agent ended the {method} stream early: {reason}")]
+    StreamReset {
+        /// The method that opened the stream.
+        method: String,
+        /// The agent's reason.
+        reason: String,
+    },
     /// The guest file changed size while it was being read.
     #[error("the guest file {path} changed size during the transfer (from {expected} to {actual} bytes)")]
     FileChanged {

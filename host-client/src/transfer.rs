@@ -272,6 +272,11 @@ impl Client {
             source,
         };
         let chunk = read_chunk_size(&self.limits().await?);
+        if self.options().stream_reads && self.serves_read_stream() {
+            return self
+                .read_streamed(guest_path, writer, local_name, progress)
+                .await;
+        }
         let (first, size) = self.read_range(guest_path, 0, chunk, None).await?;
         writer.write_all(&first).await.map_err(local_err)?;
         let mut done = first.len() as u64;
@@ -291,6 +296,58 @@ impl Client {
             progress(Progress {
                 done,
                 total: Some(size),
+            });
+        }
+        writer.flush().await.map_err(local_err)?;
+        Ok(TransferSummary {
+            bytes: done,
+            duration: start.elapsed(),
+        })
+    }
+
+    /// The whole file through one `file_read_stream`.
+    async fn read_streamed<W: AsyncWrite + Unpin>(
+        &self,
+        guest_path: &str,
+        writer: &mut W,
+        local_name: &Path,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<TransferSummary, ClientError> {
+        let start = Instant::now();
+        let local_err = |source| ClientError::LocalFile {
+            path: local_name.to_path_buf(),
+            source,
+        };
+        let (mut data, size) = self.read_stream(guest_path, 0).await?;
+        let mut done = 0u64;
+        progress(Progress {
+            done,
+            total: Some(size),
+        });
+        loop {
+            let chunk = match data.read_chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(_) if data.connection_lost() => return Err(ClientError::ConnectionLost),
+                Err(e) => {
+                    return Err(ClientError::StreamReset {
+                        method: "file_read_stream".into(),
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            writer.write_all(&chunk).await.map_err(local_err)?;
+            done += chunk.len() as u64;
+            progress(Progress {
+                done,
+                total: Some(size),
+            });
+        }
+        if done != size {
+            return Err(ClientError::FileChanged {
+                path: guest_path.to_owned(),
+                expected: size,
+                actual: done,
             });
         }
         writer.flush().await.map_err(local_err)?;

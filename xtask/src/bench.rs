@@ -67,7 +67,7 @@ const SECTIONS: &[(&str, &str)] = &[
         "streams",
         "streamed exec first byte; forward throughput (and share of `raw`); ping p99 during a forward",
     ),
-    ("window", "read with 1, 2, 8 chunks in flight"),
+    ("window", "read with 1, 2, 8 MiB in flight, by chunks and by stream"),
     ("push", "push 1 KiB, connection open"),
     ("wake", "wake-ups/s with no host attached"),
     (
@@ -270,7 +270,7 @@ async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>
             "metrics" => b.metrics().await?,
             "qga" => b.qga_dialect().await?,
             "raw" => b.raw().await?,
-            "read" => b.read(),
+            "read" => b.read().await?,
             "write" => b.write().await?,
             "load" => b.load().await?,
             "streams" => b.streams().await?,

@@ -93,6 +93,7 @@ use crate::sys;
 mod append;
 mod read;
 mod staging;
+mod stream;
 mod upload;
 mod write;
 
@@ -167,6 +168,15 @@ pub enum FileError {
         /// Why.
         reason: String,
     },
+    /// The `file_read_stream` params are invalid.
+    #[error("invalid file_read_stream request: {reason}")]
+    InvalidStream {
+        /// Why.
+        reason: String,
+    },
+    /// The stream could not be opened.
+    #[error(transparent)]
+    Stream(#[from] crate::streams::StreamError),
     /// `create_new` found the name taken.
     #[error("{path} already exists")]
     AlreadyExists {
@@ -223,9 +233,10 @@ impl RpcError for FileError {
             FileError::Cancelled { .. } => ErrorKind::Timeout,
             FileError::Decode(_) | FileError::NotUtf8 { .. } => ErrorKind::InvalidEncoding,
             FileError::TooLarge { .. } => ErrorKind::TooLarge,
-            FileError::BadPermissions { .. } | FileError::InvalidRequest { .. } => {
-                ErrorKind::InvalidParams
-            }
+            FileError::BadPermissions { .. }
+            | FileError::InvalidRequest { .. }
+            | FileError::InvalidStream { .. } => ErrorKind::InvalidParams,
+            FileError::Stream(e) => e.kind(),
             FileError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             FileError::NotRegularFile { .. } => ErrorKind::NotARegularFile,
             FileError::Symlink { .. } => ErrorKind::PolicyDenied,
@@ -258,8 +269,10 @@ impl RpcError for FileError {
             FileError::UnknownUpload { id } => vec![("upload_id", id.as_str().into())],
             FileError::TooManyUploads { limit } => vec![("limit", (*limit).into())],
             FileError::BadPermissions { mode } => vec![("permissions", (*mode).into())],
+            FileError::Stream(e) => e.data(),
             FileError::Decode(_)
             | FileError::InvalidRequest { .. }
+            | FileError::InvalidStream { .. }
             | FileError::Internal { .. } => Vec::new(),
         }
     }

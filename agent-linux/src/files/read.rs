@@ -64,14 +64,46 @@ fn splice_chunk(
     }
 }
 
-fn read_blocking(
-    policy: &PathPolicy,
-    params: &FileReadParams,
-    limit: u64,
+/// `want` bytes of `file` from `offset` as an attachment: spliced into a
+/// pipe of their own where the file system allows it (a chunk of 64 KiB
+/// or more from a page boundary, `splice` on), else read into a buffer
+/// (pooled for a large chunk, of its own size otherwise). Fewer bytes than
+/// `want` only at the end of the file.
+pub(super) fn attachment_chunk(
+    file: &File,
+    offset: u64,
+    want: usize,
+    path: &str,
     buffers: &Arc<BufferPool>,
     splice: bool,
-) -> Result<(FileReadResult, Option<Payload>), FileError> {
-    let path = params.path.as_str();
+) -> Result<(Payload, usize), FileError> {
+    let spliced = if splice && want >= POOLED_READ_MIN && offset % PAGE == 0 {
+        splice_chunk(file, offset, want, path)?
+    } else {
+        None
+    };
+    Ok(if let Some((chunk, filled)) = spliced {
+        (Payload::Pipe(chunk), filled)
+    } else if want >= POOLED_READ_MIN {
+        let mut buf = buffers.take();
+        let filled = read_at_full(file, &mut buf.space()[..want], offset, path)?;
+        buf.set_len(filled);
+        (Payload::Bytes(buf.into_bytes()), filled)
+    } else {
+        let mut buf = vec![0u8; want];
+        let filled = read_at_full(file, &mut buf, offset, path)?;
+        buf.truncate(filled);
+        (Payload::Bytes(Bytes::from(buf)), filled)
+    })
+}
+
+/// Opens `path` for reading through the policy; its size, which must be
+/// within `limit` (`max_file_size`).
+pub(super) fn open_within(
+    policy: &PathPolicy,
+    path: &str,
+    limit: u64,
+) -> Result<(File, u64), FileError> {
     let file = policy.open_read(path)?;
     let size = file.metadata().map_err(io_err("read", path))?.len();
     if size > limit {
@@ -81,31 +113,24 @@ fn read_blocking(
             limit,
         });
     }
+    Ok((file, size))
+}
+
+fn read_blocking(
+    policy: &PathPolicy,
+    params: &FileReadParams,
+    limit: u64,
+    buffers: &Arc<BufferPool>,
+    splice: bool,
+) -> Result<(FileReadResult, Option<Payload>), FileError> {
+    let path = params.path.as_str();
+    let (file, size) = open_within(policy, path, limit)?;
     let length = params.length.unwrap_or(MAX_READ_CHUNK).min(MAX_READ_CHUNK);
     let offset = params.offset;
     // At most MAX_READ_CHUNK (1 MiB).
     let want = size.saturating_sub(offset).min(length) as usize;
     if params.encoding == Encoding::Attachment {
-        // Buffers are sized to what was asked: a pooled 1 MiB buffer only
-        // for a large chunk, an exact one otherwise.
-        let spliced = if splice && want >= POOLED_READ_MIN && offset % PAGE == 0 {
-            splice_chunk(&file, offset, want, path)?
-        } else {
-            None
-        };
-        let (data, filled) = if let Some((chunk, filled)) = spliced {
-            (Payload::Pipe(chunk), filled)
-        } else if want >= POOLED_READ_MIN {
-            let mut buf = buffers.take();
-            let filled = read_at_full(&file, &mut buf.space()[..want], offset, path)?;
-            buf.set_len(filled);
-            (Payload::Bytes(buf.into_bytes()), filled)
-        } else {
-            let mut buf = vec![0u8; want];
-            let filled = read_at_full(&file, &mut buf, offset, path)?;
-            buf.truncate(filled);
-            (Payload::Bytes(Bytes::from(buf)), filled)
-        };
+        let (data, filled) = attachment_chunk(&file, offset, want, path, buffers, splice)?;
         let bytes_read = filled as u64;
         let result = FileReadResult {
             content: String::new(),

@@ -442,6 +442,7 @@ impl CliError {
                 ClientError::Transfer { .. } => EXIT_PROTOCOL,
                 ClientError::Agent { .. }
                 | ClientError::FileChanged { .. }
+                | ClientError::StreamReset { .. }
                 | ClientError::RequestTooLarge { .. } => EXIT_AGENT,
                 ClientError::Connect { .. }
                 | ClientError::ConnectTimeout { .. }
@@ -518,6 +519,9 @@ impl CliError {
                 }
                 ClientError::FileChanged { .. } => {
                     "the file is being written in the guest; retry when it is stable".to_owned()
+                }
+                ClientError::StreamReset { .. } => {
+                    "the guest could not read on; the agent's log (journalctl -u kvmmanager-agent) has the cause".to_owned()
                 }
                 ClientError::Protocol(_) | ClientError::BadResult { .. } | ClientError::Encode { .. } => {
                     "kvmmanager-ctl and the agent disagree on the protocol; compare versions with `kvmmanager-ctl info`".to_owned()

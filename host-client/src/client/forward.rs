@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use agent_common::methods::{
-    FollowLogParams, FollowLogResult, ForwardOpenParams, ForwardOpenResult, Method,
+    FileReadStreamParams, FileReadStreamResult, FollowLogParams, FollowLogResult,
+    ForwardOpenParams, ForwardOpenResult, Method, FILE_STREAM_CHUNK,
 };
 
 use super::streams::HOST_WINDOW;
@@ -123,5 +124,63 @@ impl Client {
             conn,
             table,
         })))
+    }
+
+    /// A guest file's bytes from `offset` to the size it had when opened,
+    /// as a stream (`file_read_stream`): the agent sends them as fast as
+    /// this side reads them, with no request per chunk, at most
+    /// [`ClientOptions::max_in_flight_chunks`](crate::ClientOptions) chunks
+    /// of 1 MiB ahead of the reader. Returns the reader and that size; the
+    /// reader ends after the last byte (fewer than `size - offset` only if
+    /// the file shrank meanwhile), and fails if the agent resets the stream
+    /// (a read error in the guest) or the connection is lost
+    /// ([`StreamReader::connection_lost`] tells which).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: host_client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let (mut data, size) = client.read_stream("/var/log/syslog", 0).await?;
+    /// let mut got = 0;
+    /// while let Some(chunk) = data.read_chunk().await? {
+    ///     got += chunk.len() as u64;
+    /// }
+    /// assert!(got <= size);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn read_stream(
+        &self,
+        path: &str,
+        offset: u64,
+    ) -> Result<(StreamReader, u64), ClientError> {
+        let conn = self.ready().await?;
+        let table = self.inner.streams.clone();
+        let id = next_stream_id();
+        let chunks = self.options().max_in_flight_chunks.clamp(1, 64) as u64;
+        let window = chunks * FILE_STREAM_CHUNK;
+        let shared = table.register(id, conn.serial(), window);
+        let params = FileReadStreamParams {
+            path: path.to_owned(),
+            offset,
+            stream: id,
+            window: Some(window),
+        };
+        let method = Method::FileReadStream.as_str();
+        let opened = self
+            .request_on_conn(&conn, method, &params)
+            .await
+            .and_then(|raw| decode::<FileReadStreamResult>(method, &raw));
+        let size = match opened {
+            Ok(r) => r.size,
+            Err(e) => {
+                table.forget(id);
+                return Err(e);
+            }
+        };
+        let reader = StreamReader::new(Arc::new(Handle {
+            shared,
+            conn,
+            table,
+        }));
+        Ok((reader, size))
     }
 }

@@ -55,7 +55,7 @@ use state::StateTx;
 pub use streams::{StreamReader, StreamWriter};
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::time::Duration;
 
@@ -95,11 +95,16 @@ pub struct ClientOptions {
     /// missing agent shows. Default 10 s.
     pub sync_timeout: Duration,
     /// Chunk requests kept in flight by [`Client::push`] and
-    /// [`Client::pull`]. Default 2: with 1 MiB attachments, more buys no
+    /// [`Client::pull`] (for a streamed pull, its window: this many 1 MiB
+    /// chunks). Default 2: with 1 MiB attachments, more buys no
     /// throughput in a 1-vCPU guest and each extra chunk queued ahead of a
     /// `ping` on the same connection adds latency (ARCHITECTURE.md,
     /// "Performance").
     pub max_in_flight_chunks: usize,
+    /// Pull files with one `file_read_stream` where the agent serves it
+    /// (the agent sends the chunks as the window allows, no request per
+    /// chunk) instead of a `file_read` per chunk. Default true.
+    pub stream_reads: bool,
     /// Reconnect on the next call after the connection was lost. Default true.
     pub reconnect: bool,
     /// Keep at most the agent's `max_concurrent_requests` calls that take
@@ -126,6 +131,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(5),
             sync_timeout: Duration::from_secs(10),
             max_in_flight_chunks: 2,
+            stream_reads: true,
             reconnect: true,
             flow_control: true,
             busy_retries: 3,
@@ -178,6 +184,8 @@ struct Inner {
     closed: AtomicBool,
     next_id: AtomicU64,
     limits: StdMutex<Option<Limits>>,
+    /// Whether the agent serves `file_read_stream` (known with `limits`).
+    read_stream: AtomicBool,
     /// Subscriptions to notifications; they outlive connections.
     subscribers: Arc<Subscribers>,
     /// Open streams (they end with their connection).
@@ -256,6 +264,7 @@ impl Client {
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(start),
                 limits: StdMutex::new(None),
+                read_stream: AtomicBool::new(false),
                 subscribers: Arc::default(),
                 streams: Arc::default(),
                 state: Arc::new(StateTx::new()),
@@ -424,8 +433,18 @@ impl Client {
     /// ```
     pub async fn agent_info(&self) -> Result<AgentInfo, ClientError> {
         let info = self.call::<GetAgentInfoRpc>(&Empty {}).await?;
+        let method = agent_common::methods::Method::FileReadStream.as_str();
+        let streams = info.methods.iter().any(|m| m == method)
+            && !info.disabled_methods.iter().any(|m| m == method);
+        self.inner.read_stream.store(streams, Ordering::Relaxed);
         *self.limits_slot() = Some(info.limits.clone());
         Ok(info)
+    }
+
+    /// True if the agent serves `file_read_stream` (once [`Client::limits`]
+    /// has been asked on this connection).
+    pub(crate) fn serves_read_stream(&self) -> bool {
+        self.inner.read_stream.load(Ordering::Relaxed)
     }
 
     fn limits_slot(&self) -> MutexGuard<'_, Option<Limits>> {

@@ -87,6 +87,8 @@ struct State {
     host_closed: bool,
     /// Why the stream ended abruptly.
     reset: Option<String>,
+    /// The stream ended because its connection did.
+    conn_lost: bool,
     /// Bytes this side may still send.
     credit: u64,
     read_waker: Option<Waker>,
@@ -211,6 +213,7 @@ impl StreamTable {
             .collect();
         for s in gone {
             let mut st = lock(&s.state);
+            st.conn_lost = true;
             st.reset
                 .get_or_insert_with(|| "the connection to the agent was lost".into());
             st.wake();
@@ -328,6 +331,12 @@ impl StreamReader {
     /// The stream's id.
     pub fn id(&self) -> u64 {
         self.handle.shared.id
+    }
+
+    /// True once the stream ended because its connection to the agent was
+    /// lost (then the reader's error is that, not a reset by the agent).
+    pub fn connection_lost(&self) -> bool {
+        lock(&self.handle.shared.state).conn_lost
     }
 
     /// The next bytes the agent sent, `None` at its end of stream.

@@ -90,8 +90,10 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// `read`: the rows of the pulls [`Bench::test_file`] timed.
-    pub(crate) fn read(&mut self) {
+    /// `read`: the rows of the pulls [`Bench::test_file`] timed, and the
+    /// test file sent into the raw port by the guest kernel alone
+    /// (`sendfile`), the most a splice of its pages into the port gives.
+    pub(crate) async fn read(&mut self) -> Result<()> {
         let ours_read = Spread::of(&self.read_rates);
         self.figures.push(Figure::new(
             "read 32 MiB to host (MiB/s)",
@@ -108,7 +110,27 @@ impl Bench<'_> {
                 ">= 60%",
                 |_| ours_read.median * 100.0 / raw_spread.median >= 60.0,
             ));
+            let mut spliced = Vec::new();
+            for _ in 0..3 {
+                spliced.push(raw_sendfile(&self.c, &self.vm.raw).await?);
+            }
+            let spliced = Spread::of(&spliced);
+            self.figures.push(Figure::new(
+                "  the test file into the raw port by sendfile (MiB/s)",
+                spliced,
+                None,
+                "(reference)",
+                |_| true,
+            ));
+            self.figures.push(Figure::new(
+                "  sendfile's share of guest-to-host ceiling (%)",
+                spliced.scale(100.0 / raw_spread.median),
+                None,
+                "(reference)",
+                |_| true,
+            ));
         }
+        Ok(())
     }
 
     /// Pushes the test file into the guest through our agent once and
@@ -162,37 +184,49 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// `window`: the same pull with other chunk windows
-    /// (`ClientOptions::max_in_flight_chunks`).
+    /// `window`: the same pull with 1, 2 and 8 MiB in flight
+    /// (`ClientOptions::max_in_flight_chunks`), by `file_read` chunks and
+    /// by one `file_read_stream`.
     pub(crate) async fn window(&mut self) -> Result<()> {
         for window in [1usize, 2, 8] {
-            heading(&format!("bench: read 32 MiB, {window} chunk(s) in flight"));
-            // One host connection per port at a time: replace the client.
-            self.c = Client::lazy(
-                &self.vm.ours,
-                ClientOptions {
-                    max_in_flight_chunks: window,
-                    ..client_options()
-                },
-            );
-            let (mut rates, mut p99s) = (Vec::new(), Vec::new());
-            for _ in 0..3 {
-                let t = Instant::now();
-                let p99 = pull_with_pings(&self.c, &self.local).await?;
-                rates.push(mibs(FILE_SIZE, t));
-                p99s.push(p99);
+            // Chunk requests against one stream, side by side at each window.
+            for streamed in [false, true] {
+                let how = if streamed {
+                    "one file_read_stream"
+                } else {
+                    "file_read chunks"
+                };
+                heading(&format!(
+                    "bench: read 32 MiB, {how}, {window} MiB in flight"
+                ));
+                // One host connection per port at a time: replace the client.
+                self.c = Client::lazy(
+                    &self.vm.ours,
+                    ClientOptions {
+                        max_in_flight_chunks: window,
+                        stream_reads: streamed,
+                        ..client_options()
+                    },
+                );
+                let (mut rates, mut p99s) = (Vec::new(), Vec::new());
+                for _ in 0..3 {
+                    let t = Instant::now();
+                    let p99 = pull_with_pings(&self.c, &self.local).await?;
+                    rates.push(mibs(FILE_SIZE, t));
+                    p99s.push(p99);
+                }
+                let p99 = Spread::of(&p99s);
+                self.figures.push(
+                    Figure::new(
+                        &format!("  read, {how}, {window} MiB in flight (MiB/s)"),
+                        Spread::of(&rates),
+                        self.best,
+                        "(experiment)",
+                        |_| true,
+                    )
+                    .with_note(format!("ping p99 {:.0} ms", p99.median)),
+                );
             }
-            let p99 = Spread::of(&p99s);
-            self.figures.push(
-                Figure::new(
-                    &format!("  read with {window} chunk(s) in flight (MiB/s)"),
-                    Spread::of(&rates),
-                    self.best,
-                    "(experiment)",
-                    |_| true,
-                )
-                .with_note(format!("ping p99 {:.0} ms", p99.median)),
-            );
         }
         self.disconnect();
         Ok(())
@@ -329,6 +363,28 @@ async fn raw_ceiling_in(c: &Client, raw: &Path, idle: f64) -> Result<f64> {
 
 /// One guest `dd` of 32 MiB into the raw port, timed on the host (MiB/s).
 async fn raw_ceiling(c: &Client, raw: &Path) -> Result<f64> {
+    let dd = format!(
+        "dd if=/dev/zero of=/dev/virtio-ports/{RAW_PORT} bs=64k count={} 2>/dev/null",
+        FILE_SIZE / 65536
+    );
+    raw_out(c, raw, &dd).await
+}
+
+/// One guest `cat` of the 32 MiB test file into the raw port (MiB/s): the
+/// kernel moves the file's pages to the port by `sendfile(2)`, the same
+/// splice path as a `file_read` chunk, with no agent in the way.
+async fn raw_sendfile(c: &Client, raw: &Path) -> Result<f64> {
+    raw_out(
+        c,
+        raw,
+        &format!("cat {GUEST_FILE} > /dev/virtio-ports/{RAW_PORT}"),
+    )
+    .await
+}
+
+/// Runs `command` in the guest, which writes 32 MiB into the raw port;
+/// the time from the first byte the host reads to the last (MiB/s).
+async fn raw_out(c: &Client, raw: &Path, command: &str) -> Result<f64> {
     let mut s = UnixStream::connect(raw)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let reader = std::thread::spawn(move || -> std::io::Result<(u64, Duration)> {
@@ -345,14 +401,7 @@ async fn raw_ceiling(c: &Client, raw: &Path) -> Result<f64> {
         }
         Ok((got, first.map(|f| f.elapsed()).unwrap_or_default()))
     });
-    sh(
-        c,
-        &format!(
-            "dd if=/dev/zero of=/dev/virtio-ports/{RAW_PORT} bs=64k count={} 2>/dev/null",
-            FILE_SIZE / 65536
-        ),
-    )
-    .await?;
+    sh(c, command).await?;
     let (got, took) = reader
         .join()
         .map_err(|_| "raw reader panicked")?

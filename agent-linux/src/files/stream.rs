@@ -1,0 +1,292 @@
+//! `file_read_stream`: a file's bytes from an offset to the size it had
+//! when opened, carried by a stream (`crate::streams`) as fast as the
+//! host's credit allows, then the agent's side closed.
+//!
+//! The file is opened through the read policy once, like a `file_read`;
+//! each chunk (up to [`FILE_STREAM_CHUNK`], within the credit) is spliced
+//! into a pipe of its own on a blocking thread and from there into the
+//! port by the writer, as a `file_read` attachment is
+//! ([`read::attachment_chunk`]). No request per chunk: a pull costs one
+//! request, not one per MiB. A file that shrinks meanwhile ends the stream
+//! early (the host sees fewer bytes than `size`); one that grows is read
+//! up to the size it had.
+
+use agent_common::methods::{
+    FileReadStreamParams, FileReadStreamResult, FILE_STREAM_CHUNK, MAX_STREAM_WINDOW, STREAM_WINDOW,
+};
+
+use super::read::{attachment_chunk, open_within};
+use super::*;
+use crate::session::Session;
+use crate::streams::{Open, Stream};
+
+impl FileService {
+    /// `file_read_stream`: checks, opens the file and leaves the sending
+    /// to a task of its own.
+    pub async fn read_stream(
+        &self,
+        session: &Session,
+        p: FileReadStreamParams,
+    ) -> Result<FileReadStreamResult, FileError> {
+        let credit = p.window.unwrap_or(STREAM_WINDOW);
+        if credit == 0 || credit > MAX_STREAM_WINDOW {
+            return Err(FileError::InvalidStream {
+                reason: format!("window must be from 1 to {MAX_STREAM_WINDOW} bytes"),
+            });
+        }
+        let policy = Arc::clone(&self.read_policy);
+        let limit = self.config.security.max_file_size;
+        let path = Arc::<str>::from(p.path.as_str());
+        let (file, size) = {
+            let path = Arc::clone(&path);
+            blocking(move || open_within(&policy, &path, limit)).await?
+        };
+        let stream = session.streams().open(
+            Open {
+                id: p.stream,
+                credit,
+                window: 0,
+            },
+            session.notifier(),
+        )?;
+        let source = Source {
+            file: Arc::new(file),
+            path,
+            offset: p.offset,
+            size,
+            buffers: Arc::clone(&self.transfer_buffers),
+            splice: self.config.zero_copy_reads,
+        };
+        let ended = session.ended().clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = send_file(&stream, source) => {}
+                () = stream.was_reset() => {}
+                () = ended.cancelled() => {}
+            }
+        });
+        Ok(FileReadStreamResult {
+            stream: p.stream,
+            size,
+        })
+    }
+}
+
+/// What a stream sends: `file` from `offset` to `size`.
+struct Source {
+    file: Arc<File>,
+    path: Arc<str>,
+    offset: u64,
+    size: u64,
+    buffers: Arc<BufferPool>,
+    splice: bool,
+}
+
+/// Sends the file's chunks as the credit allows, then closes the agent's
+/// side; a read error resets the stream with its message.
+async fn send_file(stream: &Stream, mut src: Source) {
+    while src.offset < src.size {
+        let Ok(room) = stream.writable_up_to(FILE_STREAM_CHUNK).await else {
+            return;
+        };
+        // Within the credit and the file's rest; both fit usize (room is
+        // at most FILE_STREAM_CHUNK).
+        let want = (room as u64).min(src.size - src.offset) as usize;
+        let (file, path, buffers) = (
+            Arc::clone(&src.file),
+            Arc::clone(&src.path),
+            Arc::clone(&src.buffers),
+        );
+        let (offset, splice) = (src.offset, src.splice);
+        let chunk =
+            blocking(move || attachment_chunk(&file, offset, want, &path, &buffers, splice)).await;
+        match chunk {
+            // The file shrank: what there was has been sent.
+            Ok((_, 0)) => break,
+            Ok((data, n)) => {
+                if stream.send(data).await.is_err() {
+                    return;
+                }
+                src.offset += n as u64;
+            }
+            Err(e) => {
+                tracing::warn!(path = %src.path, error = %e, "file_read_stream stopped");
+                stream.reset(&format!("read_failed: {e}")).await;
+                return;
+            }
+        }
+    }
+    let _ = stream.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::Outgoing;
+    use crate::files::test_env::*;
+    use crate::session::test_session::{line, session};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    fn params(path: &str, window: Option<u64>) -> FileReadStreamParams {
+        FileReadStreamParams {
+            path: path.to_owned(),
+            offset: 0,
+            stream: 9,
+            window,
+        }
+    }
+
+    /// The next message on the stream: its method and its bytes.
+    async fn next(rx: &mut mpsc::Receiver<Outgoing>) -> (String, Vec<u8>) {
+        let o = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a message within 10 s")
+            .expect("the session is open");
+        let v = line(&o);
+        assert_eq!(v["params"]["stream"], 9, "{v}");
+        let data = o.attachment.map(|p| p.into_bytes().unwrap().to_vec());
+        (
+            v["method"].as_str().unwrap().to_owned(),
+            data.unwrap_or_default(),
+        )
+    }
+
+    /// Whole chunks of a file from a page boundary (spliced) and its
+    /// unaligned rest arrive in order, each within the credit, then the
+    /// agent's side closes.
+    #[tokio::test]
+    async fn sends_the_file_within_the_credit_then_closes() {
+        let e = env_with(8 << 20);
+        let p = format!("{}/big", e.root);
+        let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let (s, mut rx, _keep) = session();
+        let window = 3 << 20;
+        let r = e
+            .svc
+            .read_stream(&s, params(&p, Some(window)))
+            .await
+            .unwrap();
+        assert_eq!((r.stream, r.size), (9, data.len() as u64));
+        let mut got = Vec::new();
+        loop {
+            let (method, bytes) = next(&mut rx).await;
+            if method == "stream_close" {
+                break;
+            }
+            assert_eq!(method, "stream_data");
+            assert!(bytes.len() as u64 <= FILE_STREAM_CHUNK);
+            got.extend_from_slice(&bytes);
+        }
+        assert_eq!(got, data);
+    }
+
+    /// With a window of 100 bytes the agent sends 100 bytes and waits;
+    /// each grant lets exactly that much more go.
+    #[tokio::test]
+    async fn waits_for_credit() {
+        let e = env();
+        let p = format!("{}/f", e.root);
+        std::fs::write(&p, vec![7u8; 250]).unwrap();
+        let (s, mut rx, _keep) = session();
+        e.svc.read_stream(&s, params(&p, Some(100))).await.unwrap();
+        assert_eq!(next(&mut rx).await, ("stream_data".into(), vec![7u8; 100]));
+        let nothing = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(nothing.is_err(), "sent beyond its credit");
+        s.streams().credit(9, 200).unwrap();
+        assert_eq!(next(&mut rx).await, ("stream_data".into(), vec![7u8; 150]));
+        assert_eq!(next(&mut rx).await.0, "stream_close");
+    }
+
+    /// From an offset, and from the end (nothing but the close).
+    #[tokio::test]
+    async fn starts_at_the_offset() {
+        let e = env();
+        let p = format!("{}/f", e.root);
+        std::fs::write(&p, b"0123456789").unwrap();
+        for (offset, want) in [(4u64, &b"456789"[..]), (10, b""), (99, b"")] {
+            let (s, mut rx, _keep) = session();
+            let r = e
+                .svc
+                .read_stream(
+                    &s,
+                    FileReadStreamParams {
+                        offset,
+                        ..params(&p, None)
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.size, 10);
+            let mut got = Vec::new();
+            loop {
+                let (method, bytes) = next(&mut rx).await;
+                if method == "stream_close" {
+                    break;
+                }
+                got.extend_from_slice(&bytes);
+            }
+            assert_eq!(got, want, "offset {offset}");
+        }
+    }
+
+    /// Refusals open no stream: outside the roots, over max_file_size, a
+    /// window of 0 or over the most, an id already open.
+    #[tokio::test]
+    async fn refusals_open_no_stream() {
+        let e = env_with(1000);
+        let inside = format!("{}/f", e.root);
+        std::fs::write(&inside, vec![0u8; 10]).unwrap();
+        let big = format!("{}/big", e.root);
+        std::fs::write(&big, vec![0u8; 1001]).unwrap();
+        let outside = format!("{}/f", e.outside);
+        std::fs::write(&outside, b"secret").unwrap();
+        let (s, mut rx, _keep) = session();
+        let cases = [
+            (params(&outside, None), ErrorKind::PolicyDenied),
+            (params(&big, None), ErrorKind::TooLarge),
+            (params(&inside, Some(0)), ErrorKind::InvalidParams),
+            (
+                params(&inside, Some(MAX_STREAM_WINDOW + 1)),
+                ErrorKind::InvalidParams,
+            ),
+        ];
+        for (p, kind) in cases {
+            let err = e.svc.read_stream(&s, p.clone()).await.unwrap_err();
+            assert_eq!(err.kind(), kind, "{p:?}: {err}");
+        }
+        assert!(s.streams().is_empty());
+        assert!(rx.try_recv().is_err(), "a refusal sent nothing");
+        // An id in use is refused and leaves the open stream alone.
+        e.svc
+            .read_stream(&s, params(&inside, Some(1)))
+            .await
+            .unwrap();
+        let err = e
+            .svc
+            .read_stream(&s, params(&inside, None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(s.streams().len(), 1);
+    }
+
+    /// A reset by the host stops the sending.
+    #[tokio::test]
+    async fn a_reset_stops_it() {
+        let e = env_with(8 << 20);
+        let p = format!("{}/big", e.root);
+        std::fs::write(&p, vec![1u8; 3 << 20]).unwrap();
+        let (s, mut rx, _keep) = session();
+        e.svc
+            .read_stream(&s, params(&p, Some(1 << 20)))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut rx).await.1.len(), 1 << 20);
+        s.streams().reset(9).unwrap();
+        s.streams().credit(9, 2 << 20).unwrap_err();
+        let nothing = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await;
+        assert!(nothing.is_err(), "sent after the reset");
+    }
+}
