@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use agent_common::error::ErrorKind;
 use agent_common::methods::{
     ExecExitParams, ExecResizeParams, ExecSignalParams, ExecStartParams, ExecStartResult,
-    StreamAck, EXEC_EXIT, MAX_STREAM_WINDOW, STREAM_WINDOW,
+    StreamAck, EXEC_EXIT, STREAM_WINDOW,
 };
 use bytes::{Bytes, BytesMut};
 use nix::sys::signal::Signal;
@@ -205,12 +205,7 @@ impl Execs {
             method: "exec_start",
             reason,
         };
-        let credit = p.window.unwrap_or(STREAM_WINDOW);
-        if credit == 0 || credit > MAX_STREAM_WINDOW {
-            return Err(invalid(format!(
-                "window must be from 1 to {MAX_STREAM_WINDOW} bytes"
-            )));
-        }
+        let credit = crate::streams::host_window(p.window).map_err(invalid)?;
         if p.stderr_stream == Some(p.stream) {
             return Err(invalid("stderr_stream must differ from stream".into()));
         }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_common::error::ErrorKind;
-use agent_common::methods::{FollowLogParams, FollowLogResult, MAX_STREAM_WINDOW, STREAM_WINDOW};
+use agent_common::methods::{FollowLogParams, FollowLogResult};
 use bytes::Bytes;
 use nix::sys::inotify::AddWatchFlags;
 
@@ -30,7 +30,7 @@ use crate::dirwatch::{DirWatch, ENTRY_CHANGES};
 use crate::error::RpcError;
 use crate::policy::{PathPolicy, PolicyError};
 use crate::session::Session;
-use crate::streams::{Open, Stream, StreamError};
+use crate::streams::{host_window, spawn_sender, Stream, StreamError};
 
 /// How often a followed file is checked where its folder cannot be
 /// watched (no inotify, or no watch left).
@@ -208,12 +208,7 @@ pub async fn start(
     session: &Session,
     p: FollowLogParams,
 ) -> Result<FollowLogResult, FollowError> {
-    let credit = p.window.unwrap_or(STREAM_WINDOW);
-    if credit == 0 || credit > MAX_STREAM_WINDOW {
-        return Err(FollowError::Invalid {
-            reason: format!("window must be from 1 to {MAX_STREAM_WINDOW} bytes"),
-        });
-    }
+    let credit = host_window(p.window).map_err(|reason| FollowError::Invalid { reason })?;
     let n = p.lines.unwrap_or(10);
     if n > MAX_LINES {
         return Err(FollowError::Invalid {
@@ -261,23 +256,9 @@ pub async fn start(
             source: std::io::Error::other(e),
         })??
     };
-    let stream = session.streams().open(
-        Open {
-            id: p.stream,
-            credit,
-            window: 0,
-        },
-        session.notifier(),
-    )?;
-    let ended = session.ended().clone();
-    tokio::spawn(async move {
-        let follow = follow(stream.clone(), policy, path, followed, first, lines);
-        tokio::select! {
-            () = follow => {}
-            () = stream.was_reset() => {}
-            () = ended.cancelled() => {}
-        }
-    });
+    spawn_sender(session, p.stream, credit, |stream| {
+        follow(stream, policy, path, followed, first, lines)
+    })?;
     Ok(FollowLogResult { stream: p.stream })
 }
 

@@ -12,16 +12,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use agent_common::error::ErrorKind;
-use agent_common::methods::{
-    ForwardOpenParams, ForwardOpenResult, MAX_STREAM_WINDOW, STREAM_WINDOW,
-};
+use agent_common::methods::{ForwardOpenParams, ForwardOpenResult, STREAM_WINDOW};
 use tokio::net::TcpStream;
 
 use crate::config::Config;
 use crate::error::RpcError;
 use crate::exec_stream::{pump_in, pump_out};
 use crate::session::Session;
-use crate::streams::{Open, StreamError};
+use crate::streams::{host_window, Open, StreamError};
 
 /// How long a connection may take to be made.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,12 +84,7 @@ pub async fn open(
     session: &Session,
     p: ForwardOpenParams,
 ) -> Result<ForwardOpenResult, ForwardError> {
-    let credit = p.window.unwrap_or(STREAM_WINDOW);
-    if credit == 0 || credit > MAX_STREAM_WINDOW {
-        return Err(ForwardError::Invalid {
-            reason: format!("window must be from 1 to {MAX_STREAM_WINDOW} bytes"),
-        });
-    }
+    let credit = host_window(p.window).map_err(|reason| ForwardError::Invalid { reason })?;
     let host = p
         .host
         .strip_prefix('[')

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use agent_common::error::ErrorKind;
 use agent_common::methods::{
     StreamCloseParams, StreamCreditParams, StreamDataParams, StreamResetParams, MAX_STREAMS,
-    STREAM_CHUNK,
+    MAX_STREAM_WINDOW, STREAM_CHUNK, STREAM_WINDOW,
 };
 use bytes::Bytes;
 use serde::Serialize;
@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::error::RpcError;
 use crate::payload::Payload;
-use crate::session::{Notifier, SessionEnded};
+use crate::session::{Notifier, Session, SessionEnded};
 
 /// Why a stream message or an open was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,6 +72,51 @@ impl From<SessionEnded> for StreamGone {
     fn from(_: SessionEnded) -> StreamGone {
         StreamGone
     }
+}
+
+/// The credit a host grants in the method that opens a stream (its
+/// `window`; [`STREAM_WINDOW`] if absent); `Err` says the allowed range.
+pub fn host_window(window: Option<u64>) -> Result<u64, String> {
+    match window.unwrap_or(STREAM_WINDOW) {
+        credit @ 1..=MAX_STREAM_WINDOW => Ok(credit),
+        _ => Err(format!(
+            "window must be from 1 to {MAX_STREAM_WINDOW} bytes"
+        )),
+    }
+}
+
+/// Opens stream `id`, on which only the agent sends (the host's `credit`
+/// lets it), and runs `send` on a task of its own until it returns, the
+/// stream is reset, or the session ends (`follow_log`,
+/// `file_read_stream`).
+pub fn spawn_sender<F, Fut>(
+    session: &Session,
+    id: u64,
+    credit: u64,
+    send: F,
+) -> Result<(), StreamError>
+where
+    F: FnOnce(Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stream = session.streams().open(
+        Open {
+            id,
+            credit,
+            window: 0,
+        },
+        session.notifier(),
+    )?;
+    let ended = session.ended().clone();
+    let sending = send(stream.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = sending => {}
+            () = stream.was_reset() => {}
+            () = ended.cancelled() => {}
+        }
+    });
+    Ok(())
 }
 
 type Table = Mutex<HashMap<u64, Arc<Shared>>>;

@@ -264,69 +264,65 @@ impl Client {
         guest_path: &str,
         writer: &mut W,
         local_name: &Path,
-        mut progress: impl FnMut(Progress),
+        progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
         let start = Instant::now();
-        let local_err = |source| ClientError::LocalFile {
-            path: local_name.to_path_buf(),
-            source,
-        };
         let chunk = read_chunk_size(&self.limits().await?);
+        let mut sink = PullSink {
+            writer,
+            local_name,
+            progress,
+            done: 0,
+            total: 0,
+        };
         if self.options().stream_reads && self.serves_read_stream() {
-            return self
-                .read_streamed(guest_path, writer, local_name, progress)
-                .await;
+            self.pull_streamed(guest_path, &mut sink).await?;
+        } else {
+            self.pull_chunked(guest_path, chunk, &mut sink).await?;
         }
+        sink.writer.flush().await.map_err(sink.local_err())?;
+        Ok(TransferSummary {
+            bytes: sink.done,
+            duration: start.elapsed(),
+        })
+    }
+
+    /// The file by `file_read` chunks, several in flight.
+    async fn pull_chunked<W: AsyncWrite + Unpin>(
+        &self,
+        guest_path: &str,
+        chunk: u64,
+        sink: &mut PullSink<'_, W, impl FnMut(Progress)>,
+    ) -> Result<(), ClientError> {
         let (first, size) = self.read_range(guest_path, 0, chunk, None).await?;
-        writer.write_all(&first).await.map_err(local_err)?;
-        let mut done = first.len() as u64;
-        progress(Progress {
-            done,
-            total: Some(size),
-        });
+        sink.total = size;
+        sink.put(&first).await?;
         let n = self.options().max_in_flight_chunks.max(1);
         let offsets = (1..).map(|i| i * chunk).take_while(|&o| o < size);
         let mut chunks = futures::stream::iter(offsets)
             .map(|off| self.read_range(guest_path, off, chunk.min(size - off), Some(size)))
             .buffered(n);
         while let Some(r) = chunks.next().await {
-            let (data, _) = r?;
-            writer.write_all(&data).await.map_err(local_err)?;
-            done += data.len() as u64;
-            progress(Progress {
-                done,
-                total: Some(size),
-            });
+            sink.put(&r?.0).await?;
         }
-        writer.flush().await.map_err(local_err)?;
-        Ok(TransferSummary {
-            bytes: done,
-            duration: start.elapsed(),
-        })
+        Ok(())
     }
 
-    /// The whole file through one `file_read_stream`.
-    async fn read_streamed<W: AsyncWrite + Unpin>(
+    /// The file through one `file_read_stream`.
+    async fn pull_streamed<W: AsyncWrite + Unpin>(
         &self,
         guest_path: &str,
-        writer: &mut W,
-        local_name: &Path,
-        mut progress: impl FnMut(Progress),
-    ) -> Result<TransferSummary, ClientError> {
-        let start = Instant::now();
-        let local_err = |source| ClientError::LocalFile {
-            path: local_name.to_path_buf(),
-            source,
-        };
+        sink: &mut PullSink<'_, W, impl FnMut(Progress)>,
+    ) -> Result<(), ClientError> {
         let (mut data, size) = self.read_stream(guest_path, 0).await?;
-        let mut done = 0u64;
-        progress(Progress {
-            done,
+        sink.total = size;
+        (sink.progress)(Progress {
+            done: 0,
             total: Some(size),
         });
         loop {
-            let chunk = match data.read_chunk().await {
-                Ok(Some(chunk)) => chunk,
+            match data.read_chunk().await {
+                Ok(Some(chunk)) => sink.put(&chunk).await?,
                 Ok(None) => break,
                 Err(_) if data.connection_lost() => return Err(ClientError::ConnectionLost),
                 Err(e) => {
@@ -335,26 +331,16 @@ impl Client {
                         reason: e.to_string(),
                     })
                 }
-            };
-            writer.write_all(&chunk).await.map_err(local_err)?;
-            done += chunk.len() as u64;
-            progress(Progress {
-                done,
-                total: Some(size),
-            });
+            }
         }
-        if done != size {
+        if sink.done != size {
             return Err(ClientError::FileChanged {
                 path: guest_path.to_owned(),
                 expected: size,
-                actual: done,
+                actual: sink.done,
             });
         }
-        writer.flush().await.map_err(local_err)?;
-        Ok(TransferSummary {
-            bytes: done,
-            duration: start.elapsed(),
-        })
+        Ok(())
     }
 
     /// Copies a guest file to `local_path`, through a temp file in the same
@@ -663,6 +649,37 @@ impl Client {
                 Ok::<u64, ClientError>(len as u64)
             });
         }
+    }
+}
+
+/// Where a pull's bytes go: the local writer, with the count so far and
+/// the progress callback (`total` is the size the agent reported).
+struct PullSink<'a, W, P> {
+    writer: &'a mut W,
+    local_name: &'a Path,
+    progress: P,
+    done: u64,
+    total: u64,
+}
+
+impl<W: AsyncWrite + Unpin, P: FnMut(Progress)> PullSink<'_, W, P> {
+    fn local_err(&self) -> impl FnOnce(std::io::Error) -> ClientError {
+        let path = self.local_name.to_path_buf();
+        move |source| ClientError::LocalFile { path, source }
+    }
+
+    /// Writes `data` and reports the progress.
+    async fn put(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        self.writer
+            .write_all(data)
+            .await
+            .map_err(self.local_err())?;
+        self.done += data.len() as u64;
+        (self.progress)(Progress {
+            done: self.done,
+            total: Some(self.total),
+        });
+        Ok(())
     }
 }
 

@@ -11,14 +11,12 @@
 //! early (the host sees fewer bytes than `size`); one that grows is read
 //! up to the size it had.
 
-use agent_common::methods::{
-    FileReadStreamParams, FileReadStreamResult, FILE_STREAM_CHUNK, MAX_STREAM_WINDOW, STREAM_WINDOW,
-};
+use agent_common::methods::{FileReadStreamParams, FileReadStreamResult, FILE_STREAM_CHUNK};
 
 use super::read::{attachment_chunk, open_within};
 use super::*;
 use crate::session::Session;
-use crate::streams::{Open, Stream};
+use crate::streams::{host_window, spawn_sender, Stream};
 
 impl FileService {
     /// `file_read_stream`: checks, opens the file and leaves the sending
@@ -28,12 +26,7 @@ impl FileService {
         session: &Session,
         p: FileReadStreamParams,
     ) -> Result<FileReadStreamResult, FileError> {
-        let credit = p.window.unwrap_or(STREAM_WINDOW);
-        if credit == 0 || credit > MAX_STREAM_WINDOW {
-            return Err(FileError::InvalidStream {
-                reason: format!("window must be from 1 to {MAX_STREAM_WINDOW} bytes"),
-            });
-        }
+        let credit = host_window(p.window).map_err(|reason| FileError::InvalidStream { reason })?;
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
         let path = Arc::<str>::from(p.path.as_str());
@@ -41,14 +34,6 @@ impl FileService {
             let path = Arc::clone(&path);
             blocking(move || open_within(&policy, &path, limit)).await?
         };
-        let stream = session.streams().open(
-            Open {
-                id: p.stream,
-                credit,
-                window: 0,
-            },
-            session.notifier(),
-        )?;
         let source = Source {
             file: Arc::new(file),
             path,
@@ -57,14 +42,9 @@ impl FileService {
             buffers: Arc::clone(&self.transfer_buffers),
             splice: self.config.zero_copy_reads,
         };
-        let ended = session.ended().clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = send_file(&stream, source) => {}
-                () = stream.was_reset() => {}
-                () = ended.cancelled() => {}
-            }
-        });
+        spawn_sender(session, p.stream, credit, |stream| async move {
+            send_file(&stream, source).await;
+        })?;
         Ok(FileReadStreamResult {
             stream: p.stream,
             size,
@@ -125,6 +105,7 @@ mod tests {
     use crate::dispatch::Outgoing;
     use crate::files::test_env::*;
     use crate::session::test_session::{line, session};
+    use agent_common::methods::MAX_STREAM_WINDOW;
     use std::time::Duration;
     use tokio::sync::mpsc;
 

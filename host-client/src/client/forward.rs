@@ -8,6 +8,9 @@ use agent_common::methods::{
     ForwardOpenParams, ForwardOpenResult, Method, FILE_STREAM_CHUNK,
 };
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use super::streams::HOST_WINDOW;
 
 use super::exec_stream::next_stream_id;
@@ -44,34 +47,17 @@ impl Client {
     /// # }
     /// ```
     pub async fn forward_open(&self, host: &str, port: u16) -> Result<ForwardStream, ClientError> {
-        let conn = self.ready().await?;
-        let table = self.inner.streams.clone();
-        let id = next_stream_id();
-        let shared = table.register(id, conn.serial(), HOST_WINDOW);
-        let params = ForwardOpenParams {
-            host: host.to_owned(),
-            port,
-            stream: id,
-            window: Some(HOST_WINDOW),
-        };
-        let method = Method::ForwardOpen.as_str();
-        let opened = self
-            .request_on_conn(&conn, method, &params)
-            .await
-            .and_then(|raw| decode::<ForwardOpenResult>(method, &raw));
-        let opened = match opened {
-            Ok(o) => o,
-            Err(e) => {
-                table.forget(id);
-                return Err(e);
-            }
-        };
-        shared.set_credit(opened.window);
-        let handle = Arc::new(Handle {
-            shared,
-            conn,
-            table,
-        });
+        let (opened, handle): (ForwardOpenResult, _) = self
+            .open_stream(Method::ForwardOpen, HOST_WINDOW, |stream| {
+                ForwardOpenParams {
+                    host: host.to_owned(),
+                    port,
+                    stream,
+                    window: Some(HOST_WINDOW),
+                }
+            })
+            .await?;
+        handle.shared.set_credit(opened.window);
         Ok(ForwardStream {
             reader: StreamReader::new(handle.clone()),
             writer: StreamWriter::new(handle),
@@ -99,31 +85,16 @@ impl Client {
         lines: Option<u32>,
         filter: Option<&str>,
     ) -> Result<StreamReader, ClientError> {
-        let conn = self.ready().await?;
-        let table = self.inner.streams.clone();
-        let id = next_stream_id();
-        let shared = table.register(id, conn.serial(), HOST_WINDOW);
-        let params = FollowLogParams {
-            path: path.to_owned(),
-            lines,
-            filter: filter.map(str::to_owned),
-            stream: id,
-            window: Some(HOST_WINDOW),
-        };
-        let method = Method::FollowLog.as_str();
-        let opened = self
-            .request_on_conn(&conn, method, &params)
-            .await
-            .and_then(|raw| decode::<FollowLogResult>(method, &raw));
-        if let Err(e) = opened {
-            table.forget(id);
-            return Err(e);
-        }
-        Ok(StreamReader::new(Arc::new(Handle {
-            shared,
-            conn,
-            table,
-        })))
+        let (_, handle): (FollowLogResult, _) = self
+            .open_stream(Method::FollowLog, HOST_WINDOW, |stream| FollowLogParams {
+                path: path.to_owned(),
+                lines,
+                filter: filter.map(str::to_owned),
+                stream,
+                window: Some(HOST_WINDOW),
+            })
+            .await?;
+        Ok(StreamReader::new(handle))
     }
 
     /// A guest file's bytes from `offset` to the size it had when opened,
@@ -152,35 +123,52 @@ impl Client {
         path: &str,
         offset: u64,
     ) -> Result<(StreamReader, u64), ClientError> {
+        let chunks = self.options().max_in_flight_chunks.clamp(1, 64) as u64;
+        let window = chunks * FILE_STREAM_CHUNK;
+        let (opened, handle): (FileReadStreamResult, _) = self
+            .open_stream(Method::FileReadStream, window, |stream| {
+                FileReadStreamParams {
+                    path: path.to_owned(),
+                    offset,
+                    stream,
+                    window: Some(window),
+                }
+            })
+            .await?;
+        Ok((StreamReader::new(handle), opened.size))
+    }
+
+    /// Opens one stream: registers a new id granting the agent `window`,
+    /// sends `method` with the params `params` makes for that id, and
+    /// forgets the id again if the agent refuses.
+    async fn open_stream<P: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        window: u64,
+        params: impl FnOnce(u64) -> P,
+    ) -> Result<(R, Arc<Handle>), ClientError> {
         let conn = self.ready().await?;
         let table = self.inner.streams.clone();
         let id = next_stream_id();
-        let chunks = self.options().max_in_flight_chunks.clamp(1, 64) as u64;
-        let window = chunks * FILE_STREAM_CHUNK;
         let shared = table.register(id, conn.serial(), window);
-        let params = FileReadStreamParams {
-            path: path.to_owned(),
-            offset,
-            stream: id,
-            window: Some(window),
-        };
-        let method = Method::FileReadStream.as_str();
+        let method = method.as_str();
         let opened = self
-            .request_on_conn(&conn, method, &params)
+            .request_on_conn(&conn, method, &params(id))
             .await
-            .and_then(|raw| decode::<FileReadStreamResult>(method, &raw));
-        let size = match opened {
-            Ok(r) => r.size,
+            .and_then(|raw| decode::<R>(method, &raw));
+        match opened {
+            Ok(r) => Ok((
+                r,
+                Arc::new(Handle {
+                    shared,
+                    conn,
+                    table,
+                }),
+            )),
             Err(e) => {
                 table.forget(id);
-                return Err(e);
+                Err(e)
             }
-        };
-        let reader = StreamReader::new(Arc::new(Handle {
-            shared,
-            conn,
-            table,
-        }));
-        Ok((reader, size))
+        }
     }
 }
