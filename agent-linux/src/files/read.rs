@@ -41,7 +41,7 @@ fn read_at_full(file: &File, buf: &mut [u8], offset: u64, path: &str) -> Result<
 
 /// The page size `splice` moves file data in: a chunk that starts on a
 /// page boundary fits a pipe of its own length.
-const PAGE: u64 = 4096;
+pub(super) const PAGE: u64 = 4096;
 
 /// Moves `want` bytes of `file` at `offset` into a pipe of their own:
 /// `None` where the file system or the pipe size limit does not allow it

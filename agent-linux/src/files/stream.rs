@@ -3,17 +3,17 @@
 //! host's credit allows, then the agent's side closed.
 //!
 //! The file is opened through the read policy once, like a `file_read`;
-//! each chunk (up to [`FILE_STREAM_CHUNK`], within the credit) is spliced
-//! into a pipe of its own on a blocking thread and from there into the
-//! port by the writer, as a `file_read` attachment is
-//! ([`read::attachment_chunk`]). No request per chunk: a pull costs one
+//! each chunk (up to [`FILE_STREAM_CHUNK`], within the credit, ending on a
+//! page boundary where it can) is spliced into a pipe of its own on a
+//! blocking thread and from there into the port by the writer, as a
+//! `file_read` attachment is ([`read::attachment_chunk`]). No request per chunk: a pull costs one
 //! request, not one per MiB. A file that shrinks meanwhile ends the stream
 //! early (the host sees fewer bytes than `size`); one that grows is read
 //! up to the size it had.
 
 use agent_common::methods::{FileReadStreamParams, FileReadStreamResult, FILE_STREAM_CHUNK};
 
-use super::read::{attachment_chunk, open_within};
+use super::read::{attachment_chunk, open_within, PAGE};
 use super::*;
 use crate::session::Session;
 use crate::streams::{host_window, spawn_sender, Stream};
@@ -69,9 +69,17 @@ async fn send_file(stream: &Stream, mut src: Source) {
         let Ok(room) = stream.writable_up_to(FILE_STREAM_CHUNK).await else {
             return;
         };
-        // Within the credit and the file's rest; both fit usize (room is
-        // at most FILE_STREAM_CHUNK).
-        let want = (room as u64).min(src.size - src.offset) as usize;
+        // Within the credit and the file's rest, ending on a page boundary
+        // where that leaves anything: a host that grants odd amounts must
+        // not push every later chunk off the boundaries splicing needs.
+        // (All the credit is still used: a host may grant only once it has
+        // had everything it granted.)
+        let mut end = src.offset + (room as u64).min(src.size - src.offset);
+        if end < src.size && end - end % PAGE > src.offset {
+            end -= end % PAGE;
+        }
+        // At most FILE_STREAM_CHUNK, which fits usize.
+        let want = (end - src.offset) as usize;
         let (file, path, buffers) = (
             Arc::clone(&src.file),
             Arc::clone(&src.path),
@@ -178,6 +186,41 @@ mod tests {
         s.streams().credit(9, 200).unwrap();
         assert_eq!(next(&mut rx).await, ("stream_data".into(), vec![7u8; 150]));
         assert_eq!(next(&mut rx).await.0, "stream_close");
+    }
+
+    /// Credit of odd sizes: each chunk ends on a page boundary where it
+    /// can, the credit is used up all the same, and the chunks get back
+    /// onto page boundaries after an odd one.
+    #[tokio::test]
+    async fn odd_credit_keeps_chunks_on_page_boundaries() {
+        let e = env();
+        let p = format!("{}/f", e.root);
+        let data: Vec<u8> = (0..30_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let (s, mut rx, _keep) = session();
+        e.svc
+            .read_stream(&s, params(&p, Some(10_000)))
+            .await
+            .unwrap();
+        // 10,000 of credit: two pages, then the 1,808 left over; 10,000
+        // more: up to the next page boundary (16,384), then what is left;
+        // then the file's rest at once.
+        let mut sizes = Vec::new();
+        let mut got = Vec::new();
+        for (grant, chunks) in [(0, 2), (10_000, 2), (100_000, 1)] {
+            if grant > 0 {
+                s.streams().credit(9, grant).unwrap();
+            }
+            for _ in 0..chunks {
+                let (method, bytes) = next(&mut rx).await;
+                assert_eq!(method, "stream_data");
+                sizes.push(bytes.len());
+                got.extend_from_slice(&bytes);
+            }
+        }
+        assert_eq!(next(&mut rx).await.0, "stream_close");
+        assert_eq!(sizes, [8192, 1808, 6384, 3616, 10_000]);
+        assert_eq!(got, data);
     }
 
     /// From an offset, and from the end (nothing but the close).
