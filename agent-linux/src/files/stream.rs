@@ -6,10 +6,10 @@
 //! each chunk (up to [`FILE_STREAM_CHUNK`], within the credit, ending on a
 //! page boundary where it can) is spliced into a pipe of its own on a
 //! blocking thread and from there into the port by the writer, as a
-//! `file_read` attachment is ([`read::attachment_chunk`]). No request per chunk: a pull costs one
-//! request, not one per MiB. A file that shrinks meanwhile ends the stream
-//! early (the host sees fewer bytes than `size`); one that grows is read
-//! up to the size it had.
+//! `file_read` attachment is ([`read::attachment_chunk`]). No request per
+//! chunk: a pull costs one request, not one per MiB. A file that shrinks
+//! meanwhile ends the stream early (the host sees fewer bytes than
+//! `size`); one that grows is read up to the size it had.
 
 use agent_common::methods::{FileReadStreamParams, FileReadStreamResult, FILE_STREAM_CHUNK};
 
@@ -29,21 +29,22 @@ impl FileService {
         let credit = host_window(p.window).map_err(|reason| FileError::InvalidStream { reason })?;
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
-        let path = Arc::<str>::from(p.path.as_str());
-        let (file, size) = {
-            let path = Arc::clone(&path);
-            blocking(move || open_within(&policy, &path, limit)).await?
-        };
-        let source = Source {
-            file: Arc::new(file),
-            path,
-            offset: p.offset,
-            size,
-            buffers: Arc::clone(&self.transfer_buffers),
-            splice: self.config.zero_copy_reads,
-        };
-        spawn_sender(session, p.stream, credit, |stream| async move {
-            send_file(&stream, source).await;
+        let (path, buffers) = (p.path, Arc::clone(&self.transfer_buffers));
+        let splice = self.config.zero_copy_reads;
+        let source = blocking(move || {
+            let (file, size) = open_within(&policy, &path, limit)?;
+            Ok(Arc::new(Source {
+                file,
+                path,
+                size,
+                buffers,
+                splice,
+            }))
+        })
+        .await?;
+        let size = source.size;
+        spawn_sender(session, p.stream, credit, |stream| {
+            send_file(stream, source, p.offset)
         })?;
         Ok(FileReadStreamResult {
             stream: p.stream,
@@ -52,20 +53,19 @@ impl FileService {
     }
 }
 
-/// What a stream sends: `file` from `offset` to `size`.
+/// The file a stream sends, up to `size`, and how its chunks are made.
 struct Source {
-    file: Arc<File>,
-    path: Arc<str>,
-    offset: u64,
+    file: File,
+    path: String,
     size: u64,
     buffers: Arc<BufferPool>,
     splice: bool,
 }
 
-/// Sends the file's chunks as the credit allows, then closes the agent's
-/// side; a read error resets the stream with its message.
-async fn send_file(stream: &Stream, mut src: Source) {
-    while src.offset < src.size {
+/// Sends the file's chunks from `offset` as the credit allows, then closes
+/// the agent's side; a read error resets the stream with its message.
+async fn send_file(stream: Stream, src: Arc<Source>, mut offset: u64) {
+    while offset < src.size {
         let Ok(room) = stream.writable_up_to(FILE_STREAM_CHUNK).await else {
             return;
         };
@@ -74,20 +74,17 @@ async fn send_file(stream: &Stream, mut src: Source) {
         // not push every later chunk off the boundaries splicing needs.
         // (All the credit is still used: a host may grant only once it has
         // had everything it granted.)
-        let mut end = src.offset + (room as u64).min(src.size - src.offset);
-        if end < src.size && end - end % PAGE > src.offset {
+        let mut end = offset + (room as u64).min(src.size - offset);
+        if end < src.size && end - end % PAGE > offset {
             end -= end % PAGE;
         }
         // At most FILE_STREAM_CHUNK, which fits usize.
-        let want = (end - src.offset) as usize;
-        let (file, path, buffers) = (
-            Arc::clone(&src.file),
-            Arc::clone(&src.path),
-            Arc::clone(&src.buffers),
-        );
-        let (offset, splice) = (src.offset, src.splice);
-        let chunk =
-            blocking(move || attachment_chunk(&file, offset, want, &path, &buffers, splice)).await;
+        let want = (end - offset) as usize;
+        let s = Arc::clone(&src);
+        let chunk = blocking(move || {
+            attachment_chunk(&s.file, offset, want, &s.path, &s.buffers, s.splice)
+        })
+        .await;
         match chunk {
             // The file shrank: what there was has been sent.
             Ok((_, 0)) => break,
@@ -95,7 +92,7 @@ async fn send_file(stream: &Stream, mut src: Source) {
                 if stream.send(data).await.is_err() {
                     return;
                 }
-                src.offset += n as u64;
+                offset += n as u64;
             }
             Err(e) => {
                 tracing::warn!(path = %src.path, error = %e, "file_read_stream stopped");
