@@ -830,7 +830,7 @@ impl Client {
             state.set(ConnectionState::Disconnected);
             return Err(e);
         }
-        *self.limits_slot() = None;
+        *self.served_slot() = None;
         *slot = Some(conn.clone());
         state.set(ConnectionState::Connected);
         Ok(conn)
@@ -1116,9 +1116,9 @@ impl Client {
         // The agent would refuse a longer line with an error it cannot
         // address to this call (`"id": null`); refuse it here instead.
         let limits = self
-            .limits_slot()
+            .served_slot()
             .as_ref()
-            .map(|l| (l.max_message_size, l.max_attachment_size));
+            .map(|s| (s.limits.max_message_size, s.limits.max_attachment_size));
         let size = line.len().saturating_sub(1);
         if let Some((limit, _)) = limits.filter(|&(l, _)| size as u64 > l) {
             return Attempt::Done(Err(ClientError::RequestTooLarge {
@@ -1146,7 +1146,7 @@ impl Client {
             st.pending.insert(id, Waiter::Call(tx));
         }
         let sent = Arc::new(AtomicBool::new(false));
-        let grace = abandon_grace(self.limits_slot().as_ref(), cancel);
+        let grace = abandon_grace(self.served_slot().as_ref().map(|s| &s.limits), cancel);
         let mut guard = PendingGuard {
             conn: conn.clone(),
             id,

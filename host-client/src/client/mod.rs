@@ -55,7 +55,7 @@ use state::StateTx;
 pub use streams::{StreamReader, StreamWriter};
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
 use std::time::Duration;
 
@@ -172,6 +172,13 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// What an agent said of itself in `get_agent_info` that the client acts on.
+struct Served {
+    limits: Limits,
+    /// It serves `file_read_stream` and its configuration allows it.
+    read_stream: bool,
+}
+
 struct Inner {
     /// The socket path, or the name given to a connector (in errors).
     path: PathBuf,
@@ -183,9 +190,9 @@ struct Inner {
     /// Set once a connection was lost and `reconnect` is off.
     closed: AtomicBool,
     next_id: AtomicU64,
-    limits: StdMutex<Option<Limits>>,
-    /// Whether the agent serves `file_read_stream` (known with `limits`).
-    read_stream: AtomicBool,
+    /// What the connected agent said of itself (`get_agent_info`), asked
+    /// once per connection.
+    served: StdMutex<Option<Served>>,
     /// Subscriptions to notifications; they outlive connections.
     subscribers: Arc<Subscribers>,
     /// Open streams (they end with their connection).
@@ -263,8 +270,7 @@ impl Client {
                 conn: AsyncMutex::new(None),
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(start),
-                limits: StdMutex::new(None),
-                read_stream: AtomicBool::new(false),
+                served: StdMutex::new(None),
                 subscribers: Arc::default(),
                 streams: Arc::default(),
                 state: Arc::new(StateTx::new()),
@@ -434,22 +440,23 @@ impl Client {
     pub async fn agent_info(&self) -> Result<AgentInfo, ClientError> {
         let info = self.call::<GetAgentInfoRpc>(&Empty {}).await?;
         let method = agent_common::methods::Method::FileReadStream.as_str();
-        let streams = info.methods.iter().any(|m| m == method)
-            && !info.disabled_methods.iter().any(|m| m == method);
-        self.inner.read_stream.store(streams, Ordering::Relaxed);
-        *self.limits_slot() = Some(info.limits.clone());
+        *self.served_slot() = Some(Served {
+            limits: info.limits.clone(),
+            read_stream: info.methods.iter().any(|m| m == method)
+                && !info.disabled_methods.iter().any(|m| m == method),
+        });
         Ok(info)
     }
 
-    /// True if the agent serves `file_read_stream` (once [`Client::limits`]
-    /// has been asked on this connection).
+    /// True if the agent serves `file_read_stream` (known once
+    /// [`Client::limits`] has been asked on this connection).
     pub(crate) fn serves_read_stream(&self) -> bool {
-        self.inner.read_stream.load(Ordering::Relaxed)
+        self.served_slot().as_ref().is_some_and(|s| s.read_stream)
     }
 
-    fn limits_slot(&self) -> MutexGuard<'_, Option<Limits>> {
+    fn served_slot(&self) -> MutexGuard<'_, Option<Served>> {
         // Only ever replaced whole, so a poisoned lock holds a valid value.
-        self.inner.limits.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.served.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The agent's limits, from `get_agent_info` (asked once per connection).
@@ -462,8 +469,8 @@ impl Client {
     /// # }
     /// ```
     pub async fn limits(&self) -> Result<Limits, ClientError> {
-        if let Some(l) = self.limits_slot().clone() {
-            return Ok(l);
+        if let Some(s) = self.served_slot().as_ref() {
+            return Ok(s.limits.clone());
         }
         Ok(self.agent_info().await?.limits)
     }
