@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_common::encoding::Encoding;
-use agent_common::methods::{FileWriteParams, Limits, WriteMode};
+use agent_common::methods::{FileWriteParams, Limits, Method, WriteMode};
 use agent_common::{MAX_ATTACHMENT_SIZE, MAX_READ_CHUNK, MAX_RESPONSE_SIZE};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -267,7 +267,7 @@ impl Client {
         progress: impl FnMut(Progress),
     ) -> Result<TransferSummary, ClientError> {
         let start = Instant::now();
-        let chunk = read_chunk_size(&self.limits().await?);
+        let limits = self.limits().await?;
         let mut sink = PullSink {
             writer,
             local_name,
@@ -278,6 +278,7 @@ impl Client {
         if self.options().stream_reads && self.serves_read_stream() {
             self.pull_streamed(guest_path, &mut sink).await?;
         } else {
+            let chunk = read_chunk_size(&limits);
             self.pull_chunked(guest_path, chunk, &mut sink).await?;
         }
         sink.writer.flush().await.map_err(sink.local_err())?;
@@ -327,7 +328,7 @@ impl Client {
                 Err(_) if data.connection_lost() => return Err(ClientError::ConnectionLost),
                 Err(e) => {
                     return Err(ClientError::StreamReset {
-                        method: "file_read_stream".into(),
+                        method: Method::FileReadStream.as_str().into(),
                         reason: e.to_string(),
                     })
                 }
