@@ -37,6 +37,7 @@ pub struct PipeChunk {
 }
 
 impl PipeChunk {
+    /// `pipe` must hold exactly `len` bytes (see [`ReplySink::poll_splice`]).
     pub(crate) fn new(pipe: Pipe, len: usize) -> PipeChunk {
         PipeChunk { pipe, len }
     }
@@ -76,6 +77,8 @@ impl From<Bytes> for Payload {
 pub trait ReplySink: AsyncWrite + Unpin {
     /// Moves up to `len` bytes from `pipe` into this writer without
     /// copying them through the agent: `None` if this writer cannot.
+    /// `len` is all the pipe holds (a virtio port needs that: see its
+    /// implementation in `transport`).
     fn poll_splice(
         &mut self,
         _cx: &mut Context<'_>,
@@ -92,6 +95,7 @@ pub async fn write_payload<W: ReplySink>(w: &mut W, payload: &Payload) -> io::Re
         Payload::Bytes(b) => return w.write_all(b).await,
         Payload::Pipe(chunk) => chunk,
     };
+    // The pipe holds exactly `left` bytes: each splice offers all of them.
     let mut left = chunk.len;
     while left > 0 {
         let moved = poll_fn(|cx| match w.poll_splice(cx, chunk.pipe.reader(), left) {

@@ -419,6 +419,14 @@ impl PortStream {
 }
 
 impl crate::payload::ReplySink for PortStream {
+    /// `len` must be all the pipe holds. The guest kernel's
+    /// `port_fops_splice_write` (Linux 6.1, Debian 12's) sizes its
+    /// scatterlist by the pipe's occupancy and marks its end there, then
+    /// hands the device only the entries it filled: a shorter `len` leaves
+    /// empty entries before the end mark, which the virtqueue walks into
+    /// (QEMU: "zero sized buffers are not allowed"; the guest oopses in
+    /// `virtqueue_add_split`). [`crate::payload::write_payload`] passes a
+    /// pipe's whole remaining content.
     fn poll_splice(
         &mut self,
         cx: &mut Context<'_>,
