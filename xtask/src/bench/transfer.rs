@@ -91,8 +91,9 @@ impl Bench<'_> {
     }
 
     /// `read`: the rows of the pulls [`Bench::test_file`] timed, and the
-    /// test file sent into the raw port by the guest kernel alone
-    /// (`sendfile`), the most a splice of its pages into the port gives.
+    /// test file sent into the raw port with no agent in the way: by the
+    /// guest kernel alone (`sendfile`), the most a splice of its pages into
+    /// the port gives, and by a copying `dd` as the ceiling's is.
     pub(crate) async fn read(&mut self) -> Result<()> {
         let ours_read = Spread::of(&self.read_rates);
         self.figures.push(Figure::new(
@@ -125,6 +126,17 @@ impl Bench<'_> {
             self.figures.push(Figure::new(
                 "  sendfile's share of guest-to-host ceiling (%)",
                 spliced.scale(100.0 / raw_spread.median),
+                None,
+                "(reference)",
+                |_| true,
+            ));
+            let mut copied = Vec::new();
+            for _ in 0..3 {
+                copied.push(raw_file_dd(&self.c, &self.vm.raw).await?);
+            }
+            self.figures.push(Figure::new(
+                "  the test file into the raw port by dd, 64 KiB copies (MiB/s)",
+                Spread::of(&copied),
                 None,
                 "(reference)",
                 |_| true,
@@ -378,6 +390,18 @@ async fn raw_sendfile(c: &Client, raw: &Path) -> Result<f64> {
         c,
         raw,
         &format!("cat {GUEST_FILE} > /dev/virtio-ports/{RAW_PORT}"),
+    )
+    .await
+}
+
+/// One guest `dd` of the 32 MiB test file into the raw port in 64 KiB
+/// blocks (MiB/s): the ceiling's copying writes, from the file instead of
+/// `/dev/zero`, to set beside the `sendfile` row.
+async fn raw_file_dd(c: &Client, raw: &Path) -> Result<f64> {
+    raw_out(
+        c,
+        raw,
+        &format!("dd if={GUEST_FILE} of=/dev/virtio-ports/{RAW_PORT} bs=64k 2>/dev/null"),
     )
     .await
 }
