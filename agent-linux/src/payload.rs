@@ -34,12 +34,39 @@ pub enum Payload {
 pub struct PipeChunk {
     pipe: Pipe,
     len: usize,
+    /// A second pipe holding references to the same pages until the chunk
+    /// has been written and is dropped, so that the port cannot take them
+    /// out of the page cache (`files::read`'s `hold_pages`).
+    _pages_held: Option<Pipe>,
 }
 
 impl PipeChunk {
     /// `pipe` must hold exactly `len` bytes (see [`ReplySink::poll_splice`]).
     pub(crate) fn new(pipe: Pipe, len: usize) -> PipeChunk {
-        PipeChunk { pipe, len }
+        PipeChunk {
+            pipe,
+            len,
+            _pages_held: None,
+        }
+    }
+
+    /// Holds the chunk's pages in `held` as well (a `tee` of its pipe)
+    /// until the chunk is dropped.
+    pub(crate) fn holding(self, held: Pipe) -> PipeChunk {
+        PipeChunk {
+            _pages_held: Some(held),
+            ..self
+        }
+    }
+
+    /// The pipe the chunk's bytes are in.
+    pub(crate) fn pipe(&self) -> &Pipe {
+        &self.pipe
+    }
+
+    /// Its length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 }
 

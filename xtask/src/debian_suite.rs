@@ -202,6 +202,58 @@ fn journal_check(ctl: &Ctl) -> Result<()> {
     Ok(())
 }
 
+/// A pull leaves the file in the guest's page cache. On ext4 (the root
+/// file system here), `virtio_console` would otherwise take the spliced
+/// page-cache pages over and the file would be evicted by being read
+/// (`files::read`'s `hold_pages` in the agent).
+fn pull_keeps_page_cache(ctl: &Ctl) -> Result<()> {
+    let guest = "/tmp/kvmm-page-cache.bin";
+    let cached = format!("fincore --noheadings --output PAGES {guest}");
+    // Written, flushed and read once: all its 2,048 pages in the cache.
+    let before = pages(&ctl.sh(&format!(
+        "dd if=/dev/urandom of={guest} bs=1M count=8 2>/dev/null && sync \
+         && cat {guest} > /dev/null && {cached}"
+    ))?)?;
+    ensure(before >= 2000, || {
+        format!("the test file is not in the page cache to begin with ({before} of 2,048 pages)")
+    })?;
+    let fs = ctl.sh(&format!("stat -f -c %T {guest}"))?;
+    ensure(!fs.contains("tmpfs"), || {
+        format!(
+            "{guest} is on tmpfs, whose pages a port never takes: this check would prove nothing"
+        )
+    })?;
+    let dir = scratch("deb-page-cache")?;
+    let back = dir.join("back");
+    ctl.run(
+        true,
+        &["pull", guest, &back.display().to_string()],
+        Duration::from_secs(120),
+    )?
+    .ok()?;
+    let after = pages(&ctl.sh(&cached)?)?;
+    let sums = ctl.sh(&format!("sha256sum < {guest}; rm -f {guest}"))?;
+    println!(
+        "  pull of an 8 MiB file on {}: pages cached {before} before, {after} after",
+        fs.trim()
+    );
+    ensure(after >= before * 9 / 10, || {
+        format!("the pull took the file out of the guest's page cache: {before} pages cached before, {after} after")
+    })?;
+    let ours = crate::util::output(std::process::Command::new("sha256sum").arg(&back))?;
+    ensure(
+        sums.split_whitespace().next() == ours.split_whitespace().next(),
+        || format!("the pulled bytes differ: guest {sums}, host {ours}"),
+    )
+}
+
+/// The page count `fincore --output PAGES` printed.
+fn pages(out: &str) -> Result<u64> {
+    out.trim()
+        .parse()
+        .map_err(|_| format!("fincore printed {out:?}, not a page count").into())
+}
+
 /// The last `n` lines of a text.
 fn clip_lines(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
@@ -564,6 +616,9 @@ pub(crate) fn qemu_debian_suite(
     t.check("debian-journal", || journal_check(&ctl));
     t.check("debian-read-log-journal", || {
         crate::fleet_checks::journal_log_check(&ctl)
+    });
+    t.check("debian-pull-keeps-page-cache", || {
+        pull_keeps_page_cache(&ctl)
     });
     t.check("debian-restart-mid-transfer", || restart_mid_transfer(&ctl));
     t.check("debian-upgrade-keeps-config", || {

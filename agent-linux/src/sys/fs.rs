@@ -186,6 +186,13 @@ pub(crate) fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     }
 }
 
+/// True if `file` is on tmpfs, whose pages (shmem's, never clean) a splice
+/// can never take out of the page cache.
+pub(crate) fn on_tmpfs(file: &std::fs::File) -> bool {
+    nix::sys::statfs::fstatfs(file)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
 /// Fills `buf` from the kernel's random source.
 ///
 /// `GRND_INSECURE` (Linux 5.6+, which openat2 needs anyway): the bytes

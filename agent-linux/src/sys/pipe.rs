@@ -59,6 +59,19 @@ impl Pipe {
         Ok(moved)
     }
 
+    /// Makes `to` hold references to the pages of the `len` bytes this pipe
+    /// holds (`tee(2)`: nothing is copied, and this pipe keeps its bytes).
+    /// `to` must be empty and as large as this pipe; returns the bytes it
+    /// took, all `len` unless it had less room.
+    pub(crate) fn tee_into(&self, to: &Pipe, len: usize) -> io::Result<usize> {
+        loop {
+            match nix::fcntl::tee(&self.read, &to.write, len, SpliceFFlags::SPLICE_F_NONBLOCK) {
+                Err(Errno::EINTR) => {}
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+
     /// The end the pipe's bytes are read from.
     pub(crate) fn reader(&self) -> BorrowedFd<'_> {
         self.read.as_fd()
@@ -135,6 +148,23 @@ mod tests {
         }
         a.flush().unwrap();
         assert!(reader.join().unwrap() == data[4096..], "the bytes differ");
+    }
+
+    #[test]
+    fn tee_leaves_the_bytes_in_the_first_pipe_and_gives_them_to_the_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let (pipe, held) = (
+            Pipe::with_capacity(1 << 17).unwrap(),
+            Pipe::with_capacity(1 << 17).unwrap(),
+        );
+        assert_eq!(pipe.fill_from(&file, 0, data.len()).unwrap(), data.len());
+        assert_eq!(pipe.tee_into(&held, data.len()).unwrap(), data.len());
+        assert!(pipe.drain(data.len()).unwrap() == data);
+        assert!(held.drain(data.len()).unwrap() == data);
     }
 
     #[test]
