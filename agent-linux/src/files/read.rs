@@ -19,8 +19,8 @@ impl FileService {
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
         let buffers = Arc::clone(&self.transfer_buffers);
-        let splice = self.config.zero_copy_reads;
-        blocking(move || read_blocking(&policy, &params, limit, &buffers, splice)).await
+        let zero_copy = self.config.zero_copy_reads;
+        blocking(move || read_blocking(&policy, &params, limit, &buffers, zero_copy)).await
     }
 }
 
@@ -43,6 +43,32 @@ fn read_at_full(file: &File, buf: &mut [u8], offset: u64, path: &str) -> Result<
 /// page boundary fits a pipe of its own length.
 pub(super) const PAGE: u64 = 4096;
 
+/// How an opened file's attachment chunks are made, decided once per file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Splice {
+    /// Read into a buffer (`zero_copy_reads` off).
+    Off,
+    /// Spliced into a pipe; the file is on tmpfs, whose pages the port can
+    /// never take out of the page cache.
+    On,
+    /// Spliced into a pipe, its pages held by a second one until written
+    /// ([`hold_pages`]).
+    HoldingPages,
+}
+
+impl Splice {
+    /// The mode for `file` with `zero_copy_reads` as given.
+    pub(super) fn for_file(file: &File, zero_copy_reads: bool) -> Splice {
+        if !zero_copy_reads {
+            Splice::Off
+        } else if sys::on_tmpfs(file) {
+            Splice::On
+        } else {
+            Splice::HoldingPages
+        }
+    }
+}
+
 /// Moves `want` bytes of `file` at `offset` into a pipe of their own:
 /// `None` where the file system or the pipe size limit does not allow it
 /// (the caller reads into a buffer instead). Fewer bytes than `want` only
@@ -52,15 +78,17 @@ fn splice_chunk(
     offset: u64,
     want: usize,
     path: &str,
+    splice: Splice,
 ) -> Result<Option<(PipeChunk, usize)>, FileError> {
     let capacity = want.next_power_of_two();
     let Ok(pipe) = sys::Pipe::with_capacity(capacity) else {
         return Ok(None);
     };
     match pipe.fill_from(file, offset, want) {
-        Ok(moved) => {
-            Ok(hold_pages(file, PipeChunk::new(pipe, moved), capacity).map(|chunk| (chunk, moved)))
+        Ok(moved) if splice == Splice::HoldingPages => {
+            Ok(hold_pages(PipeChunk::new(pipe, moved), capacity).map(|chunk| (chunk, moved)))
         }
+        Ok(moved) => Ok(Some((PipeChunk::new(pipe, moved), moved))),
         // Not every file system can splice (EINVAL): read it instead.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
         Err(e) => Err(io_err("read", path)(e)),
@@ -78,9 +106,10 @@ fn splice_chunk(
 /// pages of an 8 MiB file, 12 after one pull). A second pipe holding
 /// references to the same pages (`tee`) until the chunk has been written
 /// makes each steal fail, and the port copies the page as it does for
-/// tmpfs, whose pages it can never take (no second pipe there).
-fn hold_pages(file: &File, chunk: PipeChunk, capacity: usize) -> Option<PipeChunk> {
-    if chunk.len() == 0 || sys::on_tmpfs(file) {
+/// tmpfs, whose pages it can never take (no second pipe there:
+/// [`Splice::On`]).
+fn hold_pages(chunk: PipeChunk, capacity: usize) -> Option<PipeChunk> {
+    if chunk.len() == 0 {
         return Some(chunk);
     }
     let held = sys::Pipe::with_capacity(capacity).ok()?;
@@ -92,7 +121,8 @@ fn hold_pages(file: &File, chunk: PipeChunk, capacity: usize) -> Option<PipeChun
 
 /// `want` bytes of `file` from `offset` as an attachment: spliced into a
 /// pipe of their own where the file system allows it (a chunk of 64 KiB
-/// or more from a page boundary, `splice` on), else read into a buffer
+/// or more from a page boundary, `splice` not [`Splice::Off`]), else read
+/// into a buffer
 /// (pooled for a large chunk, of its own size otherwise). Fewer bytes than
 /// `want` only at the end of the file.
 pub(super) fn attachment_chunk(
@@ -101,10 +131,10 @@ pub(super) fn attachment_chunk(
     want: usize,
     path: &str,
     buffers: &Arc<BufferPool>,
-    splice: bool,
+    splice: Splice,
 ) -> Result<(Payload, usize), FileError> {
-    let spliced = if splice && want >= POOLED_READ_MIN && offset % PAGE == 0 {
-        splice_chunk(file, offset, want, path)?
+    let spliced = if splice != Splice::Off && want >= POOLED_READ_MIN && offset % PAGE == 0 {
+        splice_chunk(file, offset, want, path, splice)?
     } else {
         None
     };
@@ -147,7 +177,7 @@ fn read_blocking(
     params: &FileReadParams,
     limit: u64,
     buffers: &Arc<BufferPool>,
-    splice: bool,
+    zero_copy_reads: bool,
 ) -> Result<(FileReadResult, Option<Payload>), FileError> {
     let path = params.path.as_str();
     let (file, size) = open_within(policy, path, limit)?;
@@ -156,6 +186,7 @@ fn read_blocking(
     // At most MAX_READ_CHUNK (1 MiB).
     let want = size.saturating_sub(offset).min(length) as usize;
     if params.encoding == Encoding::Attachment {
+        let splice = Splice::for_file(&file, zero_copy_reads);
         let (data, filled) = attachment_chunk(&file, offset, want, path, buffers, splice)?;
         let bytes_read = filled as u64;
         let result = FileReadResult {

@@ -13,7 +13,7 @@
 
 use agent_common::methods::{FileReadStreamParams, FileReadStreamResult, FILE_STREAM_CHUNK};
 
-use super::read::{attachment_chunk, open_within, PAGE};
+use super::read::{attachment_chunk, open_within, Splice, PAGE};
 use super::*;
 use crate::session::Session;
 use crate::streams::{host_window, spawn_sender, Stream};
@@ -30,9 +30,10 @@ impl FileService {
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
         let (path, buffers) = (p.path, Arc::clone(&self.transfer_buffers));
-        let splice = self.config.zero_copy_reads;
+        let zero_copy = self.config.zero_copy_reads;
         let source = blocking(move || {
             let (file, size) = open_within(&policy, &path, limit)?;
+            let splice = Splice::for_file(&file, zero_copy);
             Ok(Arc::new(Source {
                 file,
                 path,
@@ -59,7 +60,7 @@ struct Source {
     path: String,
     size: u64,
     buffers: Arc<BufferPool>,
-    splice: bool,
+    splice: Splice,
 }
 
 /// Sends the file's chunks from `offset` as the credit allows, then closes
