@@ -26,7 +26,7 @@ mod transfer;
 mod vm;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
@@ -60,7 +60,10 @@ const SECTIONS: &[(&str, &str)] = &[
         "read",
         "read 32 MiB to host (and its share of the raw ceiling with `raw`)",
     ),
-    ("write", "write 32 MiB into guest"),
+    (
+        "write",
+        "write 32 MiB into guest (with `raw`, its share of the ceiling and of the write floor)",
+    ),
     ("load", "ping p99 during a 32 MiB read"),
     ("rss", "agent RSS idle and peak in the file transfers"),
     (
@@ -158,6 +161,12 @@ fn bench(only: Only, args: &[String]) -> Result<()> {
     }
     heading("bench: build");
     let image = guest::build(guest::GuestOptions { with_qemu_ga: true })?;
+    // The write floor needs the raw port's figures (`raw`).
+    let push_floor = if only.has("write") && only.has("raw") {
+        Some(transfer::build_push_floor()?)
+    } else {
+        None
+    };
     if only.has("fanout") {
         // The host agents of the fan-out figure.
         run(cargo().args([
@@ -185,7 +194,7 @@ fn bench(only: Only, args: &[String]) -> Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let res = rt.block_on(measure(&vm, &out_dir, &only, &mut figures));
+        let res = rt.block_on(measure(&vm, &out_dir, &only, push_floor, &mut figures));
         drop(vm);
         if let Err(e) = res {
             print_table(&figures);
@@ -240,8 +249,15 @@ fn machine() -> String {
 
 /// The figures measured in the guest, in [`SECTIONS`] order, each if
 /// `only` has it; `fanout` and `size` are measured on the host by [`bench()`].
-async fn measure(vm: &Vm, out_dir: &Path, only: &Only, figures: &mut Vec<Figure>) -> Result<()> {
+async fn measure(
+    vm: &Vm,
+    out_dir: &Path,
+    only: &Only,
+    push_floor: Option<PathBuf>,
+    figures: &mut Vec<Figure>,
+) -> Result<()> {
     let mut b = Bench::start(vm, out_dir, figures).await?;
+    b.push_floor = push_floor;
     for &(name, _) in SECTIONS {
         if name == "read" {
             // From here on, figures run only if one of these is picked: all

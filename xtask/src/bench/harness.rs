@@ -41,6 +41,12 @@ pub(crate) struct Bench<'a> {
     pub(crate) raw: Option<Spread>,
     /// The raw port ceiling host to guest (`raw`), for the write share.
     pub(crate) raw_in: Option<Spread>,
+    /// What a guest command costs besides its work (s, `raw`), taken off
+    /// the timings of commands that read the raw port.
+    pub(crate) raw_idle: Option<f64>,
+    /// The guest program of the write floor (`push_floor`, built for the
+    /// guest), if `write` is measured.
+    pub(crate) push_floor: Option<PathBuf>,
     /// The host copy of the guest's test file, once pulled.
     pub(crate) local: PathBuf,
     /// The test file's bytes, as pulled.
@@ -81,6 +87,8 @@ impl<'a> Bench<'a> {
             qga_idle,
             raw: None,
             raw_in: None,
+            raw_idle: None,
+            push_floor: None,
             local: out_dir.join("pulled.bin"),
             reference: Vec::new(),
             read_rates: Vec::new(),

@@ -5,7 +5,7 @@
 use std::fs;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use host_client::{Client, ClientOptions, PushOptions};
@@ -15,7 +15,8 @@ use super::latency::pull_with_pings;
 use super::stats::{Figure, Spread};
 use super::vm::RAW_PORT;
 use super::{err, FILE_SIZE, GUEST_FILE};
-use crate::util::{bail, heading, Result};
+use crate::deps::{self, MUSL_TARGET};
+use crate::util::{bail, cargo, heading, run, target_dir, Result};
 
 impl Bench<'_> {
     /// `raw`: three guest `dd`s into the raw port and three out of it, the
@@ -33,6 +34,7 @@ impl Bench<'_> {
             idle.push(t.elapsed().as_secs_f64());
         }
         let idle = Spread::of(&idle).median;
+        self.raw_idle = Some(idle);
         for _ in 0..3 {
             out.push(raw_ceiling(&self.c, &self.vm.raw).await?);
             into.push(raw_ceiling_in(&self.c, &self.vm.raw, idle).await?);
@@ -193,6 +195,66 @@ impl Bench<'_> {
                 |_| ours.median * 100.0 / raw_spread.median >= 40.0,
             ));
         }
+        self.write_floor(ours).await
+    }
+
+    /// The write's floor, with `raw`: the host writes into the raw port
+    /// and a guest program does with the bytes only what a push requires of
+    /// every byte (its port reads, the CRC-32 check, the page-cache write),
+    /// with no agent in the way; and, beside it, a `dd` doing the same
+    /// without the check. `ours` is the write row, set against the floor.
+    async fn write_floor(&mut self, ours: Spread) -> Result<()> {
+        let (Some(idle), Some(program)) = (self.raw_idle, self.push_floor.clone()) else {
+            return Ok(());
+        };
+        let floor_bin = "/tmp/kvmmanager/bench-push-floor";
+        let options = PushOptions {
+            permissions: Some(0o755),
+            ..PushOptions::default()
+        };
+        self.c
+            .push(&program, floor_bin, options, |_| {})
+            .await
+            .map_err(err("push push_floor"))?;
+        let port = format!("/dev/virtio-ports/{RAW_PORT}");
+        let out = "/tmp/bench-floor";
+        let dd = format!(
+            "dd if={port} of={out} bs=1M count={} iflag=fullblock 2>&1",
+            FILE_SIZE >> 20
+        );
+        let floor = format!("{floor_bin} {port} {out} {FILE_SIZE}");
+        let (mut copied, mut checked) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let expect = format!("{}+0 records in", FILE_SIZE >> 20);
+            copied.push(raw_in(&self.c, &self.vm.raw, idle, &dd, &expect).await?);
+            sh(&self.c, &format!("rm -f {out}")).await?;
+            let expect = format!("{FILE_SIZE} bytes");
+            checked.push(raw_in(&self.c, &self.vm.raw, idle, &floor, &expect).await?);
+            sh(&self.c, &format!("rm -f {out}")).await?;
+        }
+        sh(&self.c, &format!("rm -f {floor_bin}")).await?;
+        let checked = Spread::of(&checked);
+        self.figures.push(Figure::new(
+            "  the raw port into a tmpfs file by dd, 1 MiB blocks (MiB/s)",
+            Spread::of(&copied),
+            None,
+            "(reference)",
+            |_| true,
+        ));
+        self.figures.push(Figure::new(
+            "  the same, each 1 MiB checked by the agent's CRC-32: write floor (MiB/s)",
+            checked,
+            None,
+            "(reference)",
+            |_| true,
+        ));
+        self.figures.push(Figure::new(
+            "  write: share of the write floor (%)",
+            ours.scale(100.0 / checked.median),
+            None,
+            "(reference)",
+            |_| true,
+        ));
         Ok(())
     }
 
@@ -333,13 +395,24 @@ impl Bench<'_> {
     }
 }
 
-/// 32 MiB from the host through the raw port into a guest `dd` (MiB/s).
-///
-/// The host writes from a thread of its own before the `dd` starts, so the
-/// data waits in the socket and the `dd` reads flat out from its first
-/// read; the time is the `dd` command's, from request to reply, less
-/// `idle` (a command's cost besides its work).
+/// 32 MiB from the host through the raw port into a guest `dd` (MiB/s):
+/// the host-to-guest ceiling.
 async fn raw_ceiling_in(c: &Client, raw: &Path, idle: f64) -> Result<f64> {
+    let blocks = FILE_SIZE / 4096;
+    let dd = format!(
+        "dd if=/dev/virtio-ports/{RAW_PORT} of=/dev/null bs=4k count={blocks} iflag=fullblock 2>&1"
+    );
+    raw_in(c, raw, idle, &dd, &format!("{blocks}+0 records in")).await
+}
+
+/// 32 MiB from the host through the raw port into `command` in the guest,
+/// which reads all of it and prints `expect` (MiB/s).
+///
+/// The host writes from a thread of its own before the command starts, so
+/// the data waits in the socket and the command reads flat out from its
+/// first read; the time is the command's, from request to reply, less
+/// `idle` (a command's cost besides its work).
+async fn raw_in(c: &Client, raw: &Path, idle: f64, command: &str, expect: &str) -> Result<f64> {
     use std::io::Write;
     let mut s = UnixStream::connect(raw)?;
     s.set_write_timeout(Some(Duration::from_secs(120)))?;
@@ -354,21 +427,14 @@ async fn raw_ceiling_in(c: &Client, raw: &Path, idle: f64) -> Result<f64> {
         Ok(())
     });
     let t = Instant::now();
-    let out = sh(
-        c,
-        &format!(
-            "dd if=/dev/virtio-ports/{RAW_PORT} of=/dev/null bs=4k count={} iflag=fullblock 2>&1",
-            FILE_SIZE / 4096
-        ),
-    )
-    .await?;
+    let out = sh(c, command).await?;
     let took = (t.elapsed().as_secs_f64() - idle).max(1e-9);
     writer
         .join()
         .map_err(|_| "raw writer panicked")?
         .map_err(err("raw write"))?;
-    if !out.contains(&format!("{}+0 records in", FILE_SIZE / 4096)) {
-        bail!("the guest dd did not read the raw port through: {out}");
+    if !out.contains(expect) {
+        bail!("the guest's {command:?} did not read the raw port through: {out}");
     }
     Ok(FILE_SIZE as f64 / 1048576.0 / took)
 }
@@ -434,4 +500,30 @@ async fn raw_out(c: &Client, raw: &Path, command: &str) -> Result<f64> {
         bail!("raw port gave {got} bytes");
     }
     Ok(FILE_SIZE as f64 / 1048576.0 / took.as_secs_f64().max(1e-9))
+}
+
+/// Builds `push_floor` (agent-common's example) for the guest, as the
+/// agent is built: static musl if that target is installed, else for the
+/// host (the guest image then holds the host's libraries).
+pub(crate) fn build_push_floor() -> Result<PathBuf> {
+    let musl = deps::has_target(MUSL_TARGET);
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--release",
+        "-p",
+        "agent-common",
+        "--example",
+        "push_floor",
+    ]);
+    if musl {
+        cmd.args(["--target", MUSL_TARGET]);
+    }
+    run(&mut cmd)?;
+    let dir = if musl {
+        target_dir().join(MUSL_TARGET)
+    } else {
+        target_dir()
+    };
+    Ok(dir.join("release/examples/push_floor"))
 }
