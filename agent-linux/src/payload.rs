@@ -8,11 +8,13 @@
 //! virtqueue buffer instead of one per 32 KiB `write(2)`, the most
 //! `virtio_console` takes in one write. A writer that is not a file
 //! descriptor (tests, the fuzz harness) gets the bytes read out of the
-//! pipe instead.
+//! pipe instead. The pipes are kept for the next chunks ([`PipePool`]).
 
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -29,11 +31,76 @@ pub enum Payload {
     Pipe(PipeChunk),
 }
 
+/// Empty pipes of one capacity kept for the next chunks: making a pipe
+/// (`pipe2`, `F_SETPIPE_SZ` and its 256 slots for 1 MiB) and closing it
+/// again is per-chunk work, 3-6% of a streamed pull under TCG (the bench's
+/// read rows). A chunk's pipe comes back once every byte in it has been
+/// written ([`write_payload`]); one that may still hold bytes (its write
+/// failed, or it was never written) is closed instead, so a pipe handed
+/// out is always empty. Holds at most [`crate::buffers::KEEP`] pipes and
+/// is emptied when a session ends, with the buffer pool.
+#[derive(Debug)]
+pub struct PipePool {
+    capacity: usize,
+    free: Mutex<Vec<Pipe>>,
+}
+
+impl PipePool {
+    /// A pool of pipes that hold `capacity` bytes each.
+    pub fn new(capacity: usize) -> Arc<PipePool> {
+        Arc::new(PipePool {
+            capacity,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The bytes each of its pipes holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// An empty pipe of the pool's capacity: a kept one, else a new one.
+    pub(crate) fn take(&self) -> io::Result<Pipe> {
+        match self.lock().pop() {
+            Some(pipe) => Ok(pipe),
+            None => Pipe::with_capacity(self.capacity),
+        }
+    }
+
+    /// Closes every pipe kept.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Pipes kept now.
+    pub fn kept(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Keeps `pipe`, which must be empty, unless the pool is full.
+    fn put(&self, pipe: Pipe) {
+        let mut free = self.lock();
+        if free.len() < crate::buffers::KEEP {
+            free.push(pipe);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
+        // A Vec push/pop cannot leave the list inconsistent on a panic.
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// `len` bytes of file data in a pipe of their own.
 #[derive(Debug)]
 pub struct PipeChunk {
-    pipe: Pipe,
+    /// Always `Some` until the chunk is dropped.
+    pipe: Option<Pipe>,
     len: usize,
+    /// Where the pipe goes back to once every byte has been written.
+    pool: Option<Arc<PipePool>>,
+    /// Set once every byte has been moved out of the pipe.
+    emptied: AtomicBool,
     /// A second pipe holding references to the same pages until the chunk
     /// has been written and is dropped, so that the port cannot take them
     /// out of the page cache (`files::read`'s `hold_pages`).
@@ -44,29 +111,55 @@ impl PipeChunk {
     /// `pipe` must hold exactly `len` bytes (see [`ReplySink::poll_splice`]).
     pub(crate) fn new(pipe: Pipe, len: usize) -> PipeChunk {
         PipeChunk {
-            pipe,
+            pipe: Some(pipe),
             len,
+            pool: None,
+            emptied: AtomicBool::new(false),
             _pages_held: None,
         }
     }
 
+    /// Returns the pipe to `pool` once the chunk has been written whole.
+    pub(crate) fn returning_to(mut self, pool: &Arc<PipePool>) -> PipeChunk {
+        self.pool = Some(Arc::clone(pool));
+        self
+    }
+
     /// Holds the chunk's pages in `held` as well (a `tee` of its pipe)
     /// until the chunk is dropped.
-    pub(crate) fn holding(self, held: Pipe) -> PipeChunk {
-        PipeChunk {
-            _pages_held: Some(held),
-            ..self
-        }
+    pub(crate) fn holding(mut self, held: Pipe) -> PipeChunk {
+        self._pages_held = Some(held);
+        self
     }
 
     /// The pipe the chunk's bytes are in.
     pub(crate) fn pipe(&self) -> &Pipe {
-        &self.pipe
+        // Invariant: taken only by `drop`.
+        self.pipe
+            .as_ref()
+            .expect("a chunk's pipe is there until it is dropped")
+    }
+
+    /// Reads the bytes out of the pipe into memory.
+    fn drain(&self) -> io::Result<Vec<u8>> {
+        let bytes = self.pipe().drain(self.len)?;
+        self.emptied.store(true, Ordering::Release);
+        Ok(bytes)
     }
 
     /// Its length in bytes.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+}
+
+impl Drop for PipeChunk {
+    fn drop(&mut self) {
+        if let (Some(pipe), Some(pool)) = (self.pipe.take(), &self.pool) {
+            if self.emptied.load(Ordering::Acquire) {
+                pool.put(pipe);
+            }
+        }
     }
 }
 
@@ -88,7 +181,7 @@ impl Payload {
     pub fn into_bytes(self) -> io::Result<Bytes> {
         match self {
             Payload::Bytes(b) => Ok(b),
-            Payload::Pipe(c) => c.pipe.drain(c.len).map(Bytes::from),
+            Payload::Pipe(c) => c.drain().map(Bytes::from),
         }
     }
 }
@@ -125,7 +218,7 @@ pub async fn write_payload<W: ReplySink>(w: &mut W, payload: &Payload) -> io::Re
     // The pipe holds exactly `left` bytes: each splice offers all of them.
     let mut left = chunk.len;
     while left > 0 {
-        let moved = poll_fn(|cx| match w.poll_splice(cx, chunk.pipe.reader(), left) {
+        let moved = poll_fn(|cx| match w.poll_splice(cx, chunk.pipe().reader(), left) {
             Some(p) => p.map_ok(Some),
             None => Poll::Ready(Ok(None)),
         })
@@ -138,9 +231,12 @@ pub async fn write_payload<W: ReplySink>(w: &mut W, payload: &Payload) -> io::Re
                 ))
             }
             Some(n) => left -= n,
-            None => return w.write_all(&chunk.pipe.drain(left)?).await,
+            // Nothing was spliced before (`None` is this writer's answer
+            // every time), so the pipe still holds all `len` bytes.
+            None => return w.write_all(&chunk.drain()?).await,
         }
     }
+    chunk.emptied.store(true, Ordering::Release);
     Ok(())
 }
 
@@ -174,3 +270,75 @@ impl ReplySink for tokio::net::unix::OwnedWriteHalf {
 impl ReplySink for tokio::io::DuplexStream {}
 impl<T: AsyncWrite> ReplySink for tokio::io::WriteHalf<T> {}
 impl ReplySink for Vec<u8> {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A chunk of `pool` holding `data` (spliced from a file, as a
+    /// `file_read` chunk is); the file is gone once it returns.
+    fn chunk_of(pool: &Arc<PipePool>, data: &[u8]) -> PipeChunk {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let pipe = pool.take().unwrap();
+        assert_eq!(pipe.fill_from(&file, 0, data.len()).unwrap(), data.len());
+        PipeChunk::new(pipe, data.len()).returning_to(pool)
+    }
+
+    #[tokio::test]
+    async fn a_chunk_written_whole_gives_its_pipe_back_empty() {
+        let pool = PipePool::new(1 << 16);
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        // By splice, into a socket.
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let (_read, mut w) = a.into_split();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 20_000];
+            b.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let payload = Payload::Pipe(chunk_of(&pool, &data));
+        write_payload(&mut w, &payload).await.unwrap();
+        drop(payload);
+        assert!(reader.await.unwrap() == data, "the spliced bytes differ");
+        assert_eq!(pool.kept(), 1);
+        // Read out, for a writer that cannot splice: the same pipe, which
+        // held nothing before (else its old bytes would come first).
+        let payload = Payload::Pipe(chunk_of(&pool, &data[..5_000]));
+        assert_eq!(pool.kept(), 0);
+        let mut out = Vec::new();
+        write_payload(&mut out, &payload).await.unwrap();
+        drop(payload);
+        assert!(out == data[..5_000], "the bytes read out differ");
+        assert_eq!(pool.kept(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_not_written_whole_closes_its_pipe() {
+        let pool = PipePool::new(1 << 16);
+        drop(chunk_of(&pool, &[1u8; 9_000]));
+        assert_eq!(pool.kept(), 0, "a chunk never written");
+        // A write that fails: the socket's other end is gone.
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        drop(b);
+        let (_read, mut w) = a.into_split();
+        let payload = Payload::Pipe(chunk_of(&pool, &[7u8; 20_000]));
+        assert!(write_payload(&mut w, &payload).await.is_err());
+        drop(payload);
+        assert_eq!(pool.kept(), 0, "a chunk whose write failed");
+    }
+
+    #[test]
+    fn the_pool_keeps_a_few_pipes_until_cleared() {
+        let pool = PipePool::new(1 << 16);
+        for _ in 0..crate::buffers::KEEP + 2 {
+            pool.put(Pipe::with_capacity(1 << 16).unwrap());
+        }
+        assert_eq!(pool.kept(), crate::buffers::KEEP);
+        pool.clear();
+        assert_eq!(pool.kept(), 0);
+    }
+}

@@ -87,6 +87,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::error::{io_error_kind, RpcError};
+use crate::payload::PipePool;
 use crate::policy::{check_regular_single, normalize_path, Found, PathPolicy, PolicyError};
 use crate::sys;
 
@@ -355,6 +356,8 @@ pub struct FileService {
     /// Buffers for file data either way: chunks read as attachments, and
     /// attachments received (`crate::server`).
     transfer_buffers: Arc<BufferPool>,
+    /// Pipes for chunks spliced from a file (`read::splice_chunk`).
+    transfer_pipes: Arc<PipePool>,
 }
 
 impl FileService {
@@ -378,6 +381,7 @@ impl FileService {
             uploads: Arc::new(Mutex::new(HashMap::new())),
             idle_timeout,
             transfer_buffers: BufferPool::new(MAX_READ_CHUNK as usize),
+            transfer_pipes: PipePool::new(MAX_READ_CHUNK as usize),
         }
     }
 

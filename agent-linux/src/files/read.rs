@@ -3,7 +3,7 @@
 //! a pooled buffer.
 
 use super::*;
-use crate::payload::{Payload, PipeChunk};
+use crate::payload::{Payload, PipeChunk, PipePool};
 
 /// Smallest `file_read` attachment chunk read into a pooled buffer (1 MiB
 /// each); smaller ones get a buffer of their own size.
@@ -18,9 +18,13 @@ impl FileService {
     ) -> Result<(FileReadResult, Option<Payload>), FileError> {
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
-        let buffers = Arc::clone(&self.transfer_buffers);
+        let pools = (
+            Arc::clone(&self.transfer_buffers),
+            Arc::clone(&self.transfer_pipes),
+        );
         let zero_copy = self.config.zero_copy_reads;
-        blocking(move || read_blocking(&policy, &params, limit, &buffers, zero_copy)).await
+        blocking(move || read_blocking(&policy, &params, limit, &pools.0, &pools.1, zero_copy))
+            .await
     }
 }
 
@@ -40,7 +44,8 @@ fn read_at_full(file: &File, buf: &mut [u8], offset: u64, path: &str) -> Result<
 }
 
 /// The page size `splice` moves file data in: a chunk that starts on a
-/// page boundary fits a pipe of its own length.
+/// page boundary fits a pipe of its own length (the pool's 1 MiB pipes
+/// for any chunk up to 1 MiB).
 pub(super) const PAGE: u64 = 4096;
 
 /// How an opened file's attachment chunks are made, decided once per file.
@@ -79,16 +84,32 @@ fn splice_chunk(
     want: usize,
     path: &str,
     splice: Splice,
+    pipes: &Arc<PipePool>,
 ) -> Result<Option<(PipeChunk, usize)>, FileError> {
-    let capacity = want.next_power_of_two();
-    let Ok(pipe) = sys::Pipe::with_capacity(capacity) else {
+    // A chunk larger than the pool's pipes gets a pipe of its own, which
+    // is closed after it.
+    let pooled = want <= pipes.capacity();
+    let (pipe, capacity) = if pooled {
+        (pipes.take(), pipes.capacity())
+    } else {
+        let capacity = want.next_power_of_two();
+        (sys::Pipe::with_capacity(capacity), capacity)
+    };
+    let Ok(pipe) = pipe else {
         return Ok(None);
     };
     match pipe.fill_from(file, offset, want) {
-        Ok(moved) if splice == Splice::HoldingPages => {
-            Ok(hold_pages(PipeChunk::new(pipe, moved), capacity).map(|chunk| (chunk, moved)))
+        Ok(moved) => {
+            let mut chunk = PipeChunk::new(pipe, moved);
+            if pooled {
+                chunk = chunk.returning_to(pipes);
+            }
+            Ok(if splice == Splice::HoldingPages {
+                hold_pages(chunk, capacity).map(|chunk| (chunk, moved))
+            } else {
+                Some((chunk, moved))
+            })
         }
-        Ok(moved) => Ok(Some((PipeChunk::new(pipe, moved), moved))),
         // Not every file system can splice (EINVAL): read it instead.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
         Err(e) => Err(io_err("read", path)(e)),
@@ -131,10 +152,11 @@ pub(super) fn attachment_chunk(
     want: usize,
     path: &str,
     buffers: &Arc<BufferPool>,
+    pipes: &Arc<PipePool>,
     splice: Splice,
 ) -> Result<(Payload, usize), FileError> {
     let spliced = if splice != Splice::Off && want >= POOLED_READ_MIN && offset % PAGE == 0 {
-        splice_chunk(file, offset, want, path, splice)?
+        splice_chunk(file, offset, want, path, splice, pipes)?
     } else {
         None
     };
@@ -177,6 +199,7 @@ fn read_blocking(
     params: &FileReadParams,
     limit: u64,
     buffers: &Arc<BufferPool>,
+    pipes: &Arc<PipePool>,
     zero_copy_reads: bool,
 ) -> Result<(FileReadResult, Option<Payload>), FileError> {
     let path = params.path.as_str();
@@ -187,7 +210,7 @@ fn read_blocking(
     let want = size.saturating_sub(offset).min(length) as usize;
     if params.encoding == Encoding::Attachment {
         let splice = Splice::for_file(&file, zero_copy_reads);
-        let (data, filled) = attachment_chunk(&file, offset, want, path, buffers, splice)?;
+        let (data, filled) = attachment_chunk(&file, offset, want, path, buffers, pipes, splice)?;
         let bytes_read = filled as u64;
         let result = FileReadResult {
             content: String::new(),

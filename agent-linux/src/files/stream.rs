@@ -4,8 +4,9 @@
 //!
 //! The file is opened through the read policy once, like a `file_read`;
 //! each chunk (up to [`FILE_STREAM_CHUNK`], within the credit, ending on a
-//! page boundary where it can) is spliced into a pipe of its own on a
-//! blocking thread and from there into the port by the writer, as a
+//! page boundary where it can) is spliced into a pipe of its own (one the
+//! last chunks left empty, [`crate::payload::PipePool`]) on a blocking
+//! thread and from there into the port by the writer, as a
 //! `file_read` attachment is ([`read::attachment_chunk`]). No request per
 //! chunk: a pull costs one request, not one per MiB. A file that shrinks
 //! meanwhile ends the stream early (the host sees fewer bytes than
@@ -29,7 +30,9 @@ impl FileService {
         let credit = host_window(p.window).map_err(|reason| FileError::InvalidStream { reason })?;
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
-        let (path, buffers) = (p.path, Arc::clone(&self.transfer_buffers));
+        let path = p.path;
+        let buffers = Arc::clone(&self.transfer_buffers);
+        let pipes = Arc::clone(&self.transfer_pipes);
         let zero_copy = self.config.zero_copy_reads;
         let source = blocking(move || {
             let (file, size) = open_within(&policy, &path, limit)?;
@@ -39,6 +42,7 @@ impl FileService {
                 path,
                 size,
                 buffers,
+                pipes,
                 splice,
             }))
         })
@@ -60,6 +64,7 @@ struct Source {
     path: String,
     size: u64,
     buffers: Arc<BufferPool>,
+    pipes: Arc<PipePool>,
     splice: Splice,
 }
 
@@ -83,7 +88,9 @@ async fn send_file(stream: Stream, src: Arc<Source>, mut offset: u64) {
         let want = (end - offset) as usize;
         let s = Arc::clone(&src);
         let chunk = blocking(move || {
-            attachment_chunk(&s.file, offset, want, &s.path, &s.buffers, s.splice)
+            attachment_chunk(
+                &s.file, offset, want, &s.path, &s.buffers, &s.pipes, s.splice,
+            )
         })
         .await;
         match chunk {

@@ -237,6 +237,7 @@ impl FileService {
     /// Aborts `session`'s uploads and deletes their staging files.
     pub fn end_session(&self, session: u64) {
         self.transfer_buffers.clear();
+        self.transfer_pipes.clear();
         let removed: Vec<Arc<Upload>> = {
             let mut map = lock(&self.uploads);
             let ids: Vec<String> = map
@@ -275,10 +276,11 @@ impl FileService {
         removed.is_some()
     }
 
-    /// Frees the pooled transfer buffers (they are kept only while
-    /// transfers run).
+    /// Frees the pooled transfer buffers and pipes (they are kept only
+    /// while transfers run).
     pub fn release_buffers(&self) {
         self.transfer_buffers.clear();
+        self.transfer_pipes.clear();
     }
 
     /// Aborts every upload (agent shutdown).
