@@ -19,11 +19,51 @@ use bytes::Bytes;
 /// spare.
 pub const KEEP: usize = 4;
 
+/// What a transfer pool keeps between uses: at most [`KEEP`] items, the
+/// rest dropped. Shared by the byte buffers here and the pipes of
+/// [`crate::payload::PipePool`].
+#[derive(Debug)]
+pub(crate) struct FreeList<T>(Mutex<Vec<T>>);
+
+impl<T> FreeList<T> {
+    pub(crate) const fn new() -> FreeList<T> {
+        FreeList(Mutex::new(Vec::new()))
+    }
+
+    /// A kept item, if there is one.
+    pub(crate) fn pop(&self) -> Option<T> {
+        self.lock().pop()
+    }
+
+    /// Keeps `item` unless [`KEEP`] are kept already (then it is dropped).
+    pub(crate) fn push(&self, item: T) {
+        let mut free = self.lock();
+        if free.len() < KEEP {
+            free.push(item);
+        }
+    }
+
+    /// Drops every item kept.
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Items kept now.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
+        // A Vec push/pop cannot leave the list inconsistent on a panic.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A pool of equally sized byte buffers.
 #[derive(Debug)]
 pub struct BufferPool {
     size: usize,
-    free: Mutex<Vec<Vec<u8>>>,
+    free: FreeList<Vec<u8>>,
 }
 
 impl BufferPool {
@@ -31,13 +71,13 @@ impl BufferPool {
     pub fn new(size: usize) -> Arc<BufferPool> {
         Arc::new(BufferPool {
             size,
-            free: Mutex::new(Vec::new()),
+            free: FreeList::new(),
         })
     }
 
     /// A buffer of the pool's size (zeroed only when newly allocated).
     pub fn take(self: &Arc<Self>) -> PooledBuffer {
-        let buf = self.lock().pop().unwrap_or_else(|| vec![0u8; self.size]);
+        let buf = self.free.pop().unwrap_or_else(|| vec![0u8; self.size]);
         PooledBuffer {
             buf,
             len: 0,
@@ -52,17 +92,12 @@ impl BufferPool {
 
     /// Frees every buffer kept.
     pub fn clear(&self) {
-        self.lock().clear();
+        self.free.clear();
     }
 
     /// Buffers kept now.
     pub fn kept(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        // A Vec push/pop cannot leave the list inconsistent on a panic.
-        self.free.lock().unwrap_or_else(|e| e.into_inner())
+        self.free.len()
     }
 }
 
@@ -100,9 +135,8 @@ impl AsRef<[u8]> for PooledBuffer {
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        let mut free = self.pool.lock();
-        if free.len() < KEEP && self.buf.len() == self.pool.size {
-            free.push(std::mem::take(&mut self.buf));
+        if self.buf.len() == self.pool.size {
+            self.pool.free.push(std::mem::take(&mut self.buf));
         }
     }
 }

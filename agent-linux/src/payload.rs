@@ -13,13 +13,13 @@
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::buffers::FreeList;
 use crate::sys::{self, Pipe};
 
 /// What a reply's `attachment` member announces.
@@ -42,7 +42,7 @@ pub enum Payload {
 #[derive(Debug)]
 pub struct PipePool {
     capacity: usize,
-    free: Mutex<Vec<Pipe>>,
+    free: FreeList<Pipe>,
 }
 
 impl PipePool {
@@ -50,7 +50,7 @@ impl PipePool {
     pub fn new(capacity: usize) -> Arc<PipePool> {
         Arc::new(PipePool {
             capacity,
-            free: Mutex::new(Vec::new()),
+            free: FreeList::new(),
         })
     }
 
@@ -61,7 +61,7 @@ impl PipePool {
 
     /// An empty pipe of the pool's capacity: a kept one, else a new one.
     pub(crate) fn take(&self) -> io::Result<Pipe> {
-        match self.lock().pop() {
+        match self.free.pop() {
             Some(pipe) => Ok(pipe),
             None => Pipe::with_capacity(self.capacity),
         }
@@ -69,25 +69,12 @@ impl PipePool {
 
     /// Closes every pipe kept.
     pub fn clear(&self) {
-        self.lock().clear();
+        self.free.clear();
     }
 
     /// Pipes kept now.
     pub fn kept(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Keeps `pipe`, which must be empty, unless the pool is full.
-    fn put(&self, pipe: Pipe) {
-        let mut free = self.lock();
-        if free.len() < crate::buffers::KEEP {
-            free.push(pipe);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
-        // A Vec push/pop cannot leave the list inconsistent on a panic.
-        self.free.lock().unwrap_or_else(|e| e.into_inner())
+        self.free.len()
     }
 }
 
@@ -98,9 +85,9 @@ pub struct PipeChunk {
     pipe: Option<Pipe>,
     len: usize,
     /// Where the pipe goes back to once every byte has been written.
-    pool: Option<Arc<PipePool>>,
+    pool: Arc<PipePool>,
     /// Set once every byte has been moved out of the pipe.
-    emptied: AtomicBool,
+    emptied: bool,
     /// A second pipe holding references to the same pages until the chunk
     /// has been written and is dropped, so that the port cannot take them
     /// out of the page cache (`files::read`'s `hold_pages`).
@@ -108,21 +95,17 @@ pub struct PipeChunk {
 }
 
 impl PipeChunk {
-    /// `pipe` must hold exactly `len` bytes (see [`ReplySink::poll_splice`]).
-    pub(crate) fn new(pipe: Pipe, len: usize) -> PipeChunk {
+    /// `pipe`, from `pool`, must hold exactly `len` bytes (see
+    /// [`ReplySink::poll_splice`]); it goes back to `pool` once the chunk
+    /// has been written whole.
+    pub(crate) fn new(pipe: Pipe, len: usize, pool: &Arc<PipePool>) -> PipeChunk {
         PipeChunk {
             pipe: Some(pipe),
             len,
-            pool: None,
-            emptied: AtomicBool::new(false),
+            pool: Arc::clone(pool),
+            emptied: false,
             _pages_held: None,
         }
-    }
-
-    /// Returns the pipe to `pool` once the chunk has been written whole.
-    pub(crate) fn returning_to(mut self, pool: &Arc<PipePool>) -> PipeChunk {
-        self.pool = Some(Arc::clone(pool));
-        self
     }
 
     /// Holds the chunk's pages in `held` as well (a `tee` of its pipe)
@@ -141,9 +124,9 @@ impl PipeChunk {
     }
 
     /// Reads the bytes out of the pipe into memory.
-    fn drain(&self) -> io::Result<Vec<u8>> {
+    fn drain(&mut self) -> io::Result<Vec<u8>> {
         let bytes = self.pipe().drain(self.len)?;
-        self.emptied.store(true, Ordering::Release);
+        self.emptied = true;
         Ok(bytes)
     }
 
@@ -155,10 +138,8 @@ impl PipeChunk {
 
 impl Drop for PipeChunk {
     fn drop(&mut self) {
-        if let (Some(pipe), Some(pool)) = (self.pipe.take(), &self.pool) {
-            if self.emptied.load(Ordering::Acquire) {
-                pool.put(pipe);
-            }
+        if let Some(pipe) = self.pipe.take().filter(|_| self.emptied) {
+            self.pool.free.push(pipe);
         }
     }
 }
@@ -181,7 +162,7 @@ impl Payload {
     pub fn into_bytes(self) -> io::Result<Bytes> {
         match self {
             Payload::Bytes(b) => Ok(b),
-            Payload::Pipe(c) => c.drain().map(Bytes::from),
+            Payload::Pipe(mut c) => c.drain().map(Bytes::from),
         }
     }
 }
@@ -210,7 +191,7 @@ pub trait ReplySink: AsyncWrite + Unpin {
 }
 
 /// Writes `payload` to `w`, by `splice` where `w` can take it.
-pub async fn write_payload<W: ReplySink>(w: &mut W, payload: &Payload) -> io::Result<()> {
+pub async fn write_payload<W: ReplySink>(w: &mut W, payload: &mut Payload) -> io::Result<()> {
     let chunk = match payload {
         Payload::Bytes(b) => return w.write_all(b).await,
         Payload::Pipe(chunk) => chunk,
@@ -236,7 +217,7 @@ pub async fn write_payload<W: ReplySink>(w: &mut W, payload: &Payload) -> io::Re
             None => return w.write_all(&chunk.drain()?).await,
         }
     }
-    chunk.emptied.store(true, Ordering::Release);
+    chunk.emptied = true;
     Ok(())
 }
 
@@ -277,15 +258,12 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     /// A chunk of `pool` holding `data` (spliced from a file, as a
-    /// `file_read` chunk is); the file is gone once it returns.
+    /// `file_read` chunk is).
     fn chunk_of(pool: &Arc<PipePool>, data: &[u8]) -> PipeChunk {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, data).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
+        let file = sys::file_holding(data);
         let pipe = pool.take().unwrap();
         assert_eq!(pipe.fill_from(&file, 0, data.len()).unwrap(), data.len());
-        PipeChunk::new(pipe, data.len()).returning_to(pool)
+        PipeChunk::new(pipe, data.len(), pool)
     }
 
     #[tokio::test]
@@ -300,17 +278,17 @@ mod tests {
             b.read_exact(&mut got).await.unwrap();
             got
         });
-        let payload = Payload::Pipe(chunk_of(&pool, &data));
-        write_payload(&mut w, &payload).await.unwrap();
+        let mut payload = Payload::Pipe(chunk_of(&pool, &data));
+        write_payload(&mut w, &mut payload).await.unwrap();
         drop(payload);
         assert!(reader.await.unwrap() == data, "the spliced bytes differ");
         assert_eq!(pool.kept(), 1);
         // Read out, for a writer that cannot splice: the same pipe, which
         // held nothing before (else its old bytes would come first).
-        let payload = Payload::Pipe(chunk_of(&pool, &data[..5_000]));
+        let mut payload = Payload::Pipe(chunk_of(&pool, &data[..5_000]));
         assert_eq!(pool.kept(), 0);
         let mut out = Vec::new();
-        write_payload(&mut out, &payload).await.unwrap();
+        write_payload(&mut out, &mut payload).await.unwrap();
         drop(payload);
         assert!(out == data[..5_000], "the bytes read out differ");
         assert_eq!(pool.kept(), 1);
@@ -325,8 +303,8 @@ mod tests {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         drop(b);
         let (_read, mut w) = a.into_split();
-        let payload = Payload::Pipe(chunk_of(&pool, &[7u8; 20_000]));
-        assert!(write_payload(&mut w, &payload).await.is_err());
+        let mut payload = Payload::Pipe(chunk_of(&pool, &[7u8; 20_000]));
+        assert!(write_payload(&mut w, &mut payload).await.is_err());
         drop(payload);
         assert_eq!(pool.kept(), 0, "a chunk whose write failed");
     }
@@ -335,7 +313,7 @@ mod tests {
     fn the_pool_keeps_a_few_pipes_until_cleared() {
         let pool = PipePool::new(1 << 16);
         for _ in 0..crate::buffers::KEEP + 2 {
-            pool.put(Pipe::with_capacity(1 << 16).unwrap());
+            pool.free.push(Pipe::with_capacity(1 << 16).unwrap());
         }
         assert_eq!(pool.kept(), crate::buffers::KEEP);
         pool.clear();

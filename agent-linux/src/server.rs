@@ -489,7 +489,7 @@ async fn write_loop<W: ReplySink>(
     write_timeout: Duration,
 ) {
     loop {
-        let out = tokio::select! {
+        let mut out = tokio::select! {
             biased;
             Some(out) = rx.recv() => out,
             Some(out) = bulk.recv() => out,
@@ -497,7 +497,7 @@ async fn write_loop<W: ReplySink>(
         };
         let write = async {
             writer.write_all(&out.line).await?;
-            if let Some(data) = &out.attachment {
+            if let Some(data) = &mut out.attachment {
                 write_payload(&mut writer, data).await?;
             }
             writer.flush().await

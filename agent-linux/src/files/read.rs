@@ -18,13 +18,10 @@ impl FileService {
     ) -> Result<(FileReadResult, Option<Payload>), FileError> {
         let policy = Arc::clone(&self.read_policy);
         let limit = self.config.security.max_file_size;
-        let pools = (
-            Arc::clone(&self.transfer_buffers),
-            Arc::clone(&self.transfer_pipes),
-        );
+        let buffers = Arc::clone(&self.transfer_buffers);
+        let pipes = Arc::clone(&self.transfer_pipes);
         let zero_copy = self.config.zero_copy_reads;
-        blocking(move || read_blocking(&policy, &params, limit, &pools.0, &pools.1, zero_copy))
-            .await
+        blocking(move || read_blocking(&policy, &params, limit, &buffers, &pipes, zero_copy)).await
     }
 }
 
@@ -86,26 +83,17 @@ fn splice_chunk(
     splice: Splice,
     pipes: &Arc<PipePool>,
 ) -> Result<Option<(PipeChunk, usize)>, FileError> {
-    // A chunk larger than the pool's pipes gets a pipe of its own, which
-    // is closed after it.
-    let pooled = want <= pipes.capacity();
-    let (pipe, capacity) = if pooled {
-        (pipes.take(), pipes.capacity())
-    } else {
-        let capacity = want.next_power_of_two();
-        (sys::Pipe::with_capacity(capacity), capacity)
-    };
-    let Ok(pipe) = pipe else {
+    // Chunks are at most MAX_READ_CHUNK, the pool's pipes' capacity (and
+    // the pooled buffers' size, which the other path fills).
+    debug_assert!(want <= pipes.capacity());
+    let Ok(pipe) = pipes.take() else {
         return Ok(None);
     };
     match pipe.fill_from(file, offset, want) {
         Ok(moved) => {
-            let mut chunk = PipeChunk::new(pipe, moved);
-            if pooled {
-                chunk = chunk.returning_to(pipes);
-            }
+            let chunk = PipeChunk::new(pipe, moved, pipes);
             Ok(if splice == Splice::HoldingPages {
-                hold_pages(chunk, capacity).map(|chunk| (chunk, moved))
+                hold_pages(chunk, pipes.capacity()).map(|chunk| (chunk, moved))
             } else {
                 Some((chunk, moved))
             })

@@ -236,8 +236,7 @@ impl FileService {
 
     /// Aborts `session`'s uploads and deletes their staging files.
     pub fn end_session(&self, session: u64) {
-        self.transfer_buffers.clear();
-        self.transfer_pipes.clear();
+        self.release_buffers();
         let removed: Vec<Arc<Upload>> = {
             let mut map = lock(&self.uploads);
             let ids: Vec<String> = map

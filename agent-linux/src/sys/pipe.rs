@@ -117,6 +117,15 @@ pub(crate) fn splice_out(
     }
 }
 
+/// A file holding `data`, already unlinked, to fill pipes from (tests).
+#[cfg(test)]
+pub(crate) fn file_holding(data: &[u8]) -> File {
+    use std::io::Write;
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(data).unwrap();
+    file
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,11 +133,8 @@ mod tests {
 
     #[test]
     fn a_file_range_goes_through_the_pipe_intact() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let file = File::open(&path).unwrap();
+        let file = file_holding(&data);
         let pipe = Pipe::with_capacity(1 << 20).unwrap();
         // From a page boundary, to the end of the file (fewer than asked).
         assert_eq!(
@@ -152,11 +158,8 @@ mod tests {
 
     #[test]
     fn tee_leaves_the_bytes_in_the_first_pipe_and_gives_them_to_the_second() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
         let data: Vec<u8> = (0..70_000u32).map(|i| (i % 241) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let file = File::open(&path).unwrap();
+        let file = file_holding(&data);
         let (pipe, held) = (
             Pipe::with_capacity(1 << 17).unwrap(),
             Pipe::with_capacity(1 << 17).unwrap(),
@@ -169,11 +172,8 @@ mod tests {
 
     #[test]
     fn a_full_pipe_stops_the_fill_early_and_drain_reads_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
         let data: Vec<u8> = (0..20_000u32).map(|i| (i % 13) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let file = File::open(&path).unwrap();
+        let file = file_holding(&data);
         // One page of pipe: a range starting inside a page fills it with
         // the rest of that page only.
         let pipe = Pipe::with_capacity(4096).unwrap();

@@ -223,14 +223,17 @@ impl Bench<'_> {
             FILE_SIZE >> 20
         );
         let floor = format!("{floor_bin} {port} {out} {FILE_SIZE}");
+        let (dd_read, floor_read) = (
+            format!("{}+0 records in", FILE_SIZE >> 20),
+            format!("{FILE_SIZE} bytes"),
+        );
+        let remove_out = format!("rm -f {out}");
         let (mut copied, mut checked) = (Vec::new(), Vec::new());
         for _ in 0..3 {
-            let expect = format!("{}+0 records in", FILE_SIZE >> 20);
-            copied.push(raw_in(&self.c, &self.vm.raw, idle, &dd, &expect).await?);
-            sh(&self.c, &format!("rm -f {out}")).await?;
-            let expect = format!("{FILE_SIZE} bytes");
-            checked.push(raw_in(&self.c, &self.vm.raw, idle, &floor, &expect).await?);
-            sh(&self.c, &format!("rm -f {out}")).await?;
+            copied.push(raw_in(&self.c, &self.vm.raw, idle, &dd, &dd_read).await?);
+            sh(&self.c, &remove_out).await?;
+            checked.push(raw_in(&self.c, &self.vm.raw, idle, &floor, &floor_read).await?);
+            sh(&self.c, &remove_out).await?;
         }
         sh(&self.c, &format!("rm -f {floor_bin}")).await?;
         let checked = Spread::of(&checked);
